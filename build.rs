@@ -1,0 +1,24 @@
+//! Generates the gRPC code and the descriptor set served by reflection.
+//!
+//! The proto is parsed by `protox`, a pure-Rust compiler, so a fresh machine
+//! needs nothing beyond cargo (no `protoc`).
+
+use std::{env, path::PathBuf};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let proto = "proto/molecule/billing/v1/billing_mode.proto";
+    println!("cargo:rerun-if-changed={proto}");
+    println!("cargo:rerun-if-changed=proto");
+
+    let fds = protox::compile([proto], ["proto"])?;
+    let out = PathBuf::from(env::var("OUT_DIR")?);
+    std::fs::write(
+        out.join("billing_mode_descriptor.bin"),
+        prost::Message::encode_to_vec(&fds),
+    )?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,334 @@
+//! The provisioning environment: the candidate env in, the final env out.
+//!
+//! [`build_env`] never decides the mode: it takes the [`Resolution`] that
+//! [`super::resolve`] produced and shapes the env to match it, or fails
+//! closed. Nothing here puts a value into an error or a trace: failures name
+//! keys only.
+
+use std::collections::BTreeMap;
+
+use super::{
+    record::Record,
+    registry::{Family, Registry, BILLING_MODE_VARS, PROXY_PREFIX},
+    resolver::{Resolution, Source},
+    types::{EnvKey, Mode, Origin, ValidationError},
+};
+
+/// Most entries in a candidate env.
+pub const MAX_ENV_ENTRIES: usize = 1024;
+/// Longest value, in bytes.
+pub const MAX_ENV_VALUE_BYTES: usize = 64 * 1024;
+
+/// Why an environment could not be built. Messages name keys, never values.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnvError {
+    #[error("env[{index}]: {source}")]
+    InvalidKey {
+        index: usize,
+        source: ValidationError,
+    },
+    #[error("env[{index}] ({key}): origin must be WORKSPACE, GLOBAL or PLATFORM")]
+    InvalidOrigin { index: usize, key: String },
+    #[error("env key {key} appears twice with origin {origin:?}")]
+    DuplicateKey { key: String, origin: Origin },
+    #[error("the candidate env has {count} entries; at most {MAX_ENV_ENTRIES} are allowed")]
+    TooManyEntries { count: usize },
+    #[error(
+        "the value of env key {key} is {len} bytes; at most {MAX_ENV_VALUE_BYTES} are allowed"
+    )]
+    ValueTooLong { key: String, len: usize },
+    #[error(
+        "the candidate env names model {found_in}={candidate:?} but the recorded model is {recorded}; \
+         record the model with Set, or provision the recorded one"
+    )]
+    ModelMismatch {
+        found_in: String,
+        candidate: String,
+        recorded: String,
+    },
+    #[error(
+        "the workspace resolves byok but the candidate env has no WORKSPACE-origin credential \
+         of {provider} (one of: {wanted}); the platform's credentials are never used instead"
+    )]
+    MissingByokCredential { provider: String, wanted: String },
+    #[error(
+        "the workspace resolves platform_managed but the candidate env lacks the PLATFORM-origin \
+         proxy input(s): {missing}"
+    )]
+    MissingPlatformProxy { missing: String },
+}
+
+/// One raw candidate entry, as received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvInput {
+    pub key: String,
+    pub value: String,
+    pub origin: Origin,
+}
+
+/// A validated candidate env: one map per origin.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CandidateEnv {
+    workspace: BTreeMap<EnvKey, String>,
+    global: BTreeMap<EnvKey, String>,
+    platform: BTreeMap<EnvKey, String>,
+}
+
+impl CandidateEnv {
+    /// Validates keys, origins, limits and duplicates. Runs before any I/O.
+    pub fn parse(entries: impl IntoIterator<Item = EnvInput>) -> Result<Self, EnvError> {
+        let entries = entries.into_iter();
+        let mut env = CandidateEnv::default();
+        for (index, e) in entries.enumerate() {
+            if index >= MAX_ENV_ENTRIES {
+                return Err(EnvError::TooManyEntries { count: index + 1 });
+            }
+            let key =
+                EnvKey::parse(&e.key).map_err(|source| EnvError::InvalidKey { index, source })?;
+            let map = match e.origin {
+                Origin::Workspace => &mut env.workspace,
+                Origin::Global => &mut env.global,
+                Origin::Platform => &mut env.platform,
+                Origin::Authority => {
+                    return Err(EnvError::InvalidOrigin {
+                        index,
+                        key: key.to_string(),
+                    })
+                }
+            };
+            if e.value.len() > MAX_ENV_VALUE_BYTES {
+                return Err(EnvError::ValueTooLong {
+                    key: key.to_string(),
+                    len: e.value.len(),
+                });
+            }
+            if map.contains_key(&key) {
+                return Err(EnvError::DuplicateKey {
+                    key: key.to_string(),
+                    origin: e.origin,
+                });
+            }
+            map.insert(key, e.value);
+        }
+        Ok(env)
+    }
+
+    fn origin_map(&self, origin: Origin) -> &BTreeMap<EnvKey, String> {
+        match origin {
+            Origin::Workspace => &self.workspace,
+            Origin::Global => &self.global,
+            Origin::Platform | Origin::Authority => &self.platform,
+        }
+    }
+
+    /// A non-empty value of `key` under exactly `origin`.
+    fn get(&self, origin: Origin, key: &str) -> Option<&str> {
+        self.origin_map(origin)
+            .get(key)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+    }
+
+    /// One entry per key, the highest-precedence origin winning.
+    pub fn merged(&self) -> BTreeMap<&str, (&str, Origin)> {
+        let mut out: BTreeMap<&str, (&str, Origin)> = BTreeMap::new();
+        for origin in [Origin::Platform, Origin::Global, Origin::Workspace] {
+            for (k, v) in self.origin_map(origin) {
+                out.insert(k.as_str(), (v.as_str(), origin));
+            }
+        }
+        out
+    }
+
+    pub fn len(&self) -> usize {
+        self.workspace.len() + self.global.len() + self.platform.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One entry of the final env.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvEntry {
+    pub key: String,
+    pub value: String,
+    pub origin: Origin,
+}
+
+/// The final env and what changed, keys sorted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuiltEnv {
+    pub env: Vec<EnvEntry>,
+    pub removed_keys: Vec<String>,
+    pub added_keys: Vec<String>,
+}
+
+/// Shapes the provisioning env for `resolution` (made by `resolve` on
+/// `record`), or fails closed with no env.
+pub fn build_env(
+    resolution: &Resolution,
+    record: &Record,
+    registry: &Registry,
+    candidate: &CandidateEnv,
+) -> Result<BuiltEnv, EnvError> {
+    debug_assert_eq!(resolution.revision, record.revision);
+    let merged = candidate.merged();
+    let recorded_model = resolution.model.as_ref();
+    let model_vars = registry.model_vars(resolution.runtime.as_ref());
+
+    // The container must run the model the decision was made on.
+    for var in &model_vars {
+        if let Some((value, _)) = merged.get(var).filter(|(v, _)| !v.is_empty()) {
+            if recorded_model.map(|m| m.as_str()) != Some(*value) {
+                return Err(EnvError::ModelMismatch {
+                    found_in: (*var).to_owned(),
+                    candidate: (*value).to_owned(),
+                    recorded: recorded_model
+                        .map_or_else(|| "none".to_owned(), |m| format!("{:?}", m.as_str())),
+                });
+            }
+        }
+    }
+
+    let mode = resolution.mode;
+    let mut out: BTreeMap<String, (String, Origin)> = BTreeMap::new();
+    for (key, (value, origin)) in &merged {
+        let keep = if !registry.is_llm_key(key) {
+            true
+        } else {
+            match mode {
+                // Only the customer's own credentials and endpoints; never a
+                // proxy input, whatever its origin.
+                Mode::Byok => *origin == Origin::Workspace && !key.starts_with(PROXY_PREFIX),
+                Mode::PlatformManaged | Mode::Disabled => false,
+            }
+        };
+        if keep {
+            out.insert((*key).to_owned(), ((*value).to_owned(), *origin));
+        }
+    }
+
+    let mut written: BTreeMap<String, String> = BTreeMap::new();
+    match mode {
+        Mode::Byok => check_byok_credential(resolution, registry, candidate)?,
+        Mode::PlatformManaged => {
+            route_through_proxy(resolution, registry, candidate, &mut written)?
+        }
+        Mode::Disabled => {}
+    }
+    for var in BILLING_MODE_VARS {
+        written.insert(var.to_owned(), mode.as_str().to_owned());
+    }
+    if let Some(model) = recorded_model {
+        for var in &model_vars {
+            written.insert((*var).to_owned(), model.as_str().to_owned());
+        }
+    }
+
+    let added_keys: Vec<String> = written.keys().cloned().collect();
+    for (k, v) in written {
+        out.insert(k, (v, Origin::Authority));
+    }
+    let removed_keys = merged
+        .keys()
+        .filter(|k| !out.contains_key(**k))
+        .map(|k| (*k).to_owned())
+        .collect();
+    let env = out
+        .into_iter()
+        .map(|(key, (value, origin))| EnvEntry { key, value, origin })
+        .collect();
+    Ok(BuiltEnv {
+        env,
+        removed_keys,
+        added_keys,
+    })
+}
+
+/// `byok` needs the customer's own credential; never the platform's.
+fn check_byok_credential(
+    resolution: &Resolution,
+    registry: &Registry,
+    candidate: &CandidateEnv,
+) -> Result<(), EnvError> {
+    let owned = |k: &str| candidate.get(Origin::Workspace, k).is_some();
+    match &resolution.provider {
+        Some(p) if !p.is_platform => {
+            if p.credentials.iter().any(|k| owned(k)) {
+                Ok(())
+            } else {
+                Err(EnvError::MissingByokCredential {
+                    provider: p.id.clone(),
+                    wanted: p.credentials.join(", "),
+                })
+            }
+        }
+        // An override chose byok over a platform (or no) provider: any vendor
+        // credential the workspace itself owns will do.
+        _ => {
+            debug_assert_eq!(resolution.source, Source::Override);
+            let any = candidate
+                .workspace
+                .iter()
+                .any(|(k, v)| !v.is_empty() && registry.is_vendor_credential(k.as_str()));
+            if any {
+                Ok(())
+            } else {
+                Err(EnvError::MissingByokCredential {
+                    provider: resolution
+                        .provider
+                        .as_ref()
+                        .map_or_else(|| "any provider".to_owned(), |p| p.id.clone()),
+                    wanted: "any vendor credential".to_owned(),
+                })
+            }
+        }
+    }
+}
+
+/// `platform_managed`: every family with a PLATFORM base URL is pointed at the
+/// proxy with the usage token; the required family must be among them.
+fn route_through_proxy(
+    resolution: &Resolution,
+    registry: &Registry,
+    candidate: &CandidateEnv,
+    written: &mut BTreeMap<String, String>,
+) -> Result<(), EnvError> {
+    let required: &Family = resolution
+        .provider
+        .as_ref()
+        .and_then(|p| p.family.as_deref())
+        .and_then(|f| registry.family(f))
+        .unwrap_or_else(|| registry.default_family());
+    let token_var = registry.usage_token_var();
+    let token = candidate.get(Origin::Platform, token_var);
+    let base = candidate.get(Origin::Platform, &required.proxy_base_url);
+    let missing: Vec<&str> = [
+        base.is_none().then_some(required.proxy_base_url.as_str()),
+        token.is_none().then_some(token_var),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let Some(token) = token.filter(|_| missing.is_empty()) else {
+        return Err(EnvError::MissingPlatformProxy {
+            missing: missing.join(", "),
+        });
+    };
+    written.insert(token_var.to_owned(), token.to_owned());
+    for family in registry.families() {
+        let Some(url) = candidate.get(Origin::Platform, &family.proxy_base_url) else {
+            continue;
+        };
+        written.insert(family.proxy_base_url.clone(), url.to_owned());
+        for var in &family.endpoints {
+            written.insert(var.clone(), url.to_owned());
+        }
+        for var in &family.credentials {
+            written.insert(var.clone(), token.to_owned());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,647 @@
+//! The provider registry: which provider a (runtime, model) pair runs on,
+//! which variables carry its credentials and endpoints, and how the platform's
+//! metering proxy is wired in.
+//!
+//! Data, not code: a TOML file (format documented in `docs/registry.md`),
+//! with a built-in default compiled into the binary that an operator can
+//! replace. Everything is validated at load; a bad registry stops start-up
+//! with a message naming the file and the entry.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    path::Path,
+};
+
+use regex::Regex;
+use serde::Deserialize;
+
+use super::types::{EnvKey, Runtime};
+
+/// The registry compiled into the binary.
+pub const BUILTIN_TOML: &str = include_str!("default_registry.toml");
+/// Every key with this prefix is a platform proxy input and an LLM key.
+pub const PROXY_PREFIX: &str = "MOLECULE_LLM_";
+/// The variables every resolved environment carries.
+pub const BILLING_MODE_VARS: [&str; 2] = [
+    "MOLECULE_LLM_BILLING_MODE",
+    "MOLECULE_LLM_BILLING_MODE_RESOLVED",
+];
+
+/// A registry that failed to load: where, and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("provider registry {source_name}: {entry}: {message}")]
+pub struct RegistryError {
+    pub source_name: String,
+    pub entry: String,
+    pub message: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRegistry {
+    usage_token: String,
+    default_family: String,
+    model_vars: Vec<String>,
+    #[serde(default)]
+    runtime_model_vars: BTreeMap<String, Vec<String>>,
+    #[serde(default)]
+    families: Vec<RawFamily>,
+    #[serde(default)]
+    providers: Vec<RawProvider>,
+    #[serde(default)]
+    rules: Vec<RawRule>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFamily {
+    id: String,
+    proxy_base_url: String,
+    endpoints: Vec<String>,
+    credentials: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProvider {
+    id: String,
+    platform: bool,
+    #[serde(default)]
+    family: Option<String>,
+    credentials: Vec<String>,
+    #[serde(default)]
+    endpoints: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    runtimes: Vec<String>,
+    pattern: String,
+    candidates: Vec<String>,
+}
+
+/// A provider family the metering proxy can serve (Anthropic, OpenAI, ...).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Family {
+    pub id: String,
+    /// The PLATFORM-origin variable holding the proxy's base URL for this family.
+    pub proxy_base_url: String,
+    /// Variables set to the proxy's base URL in `platform_managed`.
+    pub endpoints: Vec<String>,
+    /// Variables set to the usage token in `platform_managed`.
+    pub credentials: Vec<String>,
+}
+
+/// A way of paying for LLM calls: a vendor account, the customer's
+/// subscription, or the platform's own account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Provider {
+    pub id: String,
+    pub platform: bool,
+    pub family: Option<String>,
+    /// Any one of these authenticates the provider.
+    pub credentials: Vec<String>,
+    /// Variables that point a client at an endpoint.
+    pub endpoints: Vec<String>,
+}
+
+/// Runtime + model pattern → candidate providers, in order.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    /// 1-based position in the file, for traces and messages.
+    pub number: usize,
+    pub runtimes: Vec<String>,
+    pub pattern: String,
+    regex: Regex,
+    pub candidates: Vec<String>,
+}
+
+impl Rule {
+    pub fn matches(&self, runtime: &str, model: &str) -> bool {
+        self.runtimes.iter().any(|r| r == runtime) && self.regex.is_match(model)
+    }
+}
+
+/// A validated provider registry.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    source_name: String,
+    usage_token: String,
+    default_family: String,
+    model_vars: Vec<String>,
+    runtime_model_vars: BTreeMap<String, Vec<String>>,
+    families: Vec<Family>,
+    providers: Vec<Provider>,
+    rules: Vec<Rule>,
+    llm_keys: BTreeSet<String>,
+    vendor_credentials: BTreeSet<String>,
+    forbidden_secret_keys: Vec<String>,
+}
+
+struct Checker<'a> {
+    source_name: &'a str,
+}
+
+impl Checker<'_> {
+    fn err(&self, entry: impl Into<String>, message: impl Into<String>) -> RegistryError {
+        RegistryError {
+            source_name: self.source_name.to_owned(),
+            entry: entry.into(),
+            message: message.into(),
+        }
+    }
+
+    fn keys(&self, entry: &str, field: &str, keys: &[String]) -> Result<(), RegistryError> {
+        for k in keys {
+            EnvKey::parse(k)
+                .map_err(|_| self.err(entry, format!("{field}: {k:?} is not a valid env key")))?;
+        }
+        Ok(())
+    }
+}
+
+impl Registry {
+    /// The registry compiled into the binary.
+    pub fn builtin() -> Result<Self, RegistryError> {
+        Self::from_toml(BUILTIN_TOML, "(built-in)")
+    }
+
+    /// The file at `path`, or the built-in registry when there is none.
+    pub fn load(path: Option<&Path>) -> Result<Self, RegistryError> {
+        match path {
+            None => Self::builtin(),
+            Some(p) => {
+                let name = p.display().to_string();
+                let text = std::fs::read_to_string(p).map_err(|e| RegistryError {
+                    source_name: name.clone(),
+                    entry: "file".into(),
+                    message: format!("cannot read: {e}"),
+                })?;
+                Self::from_toml(&text, &name)
+            }
+        }
+    }
+
+    /// Parses and validates a registry; `source_name` names it in errors.
+    pub fn from_toml(text: &str, source_name: &str) -> Result<Self, RegistryError> {
+        let c = Checker { source_name };
+        let raw: RawRegistry =
+            toml::from_str(text).map_err(|e| c.err("syntax", e.to_string().trim().to_owned()))?;
+
+        if !raw.usage_token.starts_with(PROXY_PREFIX) {
+            return Err(c.err("usage_token", format!("must start with {PROXY_PREFIX}")));
+        }
+        c.keys(
+            "usage_token",
+            "usage_token",
+            std::slice::from_ref(&raw.usage_token),
+        )?;
+        if raw.model_vars.is_empty() {
+            return Err(c.err("model_vars", "must name at least one variable"));
+        }
+        c.keys("model_vars", "model_vars", &raw.model_vars)?;
+        for (rt, vars) in &raw.runtime_model_vars {
+            c.keys(&format!("runtime_model_vars.{rt}"), "variables", vars)?;
+        }
+
+        let mut families = Vec::new();
+        let mut family_ids = HashSet::new();
+        for (i, f) in raw.families.into_iter().enumerate() {
+            let entry = format!("families[{i}] (id {:?})", f.id);
+            if f.id.is_empty() {
+                return Err(c.err(entry, "id must not be empty"));
+            }
+            if !family_ids.insert(f.id.clone()) {
+                return Err(c.err(entry, "duplicate family id"));
+            }
+            if !f.proxy_base_url.starts_with(PROXY_PREFIX) {
+                return Err(c.err(
+                    entry,
+                    format!("proxy_base_url must start with {PROXY_PREFIX}"),
+                ));
+            }
+            c.keys(
+                &entry,
+                "proxy_base_url",
+                std::slice::from_ref(&f.proxy_base_url),
+            )?;
+            if f.endpoints.is_empty() || f.credentials.is_empty() {
+                return Err(c.err(entry, "endpoints and credentials must each name a variable"));
+            }
+            c.keys(&entry, "endpoints", &f.endpoints)?;
+            c.keys(&entry, "credentials", &f.credentials)?;
+            families.push(Family {
+                id: f.id,
+                proxy_base_url: f.proxy_base_url,
+                endpoints: f.endpoints,
+                credentials: f.credentials,
+            });
+        }
+        if !family_ids.contains(&raw.default_family) {
+            return Err(c.err(
+                "default_family",
+                format!("{:?} is not a declared family", raw.default_family),
+            ));
+        }
+
+        let mut providers = Vec::new();
+        let mut provider_ids = HashSet::new();
+        for (i, p) in raw.providers.into_iter().enumerate() {
+            let entry = format!("providers[{i}] (id {:?})", p.id);
+            if p.id.is_empty() {
+                return Err(c.err(entry, "id must not be empty"));
+            }
+            if !provider_ids.insert(p.id.clone()) {
+                return Err(c.err(entry, "duplicate provider id"));
+            }
+            if p.credentials.is_empty() {
+                return Err(c.err(entry, "a provider needs at least one credential variable"));
+            }
+            c.keys(&entry, "credentials", &p.credentials)?;
+            c.keys(&entry, "endpoints", &p.endpoints)?;
+            match &p.family {
+                Some(f) if !family_ids.contains(f) => {
+                    return Err(c.err(entry, format!("family {f:?} is not a declared family")));
+                }
+                None if p.platform => {
+                    return Err(c.err(
+                        entry,
+                        "a platform provider needs a proxy mapping: set family to a declared family",
+                    ));
+                }
+                _ => {}
+            }
+            providers.push(Provider {
+                id: p.id,
+                platform: p.platform,
+                family: p.family,
+                credentials: p.credentials,
+                endpoints: p.endpoints,
+            });
+        }
+
+        let mut rules = Vec::new();
+        let mut seen = HashSet::new();
+        for (i, r) in raw.rules.into_iter().enumerate() {
+            let entry = format!("rules[{i}] (pattern {:?})", r.pattern);
+            if r.pattern.is_empty() {
+                return Err(c.err(entry, "pattern must not be empty"));
+            }
+            if r.runtimes.is_empty() {
+                return Err(c.err(entry, "runtimes must name at least one runtime"));
+            }
+            for rt in &r.runtimes {
+                Runtime::parse(rt).map_err(|e| c.err(&entry, format!("runtime {rt:?}: {e}")))?;
+                if !seen.insert((rt.clone(), r.pattern.clone())) {
+                    return Err(c.err(
+                        entry,
+                        format!("duplicate rule: runtime {rt:?} with this pattern appears earlier"),
+                    ));
+                }
+            }
+            if r.candidates.is_empty() {
+                return Err(c.err(entry, "candidates must name at least one provider"));
+            }
+            for cand in &r.candidates {
+                if !provider_ids.contains(cand) {
+                    return Err(c.err(entry, format!("unknown provider id {cand:?}")));
+                }
+            }
+            let regex = Regex::new(&format!("^(?:{})$", r.pattern))
+                .map_err(|e| c.err(&entry, format!("invalid pattern: {e}")))?;
+            rules.push(Rule {
+                number: i + 1,
+                runtimes: r.runtimes,
+                pattern: r.pattern,
+                regex,
+                candidates: r.candidates,
+            });
+        }
+
+        let vendor_credentials: BTreeSet<String> = providers
+            .iter()
+            .flat_map(|p| p.credentials.iter().cloned())
+            .collect();
+        let mut llm_keys = vendor_credentials.clone();
+        llm_keys.extend(providers.iter().flat_map(|p| p.endpoints.iter().cloned()));
+        for f in &families {
+            llm_keys.extend(f.endpoints.iter().cloned());
+            llm_keys.extend(f.credentials.iter().cloned());
+            llm_keys.insert(f.proxy_base_url.clone());
+        }
+        llm_keys.insert(raw.usage_token.clone());
+        let forbidden_secret_keys = llm_keys.iter().cloned().collect();
+
+        Ok(Registry {
+            source_name: source_name.to_owned(),
+            usage_token: raw.usage_token,
+            default_family: raw.default_family,
+            model_vars: raw.model_vars,
+            runtime_model_vars: raw.runtime_model_vars,
+            families,
+            providers,
+            rules,
+            llm_keys,
+            vendor_credentials,
+            forbidden_secret_keys,
+        })
+    }
+
+    pub fn source_name(&self) -> &str {
+        &self.source_name
+    }
+
+    pub fn provider(&self, id: &str) -> Option<&Provider> {
+        self.providers.iter().find(|p| p.id == id)
+    }
+
+    pub fn providers(&self) -> &[Provider] {
+        &self.providers
+    }
+
+    pub fn family(&self, id: &str) -> Option<&Family> {
+        self.families.iter().find(|f| f.id == id)
+    }
+
+    pub fn families(&self) -> &[Family] {
+        &self.families
+    }
+
+    pub fn default_family(&self) -> &Family {
+        self.family(&self.default_family)
+            .expect("validated at load: default_family is declared")
+    }
+
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// The first rule, in registry order, whose runtime and pattern match.
+    pub fn match_rule(&self, runtime: &str, model: &str) -> Option<&Rule> {
+        self.rules.iter().find(|r| r.matches(runtime, model))
+    }
+
+    /// The variable that carries the per-workspace usage token.
+    pub fn usage_token_var(&self) -> &str {
+        &self.usage_token
+    }
+
+    /// Every credential and endpoint variable the registry names, plus every
+    /// `MOLECULE_LLM_*` key.
+    pub fn is_llm_key(&self, key: &str) -> bool {
+        key.starts_with(PROXY_PREFIX) || self.llm_keys.contains(key)
+    }
+
+    /// Every provider credential variable.
+    pub fn is_vendor_credential(&self, key: &str) -> bool {
+        self.vendor_credentials.contains(key)
+    }
+
+    /// Every LLM credential and endpoint variable plus the proxy inputs, sorted.
+    pub fn forbidden_secret_keys(&self) -> &[String] {
+        &self.forbidden_secret_keys
+    }
+
+    /// The variables that carry the model to a container of this runtime.
+    pub fn model_vars(&self, runtime: Option<&Runtime>) -> Vec<&str> {
+        let mut vars: Vec<&str> = self.model_vars.iter().map(String::as_str).collect();
+        if let Some(extra) = runtime.and_then(|r| self.runtime_model_vars.get(r.as_str())) {
+            for v in extra {
+                if !vars.contains(&v.as_str()) {
+                    vars.push(v);
+                }
+            }
+        }
+        vars
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+usage_token = "MOLECULE_LLM_USAGE_TOKEN"
+default_family = "anthropic"
+model_vars = ["MODEL_PROVIDER"]
+
+[[families]]
+id = "anthropic"
+proxy_base_url = "MOLECULE_LLM_ANTHROPIC_BASE_URL"
+endpoints = ["ANTHROPIC_BASE_URL"]
+credentials = ["ANTHROPIC_API_KEY"]
+
+[[providers]]
+id = "platform-anthropic"
+platform = true
+family = "anthropic"
+credentials = ["ANTHROPIC_API_KEY"]
+
+[[providers]]
+id = "anthropic"
+platform = false
+credentials = ["ANTHROPIC_API_KEY"]
+
+[[rules]]
+runtimes = ["langgraph"]
+pattern = "anthropic:.*"
+candidates = ["anthropic", "platform-anthropic"]
+"#;
+
+    fn load_err(text: &str) -> RegistryError {
+        Registry::from_toml(text, "test.toml").expect_err("registry should be refused")
+    }
+
+    #[test]
+    fn the_builtin_registry_loads() {
+        let r = Registry::builtin().expect("built-in registry is valid");
+        assert!(!r.rules().is_empty());
+        assert!(r.providers().iter().any(|p| p.platform));
+    }
+
+    #[test]
+    fn a_minimal_registry_loads() {
+        let r = Registry::from_toml(MINIMAL, "test.toml").unwrap();
+        assert_eq!(r.rules().len(), 1);
+        assert_eq!(r.default_family().id, "anthropic");
+    }
+
+    #[test]
+    fn each_invalid_registry_is_refused_naming_file_and_entry() {
+        let cases: &[(&str, String, &str, &str)] = &[
+            (
+                "a rule naming an unknown provider",
+                MINIMAL.replace(r#"candidates = ["anthropic", "platform-anthropic"]"#, r#"candidates = ["nope"]"#),
+                "rules[0]",
+                "unknown provider id \"nope\"",
+            ),
+            (
+                "two rules with the same runtime and pattern",
+                format!("{MINIMAL}\n[[rules]]\nruntimes = [\"hermes\", \"langgraph\"]\npattern = \"anthropic:.*\"\ncandidates = [\"anthropic\"]\n"),
+                "rules[1]",
+                "duplicate rule",
+            ),
+            (
+                "an empty pattern",
+                MINIMAL.replace(r#"pattern = "anthropic:.*""#, r#"pattern = """#),
+                "rules[0]",
+                "pattern must not be empty",
+            ),
+            (
+                "a pattern that is not a regular expression",
+                MINIMAL.replace(r#"pattern = "anthropic:.*""#, r#"pattern = "anthropic:(""#),
+                "rules[0]",
+                "invalid pattern",
+            ),
+            (
+                "a provider with no credential variable",
+                MINIMAL.replace("id = \"anthropic\"\nplatform = false\ncredentials = [\"ANTHROPIC_API_KEY\"]", "id = \"anthropic\"\nplatform = false\ncredentials = []"),
+                "providers[1]",
+                "at least one credential variable",
+            ),
+            (
+                "a platform provider with no proxy mapping",
+                MINIMAL.replace("platform = true\nfamily = \"anthropic\"\n", "platform = true\n"),
+                "providers[0]",
+                "needs a proxy mapping",
+            ),
+            (
+                "a provider naming an undeclared family",
+                MINIMAL.replace("platform = true\nfamily = \"anthropic\"\n", "platform = true\nfamily = \"openai\"\n"),
+                "providers[0]",
+                "not a declared family",
+            ),
+            (
+                "a duplicate provider id",
+                format!("{MINIMAL}\n[[providers]]\nid = \"anthropic\"\nplatform = false\ncredentials = [\"X_KEY\"]\n"),
+                "providers[2]",
+                "duplicate provider id",
+            ),
+            (
+                "an invalid credential variable name",
+                MINIMAL.replace("credentials = [\"ANTHROPIC_API_KEY\"]\n\n[[rules]]", "credentials = [\"ANTHROPIC-API-KEY\"]\n\n[[rules]]"),
+                "providers[1]",
+                "not a valid env key",
+            ),
+            (
+                "an unknown default family",
+                MINIMAL.replace(r#"default_family = "anthropic""#, r#"default_family = "openai""#),
+                "default_family",
+                "not a declared family",
+            ),
+            (
+                "a proxy base URL outside MOLECULE_LLM_",
+                MINIMAL.replace(r#"proxy_base_url = "MOLECULE_LLM_ANTHROPIC_BASE_URL""#, r#"proxy_base_url = "PROXY_URL""#),
+                "families[0]",
+                "must start with MOLECULE_LLM_",
+            ),
+            (
+                "an unknown field (a typo)",
+                MINIMAL.replace("platform = false", "platfrom = false"),
+                "syntax",
+                "unknown field",
+            ),
+        ];
+        for (what, text, entry, message) in cases {
+            let e = load_err(text);
+            assert_eq!(e.source_name, "test.toml", "{what}");
+            assert!(
+                e.entry.starts_with(entry),
+                "{what}: entry {:?}, wanted {entry:?}",
+                e.entry
+            );
+            assert!(
+                e.message.contains(message),
+                "{what}: message {:?}, wanted {message:?}",
+                e.message
+            );
+            let shown = e.to_string();
+            assert!(
+                shown.contains("test.toml") && shown.contains(entry),
+                "{what}: {shown}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_missing_file_is_an_error_naming_it() {
+        let e = Registry::load(Some(Path::new("/nonexistent/registry.toml"))).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/registry.toml"));
+    }
+
+    #[test]
+    fn rules_match_whole_models_case_sensitively() {
+        let r = Registry::from_toml(MINIMAL, "t").unwrap();
+        assert!(r
+            .match_rule("langgraph", "anthropic:claude-sonnet-4-6")
+            .is_some());
+        assert!(r.match_rule("langgraph", "Anthropic:claude").is_none());
+        assert!(r.match_rule("langgraph", "xanthropic:claude").is_none());
+        assert!(r.match_rule("hermes", "anthropic:claude").is_none());
+    }
+
+    #[test]
+    fn llm_keys_include_every_credential_endpoint_and_proxy_input() {
+        let r = Registry::builtin().unwrap();
+        for k in [
+            "ANTHROPIC_API_KEY",
+            "ANTHROPIC_AUTH_TOKEN",
+            "ANTHROPIC_BASE_URL",
+            "CLAUDE_CODE_OAUTH_TOKEN",
+            "OPENAI_API_KEY",
+            "OPENAI_BASE_URL",
+            "OPENROUTER_API_KEY",
+            "GROQ_API_KEY",
+            "CEREBRAS_API_KEY",
+            "QIANFAN_API_KEY",
+            "AISTUDIO_API_KEY",
+            "GOOGLE_API_KEY",
+            "GEMINI_API_KEY",
+            "XAI_API_KEY",
+            "QWEN_API_KEY",
+            "DASHSCOPE_API_KEY",
+            "GLM_API_KEY",
+            "KIMI_API_KEY",
+            "KIMI_CN_API_KEY",
+            "MINIMAX_API_KEY",
+            "MINIMAX_CN_API_KEY",
+            "DEEPSEEK_API_KEY",
+            "MISTRAL_API_KEY",
+            "TOGETHER_API_KEY",
+            "FIREWORKS_API_KEY",
+            "HERMES_API_KEY",
+            "NOUS_API_KEY",
+            "HERMES_CUSTOM_BASE_URL",
+            "HERMES_CUSTOM_API_KEY",
+            "NVIDIA_API_KEY",
+            "XIAOMI_API_KEY",
+            "HF_TOKEN",
+            "LITELLM_MASTER_KEY",
+            "MOLECULE_LLM_USAGE_TOKEN",
+            "MOLECULE_LLM_ANTHROPIC_BASE_URL",
+            "MOLECULE_LLM_OPENAI_BASE_URL",
+            "MOLECULE_LLM_ANYTHING",
+        ] {
+            assert!(r.is_llm_key(k), "{k} should be an LLM key");
+        }
+        for k in ["PATH", "MODEL_PROVIDER", "GIT_AUTHOR_NAME", "WORKSPACE_ID"] {
+            assert!(!r.is_llm_key(k), "{k} should not be an LLM key");
+        }
+        let f = r.forbidden_secret_keys();
+        assert!(f.windows(2).all(|w| w[0] < w[1]), "sorted and unique");
+    }
+
+    #[test]
+    fn hermes_carries_the_model_in_two_variables() {
+        let r = Registry::builtin().unwrap();
+        let hermes = Runtime::parse("hermes").unwrap();
+        let cc = Runtime::parse("claude-code").unwrap();
+        assert_eq!(
+            r.model_vars(Some(&hermes)),
+            vec!["MODEL_PROVIDER", "HERMES_DEFAULT_MODEL"]
+        );
+        assert_eq!(r.model_vars(Some(&cc)), vec!["MODEL_PROVIDER"]);
+        assert_eq!(r.model_vars(None), vec!["MODEL_PROVIDER"]);
+    }
+}

@@ -1,0 +1,19 @@
+//! The billing-mode authority: decides, for every workspace, who pays for its
+//! LLM usage, and builds the environment its container is provisioned with.
+//!
+//! Layers, dependencies pointing one way: [`service`] → [`domain`],
+//! [`service`] → [`store`]; [`store`] knows [`domain`] types; [`domain`]
+//! knows neither.
+#![forbid(unsafe_code)]
+
+pub mod domain;
+
+/// Generated protobuf and gRPC code for `molecule.billing.v1`.
+pub mod proto {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("molecule.billing.v1");
+
+    /// The encoded file descriptor set, served by gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("billing_mode_descriptor");
+}
