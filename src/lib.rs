@@ -6,7 +6,13 @@
 //! knows neither.
 #![forbid(unsafe_code)]
 
+pub mod auth;
+pub mod config;
 pub mod domain;
+pub mod service;
+pub mod startup;
+pub mod store;
+pub mod telemetry;
 
 /// Generated protobuf and gRPC code for `molecule.billing.v1`.
 pub mod proto {

@@ -1,1 +1,222 @@
-fn main() {}
+//! `billing-mode`: the server, its migrations, and client commands for
+//! operators without grpcurl.
+#![forbid(unsafe_code)]
+
+use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::Context;
+use billing_mode::{
+    auth::{self, Role},
+    config::{self, Config, TlsFiles},
+    startup::{self, Application},
+    store,
+    telemetry::{self, LogFormat},
+};
+use clap::{Args, Parser, Subcommand};
+
+mod client;
+
+#[derive(Parser)]
+#[command(
+    name = "billing-mode",
+    version,
+    about = "The billing-mode authority: who pays for a workspace's LLM usage, and the env its container gets"
+)]
+struct Cli {
+    /// Log filter, e.g. `info` or `billing_mode=debug,info` (RUST_LOG overrides).
+    #[arg(long, env = "BILLING_MODE_LOG", default_value = "info", global = true)]
+    log_level: String,
+    /// Log output format.
+    #[arg(long, env = "BILLING_MODE_LOG_FORMAT", value_enum, default_value = "text", global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct DatabaseArgs {
+    /// `sqlite:PATH` (created if missing) or `postgres://…`.
+    #[arg(long, env = "DATABASE_URL", default_value = config::DEFAULT_DATABASE_URL)]
+    database_url: String,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gRPC server.
+    Serve(ServeArgs),
+    /// Apply the embedded database migrations and exit.
+    Migrate(DatabaseArgs),
+    /// Manage bearer tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Show a workspace's decision.
+    Resolve(client::ResolveArgs),
+    /// Record resolution inputs (runtime, model, credential keys, override).
+    Set(client::SetArgs),
+    /// Remove a workspace's operator override.
+    Clear(client::ClearArgs),
+    /// Build a provisioning env from a candidate env file.
+    BuildEnv(client::BuildEnvArgs),
+    /// List a workspace's audit history, newest first.
+    History(client::HistoryArgs),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a token: prints the token (give it to the caller) and the line
+    /// to add to the tokens file (the server stores only the hash).
+    Create {
+        /// The token's name, recorded as the actor of its changes.
+        #[arg(long)]
+        name: String,
+        /// Comma-separated roles: reader, provisioner, writer, admin.
+        #[arg(long, value_delimiter = ',', required = true)]
+        roles: Vec<String>,
+    },
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "BILLING_MODE_LISTEN", default_value = config::DEFAULT_LISTEN)]
+    listen: SocketAddr,
+    #[command(flatten)]
+    database: DatabaseArgs,
+    /// A provider registry file replacing the built-in one (docs/registry.md).
+    #[arg(long, env = "BILLING_MODE_REGISTRY")]
+    registry: Option<PathBuf>,
+    /// A file of token lines `NAME sha256:HEX ROLE[,ROLE…]`.
+    #[arg(long, env = "BILLING_MODE_TOKENS_FILE")]
+    tokens_file: Option<PathBuf>,
+    /// Token lines given directly (newline- or `;`-separated).
+    #[arg(long = "tokens", env = "BILLING_MODE_TOKENS", hide_env_values = true)]
+    tokens_inline: Option<String>,
+    /// Serve without tokens on a non-loopback address anyway.
+    #[arg(long)]
+    insecure_allow_unauthenticated: bool,
+    /// Server certificate (PEM); enables TLS.
+    #[arg(long, env = "BILLING_MODE_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    #[arg(long, env = "BILLING_MODE_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA certificate (PEM) that client certificates must chain to (mTLS).
+    #[arg(long, env = "BILLING_MODE_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// Per-request timeout in milliseconds.
+    #[arg(long, env = "BILLING_MODE_REQUEST_TIMEOUT_MS", default_value_t = 10_000)]
+    request_timeout_ms: u64,
+    /// Requests served at once across all connections.
+    #[arg(long, env = "BILLING_MODE_CONCURRENCY_LIMIT", default_value_t = 256)]
+    concurrency_limit: usize,
+}
+
+impl ServeArgs {
+    fn into_config(self) -> anyhow::Result<Config> {
+        let mut tokens = Vec::new();
+        if let Some(path) = &self.tokens_file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading tokens file {}", path.display()))?;
+            tokens.extend(auth::parse_token_lines(&text, &path.display().to_string())?);
+        }
+        if let Some(inline) = &self.tokens_inline {
+            let text = inline.replace(';', "\n");
+            for e in auth::parse_token_lines(&text, "BILLING_MODE_TOKENS")? {
+                if tokens.iter().any(|t: &auth::TokenEntry| t.name == e.name) {
+                    anyhow::bail!("token name {:?} is configured twice", e.name);
+                }
+                tokens.push(e);
+            }
+        }
+        Ok(Config {
+            listen: self.listen,
+            database_url: self.database.database_url,
+            registry_path: self.registry,
+            tokens,
+            insecure_allow_unauthenticated: self.insecure_allow_unauthenticated,
+            tls: match (self.tls_cert, self.tls_key) {
+                (Some(cert), Some(key)) => Some(TlsFiles {
+                    cert,
+                    key,
+                    client_ca: self.tls_client_ca,
+                }),
+                _ => None,
+            },
+            request_timeout: Duration::from_millis(self.request_timeout_ms.max(1)),
+            concurrency_limit: self.concurrency_limit.max(1),
+        })
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => run_server(&cli.log_level, cli.log_format, args).await,
+            Command::Migrate(db) => report(migrate(&cli.log_level, cli.log_format, db).await),
+            Command::Token(TokenCommand::Create { name, roles }) => report(create_token(&name, &roles)),
+            Command::Resolve(a) => client::resolve(a).await,
+            Command::Set(a) => client::set(a).await,
+            Command::Clear(a) => client::clear(a).await,
+            Command::BuildEnv(a) => client::build_env(a).await,
+            Command::History(a) => client::history(a).await,
+        }
+    })
+}
+
+fn report(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_server(level: &str, format: LogFormat, args: ServeArgs) -> ExitCode {
+    let _guard = match telemetry::init(level, format) {
+        Ok(g) => g,
+        Err(e) => return report(Err(e)),
+    };
+    let result = async {
+        let app = Application::build(args.into_config()?).await?;
+        app.run_until(startup::shutdown_signal()).await
+    }
+    .await;
+    if let Err(e) = &result {
+        tracing::error!(error = format!("{e:#}"), "billing-mode stopped with an error");
+    }
+    report(result)
+}
+
+async fn migrate(level: &str, format: LogFormat, db: DatabaseArgs) -> anyhow::Result<()> {
+    let _guard = telemetry::init(level, format)?;
+    let store = store::connect(&db.database_url)
+        .await
+        .with_context(|| format!("migrating {}", startup::redact_url(&db.database_url)))?;
+    println!("migrations applied ({})", store.backend());
+    Ok(())
+}
+
+fn create_token(name: &str, roles: &[String]) -> anyhow::Result<()> {
+    let roles = roles
+        .iter()
+        .map(|r| r.trim().parse::<Role>())
+        .collect::<Result<BTreeSet<_>, _>>()
+        .map_err(anyhow::Error::msg)?;
+    let (token, entry) = auth::generate_token(name, roles).map_err(anyhow::Error::msg)?;
+    println!("token: {token}");
+    println!("line:  {}", entry.line());
+    eprintln!(
+        "Give the token to the caller (it is shown only now); add the line to the server's tokens file."
+    );
+    Ok(())
+}

@@ -37,15 +37,12 @@ pub enum EnvError {
         "the value of env key {key} is {len} bytes; at most {MAX_ENV_VALUE_BYTES} are allowed"
     )]
     ValueTooLong { key: String, len: usize },
+    /// The candidate's value is not repeated: env values never leave the request.
     #[error(
-        "the candidate env names model {found_in}={candidate:?} but the recorded model is {recorded}; \
+        "the candidate env's {found_in} names a model other than the recorded model ({recorded}); \
          record the model with Set, or provision the recorded one"
     )]
-    ModelMismatch {
-        found_in: String,
-        candidate: String,
-        recorded: String,
-    },
+    ModelMismatch { found_in: String, recorded: String },
     #[error(
         "the workspace resolves byok but the candidate env has no WORKSPACE-origin credential \
          of {provider} (one of: {wanted}); the platform's credentials are never used instead"
@@ -184,7 +181,6 @@ pub fn build_env(
             if recorded_model.map(|m| m.as_str()) != Some(*value) {
                 return Err(EnvError::ModelMismatch {
                     found_in: (*var).to_owned(),
-                    candidate: (*value).to_owned(),
                     recorded: recorded_model
                         .map_or_else(|| "none".to_owned(), |m| format!("{:?}", m.as_str())),
                 });

@@ -202,7 +202,9 @@ impl Registry {
         }
         c.keys("model_vars", "model_vars", &raw.model_vars)?;
         for (rt, vars) in &raw.runtime_model_vars {
-            c.keys(&format!("runtime_model_vars.{rt}"), "variables", vars)?;
+            let entry = format!("runtime_model_vars.{rt}");
+            Runtime::parse(rt).map_err(|e| c.err(&entry, format!("runtime: {e}")))?;
+            c.keys(&entry, "variables", vars)?;
         }
 
         let mut families = Vec::new();

@@ -1,0 +1,399 @@
+//! Who may call what: bearer tokens, their names and roles.
+//!
+//! Tokens are configured as SHA-256 hashes (never the tokens themselves) and
+//! compared in constant time. Each token has a name, recorded as the actor in
+//! audit rows and the decision log. With no tokens configured every caller is
+//! the anonymous admin: start-up allows that only on loopback.
+
+use std::{collections::BTreeSet, fmt, str::FromStr};
+
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tonic::{metadata::MetadataMap, Request, Status};
+
+use crate::service::error::{ApiError, ErrorReason};
+
+/// The actor name used when no tokens are configured.
+pub const ANONYMOUS: &str = "anonymous";
+/// Prefix of generated tokens, so a leaked one is recognisable.
+pub const TOKEN_PREFIX: &str = "bmt_";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    /// Resolve, History.
+    Reader,
+    /// Resolve, BuildEnv.
+    Provisioner,
+    /// Set of runtime, model, credential_keys.
+    Writer,
+    /// Everything, including override_mode and Clear.
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Reader => "reader",
+            Role::Provisioner => "provisioner",
+            Role::Writer => "writer",
+            Role::Admin => "admin",
+        }
+    }
+
+    fn allows(self, action: Action) -> bool {
+        match self {
+            Role::Admin => true,
+            Role::Reader => matches!(action, Action::Resolve | Action::History),
+            Role::Provisioner => matches!(action, Action::Resolve | Action::BuildEnv),
+            Role::Writer => matches!(action, Action::SetFields),
+        }
+    }
+}
+
+impl FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "reader" => Ok(Role::Reader),
+            "provisioner" => Ok(Role::Provisioner),
+            "writer" => Ok(Role::Writer),
+            "admin" => Ok(Role::Admin),
+            other => Err(format!(
+                "unknown role {other:?} (known: reader, provisioner, writer, admin)"
+            )),
+        }
+    }
+}
+
+/// What a request asks to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Resolve,
+    History,
+    BuildEnv,
+    /// Set without override_mode.
+    SetFields,
+    /// Set with override_mode.
+    SetOverride,
+    Clear,
+}
+
+impl Action {
+    fn describe(self) -> &'static str {
+        match self {
+            Action::Resolve => "Resolve (reader, provisioner or admin)",
+            Action::History => "History (reader or admin)",
+            Action::BuildEnv => "BuildEnv (provisioner or admin)",
+            Action::SetFields => "Set (writer or admin)",
+            Action::SetOverride => "Set with override_mode (admin)",
+            Action::Clear => "Clear (admin)",
+        }
+    }
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub name: String,
+    pub roles: BTreeSet<Role>,
+}
+
+impl Principal {
+    pub fn anonymous() -> Self {
+        Principal {
+            name: ANONYMOUS.to_owned(),
+            roles: [Role::Admin].into(),
+        }
+    }
+
+    pub fn require(&self, action: Action) -> Result<(), ApiError> {
+        if self.roles.iter().any(|r| r.allows(action)) {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                ErrorReason::PermissionDenied,
+                format!("token {:?} may not call {}", self.name, action.describe()),
+            ))
+        }
+    }
+}
+
+/// One configured token: name, SHA-256 of the token, roles.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TokenEntry {
+    pub name: String,
+    hash: [u8; 32],
+    pub roles: BTreeSet<Role>,
+}
+
+impl fmt::Debug for TokenEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenEntry")
+            .field("name", &self.name)
+            .field("roles", &self.roles)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TokenEntry {
+    /// The configuration line for this entry: `NAME sha256:HEX ROLE[,ROLE…]`.
+    pub fn line(&self) -> String {
+        let roles: Vec<&str> = self.roles.iter().map(|r| r.as_str()).collect();
+        format!(
+            "{} sha256:{} {}",
+            self.name,
+            hex::encode(self.hash),
+            roles.join(",")
+        )
+    }
+}
+
+/// A token configuration that could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("tokens {source_name} line {line}: {message}")]
+pub struct TokenConfigError {
+    pub source_name: String,
+    pub line: usize,
+    pub message: String,
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@'))
+}
+
+/// Parses token lines: `NAME sha256:HEX ROLE[,ROLE…]`; `#` comments and blank
+/// lines are ignored.
+pub fn parse_token_lines(
+    text: &str,
+    source_name: &str,
+) -> Result<Vec<TokenEntry>, TokenConfigError> {
+    let mut out: Vec<TokenEntry> = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let err = |message: String| TokenConfigError {
+            source_name: source_name.to_owned(),
+            line: i + 1,
+            message,
+        };
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        let [name, hash, roles] = parts[..] else {
+            return Err(err("expected `NAME sha256:HEX ROLE[,ROLE...]`".into()));
+        };
+        if !valid_name(name) {
+            return Err(err(format!(
+                "name {name:?} must be 1-128 characters of letters, digits, - _ . @"
+            )));
+        }
+        let hex_part = hash
+            .strip_prefix("sha256:")
+            .ok_or_else(|| err("the hash must start with sha256:".into()))?;
+        let bytes = hex::decode(hex_part)
+            .ok()
+            .filter(|b| b.len() == 32)
+            .ok_or_else(|| err("the hash must be 64 hex digits after sha256:".into()))?;
+        let roles = roles
+            .split(',')
+            .map(Role::from_str)
+            .collect::<Result<BTreeSet<_>, _>>()
+            .map_err(err)?;
+        if out.iter().any(|e| e.name == name) {
+            return Err(err(format!("duplicate token name {name:?}")));
+        }
+        let mut h = [0u8; 32];
+        h.copy_from_slice(&bytes);
+        if out.iter().any(|e| e.hash == h) {
+            return Err(err("the same token hash appears twice".into()));
+        }
+        out.push(TokenEntry {
+            name: name.to_owned(),
+            hash: h,
+            roles,
+        });
+    }
+    Ok(out)
+}
+
+/// A new random token and its configuration entry.
+pub fn generate_token(name: &str, roles: BTreeSet<Role>) -> Result<(String, TokenEntry), String> {
+    if !valid_name(name) {
+        return Err(format!(
+            "name {name:?} must be 1-128 characters of letters, digits, - _ . @"
+        ));
+    }
+    if roles.is_empty() {
+        return Err("a token needs at least one role".into());
+    }
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    let token = format!("{TOKEN_PREFIX}{}", hex::encode(bytes));
+    let entry = TokenEntry {
+        name: name.to_owned(),
+        hash: Sha256::digest(token.as_bytes()).into(),
+        roles,
+    };
+    Ok((token, entry))
+}
+
+/// Checks bearer tokens against the configured hashes.
+#[derive(Debug, Clone, Default)]
+pub struct Authenticator {
+    tokens: Vec<TokenEntry>,
+}
+
+impl Authenticator {
+    pub fn new(tokens: Vec<TokenEntry>) -> Self {
+        Authenticator { tokens }
+    }
+
+    /// No tokens configured: every caller is the anonymous admin.
+    pub fn is_open(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    pub fn token_count(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// The caller named by the request's `authorization: Bearer …` metadata.
+    pub fn authenticate(&self, metadata: &MetadataMap) -> Result<Principal, ApiError> {
+        if self.is_open() {
+            return Ok(Principal::anonymous());
+        }
+        let unauthenticated = |m: &str| ApiError::new(ErrorReason::Unauthenticated, m);
+        let header = metadata
+            .get("authorization")
+            .ok_or_else(|| unauthenticated("missing `authorization: Bearer <token>` metadata"))?
+            .to_str()
+            .map_err(|_| unauthenticated("the authorization metadata is not readable text"))?;
+        let token = header
+            .strip_prefix("Bearer ")
+            .or_else(|| header.strip_prefix("bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| {
+                unauthenticated("the authorization metadata must be `Bearer <token>`")
+            })?;
+        let presented: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        // Compare against every entry, without stopping early.
+        let mut found: Option<&TokenEntry> = None;
+        for entry in &self.tokens {
+            if bool::from(entry.hash.ct_eq(&presented)) {
+                found = Some(entry);
+            }
+        }
+        found
+            .map(|e| Principal {
+                name: e.name.clone(),
+                roles: e.roles.clone(),
+            })
+            .ok_or_else(|| unauthenticated("unknown token"))
+    }
+
+    /// A tonic interceptor that authenticates and stores the [`Principal`] in
+    /// the request's extensions.
+    #[allow(clippy::result_large_err)]
+    pub fn intercept(&self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        let principal = self.authenticate(req.metadata())?;
+        req.extensions_mut().insert(principal);
+        Ok(req)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::metadata::MetadataValue;
+
+    fn md(auth: Option<&str>) -> MetadataMap {
+        let mut m = MetadataMap::new();
+        if let Some(a) = auth {
+            m.insert("authorization", MetadataValue::try_from(a).unwrap());
+        }
+        m
+    }
+
+    #[test]
+    fn a_generated_token_authenticates_as_its_name() {
+        let (token, entry) = generate_token("provisioner-1", [Role::Provisioner].into()).unwrap();
+        let parsed = parse_token_lines(&entry.line(), "test").unwrap();
+        let auth = Authenticator::new(parsed);
+        let p = auth
+            .authenticate(&md(Some(&format!("Bearer {token}"))))
+            .unwrap();
+        assert_eq!(p.name, "provisioner-1");
+        assert!(p.require(Action::BuildEnv).is_ok());
+        assert_eq!(
+            p.require(Action::Clear).unwrap_err().reason,
+            ErrorReason::PermissionDenied
+        );
+        for bad in [
+            None,
+            Some("Bearer nope"),
+            Some("Basic abc"),
+            Some("Bearer "),
+        ] {
+            assert_eq!(
+                auth.authenticate(&md(bad)).unwrap_err().reason,
+                ErrorReason::Unauthenticated,
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn roles_allow_exactly_their_actions() {
+        use Action::*;
+        let table = [
+            (Role::Reader, vec![Resolve, History]),
+            (Role::Provisioner, vec![Resolve, BuildEnv]),
+            (Role::Writer, vec![SetFields]),
+            (
+                Role::Admin,
+                vec![Resolve, History, BuildEnv, SetFields, SetOverride, Clear],
+            ),
+        ];
+        for (role, allowed) in table {
+            for action in [Resolve, History, BuildEnv, SetFields, SetOverride, Clear] {
+                assert_eq!(
+                    role.allows(action),
+                    allowed.contains(&action),
+                    "{role:?} {action:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn bad_token_lines_name_the_line() {
+        let e = parse_token_lines("# c\n\nops sha256:abc admin\n", "tokens.txt").unwrap_err();
+        assert_eq!(e.line, 3);
+        assert!(e.to_string().contains("tokens.txt line 3"));
+        let h = "0".repeat(64);
+        assert!(parse_token_lines(&format!("a sha256:{h} root"), "t").is_err());
+        assert!(parse_token_lines(
+            &format!("a sha256:{h} admin\na sha256:{} reader", "1".repeat(64)),
+            "t"
+        )
+        .is_err());
+        assert_eq!(
+            parse_token_lines(&format!("a sha256:{h} admin,reader"), "t")
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn debug_output_never_shows_the_hash() {
+        let (_, entry) = generate_token("x", [Role::Admin].into()).unwrap();
+        assert!(!format!("{entry:?}").contains(&hex::encode(entry.hash)));
+    }
+}

@@ -1,0 +1,525 @@
+//! Client commands: the four RPCs and History for operators without grpcurl.
+//!
+//! Output is plain text, or JSON with `--json`. Env values are redacted
+//! unless `--show-values` is given. Errors print the status code, the
+//! ErrorInfo reason and the message, and exit non-zero.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::{bail, Context};
+use billing_mode::proto::{self, billing_mode_client::BillingModeClient};
+use clap::Args;
+use serde_json::{json, Value};
+use tonic::{
+    metadata::MetadataValue,
+    service::interceptor::InterceptedService,
+    transport::{Certificate, Channel, ClientTlsConfig, Identity},
+    Request, Status,
+};
+use tonic_types::StatusExt;
+
+#[derive(Args, Clone)]
+pub struct ClientArgs {
+    /// The server, e.g. http://127.0.0.1:50051 or https://billing-mode:50051.
+    #[arg(long, env = "BILLING_MODE_SERVER", default_value = "http://127.0.0.1:50051")]
+    server: String,
+    /// Bearer token.
+    #[arg(long, env = "BILLING_MODE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// CA certificate (PEM) to verify the server with (implies TLS).
+    #[arg(long, env = "BILLING_MODE_CA_CERT")]
+    ca_cert: Option<PathBuf>,
+    /// Client certificate (PEM) for mTLS.
+    #[arg(long, env = "BILLING_MODE_CLIENT_CERT", requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// Client private key (PEM) for mTLS.
+    #[arg(long, env = "BILLING_MODE_CLIENT_KEY", requires = "client_cert")]
+    client_key: Option<PathBuf>,
+    /// Server name to verify in the certificate (default: the server's host).
+    #[arg(long)]
+    tls_server_name: Option<String>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct ResolveArgs {
+    /// The workspace id (UUID).
+    workspace: String,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+#[derive(Args)]
+pub struct SetArgs {
+    /// The workspace id (UUID).
+    workspace: String,
+    /// Operator override: platform_managed, byok or disabled (admin; needs --reason).
+    #[arg(long = "override")]
+    override_mode: Option<String>,
+    /// Runtime, e.g. claude-code; "" clears it.
+    #[arg(long)]
+    runtime: Option<String>,
+    /// Model, e.g. opus; "" clears it.
+    #[arg(long)]
+    model: Option<String>,
+    /// Comma-separated names of the credentials the workspace owns; replaces
+    /// the whole set ("" clears it).
+    #[arg(long)]
+    credential_keys: Option<String>,
+    /// Compare-and-set: the revision you last saw (0: create only).
+    #[arg(long)]
+    expected_revision: Option<u64>,
+    /// Why (recorded in the audit log).
+    #[arg(long, default_value = "")]
+    reason: String,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+#[derive(Args)]
+pub struct ClearArgs {
+    /// The workspace id (UUID).
+    workspace: String,
+    /// Why (required).
+    #[arg(long, default_value = "")]
+    reason: String,
+    /// Compare-and-set: the revision you last saw.
+    #[arg(long)]
+    expected_revision: Option<u64>,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+#[derive(Args)]
+pub struct BuildEnvArgs {
+    /// The workspace id (UUID).
+    workspace: String,
+    /// Candidate env: lines `ORIGIN KEY=VALUE` (ORIGIN: workspace, global,
+    /// platform; `#` comments), or a JSON array of {"key","value","origin"};
+    /// `-` reads standard input.
+    #[arg(long)]
+    env_file: PathBuf,
+    /// Print env values (redacted by default).
+    #[arg(long)]
+    show_values: bool,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+#[derive(Args)]
+pub struct HistoryArgs {
+    /// The workspace id (UUID).
+    workspace: String,
+    /// Entries per page (1-500; default 50).
+    #[arg(long, default_value_t = 50)]
+    page_size: u32,
+    /// Continue from a previous page's next_page_token.
+    #[arg(long, default_value = "")]
+    page_token: String,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+type Client = BillingModeClient<
+    InterceptedService<Channel, Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>>,
+>;
+
+async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
+    let mut endpoint = Channel::from_shared(args.server.clone())
+        .with_context(|| format!("--server {:?} is not a URL", args.server))?
+        .connect_timeout(std::time::Duration::from_secs(5));
+    let tls_wanted = args.server.starts_with("https://") || args.ca_cert.is_some();
+    if tls_wanted {
+        let mut tls = ClientTlsConfig::new();
+        if let Some(ca) = &args.ca_cert {
+            let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+            tls = tls.ca_certificate(Certificate::from_pem(pem));
+        }
+        if let (Some(c), Some(k)) = (&args.client_cert, &args.client_key) {
+            let cert = std::fs::read(c).with_context(|| format!("reading {}", c.display()))?;
+            let key = std::fs::read(k).with_context(|| format!("reading {}", k.display()))?;
+            tls = tls.identity(Identity::from_pem(cert, key));
+        }
+        if let Some(name) = &args.tls_server_name {
+            tls = tls.domain_name(name.clone());
+        }
+        endpoint = endpoint.tls_config(tls)?;
+    }
+    let channel = endpoint
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {}", args.server))?;
+    let header: Option<MetadataValue<_>> = match &args.token {
+        Some(t) => Some(
+            format!("Bearer {t}")
+                .parse()
+                .context("the token is not valid header text")?,
+        ),
+        None => None,
+    };
+    let interceptor: Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send> =
+        Box::new(move |mut req: Request<()>| {
+            if let Some(h) = &header {
+                req.metadata_mut().insert("authorization", h.clone());
+            }
+            Ok(req)
+        });
+    Ok(BillingModeClient::with_interceptor(channel, interceptor))
+}
+
+/// Runs a client command: prints the result, or the error and exits 1.
+async fn run<F>(json_out: bool, f: F) -> ExitCode
+where
+    F: std::future::Future<Output = anyhow::Result<(Value, String)>>,
+{
+    match f.await {
+        Ok((j, text)) => {
+            if json_out {
+                println!("{}", serde_json::to_string_pretty(&j).unwrap_or_default());
+            } else {
+                print!("{text}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            match e.downcast_ref::<Status>() {
+                Some(s) => {
+                    let reason = s
+                        .get_details_error_info()
+                        .map(|i| i.reason)
+                        .unwrap_or_default();
+                    if json_out {
+                        println!(
+                            "{}",
+                            json!({"error": {"code": format!("{:?}", s.code()), "reason": reason, "message": s.message()}})
+                        );
+                    }
+                    eprintln!("error: {:?} {reason}: {}", s.code(), s.message());
+                }
+                None => eprintln!("error: {e:#}"),
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn mode_name(v: i32) -> &'static str {
+    match proto::Mode::try_from(v) {
+        Ok(proto::Mode::PlatformManaged) => "platform_managed",
+        Ok(proto::Mode::Byok) => "byok",
+        Ok(proto::Mode::Disabled) => "disabled",
+        _ => "",
+    }
+}
+
+fn source_name(v: i32) -> &'static str {
+    match proto::Source::try_from(v) {
+        Ok(proto::Source::Override) => "OVERRIDE",
+        Ok(proto::Source::DerivedProvider) => "DERIVED_PROVIDER",
+        Ok(proto::Source::Default) => "DEFAULT",
+        _ => "",
+    }
+}
+
+fn origin_name(v: i32) -> &'static str {
+    match proto::Origin::try_from(v) {
+        Ok(proto::Origin::Workspace) => "workspace",
+        Ok(proto::Origin::Global) => "global",
+        Ok(proto::Origin::Platform) => "platform",
+        Ok(proto::Origin::Authority) => "authority",
+        _ => "unspecified",
+    }
+}
+
+fn resolution_json(r: &proto::Resolution) -> Value {
+    json!({
+        "workspace_id": r.workspace_id,
+        "mode": mode_name(r.mode),
+        "source": source_name(r.source),
+        "provider": r.provider,
+        "provider_is_platform": r.provider_is_platform,
+        "runtime": r.runtime,
+        "model": r.model,
+        "override_mode": mode_name(r.override_mode),
+        "revision": r.revision,
+        "trace": r.trace,
+        "forbidden_secret_keys": r.forbidden_secret_keys,
+        "credential_keys": r.credential_keys,
+    })
+}
+
+fn resolution_text(r: &proto::Resolution) -> String {
+    let or_none = |s: &str| if s.is_empty() { "(none)".to_owned() } else { s.to_owned() };
+    let mut out = format!(
+        "workspace:   {}\nmode:        {}\nsource:      {}\nprovider:    {}{}\nruntime:     {}\nmodel:       {}\noverride:    {}\nrevision:    {}\ncredentials: {}\n",
+        r.workspace_id,
+        mode_name(r.mode),
+        source_name(r.source),
+        or_none(&r.provider),
+        if r.provider.is_empty() { "" } else if r.provider_is_platform { " (platform)" } else { " (customer)" },
+        or_none(&r.runtime),
+        or_none(&r.model),
+        or_none(mode_name(r.override_mode)),
+        r.revision,
+        or_none(&r.credential_keys.join(", ")),
+    );
+    if !r.forbidden_secret_keys.is_empty() {
+        out += &format!("forbidden secret keys: {}\n", r.forbidden_secret_keys.join(", "));
+    }
+    out += "trace:\n";
+    for t in &r.trace {
+        out += &format!("  - {t}\n");
+    }
+    out
+}
+
+fn decided(r: Option<proto::Resolution>) -> anyhow::Result<(Value, String)> {
+    let r = r.context("the server returned no resolution")?;
+    Ok((resolution_json(&r), resolution_text(&r)))
+}
+
+pub async fn resolve(a: ResolveArgs) -> ExitCode {
+    run(a.client.json, async {
+        let mut c = connect(&a.client).await?;
+        let r = c
+            .resolve(proto::ResolveRequest {
+                workspace_id: a.workspace.clone(),
+            })
+            .await?
+            .into_inner();
+        decided(r.resolution)
+    })
+    .await
+}
+
+fn parse_mode(s: &str) -> anyhow::Result<proto::Mode> {
+    match s {
+        "platform_managed" => Ok(proto::Mode::PlatformManaged),
+        "byok" => Ok(proto::Mode::Byok),
+        "disabled" => Ok(proto::Mode::Disabled),
+        other => bail!("--override {other:?}: use platform_managed, byok or disabled"),
+    }
+}
+
+pub async fn set(a: SetArgs) -> ExitCode {
+    run(a.client.json, async {
+        let override_mode = a.override_mode.as_deref().map(parse_mode).transpose()?;
+        let credential_keys = a.credential_keys.as_ref().map(|s| proto::CredentialKeys {
+            keys: s
+                .split(',')
+                .map(str::trim)
+                .filter(|k| !k.is_empty())
+                .map(str::to_owned)
+                .collect(),
+        });
+        let mut c = connect(&a.client).await?;
+        let r = c
+            .set(proto::SetRequest {
+                workspace_id: a.workspace.clone(),
+                override_mode: override_mode.map(Into::into),
+                runtime: a.runtime.clone(),
+                model: a.model.clone(),
+                credential_keys,
+                expected_revision: a.expected_revision,
+                reason: a.reason.clone(),
+            })
+            .await?
+            .into_inner();
+        decided(r.resolution)
+    })
+    .await
+}
+
+pub async fn clear(a: ClearArgs) -> ExitCode {
+    run(a.client.json, async {
+        let mut c = connect(&a.client).await?;
+        let r = c
+            .clear(proto::ClearRequest {
+                workspace_id: a.workspace.clone(),
+                expected_revision: a.expected_revision,
+                reason: a.reason.clone(),
+            })
+            .await?
+            .into_inner();
+        decided(r.resolution)
+    })
+    .await
+}
+
+fn parse_origin(s: &str) -> anyhow::Result<proto::Origin> {
+    match s.to_ascii_lowercase().as_str() {
+        "workspace" => Ok(proto::Origin::Workspace),
+        "global" => Ok(proto::Origin::Global),
+        "platform" => Ok(proto::Origin::Platform),
+        other => bail!("origin {other:?}: use workspace, global or platform"),
+    }
+}
+
+/// Reads a candidate env file: `ORIGIN KEY=VALUE` lines or a JSON array.
+pub fn parse_env_file(text: &str) -> anyhow::Result<Vec<proto::EnvVar>> {
+    if text.trim_start().starts_with('[') {
+        #[derive(serde::Deserialize)]
+        struct Entry {
+            key: String,
+            #[serde(default)]
+            value: String,
+            origin: String,
+        }
+        let entries: Vec<Entry> = serde_json::from_str(text).context("reading the JSON env")?;
+        return entries
+            .into_iter()
+            .map(|e| {
+                Ok(proto::EnvVar {
+                    origin: parse_origin(&e.origin)?.into(),
+                    key: e.key,
+                    value: e.value,
+                })
+            })
+            .collect();
+    }
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim_start();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (origin, rest) = line
+            .split_once(char::is_whitespace)
+            .with_context(|| format!("line {}: expected `ORIGIN KEY=VALUE`", i + 1))?;
+        let (key, value) = rest
+            .trim_start()
+            .split_once('=')
+            .with_context(|| format!("line {}: expected `ORIGIN KEY=VALUE`", i + 1))?;
+        out.push(proto::EnvVar {
+            key: key.to_owned(),
+            value: value.to_owned(),
+            origin: parse_origin(origin)
+                .with_context(|| format!("line {}", i + 1))?
+                .into(),
+        });
+    }
+    Ok(out)
+}
+
+pub async fn build_env(a: BuildEnvArgs) -> ExitCode {
+    run(a.client.json, async {
+        let text = if a.env_file.as_os_str() == "-" {
+            std::io::read_to_string(std::io::stdin()).context("reading standard input")?
+        } else {
+            std::fs::read_to_string(&a.env_file)
+                .with_context(|| format!("reading {}", a.env_file.display()))?
+        };
+        let env = parse_env_file(&text)?;
+        let mut c = connect(&a.client).await?;
+        let r = c
+            .build_env(proto::BuildEnvRequest {
+                workspace_id: a.workspace.clone(),
+                env,
+            })
+            .await?
+            .into_inner();
+        let res = r.resolution.context("the server returned no resolution")?;
+        let shown = |v: &str| {
+            if a.show_values {
+                v.to_owned()
+            } else if v.is_empty() {
+                String::new()
+            } else {
+                "<redacted>".to_owned()
+            }
+        };
+        let env_json: Vec<Value> = r
+            .env
+            .iter()
+            .map(|e| json!({"key": e.key, "value": shown(&e.value), "origin": origin_name(e.origin)}))
+            .collect();
+        let j = json!({
+            "resolution": resolution_json(&res),
+            "env": env_json,
+            "removed_keys": r.removed_keys,
+            "added_keys": r.added_keys,
+        });
+        let mut text = resolution_text(&res);
+        text += "env:\n";
+        for e in &r.env {
+            text += &format!("  {}={}  ({})\n", e.key, shown(&e.value), origin_name(e.origin));
+        }
+        text += &format!("removed: {}\n", r.removed_keys.join(", "));
+        text += &format!("added:   {}\n", r.added_keys.join(", "));
+        Ok((j, text))
+    })
+    .await
+}
+
+fn fields_json(f: &Option<proto::RecordFields>) -> Value {
+    match f {
+        None => Value::Null,
+        Some(f) => json!({
+            "runtime": f.runtime, "model": f.model,
+            "credential_keys": f.credential_keys, "override_mode": f.override_mode,
+        }),
+    }
+}
+
+fn fields_text(f: &Option<proto::RecordFields>) -> String {
+    match f {
+        None => "(no record)".to_owned(),
+        Some(f) => format!(
+            "runtime={} model={} credential_keys=[{}] override={}",
+            f.runtime,
+            f.model,
+            f.credential_keys.join(","),
+            f.override_mode
+        ),
+    }
+}
+
+pub async fn history(a: HistoryArgs) -> ExitCode {
+    run(a.client.json, async {
+        let mut c = connect(&a.client).await?;
+        let r = c
+            .history(proto::HistoryRequest {
+                workspace_id: a.workspace.clone(),
+                page_size: a.page_size,
+                page_token: a.page_token.clone(),
+            })
+            .await?
+            .into_inner();
+        let time = |e: &proto::AuditEntry| {
+            e.time
+                .as_ref()
+                .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32))
+                .map(|t| t.to_rfc3339())
+                .unwrap_or_default()
+        };
+        let entries: Vec<Value> = r
+            .entries
+            .iter()
+            .map(|e| {
+                json!({
+                    "revision": e.revision, "actor": e.actor, "reason": e.reason, "time": time(e),
+                    "before": fields_json(&e.before), "after": fields_json(&e.after),
+                })
+            })
+            .collect();
+        let mut text = String::new();
+        for e in &r.entries {
+            text += &format!(
+                "revision {} at {} by {}{}\n  before: {}\n  after:  {}\n",
+                e.revision,
+                time(e),
+                e.actor,
+                if e.reason.is_empty() { String::new() } else { format!(" ({})", e.reason) },
+                fields_text(&e.before),
+                fields_text(&e.after),
+            );
+        }
+        if !r.next_page_token.is_empty() {
+            text += &format!("next page: --page-token {}\n", r.next_page_token);
+        }
+        Ok((json!({"entries": entries, "next_page_token": r.next_page_token}), text))
+    })
+    .await
+}

@@ -1,0 +1,270 @@
+//! proto ⇄ domain, at the edge. Wire strings become domain types here and
+//! nowhere else; every failure is an [`ApiError`] naming the field.
+
+use crate::{
+    domain::{
+        env::{EnvEntry, MAX_ENV_ENTRIES},
+        resolver::Source,
+        CandidateEnv, Change, CredentialKeys, EnvInput, Fields, Mode, Model, Origin, Patch, Reason,
+        Resolution, Runtime, WorkspaceId,
+    },
+    proto,
+    store::AuditEntry,
+};
+
+use super::error::{ApiError, ErrorReason};
+
+pub fn workspace_id(s: &str) -> Result<WorkspaceId, ApiError> {
+    WorkspaceId::parse(s).map_err(|e| ApiError::field("workspace_id", &e))
+}
+
+pub fn mode_to_wire(m: Mode) -> proto::Mode {
+    match m {
+        Mode::PlatformManaged => proto::Mode::PlatformManaged,
+        Mode::Byok => proto::Mode::Byok,
+        Mode::Disabled => proto::Mode::Disabled,
+    }
+}
+
+/// A requested mode: `MODE_UNSPECIFIED` and unknown numbers are refused.
+pub fn mode_from_wire(v: i32) -> Result<Mode, ApiError> {
+    match proto::Mode::try_from(v) {
+        Ok(proto::Mode::PlatformManaged) => Ok(Mode::PlatformManaged),
+        Ok(proto::Mode::Byok) => Ok(Mode::Byok),
+        Ok(proto::Mode::Disabled) => Ok(Mode::Disabled),
+        Ok(proto::Mode::Unspecified) => Err(ApiError::new(
+            ErrorReason::InvalidMode,
+            "override_mode: MODE_UNSPECIFIED is not a mode; to remove an override use Clear",
+        )),
+        Err(_) => Err(ApiError::new(
+            ErrorReason::InvalidMode,
+            format!("override_mode: {v} is not a mode (1 platform_managed, 2 byok, 3 disabled)"),
+        )),
+    }
+}
+
+fn source_to_wire(s: Source) -> proto::Source {
+    match s {
+        Source::Override => proto::Source::Override,
+        Source::DerivedProvider => proto::Source::DerivedProvider,
+        Source::Default => proto::Source::Default,
+    }
+}
+
+fn origin_to_wire(o: Origin) -> proto::Origin {
+    match o {
+        Origin::Workspace => proto::Origin::Workspace,
+        Origin::Global => proto::Origin::Global,
+        Origin::Platform => proto::Origin::Platform,
+        Origin::Authority => proto::Origin::Authority,
+    }
+}
+
+pub fn resolution_to_wire(r: &Resolution) -> proto::Resolution {
+    proto::Resolution {
+        workspace_id: r.workspace_id.to_string(),
+        mode: mode_to_wire(r.mode).into(),
+        source: source_to_wire(r.source).into(),
+        provider: r
+            .provider
+            .as_ref()
+            .map(|p| p.id.clone())
+            .unwrap_or_default(),
+        provider_is_platform: r.provider.as_ref().is_some_and(|p| p.is_platform),
+        runtime: r
+            .runtime
+            .as_ref()
+            .map(|x| x.to_string())
+            .unwrap_or_default(),
+        model: r.model.as_ref().map(|x| x.to_string()).unwrap_or_default(),
+        override_mode: r
+            .override_mode
+            .map_or(proto::Mode::Unspecified, mode_to_wire)
+            .into(),
+        revision: r.revision,
+        trace: r.trace.clone(),
+        forbidden_secret_keys: r.forbidden_secret_keys.clone(),
+        credential_keys: r.credential_keys.clone(),
+    }
+}
+
+/// A validated Set request.
+#[derive(Debug)]
+pub struct SetInput {
+    pub workspace_id: WorkspaceId,
+    pub change: Change,
+    pub expected_revision: Option<u64>,
+    pub reason: Option<Reason>,
+}
+
+impl SetInput {
+    pub fn sets_override(&self) -> bool {
+        matches!(&self.change, Change::Set(p) if p.override_mode.is_some())
+    }
+}
+
+fn optional_name<T>(
+    field: &str,
+    v: Option<&str>,
+    parse: impl Fn(&str) -> Result<T, crate::domain::ValidationError>,
+) -> Result<Option<Option<T>>, ApiError> {
+    match v {
+        None => Ok(None),
+        Some("") => Ok(Some(None)),
+        Some(s) => parse(s)
+            .map(|t| Some(Some(t)))
+            .map_err(|e| ApiError::field(field, &e)),
+    }
+}
+
+fn reason(s: &str) -> Result<Option<Reason>, ApiError> {
+    Reason::parse(s).map_err(|e| ApiError::field("reason", &e))
+}
+
+pub fn set_request(req: &proto::SetRequest) -> Result<SetInput, ApiError> {
+    let workspace_id = workspace_id(&req.workspace_id)?;
+    let override_mode = req.override_mode.map(mode_from_wire).transpose()?;
+    let runtime = optional_name("runtime", req.runtime.as_deref(), Runtime::parse)?;
+    let model = optional_name("model", req.model.as_deref(), Model::parse)?;
+    let credential_keys = req
+        .credential_keys
+        .as_ref()
+        .map(|k| {
+            if k.keys.len() > crate::domain::types::MAX_CREDENTIAL_KEYS * 4 {
+                // Refuse absurd lists before validating each entry.
+                return Err(ApiError::new(
+                    ErrorReason::LimitExceeded,
+                    "credential_keys: at most 64 keys are allowed",
+                ));
+            }
+            CredentialKeys::parse(k.keys.iter().map(String::as_str))
+                .map_err(|e| ApiError::field("credential_keys", &e))
+        })
+        .transpose()?;
+    let reason = reason(&req.reason)?;
+    let patch = Patch {
+        runtime,
+        model,
+        credential_keys,
+        override_mode,
+    };
+    if patch.is_empty() {
+        return Err(ApiError::new(
+            ErrorReason::NothingToSet,
+            "nothing to set: give override_mode, runtime, model or credential_keys",
+        ));
+    }
+    if patch.override_mode.is_some() && reason.is_none() {
+        return Err(ApiError::new(
+            ErrorReason::ReasonRequired,
+            "setting override_mode needs a non-empty reason",
+        ));
+    }
+    Ok(SetInput {
+        workspace_id,
+        change: Change::Set(patch),
+        expected_revision: req.expected_revision,
+        reason,
+    })
+}
+
+pub fn clear_request(req: &proto::ClearRequest) -> Result<SetInput, ApiError> {
+    let workspace_id = workspace_id(&req.workspace_id)?;
+    let reason = reason(&req.reason)?;
+    if reason.is_none() {
+        return Err(ApiError::new(
+            ErrorReason::ReasonRequired,
+            "Clear needs a non-empty reason",
+        ));
+    }
+    Ok(SetInput {
+        workspace_id,
+        change: Change::ClearOverride,
+        expected_revision: req.expected_revision,
+        reason,
+    })
+}
+
+/// The candidate env, validated before any I/O.
+pub fn candidate_env(env: &[proto::EnvVar]) -> Result<CandidateEnv, ApiError> {
+    if env.len() > MAX_ENV_ENTRIES {
+        return Err(ApiError::new(
+            ErrorReason::LimitExceeded,
+            format!(
+                "env has {} entries; at most {MAX_ENV_ENTRIES} are allowed",
+                env.len()
+            ),
+        ));
+    }
+    let inputs = env.iter().map(|e| EnvInput {
+        key: e.key.clone(),
+        value: e.value.clone(),
+        // UNSPECIFIED, AUTHORITY and unknown numbers are all refused by the
+        // domain as an invalid origin for a candidate entry.
+        origin: match proto::Origin::try_from(e.origin) {
+            Ok(proto::Origin::Workspace) => Origin::Workspace,
+            Ok(proto::Origin::Global) => Origin::Global,
+            Ok(proto::Origin::Platform) => Origin::Platform,
+            _ => Origin::Authority,
+        },
+    });
+    Ok(CandidateEnv::parse(inputs)?)
+}
+
+pub fn env_to_wire(env: Vec<EnvEntry>) -> Vec<proto::EnvVar> {
+    env.into_iter()
+        .map(|e| proto::EnvVar {
+            key: e.key,
+            value: e.value,
+            origin: origin_to_wire(e.origin).into(),
+        })
+        .collect()
+}
+
+fn fields_to_wire(f: &Fields) -> proto::RecordFields {
+    proto::RecordFields {
+        runtime: f.runtime.clone().unwrap_or_default(),
+        model: f.model.clone().unwrap_or_default(),
+        credential_keys: f.credential_keys.clone(),
+        override_mode: f.override_mode.clone().unwrap_or_default(),
+    }
+}
+
+pub fn audit_to_wire(a: &AuditEntry) -> proto::AuditEntry {
+    proto::AuditEntry {
+        revision: a.revision,
+        actor: a.actor.clone(),
+        reason: a.reason.clone(),
+        time: Some(prost_types::Timestamp {
+            seconds: a.at.timestamp(),
+            nanos: i32::try_from(a.at.timestamp_subsec_nanos()).unwrap_or(0),
+        }),
+        before: a.before.as_ref().map(fields_to_wire),
+        after: Some(fields_to_wire(&a.after)),
+    }
+}
+
+/// History paging: 0 → 50, capped at 500.
+pub fn page_size(n: u32) -> u32 {
+    match n {
+        0 => 50,
+        n => n.min(500),
+    }
+}
+
+/// A page token is the revision the next page starts below.
+pub fn page_token(s: &str) -> Result<Option<u64>, ApiError> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    s.parse::<u64>()
+        .ok()
+        .filter(|r| *r >= 1)
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorReason::InvalidField,
+                "page_token: pass the next_page_token of a previous History response",
+            )
+        })
+}

@@ -1,0 +1,256 @@
+//! The one place where errors become gRPC statuses.
+//!
+//! Every failure a caller can see is an [`ApiError`]: a reason from a closed
+//! set, mapped to its status code by one exhaustive match, and a message a
+//! person can act on. Internal causes are logged here and never returned.
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::{
+    domain::{EnvError, ValidationError},
+    store::StoreError,
+};
+
+/// The `google.rpc.ErrorInfo` domain of every error.
+pub const ERROR_DOMAIN: &str = "billing-mode.molecule";
+
+/// The closed set of error reasons (the contract's table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorReason {
+    InvalidWorkspaceId,
+    InvalidMode,
+    InvalidField,
+    NothingToSet,
+    ReasonRequired,
+    InvalidEnvKey,
+    DuplicateEnvKey,
+    LimitExceeded,
+    WorkspaceNotFound,
+    RevisionMismatch,
+    MissingByokCredential,
+    MissingPlatformProxy,
+    ModelMismatch,
+    StoreUnavailable,
+    Unauthenticated,
+    PermissionDenied,
+}
+
+impl ErrorReason {
+    pub const ALL: [ErrorReason; 16] = [
+        ErrorReason::InvalidWorkspaceId,
+        ErrorReason::InvalidMode,
+        ErrorReason::InvalidField,
+        ErrorReason::NothingToSet,
+        ErrorReason::ReasonRequired,
+        ErrorReason::InvalidEnvKey,
+        ErrorReason::DuplicateEnvKey,
+        ErrorReason::LimitExceeded,
+        ErrorReason::WorkspaceNotFound,
+        ErrorReason::RevisionMismatch,
+        ErrorReason::MissingByokCredential,
+        ErrorReason::MissingPlatformProxy,
+        ErrorReason::ModelMismatch,
+        ErrorReason::StoreUnavailable,
+        ErrorReason::Unauthenticated,
+        ErrorReason::PermissionDenied,
+    ];
+
+    pub fn code(self) -> Code {
+        match self {
+            ErrorReason::InvalidWorkspaceId
+            | ErrorReason::InvalidMode
+            | ErrorReason::InvalidField
+            | ErrorReason::NothingToSet
+            | ErrorReason::ReasonRequired
+            | ErrorReason::InvalidEnvKey
+            | ErrorReason::DuplicateEnvKey
+            | ErrorReason::LimitExceeded => Code::InvalidArgument,
+            ErrorReason::WorkspaceNotFound => Code::NotFound,
+            ErrorReason::RevisionMismatch => Code::Aborted,
+            ErrorReason::MissingByokCredential
+            | ErrorReason::MissingPlatformProxy
+            | ErrorReason::ModelMismatch => Code::FailedPrecondition,
+            ErrorReason::StoreUnavailable => Code::Unavailable,
+            ErrorReason::Unauthenticated => Code::Unauthenticated,
+            ErrorReason::PermissionDenied => Code::PermissionDenied,
+        }
+    }
+
+    /// The `ErrorInfo.reason` string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorReason::InvalidWorkspaceId => "INVALID_WORKSPACE_ID",
+            ErrorReason::InvalidMode => "INVALID_MODE",
+            ErrorReason::InvalidField => "INVALID_FIELD",
+            ErrorReason::NothingToSet => "NOTHING_TO_SET",
+            ErrorReason::ReasonRequired => "REASON_REQUIRED",
+            ErrorReason::InvalidEnvKey => "INVALID_ENV_KEY",
+            ErrorReason::DuplicateEnvKey => "DUPLICATE_ENV_KEY",
+            ErrorReason::LimitExceeded => "LIMIT_EXCEEDED",
+            ErrorReason::WorkspaceNotFound => "WORKSPACE_NOT_FOUND",
+            ErrorReason::RevisionMismatch => "REVISION_MISMATCH",
+            ErrorReason::MissingByokCredential => "MISSING_BYOK_CREDENTIAL",
+            ErrorReason::MissingPlatformProxy => "MISSING_PLATFORM_PROXY",
+            ErrorReason::ModelMismatch => "MODEL_MISMATCH",
+            ErrorReason::StoreUnavailable => "STORE_UNAVAILABLE",
+            ErrorReason::Unauthenticated => "UNAUTHENTICATED",
+            ErrorReason::PermissionDenied => "PERMISSION_DENIED",
+        }
+    }
+}
+
+/// An error a caller sees: reason plus a message naming what to do.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {message}", reason.as_str())]
+pub struct ApiError {
+    pub reason: ErrorReason,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(reason: ErrorReason, message: impl Into<String>) -> Self {
+        ApiError {
+            reason,
+            message: message.into(),
+        }
+    }
+
+    /// A field that failed validation, named in the message.
+    pub fn field(field: &str, e: &ValidationError) -> Self {
+        let reason = match e {
+            ValidationError::WorkspaceId => ErrorReason::InvalidWorkspaceId,
+            ValidationError::Mode => ErrorReason::InvalidMode,
+            ValidationError::EnvKey { .. } => ErrorReason::InvalidEnvKey,
+            ValidationError::TooManyCredentialKeys { .. } => ErrorReason::LimitExceeded,
+            ValidationError::TooLong { .. }
+            | ValidationError::BadCharacters { .. }
+            | ValidationError::Empty { .. } => ErrorReason::InvalidField,
+        };
+        ApiError::new(reason, format!("{field}: {e}"))
+    }
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Status {
+        Status::with_error_details(
+            e.reason.code(),
+            e.message,
+            ErrorDetails::with_error_info(e.reason.as_str(), ERROR_DOMAIN, []),
+        )
+    }
+}
+
+impl From<EnvError> for ApiError {
+    fn from(e: EnvError) -> Self {
+        let reason = match &e {
+            EnvError::InvalidKey { .. } => ErrorReason::InvalidEnvKey,
+            EnvError::InvalidOrigin { .. } => ErrorReason::InvalidField,
+            EnvError::DuplicateKey { .. } => ErrorReason::DuplicateEnvKey,
+            EnvError::TooManyEntries { .. } | EnvError::ValueTooLong { .. } => {
+                ErrorReason::LimitExceeded
+            }
+            EnvError::ModelMismatch { .. } => ErrorReason::ModelMismatch,
+            EnvError::MissingByokCredential { .. } => ErrorReason::MissingByokCredential,
+            EnvError::MissingPlatformProxy { .. } => ErrorReason::MissingPlatformProxy,
+        };
+        ApiError::new(reason, e.to_string())
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound => ApiError::new(
+                ErrorReason::WorkspaceNotFound,
+                "the authority has no record of this workspace; register it with Set first",
+            ),
+            StoreError::RevisionMismatch { expected, actual } => ApiError::new(
+                ErrorReason::RevisionMismatch,
+                match actual {
+                    Some(a) => format!(
+                        "expected revision {expected} but the record is at revision {a}; \
+                         re-read it with Resolve and retry"
+                    ),
+                    None => format!(
+                        "expected revision {expected} but the workspace has no record; \
+                         use expected_revision 0 to create it"
+                    ),
+                },
+            ),
+            StoreError::Unavailable(_) | StoreError::Corrupt(_) => {
+                tracing::error!(error = %ErrorChain(&e), "store failure");
+                ApiError::new(
+                    ErrorReason::StoreUnavailable,
+                    "the billing-mode store is unavailable; no decision was made, retry later",
+                )
+            }
+        }
+    }
+}
+
+/// Displays an error with its whole cause chain, for logs.
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(s) = source {
+            write!(f, ": {s}")?;
+            source = s.source();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_maps_to_the_contract_code() {
+        let expected = [
+            ("INVALID_WORKSPACE_ID", Code::InvalidArgument),
+            ("INVALID_MODE", Code::InvalidArgument),
+            ("INVALID_FIELD", Code::InvalidArgument),
+            ("NOTHING_TO_SET", Code::InvalidArgument),
+            ("REASON_REQUIRED", Code::InvalidArgument),
+            ("INVALID_ENV_KEY", Code::InvalidArgument),
+            ("DUPLICATE_ENV_KEY", Code::InvalidArgument),
+            ("LIMIT_EXCEEDED", Code::InvalidArgument),
+            ("WORKSPACE_NOT_FOUND", Code::NotFound),
+            ("REVISION_MISMATCH", Code::Aborted),
+            ("MISSING_BYOK_CREDENTIAL", Code::FailedPrecondition),
+            ("MISSING_PLATFORM_PROXY", Code::FailedPrecondition),
+            ("MODEL_MISMATCH", Code::FailedPrecondition),
+            ("STORE_UNAVAILABLE", Code::Unavailable),
+            ("UNAUTHENTICATED", Code::Unauthenticated),
+            ("PERMISSION_DENIED", Code::PermissionDenied),
+        ];
+        assert_eq!(ErrorReason::ALL.len(), expected.len());
+        for (reason, (name, code)) in ErrorReason::ALL.iter().zip(expected) {
+            assert_eq!(reason.as_str(), name);
+            assert_eq!(reason.code(), code, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_status_carries_error_info_with_reason_and_domain() {
+        let status: Status = ApiError::new(ErrorReason::ModelMismatch, "fix it").into();
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert_eq!(status.message(), "fix it");
+        let info = status.get_details_error_info().expect("ErrorInfo detail");
+        assert_eq!(info.reason, "MODEL_MISMATCH");
+        assert_eq!(info.domain, ERROR_DOMAIN);
+    }
+
+    #[test]
+    fn store_failures_never_reveal_their_cause() {
+        let e =
+            StoreError::Unavailable(sqlx::Error::Protocol("password=hunter2 at db-host".into()));
+        let api: ApiError = e.into();
+        assert_eq!(api.reason, ErrorReason::StoreUnavailable);
+        assert!(!api.message.contains("hunter2") && !api.message.contains("db-host"));
+    }
+}

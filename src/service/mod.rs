@@ -1,0 +1,245 @@
+//! The gRPC face of the authority: `molecule.billing.v1.BillingMode`.
+//!
+//! Each handler does the same four things in the contract's error order:
+//! authorize, parse the request at the edge (INVALID_ARGUMENT before any I/O),
+//! load the one record, and decide with the core's single [`resolve`].
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use crate::{
+    auth::{Action, Principal},
+    domain::{build_env, resolve, BuiltEnv, Record, Registry, Resolution, WorkspaceId},
+    proto::{self, billing_mode_server::BillingMode},
+    store::{Store, Write},
+};
+
+pub mod convert;
+pub mod error;
+
+use error::{ApiError, ErrorReason};
+
+/// The service: the store and the registry, nothing else.
+#[derive(Clone)]
+pub struct BillingModeService {
+    store: Arc<dyn Store>,
+    registry: Arc<Registry>,
+}
+
+impl BillingModeService {
+    pub fn new(store: Arc<dyn Store>, registry: Arc<Registry>) -> Self {
+        BillingModeService { store, registry }
+    }
+
+    /// The record, in one round trip; a workspace nobody registered is an error.
+    async fn load(&self, id: &WorkspaceId) -> Result<Record, ApiError> {
+        self.store
+            .load(id)
+            .await?
+            .ok_or_else(|| ApiError::from(crate::store::StoreError::NotFound))
+    }
+
+    async fn write(
+        &self,
+        principal: &Principal,
+        input: convert::SetInput,
+    ) -> Result<Resolution, ApiError> {
+        let record = self
+            .store
+            .write(Write {
+                workspace_id: input.workspace_id,
+                change: &input.change,
+                expected_revision: input.expected_revision,
+                actor: &principal.name,
+                reason: input.reason.as_ref().map_or("", |r| r.as_str()),
+            })
+            .await?;
+        Ok(resolve(&record, &self.registry))
+    }
+}
+
+fn principal<T>(req: &Request<T>) -> Result<Principal, ApiError> {
+    req.extensions().get::<Principal>().cloned().ok_or_else(|| {
+        ApiError::new(
+            ErrorReason::Unauthenticated,
+            "the request was not authenticated",
+        )
+    })
+}
+
+/// The decision log: one INFO line per decision; names, never values.
+fn log_decision(rpc: &'static str, actor: &str, r: &Resolution, built: Option<&BuiltEnv>) {
+    let provider = r.provider.as_ref().map_or("", |p| p.id.as_str());
+    match built {
+        None => tracing::info!(
+            target: "billing_mode::decision",
+            rpc,
+            actor,
+            workspace = %r.workspace_id,
+            mode = r.mode.as_str(),
+            source = r.source.as_str(),
+            provider,
+            revision = r.revision,
+            "decision"
+        ),
+        Some(b) => tracing::info!(
+            target: "billing_mode::decision",
+            rpc,
+            actor,
+            workspace = %r.workspace_id,
+            mode = r.mode.as_str(),
+            source = r.source.as_str(),
+            provider,
+            revision = r.revision,
+            removed_keys = %b.removed_keys.join(","),
+            added_keys = %b.added_keys.join(","),
+            "decision"
+        ),
+    }
+}
+
+/// Logs a refused request (reason only) and turns it into a status.
+fn refuse(rpc: &'static str, e: ApiError) -> Status {
+    tracing::info!(
+        target: "billing_mode::decision",
+        rpc,
+        reason = e.reason.as_str(),
+        "refused"
+    );
+    e.into()
+}
+
+#[tonic::async_trait]
+impl BillingMode for BillingModeService {
+    async fn resolve(
+        &self,
+        request: Request<proto::ResolveRequest>,
+    ) -> Result<Response<proto::ResolveResponse>, Status> {
+        let run = async {
+            let who = principal(&request)?;
+            who.require(Action::Resolve)?;
+            let id = convert::workspace_id(&request.get_ref().workspace_id)?;
+            let record = self.load(&id).await?;
+            let resolution = resolve(&record, &self.registry);
+            log_decision("Resolve", &who.name, &resolution, None);
+            Ok(proto::ResolveResponse {
+                resolution: Some(convert::resolution_to_wire(&resolution)),
+            })
+        };
+        run.await
+            .map(Response::new)
+            .map_err(|e| refuse("Resolve", e))
+    }
+
+    async fn set(
+        &self,
+        request: Request<proto::SetRequest>,
+    ) -> Result<Response<proto::SetResponse>, Status> {
+        let run = async {
+            let who = principal(&request)?;
+            // Authorize on what the request asks for before validating it.
+            let action = if request.get_ref().override_mode.is_some() {
+                Action::SetOverride
+            } else {
+                Action::SetFields
+            };
+            who.require(action)?;
+            let input = convert::set_request(request.get_ref())?;
+            debug_assert_eq!(input.sets_override(), action == Action::SetOverride);
+            let resolution = self.write(&who, input).await?;
+            log_decision("Set", &who.name, &resolution, None);
+            Ok(proto::SetResponse {
+                resolution: Some(convert::resolution_to_wire(&resolution)),
+            })
+        };
+        run.await.map(Response::new).map_err(|e| refuse("Set", e))
+    }
+
+    async fn clear(
+        &self,
+        request: Request<proto::ClearRequest>,
+    ) -> Result<Response<proto::ClearResponse>, Status> {
+        let run = async {
+            let who = principal(&request)?;
+            who.require(Action::Clear)?;
+            let input = convert::clear_request(request.get_ref())?;
+            let resolution = self.write(&who, input).await?;
+            log_decision("Clear", &who.name, &resolution, None);
+            Ok(proto::ClearResponse {
+                resolution: Some(convert::resolution_to_wire(&resolution)),
+            })
+        };
+        run.await.map(Response::new).map_err(|e| refuse("Clear", e))
+    }
+
+    async fn build_env(
+        &self,
+        request: Request<proto::BuildEnvRequest>,
+    ) -> Result<Response<proto::BuildEnvResponse>, Status> {
+        let run = async {
+            let who = principal(&request)?;
+            who.require(Action::BuildEnv)?;
+            let req = request.get_ref();
+            let id = convert::workspace_id(&req.workspace_id)?;
+            let candidate = convert::candidate_env(&req.env)?;
+            let record = self.load(&id).await?;
+            // The same decision Resolve makes, on the same record.
+            let resolution = resolve(&record, &self.registry);
+            let built = build_env(&resolution, &record, &self.registry, &candidate)?;
+            log_decision("BuildEnv", &who.name, &resolution, Some(&built));
+            Ok(proto::BuildEnvResponse {
+                resolution: Some(convert::resolution_to_wire(&resolution)),
+                env: convert::env_to_wire(built.env),
+                removed_keys: built.removed_keys,
+                added_keys: built.added_keys,
+            })
+        };
+        run.await
+            .map(Response::new)
+            .map_err(|e| refuse("BuildEnv", e))
+    }
+
+    async fn history(
+        &self,
+        request: Request<proto::HistoryRequest>,
+    ) -> Result<Response<proto::HistoryResponse>, Status> {
+        let run = async {
+            let who = principal(&request)?;
+            who.require(Action::History)?;
+            let req = request.get_ref();
+            let id = convert::workspace_id(&req.workspace_id)?;
+            let size = convert::page_size(req.page_size);
+            let before = convert::page_token(&req.page_token)?;
+            let mut entries = self.store.history(&id, before, size + 1).await?;
+            if entries.is_empty() && before.is_none() {
+                // Distinguish "no history" from "no such workspace".
+                self.load(&id).await?;
+            }
+            let next_page_token = if entries.len() > size as usize {
+                entries.truncate(size as usize);
+                entries
+                    .last()
+                    .map(|e| e.revision.to_string())
+                    .unwrap_or_default()
+            } else {
+                String::new()
+            };
+            tracing::info!(
+                target: "billing_mode::decision",
+                rpc = "History",
+                actor = %who.name,
+                workspace = %id,
+                entries = entries.len(),
+                "history"
+            );
+            Ok(proto::HistoryResponse {
+                entries: entries.iter().map(convert::audit_to_wire).collect(),
+                next_page_token,
+            })
+        };
+        run.await
+            .map(Response::new)
+            .map_err(|e| refuse("History", e))
+    }
+}

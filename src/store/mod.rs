@@ -1,0 +1,246 @@
+//! Durable state: one record per workspace and its audit log.
+//!
+//! One trait, two backends on sqlx: Postgres in production, SQLite as the
+//! embedded default. The logic of a write (create, replace, compare-and-set,
+//! no-op detection) is decided once, in [`plan_write`]; the backends only run
+//! SQL. Migrations are embedded in the binary and applied by [`connect`].
+
+use std::{str::FromStr, sync::Arc};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use crate::domain::{Change, Fields, Record, WorkspaceId};
+
+pub mod postgres;
+pub mod sqlite;
+
+#[cfg(test)]
+mod tests;
+
+/// Why the store could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be reached or refused the operation.
+    #[error("store unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    /// A stored row could not be interpreted (e.g. a hand-edited revision).
+    #[error("stored data is unreadable: {0}")]
+    Corrupt(String),
+    /// No record for the workspace.
+    #[error("no record for the workspace")]
+    NotFound,
+    /// Compare-and-set failed: `actual` is the record's revision, `None` when
+    /// there is no record.
+    #[error("expected revision {expected}, record is at {actual:?}")]
+    RevisionMismatch { expected: u64, actual: Option<u64> },
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        StoreError::Unavailable(e)
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for StoreError {
+    fn from(e: sqlx::migrate::MigrateError) -> Self {
+        StoreError::Unavailable(sqlx::Error::Migrate(Box::new(e)))
+    }
+}
+
+/// One change to make, with who made it and why.
+#[derive(Debug, Clone)]
+pub struct Write<'a> {
+    pub workspace_id: WorkspaceId,
+    pub change: &'a Change,
+    pub expected_revision: Option<u64>,
+    pub actor: &'a str,
+    pub reason: &'a str,
+}
+
+/// One audit row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditEntry {
+    pub workspace_id: WorkspaceId,
+    pub revision: u64,
+    pub actor: String,
+    pub reason: String,
+    pub at: DateTime<Utc>,
+    /// `None` when the change created the record.
+    pub before: Option<Fields>,
+    pub after: Fields,
+}
+
+/// The storage interface. Every method is one transaction at most; `load`
+/// is one round trip.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// The record, or `None` when the workspace was never registered.
+    async fn load(&self, workspace_id: &WorkspaceId) -> Result<Option<Record>, StoreError>;
+
+    /// Applies a change atomically with its audit row; returns the record
+    /// after it. A change that changes nothing returns the record unchanged
+    /// and writes no audit row.
+    async fn write(&self, write: Write<'_>) -> Result<Record, StoreError>;
+
+    /// Audit rows, newest first, with revisions below `before_revision` if given.
+    async fn history(
+        &self,
+        workspace_id: &WorkspaceId,
+        before_revision: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>, StoreError>;
+
+    /// Which backend this is, for logs.
+    fn backend(&self) -> &'static str;
+}
+
+/// What a write does, decided from the current row before any SQL is written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plan {
+    /// Nothing changes: return the record as it is.
+    Unchanged(Record),
+    /// Create the record at revision 1.
+    Insert { after: Fields },
+    /// Replace the record's fields at `revision`.
+    Update {
+        before: Fields,
+        after: Fields,
+        revision: u64,
+    },
+}
+
+/// Decides a write against the current row (`Some((fields, revision))`).
+pub fn plan_write(
+    current: Option<(Fields, u64)>,
+    workspace_id: WorkspaceId,
+    change: &Change,
+    expected_revision: Option<u64>,
+) -> Result<Plan, StoreError> {
+    if current.is_none() && *change == Change::ClearOverride {
+        // NOT_FOUND takes precedence over a revision mismatch.
+        return Err(StoreError::NotFound);
+    }
+    let actual = current.as_ref().map(|(_, r)| *r);
+    match (expected_revision, actual) {
+        (None, _) | (Some(0), None) => {}
+        (Some(e), Some(a)) if e == a => {}
+        (Some(expected), actual) => return Err(StoreError::RevisionMismatch { expected, actual }),
+    }
+    match current {
+        None => Ok(Plan::Insert {
+            after: change.apply(None),
+        }),
+        Some((before, revision)) => {
+            let after = change.apply(Some(&before));
+            if after == before {
+                Ok(Plan::Unchanged(before.into_record(workspace_id, revision)))
+            } else {
+                Ok(Plan::Update {
+                    before,
+                    after,
+                    revision: revision + 1,
+                })
+            }
+        }
+    }
+}
+
+/// A revision as stored (BIGINT) → domain.
+pub(crate) fn revision_from_db(r: i64) -> Result<u64, StoreError> {
+    u64::try_from(r)
+        .ok()
+        .filter(|r| *r >= 1)
+        .ok_or_else(|| StoreError::Corrupt(format!("revision {r} is not positive")))
+}
+
+pub(crate) fn revision_to_db(r: u64) -> Result<i64, StoreError> {
+    i64::try_from(r).map_err(|_| StoreError::Corrupt(format!("revision {r} is too large")))
+}
+
+pub(crate) fn fields_from_json(text: &str) -> Result<Fields, StoreError> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("audit fields: {e}")))
+}
+
+pub(crate) fn fields_to_json(f: &Fields) -> String {
+    serde_json::to_string(f).expect("fields serialize")
+}
+
+/// Connects to `database_url` (`postgres://…` or `sqlite:…`) and applies the
+/// embedded migrations.
+pub async fn connect(database_url: &str) -> Result<Arc<dyn Store>, StoreError> {
+    if database_url.starts_with("postgres:") || database_url.starts_with("postgresql:") {
+        let opts = sqlx::postgres::PgConnectOptions::from_str(database_url)?;
+        Ok(Arc::new(postgres::PostgresStore::connect(opts).await?))
+    } else if database_url.starts_with("sqlite:") {
+        let opts = sqlx::sqlite::SqliteConnectOptions::from_str(database_url)?;
+        Ok(Arc::new(sqlite::SqliteStore::connect(opts).await?))
+    } else {
+        Err(StoreError::Unavailable(sqlx::Error::Configuration(
+            "database URL must start with postgres://, postgresql:// or sqlite:".into(),
+        )))
+    }
+}
+
+#[cfg(test)]
+mod plan_tests {
+    use super::*;
+    use crate::domain::{Mode, Patch};
+
+    fn id() -> WorkspaceId {
+        WorkspaceId::parse("6b66de8d-9337-4fb4-be8d-6d49dca0d809").unwrap()
+    }
+
+    fn set_override(m: Mode) -> Change {
+        Change::Set(Patch {
+            override_mode: Some(m),
+            ..Patch::default()
+        })
+    }
+
+    #[test]
+    fn expected_revision_zero_means_create_only() {
+        let c = set_override(Mode::Byok);
+        assert!(matches!(
+            plan_write(None, id(), &c, Some(0)),
+            Ok(Plan::Insert { .. })
+        ));
+        assert!(matches!(
+            plan_write(Some((Fields::default(), 1)), id(), &c, Some(0)),
+            Err(StoreError::RevisionMismatch {
+                expected: 0,
+                actual: Some(1)
+            })
+        ));
+        assert!(matches!(
+            plan_write(None, id(), &c, Some(3)),
+            Err(StoreError::RevisionMismatch {
+                expected: 3,
+                actual: None
+            })
+        ));
+    }
+
+    #[test]
+    fn a_write_that_changes_nothing_is_unchanged() {
+        let before = set_override(Mode::Byok).apply(None);
+        let plan = plan_write(Some((before, 4)), id(), &set_override(Mode::Byok), None).unwrap();
+        assert!(matches!(plan, Plan::Unchanged(r) if r.revision == 4));
+        let plan = plan_write(
+            Some((Fields::default(), 4)),
+            id(),
+            &Change::ClearOverride,
+            None,
+        )
+        .unwrap();
+        assert!(matches!(plan, Plan::Unchanged(_)));
+    }
+
+    #[test]
+    fn clear_on_a_missing_record_is_not_found() {
+        assert!(matches!(
+            plan_write(None, id(), &Change::ClearOverride, None),
+            Err(StoreError::NotFound)
+        ));
+    }
+}

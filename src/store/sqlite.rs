@@ -1,0 +1,198 @@
+//! The SQLite backend (the embedded default).
+//!
+//! Writes take the database write lock up front (`BEGIN IMMEDIATE`), so a
+//! read-modify-write can never be interleaved with another writer's; waiting
+//! writers queue on the busy timeout. WAL mode lets reads proceed meanwhile.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::{
+    sqlite::{
+        SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+    },
+    Row, Sqlite, Transaction,
+};
+
+use super::{
+    fields_from_json, fields_to_json, plan_write, revision_from_db, revision_to_db, AuditEntry,
+    Plan, Store, StoreError, Write,
+};
+use crate::domain::{Fields, Record, WorkspaceId};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if missing) and applies the embedded migrations.
+    pub async fn connect(opts: SqliteConnectOptions) -> Result<Self, StoreError> {
+        let opts = opts
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(opts)
+            .await?;
+        MIGRATOR.run(&pool).await?;
+        Ok(SqliteStore { pool })
+    }
+
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+}
+
+const SELECT_RECORD: &str = "SELECT runtime, model, credential_keys, override_mode, revision \
+     FROM billing_records WHERE workspace_id = $1";
+
+fn row_to_fields(row: &sqlx::sqlite::SqliteRow) -> Result<(Fields, u64), StoreError> {
+    let keys: String = row.try_get("credential_keys")?;
+    Ok((
+        Fields {
+            runtime: row.try_get("runtime")?,
+            model: row.try_get("model")?,
+            credential_keys: Fields::credential_keys_from_json(&keys),
+            override_mode: row.try_get("override_mode")?,
+        },
+        revision_from_db(row.try_get("revision")?)?,
+    ))
+}
+
+async fn write_in(tx: &mut Transaction<'_, Sqlite>, w: &Write<'_>) -> Result<Record, StoreError> {
+    let id = w.workspace_id.to_string();
+    let row = sqlx::query(SELECT_RECORD)
+        .bind(&id)
+        .fetch_optional(&mut **tx)
+        .await?;
+    let current = row.as_ref().map(row_to_fields).transpose()?;
+    let now = Utc::now();
+    let (before, after, revision) = match plan_write(
+        current,
+        w.workspace_id,
+        w.change,
+        w.expected_revision,
+    )? {
+        Plan::Unchanged(record) => return Ok(record),
+        Plan::Insert { after } => {
+            sqlx::query(
+                    "INSERT INTO billing_records \
+                     (workspace_id, runtime, model, credential_keys, override_mode, revision, updated_at) \
+                     VALUES ($1, $2, $3, $4, $5, 1, $6)",
+                )
+                .bind(&id)
+                .bind(&after.runtime)
+                .bind(&after.model)
+                .bind(after.credential_keys_json())
+                .bind(&after.override_mode)
+                .bind(now)
+                .execute(&mut **tx)
+                .await?;
+            (None, after, 1)
+        }
+        Plan::Update {
+            before,
+            after,
+            revision,
+        } => {
+            sqlx::query(
+                "UPDATE billing_records SET runtime = $2, model = $3, credential_keys = $4, \
+                     override_mode = $5, revision = $6, updated_at = $7 WHERE workspace_id = $1",
+            )
+            .bind(&id)
+            .bind(&after.runtime)
+            .bind(&after.model)
+            .bind(after.credential_keys_json())
+            .bind(&after.override_mode)
+            .bind(revision_to_db(revision)?)
+            .bind(now)
+            .execute(&mut **tx)
+            .await?;
+            (Some(before), after, revision)
+        }
+    };
+    sqlx::query(
+        "INSERT INTO billing_audit (workspace_id, revision, actor, reason, before, after, at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(&id)
+    .bind(revision_to_db(revision)?)
+    .bind(w.actor)
+    .bind(w.reason)
+    .bind(before.as_ref().map(fields_to_json))
+    .bind(fields_to_json(&after))
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    Ok(after.into_record(w.workspace_id, revision))
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn load(&self, workspace_id: &WorkspaceId) -> Result<Option<Record>, StoreError> {
+        let row = sqlx::query(SELECT_RECORD)
+            .bind(workspace_id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row
+            .as_ref()
+            .map(row_to_fields)
+            .transpose()?
+            .map(|(f, rev)| f.into_record(*workspace_id, rev)))
+    }
+
+    async fn write(&self, w: Write<'_>) -> Result<Record, StoreError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let record = write_in(&mut tx, &w).await?;
+        tx.commit().await?;
+        Ok(record)
+    }
+
+    async fn history(
+        &self,
+        workspace_id: &WorkspaceId,
+        before_revision: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        let before = before_revision
+            .map(revision_to_db)
+            .transpose()?
+            .unwrap_or(i64::MAX);
+        let rows = sqlx::query(
+            "SELECT revision, actor, reason, before, after, at FROM billing_audit \
+             WHERE workspace_id = $1 AND revision < $2 ORDER BY revision DESC LIMIT $3",
+        )
+        .bind(workspace_id.to_string())
+        .bind(before)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let before: Option<String> = row.try_get("before")?;
+                let after: String = row.try_get("after")?;
+                let at: DateTime<Utc> = row.try_get("at")?;
+                Ok(AuditEntry {
+                    workspace_id: *workspace_id,
+                    revision: revision_from_db(row.try_get("revision")?)?,
+                    actor: row.try_get("actor")?,
+                    reason: row.try_get("reason")?,
+                    at,
+                    before: before.as_deref().map(fields_from_json).transpose()?,
+                    after: fields_from_json(&after)?,
+                })
+            })
+            .collect()
+    }
+
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+}
