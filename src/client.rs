@@ -21,7 +21,11 @@ use tonic_types::StatusExt;
 #[derive(Args, Clone)]
 pub struct ClientArgs {
     /// The server, e.g. http://127.0.0.1:50051 or https://billing-mode:50051.
-    #[arg(long, env = "BILLING_MODE_SERVER", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        env = "BILLING_MODE_SERVER",
+        default_value = "http://127.0.0.1:50051"
+    )]
     server: String,
     /// Bearer token.
     #[arg(long, env = "BILLING_MODE_TOKEN", hide_env_values = true)]
@@ -122,9 +126,8 @@ pub struct HistoryArgs {
     client: ClientArgs,
 }
 
-type Client = BillingModeClient<
-    InterceptedService<Channel, Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>>,
->;
+type AddToken = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>;
+type Client = BillingModeClient<InterceptedService<Channel, AddToken>>;
 
 async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
     let mut endpoint = Channel::from_shared(args.server.clone())
@@ -132,7 +135,7 @@ async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
         .connect_timeout(std::time::Duration::from_secs(5));
     let tls_wanted = args.server.starts_with("https://") || args.ca_cert.is_some();
     if tls_wanted {
-        let mut tls = ClientTlsConfig::new();
+        let mut tls = ClientTlsConfig::new().with_native_roots();
         if let Some(ca) = &args.ca_cert {
             let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
             tls = tls.ca_certificate(Certificate::from_pem(pem));
@@ -159,13 +162,12 @@ async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
         ),
         None => None,
     };
-    let interceptor: Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send> =
-        Box::new(move |mut req: Request<()>| {
-            if let Some(h) = &header {
-                req.metadata_mut().insert("authorization", h.clone());
-            }
-            Ok(req)
-        });
+    let interceptor: AddToken = Box::new(move |mut req: Request<()>| {
+        if let Some(h) = &header {
+            req.metadata_mut().insert("authorization", h.clone());
+        }
+        Ok(req)
+    });
     Ok(BillingModeClient::with_interceptor(channel, interceptor))
 }
 
@@ -198,7 +200,12 @@ where
                     }
                     eprintln!("error: {:?} {reason}: {}", s.code(), s.message());
                 }
-                None => eprintln!("error: {e:#}"),
+                None => {
+                    if json_out {
+                        println!("{}", json!({"error": {"message": format!("{e:#}")}}));
+                    }
+                    eprintln!("error: {e:#}");
+                }
             }
             ExitCode::FAILURE
         }
@@ -251,7 +258,13 @@ fn resolution_json(r: &proto::Resolution) -> Value {
 }
 
 fn resolution_text(r: &proto::Resolution) -> String {
-    let or_none = |s: &str| if s.is_empty() { "(none)".to_owned() } else { s.to_owned() };
+    let or_none = |s: &str| {
+        if s.is_empty() {
+            "(none)".to_owned()
+        } else {
+            s.to_owned()
+        }
+    };
     let mut out = format!(
         "workspace:   {}\nmode:        {}\nsource:      {}\nprovider:    {}{}\nruntime:     {}\nmodel:       {}\noverride:    {}\nrevision:    {}\ncredentials: {}\n",
         r.workspace_id,
@@ -266,7 +279,10 @@ fn resolution_text(r: &proto::Resolution) -> String {
         or_none(&r.credential_keys.join(", ")),
     );
     if !r.forbidden_secret_keys.is_empty() {
-        out += &format!("forbidden secret keys: {}\n", r.forbidden_secret_keys.join(", "));
+        out += &format!(
+            "forbidden secret keys: {}\n",
+            r.forbidden_secret_keys.join(", ")
+        );
     }
     out += "trace:\n";
     for t in &r.trace {
@@ -353,7 +369,8 @@ fn parse_origin(s: &str) -> anyhow::Result<proto::Origin> {
         "workspace" => Ok(proto::Origin::Workspace),
         "global" => Ok(proto::Origin::Global),
         "platform" => Ok(proto::Origin::Platform),
-        other => bail!("origin {other:?}: use workspace, global or platform"),
+        // The text is not echoed: a malformed line may hold a secret value.
+        _ => bail!("the origin must be workspace, global or platform"),
     }
 }
 
@@ -466,13 +483,22 @@ fn fields_json(f: &Option<proto::RecordFields>) -> Value {
 fn fields_text(f: &Option<proto::RecordFields>) -> String {
     match f {
         None => "(no record)".to_owned(),
-        Some(f) => format!(
-            "runtime={} model={} credential_keys=[{}] override={}",
-            f.runtime,
-            f.model,
-            f.credential_keys.join(","),
-            f.override_mode
-        ),
+        Some(f) => {
+            let or_none = |s: &str| {
+                if s.is_empty() {
+                    "(none)".to_owned()
+                } else {
+                    s.to_owned()
+                }
+            };
+            format!(
+                "runtime={} model={} credential_keys=[{}] override={}",
+                or_none(&f.runtime),
+                or_none(&f.model),
+                f.credential_keys.join(","),
+                or_none(&f.override_mode)
+            )
+        }
     }
 }
 
@@ -511,7 +537,11 @@ pub async fn history(a: HistoryArgs) -> ExitCode {
                 e.revision,
                 time(e),
                 e.actor,
-                if e.reason.is_empty() { String::new() } else { format!(" ({})", e.reason) },
+                if e.reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", e.reason)
+                },
                 fields_text(&e.before),
                 fields_text(&e.after),
             );
@@ -519,7 +549,10 @@ pub async fn history(a: HistoryArgs) -> ExitCode {
         if !r.next_page_token.is_empty() {
             text += &format!("next page: --page-token {}\n", r.next_page_token);
         }
-        Ok((json!({"entries": entries, "next_page_token": r.next_page_token}), text))
+        Ok((
+            json!({"entries": entries, "next_page_token": r.next_page_token}),
+            text,
+        ))
     })
     .await
 }

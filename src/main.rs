@@ -2,7 +2,9 @@
 //! operators without grpcurl.
 #![forbid(unsafe_code)]
 
-use std::{collections::BTreeSet, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    collections::BTreeSet, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration,
+};
 
 use anyhow::Context;
 use billing_mode::{
@@ -27,7 +29,13 @@ struct Cli {
     #[arg(long, env = "BILLING_MODE_LOG", default_value = "info", global = true)]
     log_level: String,
     /// Log output format.
-    #[arg(long, env = "BILLING_MODE_LOG_FORMAT", value_enum, default_value = "text", global = true)]
+    #[arg(
+        long,
+        env = "BILLING_MODE_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -104,7 +112,11 @@ struct ServeArgs {
     #[arg(long, env = "BILLING_MODE_TLS_CLIENT_CA", requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
     /// Per-request timeout in milliseconds.
-    #[arg(long, env = "BILLING_MODE_REQUEST_TIMEOUT_MS", default_value_t = 10_000)]
+    #[arg(
+        long,
+        env = "BILLING_MODE_REQUEST_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
     request_timeout_ms: u64,
     /// Requests served at once across all connections.
     #[arg(long, env = "BILLING_MODE_CONCURRENCY_LIMIT", default_value_t = 256)]
@@ -150,7 +162,10 @@ impl ServeArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -161,7 +176,9 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => run_server(&cli.log_level, cli.log_format, args).await,
             Command::Migrate(db) => report(migrate(&cli.log_level, cli.log_format, db).await),
-            Command::Token(TokenCommand::Create { name, roles }) => report(create_token(&name, &roles)),
+            Command::Token(TokenCommand::Create { name, roles }) => {
+                report(create_token(&name, &roles))
+            }
             Command::Resolve(a) => client::resolve(a).await,
             Command::Set(a) => client::set(a).await,
             Command::Clear(a) => client::clear(a).await,
@@ -192,7 +209,10 @@ async fn run_server(level: &str, format: LogFormat, args: ServeArgs) -> ExitCode
     }
     .await;
     if let Err(e) = &result {
-        tracing::error!(error = format!("{e:#}"), "billing-mode stopped with an error");
+        tracing::error!(
+            error = format!("{e:#}"),
+            "billing-mode stopped with an error"
+        );
     }
     report(result)
 }

@@ -36,7 +36,7 @@ impl Application {
             if !config.listen.ip().is_loopback() && !config.insecure_allow_unauthenticated {
                 bail!(
                     "refusing to listen on {} without authentication: configure tokens \
-                     (--tokens-file or BILLING_MODE_TOKENS; create one with `billing-mode token create`), \
+                     (--tokens-file, --tokens or BILLING_MODE_TOKENS; create one with `billing-mode token create`), \
                      listen on a loopback address, or pass --insecure-allow-unauthenticated",
                     config.listen
                 );

@@ -29,7 +29,7 @@ pub enum EnvError {
     },
     #[error("env[{index}] ({key}): origin must be WORKSPACE, GLOBAL or PLATFORM")]
     InvalidOrigin { index: usize, key: String },
-    #[error("env key {key} appears twice with origin {origin:?}")]
+    #[error("env key {key} appears twice with origin {}", origin_name(*origin))]
     DuplicateKey { key: String, origin: Origin },
     #[error("the candidate env has {count} entries; at most {MAX_ENV_ENTRIES} are allowed")]
     TooManyEntries { count: usize },
@@ -53,6 +53,16 @@ pub enum EnvError {
          proxy input(s): {missing}"
     )]
     MissingPlatformProxy { missing: String },
+}
+
+/// The wire name of an origin, for messages.
+fn origin_name(o: Origin) -> &'static str {
+    match o {
+        Origin::Workspace => "ORIGIN_WORKSPACE",
+        Origin::Global => "ORIGIN_GLOBAL",
+        Origin::Platform => "ORIGIN_PLATFORM",
+        Origin::Authority => "ORIGIN_AUTHORITY",
+    }
 }
 
 /// One raw candidate entry, as received.

@@ -18,3 +18,6 @@ pub use resolver::{resolve, Resolution, Source};
 pub use types::{
     CredentialKeys, EnvKey, Mode, Model, Origin, Reason, Runtime, ValidationError, WorkspaceId,
 };
+
+#[cfg(test)]
+mod tests;

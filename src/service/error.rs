@@ -127,7 +127,12 @@ impl ApiError {
             | ValidationError::BadCharacters { .. }
             | ValidationError::Empty { .. } => ErrorReason::InvalidField,
         };
-        ApiError::new(reason, format!("{field}: {e}"))
+        let message = e.to_string();
+        if message.starts_with(field) {
+            ApiError::new(reason, message)
+        } else {
+            ApiError::new(reason, format!("{field}: {message}"))
+        }
     }
 }
 

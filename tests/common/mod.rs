@@ -1,0 +1,327 @@
+//! Shared harness for the black-box tests: a fresh database per test (SQLite
+//! file, or a fresh Postgres schema when `DATABASE_URL` points at Postgres),
+//! the real server started through `Application::build` on port 0, and the
+//! generated gRPC client.
+#![allow(dead_code)]
+
+use std::{future::Future, net::SocketAddr, time::Duration};
+
+use billing_mode::{
+    config::Config,
+    proto::{billing_mode_client::BillingModeClient, EnvVar, Origin},
+    startup::Application,
+};
+use tokio::{sync::oneshot, task::JoinHandle};
+use tonic::{
+    metadata::MetadataValue,
+    service::interceptor::InterceptedService,
+    transport::{Channel, Endpoint},
+    Code, Request, Status,
+};
+use tonic_types::StatusExt;
+
+/// Which store a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A fresh, empty database for one test. Dropping it removes the SQLite
+/// directory; Postgres schemas are uniquely named and left for inspection.
+pub struct TestDb {
+    pub backend: Backend,
+    pub url: String,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestDb {
+    /// `None` (after saying so loudly) when Postgres is wanted but
+    /// `DATABASE_URL` is not set; under CI that is a failure instead.
+    pub async fn new(backend: Backend) -> Option<TestDb> {
+        match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().expect("temp dir");
+                let url = format!("sqlite:{}", dir.path().join("billing-mode.db").display());
+                Some(TestDb {
+                    backend,
+                    url,
+                    _dir: Some(dir),
+                })
+            }
+            Backend::Postgres => {
+                let Some(base) = std::env::var("DATABASE_URL")
+                    .ok()
+                    .filter(|u| u.starts_with("postgres"))
+                else {
+                    assert!(
+                        std::env::var_os("CI").is_none(),
+                        "CI must run the Postgres tests: set DATABASE_URL=postgres://…"
+                    );
+                    eprintln!("SKIPPED: Postgres black-box test: DATABASE_URL is not set to a postgres:// URL");
+                    return None;
+                };
+                use sqlx::Connection;
+                let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+                let mut conn = sqlx::PgConnection::connect(&base)
+                    .await
+                    .expect("connect to DATABASE_URL");
+                sqlx::query(&format!("CREATE SCHEMA {schema}"))
+                    .execute(&mut conn)
+                    .await
+                    .expect("create test schema");
+                let sep = if base.contains('?') { '&' } else { '?' };
+                Some(TestDb {
+                    backend,
+                    url: format!("{base}{sep}options[search_path]={schema}"),
+                    _dir: None,
+                })
+            }
+        }
+    }
+}
+
+/// Runs `f` once per backend that is available.
+pub async fn each_backend<F, Fut>(f: F)
+where
+    F: Fn(TestDb) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        if let Some(db) = TestDb::new(backend).await {
+            f(db).await;
+        }
+    }
+}
+
+/// A running server.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub backend: Backend,
+    pub url: String,
+    shutdown: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+/// The default test configuration on `db`: port 0 on loopback, no tokens.
+pub fn config(db: &TestDb) -> Config {
+    Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        database_url: db.url.clone(),
+        ..Config::default()
+    }
+}
+
+impl TestApp {
+    pub async fn spawn(db: &TestDb) -> TestApp {
+        Self::spawn_with(db, config(db)).await
+    }
+
+    pub async fn spawn_with(db: &TestDb, config: Config) -> TestApp {
+        let app = Application::build(config)
+            .await
+            .expect("application builds");
+        let addr = app.local_addr();
+        let (tx, rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(app.run_until(async {
+            let _ = rx.await;
+        }));
+        TestApp {
+            addr,
+            backend: db.backend,
+            url: db.url.clone(),
+            shutdown: Some(tx),
+            handle: Some(handle),
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Endpoint::from_shared(self.endpoint())
+            .unwrap()
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .expect("connect to the test server")
+    }
+
+    /// A client without a token.
+    pub async fn client(&self) -> BillingModeClient<Channel> {
+        BillingModeClient::new(self.channel().await)
+    }
+
+    /// A client sending `authorization: Bearer <token>`.
+    pub async fn client_with_token(&self, token: &str) -> TokenClient {
+        let header: MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
+        let f: TokenFn = Box::new(move |mut req: Request<()>| {
+            req.metadata_mut().insert("authorization", header.clone());
+            Ok(req)
+        });
+        BillingModeClient::with_interceptor(self.channel().await, f)
+    }
+
+    /// Graceful shutdown; returns the server's result.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.handle.take().unwrap().await.expect("server task")
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+pub type TokenFn = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send + Sync>;
+pub type TokenClient = BillingModeClient<InterceptedService<Channel, TokenFn>>;
+
+/// Asserts a status's code and ErrorInfo reason/domain; returns the message.
+pub fn assert_error(status: &Status, code: Code, reason: &str) -> String {
+    assert_eq!(status.code(), code, "code for {reason}: {status:?}");
+    let info = status
+        .get_details_error_info()
+        .unwrap_or_else(|| panic!("no ErrorInfo on {status:?}"));
+    assert_eq!(info.reason, reason, "reason: {status:?}");
+    assert_eq!(info.domain, "billing-mode.molecule");
+    status.message().to_owned()
+}
+
+pub fn env(origin: Origin, key: &str, value: &str) -> EnvVar {
+    EnvVar {
+        key: key.to_owned(),
+        value: value.to_owned(),
+        origin: origin.into(),
+    }
+}
+
+pub fn new_workspace() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+// ---------------------------------------------------------------------------
+// Helpers for the trust tests (auth, tls, canary, abuse).
+
+/// A fresh token named `name` with `roles`: the bearer text to send and the
+/// configuration entry (hash) to give the server.
+pub fn make_token(
+    name: &str,
+    roles: &[billing_mode::auth::Role],
+) -> (String, billing_mode::auth::TokenEntry) {
+    billing_mode::auth::generate_token(name, roles.iter().copied().collect())
+        .expect("valid token name and roles")
+}
+
+/// `config(db)` with `tokens` configured.
+pub fn config_with_tokens(db: &TestDb, tokens: Vec<billing_mode::auth::TokenEntry>) -> Config {
+    Config {
+        tokens,
+        ..config(db)
+    }
+}
+
+/// One `billing_audit` row read straight from the database, every column as text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawAuditRow {
+    pub workspace_id: String,
+    pub revision: String,
+    pub actor: String,
+    pub reason: String,
+    pub before: Option<String>,
+    pub after: String,
+    pub at: String,
+}
+
+/// Every `billing_audit` row, by raw SQL (not through the service), ordered
+/// by workspace and revision.
+pub async fn raw_audit_rows(db: &TestDb) -> Vec<RawAuditRow> {
+    use sqlx::Connection;
+    type Row = (
+        String,
+        String,
+        String,
+        String,
+        Option<String>,
+        String,
+        String,
+    );
+    let rows: Vec<Row> = match db.backend {
+        Backend::Sqlite => {
+            let mut c = sqlx::SqliteConnection::connect(&db.url)
+                .await
+                .expect("open the test SQLite database");
+            sqlx::query_as(
+                "SELECT workspace_id, CAST(revision AS TEXT), actor, reason, before, after, at \
+                 FROM billing_audit ORDER BY workspace_id, revision",
+            )
+            .fetch_all(&mut c)
+            .await
+            .expect("read billing_audit")
+        }
+        Backend::Postgres => {
+            let mut c = sqlx::PgConnection::connect(&db.url)
+                .await
+                .expect("connect to the test schema");
+            sqlx::query_as(
+                "SELECT workspace_id::text, revision::text, actor, reason, before::text, \
+                 after::text, at::text FROM billing_audit ORDER BY workspace_id, revision",
+            )
+            .fetch_all(&mut c)
+            .await
+            .expect("read billing_audit")
+        }
+    };
+    rows.into_iter()
+        .map(
+            |(workspace_id, revision, actor, reason, before, after, at)| RawAuditRow {
+                workspace_id,
+                revision,
+                actor,
+                reason,
+                before,
+                after,
+                at,
+            },
+        )
+        .collect()
+}
+
+/// Every `billing_records` row, by raw SQL, as one line of text each.
+pub async fn raw_record_rows(db: &TestDb) -> Vec<String> {
+    use sqlx::Connection;
+    let sql_sqlite = "SELECT workspace_id || '|' || coalesce(runtime, '') || '|' || \
+        coalesce(model, '') || '|' || credential_keys || '|' || coalesce(override_mode, '') \
+        || '|' || revision || '|' || updated_at FROM billing_records ORDER BY workspace_id";
+    let sql_pg = "SELECT workspace_id::text || '|' || coalesce(runtime, '') || '|' || \
+        coalesce(model, '') || '|' || credential_keys::text || '|' || \
+        coalesce(override_mode, '') || '|' || revision::text || '|' || updated_at::text \
+        FROM billing_records ORDER BY workspace_id";
+    let rows: Vec<(String,)> = match db.backend {
+        Backend::Sqlite => {
+            let mut c = sqlx::SqliteConnection::connect(&db.url)
+                .await
+                .expect("open the test SQLite database");
+            sqlx::query_as(sql_sqlite)
+                .fetch_all(&mut c)
+                .await
+                .expect("read billing_records")
+        }
+        Backend::Postgres => {
+            let mut c = sqlx::PgConnection::connect(&db.url)
+                .await
+                .expect("connect to the test schema");
+            sqlx::query_as(sql_pg)
+                .fetch_all(&mut c)
+                .await
+                .expect("read billing_records")
+        }
+    };
+    rows.into_iter().map(|(r,)| r).collect()
+}
