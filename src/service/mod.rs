@@ -212,8 +212,8 @@ impl BillingMode for BillingModeService {
             let size = convert::page_size(req.page_size);
             let before = convert::page_token(&req.page_token)?;
             let mut entries = self.store.history(&id, before, size + 1).await?;
-            if entries.is_empty() && before.is_none() {
-                // Distinguish "no history" from "no such workspace".
+            if entries.is_empty() {
+                // Every record has history: no entries may mean no such workspace.
                 self.load(&id).await?;
             }
             let next_page_token = if entries.len() > size as usize {

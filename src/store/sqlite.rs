@@ -102,19 +102,28 @@ async fn write_in(tx: &mut Transaction<'_, Sqlite>, w: &Write<'_>) -> Result<Rec
             after,
             revision,
         } => {
-            sqlx::query(
+            // SQLite re-checks a CHECK constraint only when its column is in
+            // the SET list: leaving an unchanged (possibly hand-garbled)
+            // override out keeps unrelated Sets working, as on Postgres.
+            let override_changed = before.override_mode != after.override_mode;
+            let sql = if override_changed {
                 "UPDATE billing_records SET runtime = $2, model = $3, credential_keys = $4, \
-                     override_mode = $5, revision = $6, updated_at = $7 WHERE workspace_id = $1",
-            )
-            .bind(&id)
-            .bind(&after.runtime)
-            .bind(&after.model)
-            .bind(after.credential_keys_json())
-            .bind(&after.override_mode)
-            .bind(revision_to_db(revision)?)
-            .bind(now)
-            .execute(&mut **tx)
-            .await?;
+                 revision = $5, updated_at = $6, override_mode = $7 WHERE workspace_id = $1"
+            } else {
+                "UPDATE billing_records SET runtime = $2, model = $3, credential_keys = $4, \
+                 revision = $5, updated_at = $6 WHERE workspace_id = $1"
+            };
+            let mut query = sqlx::query(sql)
+                .bind(&id)
+                .bind(&after.runtime)
+                .bind(&after.model)
+                .bind(after.credential_keys_json())
+                .bind(revision_to_db(revision)?)
+                .bind(now);
+            if override_changed {
+                query = query.bind(&after.override_mode);
+            }
+            query.execute(&mut **tx).await?;
             (Some(before), after, revision)
         }
     };

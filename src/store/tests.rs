@@ -1,0 +1,1376 @@
+//! One test suite for the [`Store`] trait, run against every backend (in the
+//! style of iox_catalog's interface tests).
+//!
+//! Each test is an `async fn(&mut Harness)`; [`store_tests!`] instantiates it
+//! once per backend:
+//!
+//! - SQLite, always: a fresh database file in its own temporary directory.
+//! - Postgres, when `DATABASE_URL` is a `postgres://` URL: a fresh schema per
+//!   test (`search_path` set to it), dropped afterwards. Without it the
+//!   Postgres variants print a loud `SKIPPED` line and pass, except under CI
+//!   (`CI` set), where they fail.
+//!
+//! The harness can also run raw SQL, to check what the schema itself refuses
+//! and to plant garbled data as a hand edit would.
+
+use std::{collections::BTreeSet, future::Future, io::Write as _, str::FromStr, sync::Arc};
+
+use chrono::{DateTime, Duration, Utc};
+use sqlx::{
+    postgres::{PgConnectOptions, PgPool, PgPoolOptions},
+    sqlite::SqliteConnectOptions,
+    Row,
+};
+use tempfile::TempDir;
+
+use super::{postgres::PostgresStore, sqlite::SqliteStore, AuditEntry, Store, StoreError, Write};
+use crate::domain::{
+    resolve, Change, CredentialKeys, Fields, Mode, Model, Patch, Record, Registry, Runtime, Source,
+    Stored, WorkspaceId,
+};
+
+// ---------------------------------------------------------------------------
+// Harness
+// ---------------------------------------------------------------------------
+
+static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+enum Backend {
+    Sqlite {
+        store: Arc<SqliteStore>,
+        opts: SqliteConnectOptions,
+        /// Keeps the database file alive for the test.
+        _dir: TempDir,
+    },
+    Postgres {
+        store: Arc<PostgresStore>,
+        opts: PgConnectOptions,
+    },
+}
+
+/// One backend, connected to a database of its own.
+pub(super) struct Harness {
+    backend: Backend,
+    /// A URL for [`super::connect`] that reaches the same database.
+    url: String,
+}
+
+impl Harness {
+    async fn sqlite() -> Harness {
+        let dir = TempDir::new().expect("temporary directory");
+        let path = dir.path().join("billing.db");
+        let opts = SqliteConnectOptions::new().filename(&path);
+        let store = SqliteStore::connect(opts.clone())
+            .await
+            .expect("connect to a fresh SQLite file");
+        Harness {
+            backend: Backend::Sqlite {
+                store: Arc::new(store),
+                opts,
+                _dir: dir,
+            },
+            url: format!("sqlite://{}", path.display()),
+        }
+    }
+
+    /// A harness on a fresh schema, and the handle that drops the schema;
+    /// `None` (after saying so, loudly) when Postgres is not configured.
+    async fn postgres(test: &str) -> Option<(Harness, PgSchema)> {
+        let url = match std::env::var("DATABASE_URL") {
+            Ok(u) if u.starts_with("postgres:") || u.starts_with("postgresql:") => u,
+            Ok(_) => return skip_postgres(test, "DATABASE_URL is not a postgres:// URL"),
+            Err(_) => return skip_postgres(test, "DATABASE_URL not set"),
+        };
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&url)
+            .await
+            .expect("connect to DATABASE_URL");
+        let schema = format!("t_{:016x}", rand::random::<u64>());
+        sqlx::query(&format!("CREATE SCHEMA {schema}"))
+            .execute(&admin)
+            .await
+            .expect("create the test schema");
+        let guard = PgSchema { admin, schema };
+        let opts = PgConnectOptions::from_str(&url)
+            .expect("DATABASE_URL parses")
+            .options([("search_path", guard.schema.as_str())]);
+        let store = PostgresStore::connect(opts.clone())
+            .await
+            .expect("connect to Postgres in the test schema");
+        let sep = if url.contains('?') { '&' } else { '?' };
+        let harness = Harness {
+            backend: Backend::Postgres {
+                store: Arc::new(store),
+                opts,
+            },
+            url: format!("{url}{sep}options[search_path]={}", guard.schema),
+        };
+        Some((harness, guard))
+    }
+
+    fn store(&self) -> Arc<dyn Store> {
+        match &self.backend {
+            Backend::Sqlite { store, .. } => store.clone(),
+            Backend::Postgres { store, .. } => store.clone(),
+        }
+    }
+
+    fn backend_name(&self) -> &'static str {
+        match &self.backend {
+            Backend::Sqlite { .. } => "sqlite",
+            Backend::Postgres { .. } => "postgres",
+        }
+    }
+
+    /// Runs one raw statement; the number of rows it affected.
+    async fn execute(&self, sql: &str) -> Result<u64, sqlx::Error> {
+        match &self.backend {
+            Backend::Sqlite { store, .. } => sqlx::query(sql)
+                .execute(store.pool())
+                .await
+                .map(|r| r.rows_affected()),
+            Backend::Postgres { store, .. } => sqlx::query(sql)
+                .execute(store.pool())
+                .await
+                .map(|r| r.rows_affected()),
+        }
+    }
+
+    /// The one integer a raw query returns.
+    async fn query_i64(&self, sql: &str) -> i64 {
+        let value = match &self.backend {
+            Backend::Sqlite { store, .. } => sqlx::query(sql)
+                .fetch_one(store.pool())
+                .await
+                .and_then(|row| row.try_get::<i64, _>(0)),
+            Backend::Postgres { store, .. } => sqlx::query(sql)
+                .fetch_one(store.pool())
+                .await
+                .and_then(|row| row.try_get::<i64, _>(0)),
+        };
+        value.unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    /// Stores `raw` as the workspace's override, bypassing the schema's check
+    /// as a hand edit on a laxer schema would.
+    async fn garble_override(&self, id: WorkspaceId, raw: &str) {
+        let update = format!(
+            "UPDATE billing_records SET override_mode = '{raw}' WHERE workspace_id = '{id}'"
+        );
+        let affected = match &self.backend {
+            Backend::Sqlite { store, .. } => {
+                let mut conn = store.pool().acquire().await.expect("a connection");
+                sqlx::query("PRAGMA ignore_check_constraints = ON")
+                    .execute(&mut *conn)
+                    .await
+                    .expect("disable CHECK constraints");
+                let affected = sqlx::query(&update)
+                    .execute(&mut *conn)
+                    .await
+                    .expect("garble the override");
+                sqlx::query("PRAGMA ignore_check_constraints = OFF")
+                    .execute(&mut *conn)
+                    .await
+                    .expect("re-enable CHECK constraints");
+                affected.rows_affected()
+            }
+            Backend::Postgres { store, .. } => {
+                sqlx::query(
+                    "ALTER TABLE billing_records DROP CONSTRAINT billing_records_override_mode_check",
+                )
+                .execute(store.pool())
+                .await
+                .expect("drop the override CHECK constraint");
+                sqlx::query(&update)
+                    .execute(store.pool())
+                    .await
+                    .expect("garble the override")
+                    .rows_affected()
+            }
+        };
+        assert_eq!(affected, 1, "the garbling UPDATE must hit the record");
+    }
+
+    /// Closes the store and connects a new one to the same database.
+    async fn reconnect(&mut self) {
+        match &mut self.backend {
+            Backend::Sqlite { store, opts, .. } => {
+                store.pool().close().await;
+                *store = Arc::new(
+                    SqliteStore::connect(opts.clone())
+                        .await
+                        .expect("reconnect to SQLite"),
+                );
+            }
+            Backend::Postgres { store, opts } => {
+                store.pool().close().await;
+                *store = Arc::new(
+                    PostgresStore::connect(opts.clone())
+                        .await
+                        .expect("reconnect to Postgres"),
+                );
+            }
+        }
+    }
+
+    async fn close(self) {
+        match &self.backend {
+            Backend::Sqlite { store, .. } => store.pool().close().await,
+            Backend::Postgres { store, .. } => store.pool().close().await,
+        }
+    }
+}
+
+/// A per-test Postgres schema, dropped by [`PgSchema::drop_schema`].
+struct PgSchema {
+    admin: PgPool,
+    schema: String,
+}
+
+impl PgSchema {
+    async fn drop_schema(self) {
+        let dropped = async {
+            sqlx::query("SET lock_timeout = '10s'")
+                .execute(&self.admin)
+                .await?;
+            sqlx::query(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.schema))
+                .execute(&self.admin)
+                .await
+        }
+        .await;
+        if let Err(e) = dropped {
+            loud(&format!(
+                "WARNING: could not drop test schema {}: {e}",
+                self.schema
+            ));
+        }
+        self.admin.close().await;
+    }
+}
+
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0" && v != "false")
+}
+
+/// Writes straight to stderr, past the test harness's output capture.
+fn loud(message: &str) {
+    let _ = writeln!(std::io::stderr(), "{message}");
+}
+
+fn skip_postgres<T>(test: &str, why: &str) -> Option<T> {
+    if in_ci() {
+        panic!("Postgres store tests must run in CI, but {why}: set DATABASE_URL=postgres://...");
+    }
+    loud(&format!(
+        "SKIPPED: Postgres store test {test}: {why} (set DATABASE_URL=postgres://... to run it)"
+    ));
+    None
+}
+
+/// Runs one test body on its own task so a panic still lets the Postgres
+/// schema be dropped, then re-raises the panic.
+async fn run(body: impl Future<Output = ()> + Send + 'static, schema: Option<PgSchema>) {
+    let result = tokio::spawn(body).await;
+    if let Some(schema) = schema {
+        schema.drop_schema().await;
+    }
+    if let Err(e) = result {
+        match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(e) => panic!("test task failed: {e}"),
+        }
+    }
+}
+
+macro_rules! store_tests {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    let h = super::Harness::sqlite().await;
+                    super::run(
+                        async move {
+                            let mut h = h;
+                            super::$name(&mut h).await;
+                            h.close().await;
+                        },
+                        None,
+                    )
+                    .await;
+                }
+            )*
+        }
+
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    let Some((h, schema)) = super::Harness::postgres(stringify!($name)).await else {
+                        return;
+                    };
+                    super::run(
+                        async move {
+                            let mut h = h;
+                            super::$name(&mut h).await;
+                            h.close().await;
+                        },
+                        Some(schema),
+                    )
+                    .await;
+                }
+            )*
+        }
+    };
+}
+
+store_tests!(
+    set_on_a_missing_workspace_creates_revision_1_with_an_audit_row,
+    set_replaces_only_the_present_fields,
+    clear_override_removes_the_override_and_bumps_the_revision,
+    clear_on_a_missing_workspace_is_not_found,
+    compare_and_set_refuses_a_wrong_expected_revision,
+    a_write_that_changes_nothing_keeps_the_revision_and_writes_no_audit_row,
+    audit_rows_carry_revision_actor_reason_fields_and_time,
+    history_is_newest_first_and_pages_by_revision,
+    concurrent_sets_on_one_workspace_lose_no_update,
+    concurrent_creates_of_one_workspace_do_not_fail,
+    the_database_refuses_an_invalid_override_mode,
+    a_garbled_override_loads_as_invalid_and_resolve_ignores_it,
+    garbled_runtime_and_credential_keys_load_as_invalid,
+    state_survives_reconnecting,
+    migrations_are_idempotent,
+);
+
+// ---------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------
+
+fn runtime(s: &str) -> Runtime {
+    Runtime::parse(s).unwrap()
+}
+
+fn model(s: &str) -> Model {
+    Model::parse(s).unwrap()
+}
+
+fn keys(k: &[&str]) -> CredentialKeys {
+    CredentialKeys::parse(k.iter().copied()).unwrap()
+}
+
+fn set(patch: Patch) -> Change {
+    Change::Set(patch)
+}
+
+fn set_override(m: Mode) -> Change {
+    set(Patch {
+        override_mode: Some(m),
+        ..Patch::default()
+    })
+}
+
+fn set_model(m: &str) -> Change {
+    set(Patch {
+        model: Some(Some(model(m))),
+        ..Patch::default()
+    })
+}
+
+async fn write_as(
+    store: &dyn Store,
+    id: WorkspaceId,
+    change: &Change,
+    expected_revision: Option<u64>,
+    actor: &str,
+    reason: &str,
+) -> Result<Record, StoreError> {
+    store
+        .write(Write {
+            workspace_id: id,
+            change,
+            expected_revision,
+            actor,
+            reason,
+        })
+        .await
+}
+
+async fn write(
+    store: &dyn Store,
+    id: WorkspaceId,
+    change: &Change,
+    expected_revision: Option<u64>,
+) -> Result<Record, StoreError> {
+    write_as(store, id, change, expected_revision, "tester", "test").await
+}
+
+async fn load(store: &dyn Store, id: WorkspaceId) -> Record {
+    store
+        .load(&id)
+        .await
+        .expect("load")
+        .expect("the record exists")
+}
+
+async fn history(store: &dyn Store, id: WorkspaceId) -> Vec<AuditEntry> {
+    store.history(&id, None, 1000).await.expect("history")
+}
+
+fn revisions(entries: &[AuditEntry]) -> Vec<u64> {
+    entries.iter().map(|e| e.revision).collect()
+}
+
+fn assert_mismatch(result: Result<Record, StoreError>, expected: u64, actual: Option<u64>) {
+    match result {
+        Err(StoreError::RevisionMismatch {
+            expected: e,
+            actual: a,
+        }) => assert_eq!((e, a), (expected, actual), "mismatch details"),
+        other => panic!("expected RevisionMismatch {{ {expected}, {actual:?} }}, got {other:?}"),
+    }
+}
+
+fn assert_check_violation(err: &sqlx::Error, constraint: &str) {
+    let sqlx::Error::Database(db) = err else {
+        panic!("expected a database error, got {err:?}");
+    };
+    assert!(
+        db.is_check_violation(),
+        "expected a CHECK violation, got {db:?}"
+    );
+    assert!(
+        db.constraint() == Some(constraint) || db.message().contains(constraint),
+        "expected constraint {constraint} to be named, got {db:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------
+
+async fn set_on_a_missing_workspace_creates_revision_1_with_an_audit_row(h: &mut Harness) {
+    let store = h.store();
+    assert_eq!(store.backend(), h.backend_name());
+    let id = WorkspaceId::new_random();
+    assert_eq!(store.load(&id).await.unwrap(), None);
+    assert!(history(&*store, id).await.is_empty());
+
+    let change = set(Patch {
+        runtime: Some(Some(runtime("claude-code"))),
+        model: Some(Some(model("opus"))),
+        credential_keys: Some(keys(&["CLAUDE_CODE_OAUTH_TOKEN", "ANTHROPIC_API_KEY"])),
+        override_mode: None,
+    });
+    let created = write_as(&*store, id, &change, None, "alice", "register")
+        .await
+        .unwrap();
+    let expected = Record {
+        workspace_id: id,
+        runtime: Stored::Valid(runtime("claude-code")),
+        model: Stored::Valid(model("opus")),
+        credential_keys: Stored::Valid(keys(&["ANTHROPIC_API_KEY", "CLAUDE_CODE_OAUTH_TOKEN"])),
+        override_mode: Stored::Absent,
+        revision: 1,
+    };
+    assert_eq!(created, expected);
+    assert_eq!(load(&*store, id).await, expected);
+
+    let audit = history(&*store, id).await;
+    assert_eq!(audit.len(), 1, "{audit:?}");
+    let row = &audit[0];
+    assert_eq!(row.workspace_id, id);
+    assert_eq!(row.revision, 1);
+    assert_eq!(row.before, None, "a create has no before");
+    assert_eq!(row.after, expected.fields());
+    assert_eq!(row.actor, "alice");
+    assert_eq!(row.reason, "register");
+
+    // A create with only an override leaves the other fields absent.
+    let other = WorkspaceId::new_random();
+    let created = write(&*store, other, &set_override(Mode::Disabled), None)
+        .await
+        .unwrap();
+    let expected_other = Record {
+        workspace_id: other,
+        runtime: Stored::Absent,
+        model: Stored::Absent,
+        credential_keys: Stored::Absent,
+        override_mode: Stored::Valid(Mode::Disabled),
+        revision: 1,
+    };
+    assert_eq!(created, expected_other);
+    assert_eq!(load(&*store, other).await, expected_other);
+    // Workspaces are independent.
+    assert_eq!(load(&*store, id).await, expected);
+    assert_eq!(history(&*store, id).await.len(), 1);
+    assert_eq!(history(&*store, other).await.len(), 1);
+}
+
+async fn set_replaces_only_the_present_fields(h: &mut Harness) {
+    let store = h.store();
+    let id = WorkspaceId::new_random();
+    let mut expected = write(
+        &*store,
+        id,
+        &set(Patch {
+            runtime: Some(Some(runtime("hermes"))),
+            model: Some(Some(model("openai/gpt-4o"))),
+            credential_keys: Some(keys(&["OPENAI_API_KEY", "ANTHROPIC_API_KEY"])),
+            override_mode: Some(Mode::Byok),
+        }),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(expected.revision, 1);
+
+    // Only the model changes.
+    let after = write(&*store, id, &set_model("anthropic:claude-sonnet-4-6"), None)
+        .await
+        .unwrap();
+    expected.model = Stored::Valid(model("anthropic:claude-sonnet-4-6"));
+    expected.revision = 2;
+    assert_eq!(after, expected);
+    assert_eq!(load(&*store, id).await, expected);
+
+    // An empty runtime (`Some(None)`) clears it; nothing else moves.
+    let after = write(
+        &*store,
+        id,
+        &set(Patch {
+            runtime: Some(None),
+            ..Patch::default()
+        }),
+        None,
+    )
+    .await
+    .unwrap();
+    expected.runtime = Stored::Absent;
+    expected.revision = 3;
+    assert_eq!(after, expected);
+    assert_eq!(load(&*store, id).await, expected);
+
+    // An empty model clears it.
+    let after = write(
+        &*store,
+        id,
+        &set(Patch {
+            model: Some(None),
+            ..Patch::default()
+        }),
+        None,
+    )
+    .await
+    .unwrap();
+    expected.model = Stored::Absent;
+    expected.revision = 4;
+    assert_eq!(after, expected);
+    assert_eq!(load(&*store, id).await, expected);
+
+    // Credential keys are replaced whole, not merged.
+    let after = write(
+        &*store,
+        id,
+        &set(Patch {
+            credential_keys: Some(keys(&["GEMINI_API_KEY"])),
+            ..Patch::default()
+        }),
+        None,
+    )
+    .await
+    .unwrap();
+    expected.credential_keys = Stored::Valid(keys(&["GEMINI_API_KEY"]));
+    expected.revision = 5;
+    assert_eq!(after, expected);
+    assert_eq!(load(&*store, id).await, expected);
+
+    // An empty set of keys clears them.
+    let after = write(
+        &*store,
+        id,
+        &set(Patch {
+            credential_keys: Some(CredentialKeys::default()),
+            ..Patch::default()
+        }),
+        None,
+    )
+    .await
+    .unwrap();
+    expected.credential_keys = Stored::Absent;
+    expected.revision = 6;
+    assert_eq!(after, expected);
+    assert_eq!(load(&*store, id).await, expected);
+
+    // Several fields at once; the override is replaced.
+    let after = write(
+        &*store,
+        id,
+        &set(Patch {
+            runtime: Some(Some(runtime("langgraph"))),
+            override_mode: Some(Mode::PlatformManaged),
+            ..Patch::default()
+        }),
+        None,
+    )
+    .await
+    .unwrap();
+    expected.runtime = Stored::Valid(runtime("langgraph"));
+    expected.override_mode = Stored::Valid(Mode::PlatformManaged);
+    expected.revision = 7;
+    assert_eq!(after, expected);
+    assert_eq!(load(&*store, id).await, expected);
+    assert_eq!(
+        revisions(&history(&*store, id).await),
+        vec![7, 6, 5, 4, 3, 2, 1]
+    );
+}
+
+async fn clear_override_removes_the_override_and_bumps_the_revision(h: &mut Harness) {
+    let store = h.store();
+    let id = WorkspaceId::new_random();
+    let created = write(
+        &*store,
+        id,
+        &set(Patch {
+            runtime: Some(Some(runtime("claude-code"))),
+            model: Some(Some(model("opus"))),
+            override_mode: Some(Mode::Byok),
+            ..Patch::default()
+        }),
+        None,
+    )
+    .await
+    .unwrap();
+
+    let cleared = write_as(
+        &*store,
+        id,
+        &Change::ClearOverride,
+        None,
+        "ops",
+        "back to derived",
+    )
+    .await
+    .unwrap();
+    let expected = Record {
+        override_mode: Stored::Absent,
+        revision: 2,
+        ..created.clone()
+    };
+    assert_eq!(cleared, expected);
+    assert_eq!(load(&*store, id).await, expected);
+
+    let audit = history(&*store, id).await;
+    assert_eq!(revisions(&audit), vec![2, 1]);
+    assert_eq!(audit[0].before, Some(created.fields()));
+    assert_eq!(
+        audit[0].before.as_ref().unwrap().override_mode.as_deref(),
+        Some("byok")
+    );
+    assert_eq!(audit[0].after, expected.fields());
+    assert_eq!(audit[0].after.override_mode, None);
+    assert_eq!(audit[0].actor, "ops");
+    assert_eq!(audit[0].reason, "back to derived");
+
+    // Clear honours compare-and-set too.
+    write(&*store, id, &set_override(Mode::Disabled), None)
+        .await
+        .unwrap();
+    assert_mismatch(
+        write(&*store, id, &Change::ClearOverride, Some(2)).await,
+        2,
+        Some(3),
+    );
+    assert_eq!(
+        load(&*store, id).await.override_mode,
+        Stored::Valid(Mode::Disabled)
+    );
+    let cleared = write(&*store, id, &Change::ClearOverride, Some(3))
+        .await
+        .unwrap();
+    assert_eq!(cleared.revision, 4);
+    assert_eq!(cleared.override_mode, Stored::Absent);
+    assert_eq!(load(&*store, id).await, cleared);
+}
+
+async fn clear_on_a_missing_workspace_is_not_found(h: &mut Harness) {
+    let store = h.store();
+    let id = WorkspaceId::new_random();
+    for expected_revision in [None, Some(0), Some(1), Some(7)] {
+        match write(&*store, id, &Change::ClearOverride, expected_revision).await {
+            Err(StoreError::NotFound) => {}
+            other => panic!("Clear with {expected_revision:?} on a missing record: {other:?}"),
+        }
+    }
+    assert_eq!(
+        store.load(&id).await.unwrap(),
+        None,
+        "Clear created a record"
+    );
+    assert!(history(&*store, id).await.is_empty());
+
+    // The same Clear succeeds once the record exists.
+    write(&*store, id, &set_override(Mode::Byok), None)
+        .await
+        .unwrap();
+    let cleared = write(&*store, id, &Change::ClearOverride, None)
+        .await
+        .unwrap();
+    assert_eq!(cleared.revision, 2);
+}
+
+async fn compare_and_set_refuses_a_wrong_expected_revision(h: &mut Harness) {
+    let store = h.store();
+
+    // Missing record: a non-zero expected revision is refused and creates nothing.
+    let id = WorkspaceId::new_random();
+    assert_mismatch(
+        write(&*store, id, &set_model("opus"), Some(3)).await,
+        3,
+        None,
+    );
+    assert_mismatch(
+        write(&*store, id, &set_model("opus"), Some(1)).await,
+        1,
+        None,
+    );
+    assert_eq!(store.load(&id).await.unwrap(), None);
+    assert!(history(&*store, id).await.is_empty());
+
+    // Expected 0 on a missing record creates it.
+    let created = write(&*store, id, &set_model("opus"), Some(0))
+        .await
+        .unwrap();
+    assert_eq!(created.revision, 1);
+
+    // Expected 0 on an existing record is refused.
+    assert_mismatch(
+        write(&*store, id, &set_model("sonnet"), Some(0)).await,
+        0,
+        Some(1),
+    );
+
+    // The right revision succeeds.
+    let r2 = write(&*store, id, &set_model("sonnet"), Some(1))
+        .await
+        .unwrap();
+    assert_eq!(r2.revision, 2);
+    assert_eq!(r2.model, Stored::Valid(model("sonnet")));
+
+    // A stale revision is refused and changes nothing, not even with a
+    // change that would be a no-op.
+    assert_mismatch(
+        write(&*store, id, &set_model("haiku"), Some(1)).await,
+        1,
+        Some(2),
+    );
+    assert_mismatch(
+        write(&*store, id, &set_model("sonnet"), Some(1)).await,
+        1,
+        Some(2),
+    );
+    // A revision from the future is refused too.
+    assert_mismatch(
+        write(&*store, id, &set_model("haiku"), Some(9)).await,
+        9,
+        Some(2),
+    );
+    assert_eq!(load(&*store, id).await, r2);
+    assert_eq!(revisions(&history(&*store, id).await), vec![2, 1]);
+
+    let r3 = write(&*store, id, &set_model("haiku"), Some(2))
+        .await
+        .unwrap();
+    assert_eq!(r3.revision, 3);
+    assert_eq!(load(&*store, id).await, r3);
+    assert_eq!(revisions(&history(&*store, id).await), vec![3, 2, 1]);
+}
+
+async fn a_write_that_changes_nothing_keeps_the_revision_and_writes_no_audit_row(h: &mut Harness) {
+    let store = h.store();
+    let id = WorkspaceId::new_random();
+    let full = set(Patch {
+        runtime: Some(Some(runtime("claude-code"))),
+        model: Some(Some(model("opus"))),
+        credential_keys: Some(keys(&["ANTHROPIC_API_KEY", "CLAUDE_CODE_OAUTH_TOKEN"])),
+        override_mode: Some(Mode::Byok),
+    });
+    let created = write(&*store, id, &full, None).await.unwrap();
+    assert_eq!(created.revision, 1);
+
+    let no_ops = [
+        // The very same Set, retried.
+        full.clone(),
+        // A subset of the same values.
+        set_model("opus"),
+        set_override(Mode::Byok),
+        // The same keys in another order, with a duplicate.
+        set(Patch {
+            credential_keys: Some(keys(&[
+                "CLAUDE_CODE_OAUTH_TOKEN",
+                "ANTHROPIC_API_KEY",
+                "CLAUDE_CODE_OAUTH_TOKEN",
+            ])),
+            ..Patch::default()
+        }),
+    ];
+    for change in &no_ops {
+        let same = write(&*store, id, change, None).await.unwrap();
+        assert_eq!(same, created, "{change:?} changed the record");
+        // With the current revision as compare-and-set, too.
+        let same = write(&*store, id, change, Some(1)).await.unwrap();
+        assert_eq!(same, created, "{change:?} changed the record");
+    }
+    assert_eq!(load(&*store, id).await, created);
+    assert_eq!(revisions(&history(&*store, id).await), vec![1]);
+
+    // Clearing absent fields and an absent override changes nothing either.
+    let cleared = write(&*store, id, &Change::ClearOverride, None)
+        .await
+        .unwrap();
+    assert_eq!(cleared.revision, 2);
+    let bare = write(
+        &*store,
+        id,
+        &set(Patch {
+            runtime: Some(None),
+            model: Some(None),
+            credential_keys: Some(CredentialKeys::default()),
+            ..Patch::default()
+        }),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(bare.revision, 3);
+    for change in [
+        Change::ClearOverride,
+        set(Patch {
+            runtime: Some(None),
+            model: Some(None),
+            credential_keys: Some(CredentialKeys::default()),
+            ..Patch::default()
+        }),
+    ] {
+        let same = write(&*store, id, &change, None).await.unwrap();
+        assert_eq!(same, bare, "{change:?} changed the record");
+    }
+    assert_eq!(load(&*store, id).await, bare);
+    assert_eq!(revisions(&history(&*store, id).await), vec![3, 2, 1]);
+}
+
+async fn audit_rows_carry_revision_actor_reason_fields_and_time(h: &mut Harness) {
+    let store = h.store();
+    let id = WorkspaceId::new_random();
+    let t0 = Utc::now();
+    let changes = [
+        (
+            set(Patch {
+                runtime: Some(Some(runtime("langgraph"))),
+                model: Some(Some(model("openai:gpt-4o"))),
+                credential_keys: Some(keys(&["OPENAI_API_KEY"])),
+                ..Patch::default()
+            }),
+            "alice@example.com",
+            "onboarding",
+        ),
+        (
+            set_override(Mode::Byok),
+            "bob",
+            "customer brings their own key — ticket #42 ✓\nsecond line",
+        ),
+        (Change::ClearOverride, "carol", "revert"),
+    ];
+    let mut records: Vec<Record> = Vec::new();
+    for (change, actor, reason) in &changes {
+        records.push(
+            write_as(&*store, id, change, None, actor, reason)
+                .await
+                .unwrap(),
+        );
+    }
+    let t1 = Utc::now();
+
+    let mut audit = history(&*store, id).await;
+    audit.reverse(); // oldest first, to line up with `changes`
+    assert_eq!(audit.len(), 3, "{audit:?}");
+    let slack = Duration::seconds(1);
+    let mut previous: Option<DateTime<Utc>> = None;
+    for (i, row) in audit.iter().enumerate() {
+        let (_, actor, reason) = &changes[i];
+        assert_eq!(row.workspace_id, id);
+        assert_eq!(row.revision, i as u64 + 1);
+        assert_eq!(row.revision, records[i].revision);
+        assert_eq!(row.actor, *actor);
+        assert_eq!(row.reason, *reason);
+        assert_eq!(row.after, records[i].fields());
+        assert_eq!(row.before, i.checked_sub(1).map(|p| records[p].fields()));
+        assert!(
+            row.at >= t0 - slack && row.at <= t1 + slack,
+            "audit time {} is outside [{t0}, {t1}]",
+            row.at
+        );
+        if let Some(p) = previous {
+            assert!(row.at >= p, "audit times go backwards: {p} then {}", row.at);
+        }
+        previous = Some(row.at);
+    }
+    // The fields are recorded as stored text.
+    assert_eq!(
+        audit[1].after,
+        Fields {
+            runtime: Some("langgraph".into()),
+            model: Some("openai:gpt-4o".into()),
+            credential_keys: vec!["OPENAI_API_KEY".into()],
+            override_mode: Some("byok".into()),
+        }
+    );
+}
+
+async fn history_is_newest_first_and_pages_by_revision(h: &mut Harness) {
+    let store = h.store();
+    let id = WorkspaceId::new_random();
+    let other = WorkspaceId::new_random();
+    for i in 1..=7 {
+        write(&*store, id, &set_model(&format!("model-{i}")), None)
+            .await
+            .unwrap();
+        // Interleave another workspace's changes: they must not show up.
+        write(&*store, other, &set_model(&format!("other-{i}")), None)
+            .await
+            .unwrap();
+    }
+    let all = history(&*store, id).await;
+    assert_eq!(revisions(&all), vec![7, 6, 5, 4, 3, 2, 1]);
+    assert!(all.iter().all(|e| e.workspace_id == id));
+    for e in &all {
+        assert_eq!(
+            e.after.model.as_deref(),
+            Some(format!("model-{}", e.revision).as_str())
+        );
+    }
+
+    let page = |before: Option<u64>, limit: u32| {
+        let store = store.clone();
+        async move {
+            revisions(
+                &store
+                    .history(&id, before, limit)
+                    .await
+                    .expect("history page"),
+            )
+        }
+    };
+    assert_eq!(page(None, 3).await, vec![7, 6, 5]);
+    assert_eq!(page(Some(5), 3).await, vec![4, 3, 2]);
+    assert_eq!(page(Some(2), 3).await, vec![1]);
+    assert_eq!(page(Some(1), 3).await, Vec::<u64>::new());
+    assert_eq!(page(Some(100), 2).await, vec![7, 6]);
+    assert_eq!(page(None, 0).await, Vec::<u64>::new());
+    assert_eq!(page(None, 1).await, vec![7]);
+
+    // Paging to the end yields every row exactly once.
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    loop {
+        let rows = store.history(&id, cursor, 2).await.unwrap();
+        let Some(last) = rows.last() else { break };
+        cursor = Some(last.revision);
+        seen.extend(rows.iter().map(|e| e.revision));
+    }
+    assert_eq!(seen, vec![7, 6, 5, 4, 3, 2, 1]);
+
+    assert!(history(&*store, WorkspaceId::new_random()).await.is_empty());
+}
+
+async fn concurrent_sets_on_one_workspace_lose_no_update(h: &mut Harness) {
+    const N: u64 = 50;
+    let store = h.store();
+    let id = WorkspaceId::new_random();
+    let tasks: Vec<_> = (1..=N)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let change = set_model(&format!("model-{i}"));
+                let reason = format!("writer {i}");
+                let record = write_as(&*store, id, &change, None, "racer", &reason).await;
+                (i, record)
+            })
+        })
+        .collect();
+    let mut by_revision = std::collections::BTreeMap::new();
+    for task in tasks {
+        let (i, record) = task.await.expect("writer task");
+        let record = record.unwrap_or_else(|e| panic!("writer {i} failed: {e:?}"));
+        assert_eq!(record.model, Stored::Valid(model(&format!("model-{i}"))));
+        assert!(
+            by_revision.insert(record.revision, i).is_none(),
+            "two writers got revision {}",
+            record.revision
+        );
+    }
+    assert_eq!(
+        by_revision.keys().copied().collect::<Vec<_>>(),
+        (1..=N).collect::<Vec<_>>(),
+        "each write must get its own revision"
+    );
+
+    let last = load(&*store, id).await;
+    assert_eq!(last.revision, N);
+    assert_eq!(
+        last.model,
+        Stored::Valid(model(&format!("model-{}", by_revision[&N])))
+    );
+
+    let audit = history(&*store, id).await;
+    assert_eq!(revisions(&audit), (1..=N).rev().collect::<Vec<_>>());
+    let mut oldest_first = audit.clone();
+    oldest_first.reverse();
+    for (k, row) in oldest_first.iter().enumerate() {
+        let writer = by_revision[&row.revision];
+        assert_eq!(row.reason, format!("writer {writer}"));
+        assert_eq!(
+            row.after.model.as_deref(),
+            Some(format!("model-{writer}").as_str())
+        );
+        // Each change was made on top of the one before it.
+        let expected_before = k.checked_sub(1).map(|p| oldest_first[p].after.clone());
+        assert_eq!(row.before, expected_before, "revision {}", row.revision);
+    }
+    let models: BTreeSet<_> = audit.iter().map(|e| e.after.model.clone()).collect();
+    assert_eq!(models.len(), N as usize);
+}
+
+async fn concurrent_creates_of_one_workspace_do_not_fail(h: &mut Harness) {
+    const N: usize = 20;
+    let store = h.store();
+
+    // The same Set from many callers at once: one creates, the rest are no-ops.
+    let id = WorkspaceId::new_random();
+    let tasks: Vec<_> = (0..N)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let change = set(Patch {
+                    runtime: Some(Some(runtime("hermes"))),
+                    model: Some(Some(model("openai/gpt-4o"))),
+                    ..Patch::default()
+                });
+                write(&*store, id, &change, None).await
+            })
+        })
+        .collect();
+    for task in tasks {
+        let record = task
+            .await
+            .expect("task")
+            .expect("a concurrent create failed");
+        assert_eq!(record.revision, 1);
+        assert_eq!(record.runtime, Stored::Valid(runtime("hermes")));
+    }
+    assert_eq!(load(&*store, id).await.revision, 1);
+    let audit = history(&*store, id).await;
+    assert_eq!(revisions(&audit), vec![1]);
+    assert_eq!(audit[0].before, None);
+
+    // Different Sets at once on a new workspace: all apply, in some order.
+    let id = WorkspaceId::new_random();
+    let tasks: Vec<_> = (0..N)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(
+                async move { write(&*store, id, &set_model(&format!("m{i}")), None).await },
+            )
+        })
+        .collect();
+    for task in tasks {
+        task.await
+            .expect("task")
+            .expect("a concurrent create failed");
+    }
+    assert_eq!(load(&*store, id).await.revision, N as u64);
+    assert_eq!(history(&*store, id).await.len(), N);
+
+    // Create-only (expected revision 0) at once: exactly one wins.
+    let id = WorkspaceId::new_random();
+    let tasks: Vec<_> = (0..N)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let actor = format!("creator-{i}");
+                let change = set_model(&format!("m{i}"));
+                (
+                    i,
+                    write_as(&*store, id, &change, Some(0), &actor, "create").await,
+                )
+            })
+        })
+        .collect();
+    let mut winners = Vec::new();
+    for task in tasks {
+        match task.await.expect("task") {
+            (i, Ok(record)) => {
+                assert_eq!(record.revision, 1);
+                winners.push(i);
+            }
+            (_, result @ Err(_)) => assert_mismatch(result, 0, Some(1)),
+        }
+    }
+    assert_eq!(winners.len(), 1, "winners: {winners:?}");
+    let audit = history(&*store, id).await;
+    assert_eq!(revisions(&audit), vec![1]);
+    assert_eq!(audit[0].actor, format!("creator-{}", winners[0]));
+    assert_eq!(
+        load(&*store, id).await.model,
+        Stored::Valid(model(&format!("m{}", winners[0])))
+    );
+}
+
+async fn the_database_refuses_an_invalid_override_mode(h: &mut Harness) {
+    let store = h.store();
+    let id = WorkspaceId::new_random();
+    write(&*store, id, &set_override(Mode::Byok), None)
+        .await
+        .unwrap();
+
+    // The statement itself works with a valid mode...
+    let affected = h
+        .execute(&format!(
+            "UPDATE billing_records SET override_mode = 'disabled' WHERE workspace_id = '{id}'"
+        ))
+        .await
+        .expect("a valid raw UPDATE");
+    assert_eq!(affected, 1);
+    let valid = load(&*store, id).await;
+    assert_eq!(valid.override_mode, Stored::Valid(Mode::Disabled));
+
+    // ...and is refused with an invalid one.
+    for bogus in ["bogus", "BYOK", ""] {
+        let err = h
+            .execute(&format!(
+                "UPDATE billing_records SET override_mode = '{bogus}' WHERE workspace_id = '{id}'"
+            ))
+            .await
+            .expect_err("the schema must refuse an invalid override_mode");
+        assert_check_violation(&err, "billing_records_override_mode_check");
+    }
+    assert_eq!(load(&*store, id).await, valid);
+
+    // A new row with an invalid override is refused too.
+    let new = WorkspaceId::new_random();
+    let err = h
+        .execute(&format!(
+            "INSERT INTO billing_records (workspace_id, override_mode, revision, updated_at) \
+             VALUES ('{new}', 'bogus', 1, CURRENT_TIMESTAMP)"
+        ))
+        .await
+        .expect_err("the schema must refuse an invalid override_mode");
+    assert_check_violation(&err, "billing_records_override_mode_check");
+    assert_eq!(store.load(&new).await.unwrap(), None);
+}
+
+async fn a_garbled_override_loads_as_invalid_and_resolve_ignores_it(h: &mut Harness) {
+    let registry = Registry::builtin().expect("the built-in registry");
+    let store = h.store();
+    let id = WorkspaceId::new_random();
+    let created = write(&*store, id, &set_override(Mode::Byok), None)
+        .await
+        .unwrap();
+    let before = resolve(&created, &registry);
+    assert_eq!((before.mode, before.source), (Mode::Byok, Source::Override));
+
+    h.garble_override(id, "BYOK").await;
+
+    let garbled = load(&*store, id).await;
+    assert_eq!(garbled.override_mode, Stored::Invalid("BYOK".into()));
+    assert_eq!(garbled.revision, 1);
+    assert_eq!(garbled.runtime, Stored::Absent);
+
+    let resolution = resolve(&garbled, &registry);
+    assert_eq!(
+        resolution.override_mode, None,
+        "a garbled override is absent"
+    );
+    assert_eq!(resolution.source, Source::Default);
+    assert_eq!(resolution.mode, Mode::PlatformManaged);
+    assert!(
+        resolution
+            .trace
+            .iter()
+            .any(|line| line.starts_with("override:") && line.contains("BYOK")),
+        "the trace must name the garbled override: {:?}",
+        resolution.trace
+    );
+
+    // A Set that does not touch the override still works, and keeps the
+    // garbled text as it is (only an explicit change replaces it).
+    let unrelated = write(
+        &*store,
+        id,
+        &set(Patch {
+            runtime: Some(Some(runtime("claude-code"))),
+            ..Patch::default()
+        }),
+        Some(1),
+    )
+    .await
+    .expect("a Set of another field is not blocked by a garbled override");
+    assert_eq!(unrelated.override_mode, Stored::Invalid("BYOK".into()));
+    assert_eq!(unrelated.revision, 2);
+
+    // Clear repairs it, and the audit row records the garbled text.
+    let repaired = write(&*store, id, &Change::ClearOverride, Some(2))
+        .await
+        .unwrap();
+    assert_eq!(repaired.override_mode, Stored::Absent);
+    assert_eq!(repaired.revision, 3);
+    let audit = history(&*store, id).await;
+    assert_eq!(
+        audit[0].before.as_ref().unwrap().override_mode.as_deref(),
+        Some("BYOK")
+    );
+    assert_eq!(audit[0].after.override_mode, None);
+}
+
+async fn garbled_runtime_and_credential_keys_load_as_invalid(h: &mut Harness) {
+    let registry = Registry::builtin().expect("the built-in registry");
+    let store = h.store();
+    let id = WorkspaceId::new_random();
+    write(
+        &*store,
+        id,
+        &set(Patch {
+            runtime: Some(Some(runtime("claude-code"))),
+            model: Some(Some(model("opus"))),
+            credential_keys: Some(keys(&["CLAUDE_CODE_OAUTH_TOKEN"])),
+            ..Patch::default()
+        }),
+        None,
+    )
+    .await
+    .unwrap();
+
+    let affected = h
+        .execute(&format!(
+            "UPDATE billing_records SET runtime = 'claude code', \
+             credential_keys = '[\"NOT-A-KEY\"]' WHERE workspace_id = '{id}'"
+        ))
+        .await
+        .expect("the schema allows any runtime text and any JSON array of keys");
+    assert_eq!(affected, 1);
+
+    let garbled = load(&*store, id).await;
+    assert_eq!(garbled.runtime, Stored::Invalid("claude code".into()));
+    assert_eq!(garbled.credential_keys, Stored::Invalid("NOT-A-KEY".into()));
+    assert_eq!(garbled.model, Stored::Valid(model("opus")));
+    assert_eq!(garbled.revision, 1);
+
+    let resolution = resolve(&garbled, &registry);
+    assert_eq!(resolution.runtime, None);
+    assert!(resolution.credential_keys.is_empty());
+    for name in ["claude code", "NOT-A-KEY"] {
+        assert!(
+            resolution.trace.iter().any(|line| line.contains(name)),
+            "the trace must name {name:?}: {:?}",
+            resolution.trace
+        );
+    }
+
+    // A Set repairs the runtime; the audit row keeps the garbled text.
+    let repaired = write(
+        &*store,
+        id,
+        &set(Patch {
+            runtime: Some(Some(runtime("claude-code"))),
+            ..Patch::default()
+        }),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(repaired.runtime, Stored::Valid(runtime("claude-code")));
+    assert_eq!(repaired.revision, 2);
+    let audit = history(&*store, id).await;
+    assert_eq!(
+        audit[0].before.as_ref().unwrap().runtime.as_deref(),
+        Some("claude code")
+    );
+}
+
+async fn state_survives_reconnecting(h: &mut Harness) {
+    let store = h.store();
+    let id = WorkspaceId::new_random();
+    write(
+        &*store,
+        id,
+        &set(Patch {
+            runtime: Some(Some(runtime("hermes"))),
+            model: Some(Some(model("openai/gpt-4o"))),
+            credential_keys: Some(keys(&["OPENAI_API_KEY"])),
+            override_mode: Some(Mode::Byok),
+        }),
+        None,
+    )
+    .await
+    .unwrap();
+    write(&*store, id, &Change::ClearOverride, None)
+        .await
+        .unwrap();
+    let record = load(&*store, id).await;
+    let audit = history(&*store, id).await;
+    assert_eq!(record.revision, 2);
+    drop(store);
+
+    h.reconnect().await;
+
+    let store = h.store();
+    assert_eq!(load(&*store, id).await, record);
+    assert_eq!(history(&*store, id).await, audit);
+    // Revisions carry on from where they were.
+    let next = write(&*store, id, &set_model("gpt-5"), Some(2))
+        .await
+        .unwrap();
+    assert_eq!(next.revision, 3);
+    assert_eq!(revisions(&history(&*store, id).await), vec![3, 2, 1]);
+}
+
+async fn migrations_are_idempotent(h: &mut Harness) {
+    let expected = match h.backend_name() {
+        "sqlite" => SQLITE_MIGRATIONS.iter().count(),
+        _ => POSTGRES_MIGRATIONS.iter().count(),
+    } as i64;
+    let count = "SELECT COUNT(*) FROM _sqlx_migrations";
+    let succeeded = "SELECT COUNT(*) FROM _sqlx_migrations WHERE success";
+    assert_eq!(h.query_i64(count).await, expected);
+    assert_eq!(h.query_i64(succeeded).await, expected);
+
+    let store = h.store();
+    let id = WorkspaceId::new_random();
+    let created = write(&*store, id, &set_override(Mode::Disabled), None)
+        .await
+        .unwrap();
+
+    // A second store on the same database, through the public entry point,
+    // while the first is still open.
+    let again = super::connect(&h.url)
+        .await
+        .expect("connecting a second time must not fail");
+    assert_eq!(again.backend(), h.backend_name());
+    assert_eq!(h.query_i64(count).await, expected, "migrations re-applied");
+    assert_eq!(h.query_i64(succeeded).await, expected);
+    assert_eq!(load(&*again, id).await, created, "the data must survive");
+    // Both see each other's writes.
+    let r2 = write(&*again, id, &Change::ClearOverride, None)
+        .await
+        .unwrap();
+    assert_eq!(load(&*store, id).await, r2);
+    drop(again);
+
+    // And a third time, after closing.
+    drop(store);
+    h.reconnect().await;
+    assert_eq!(h.query_i64(count).await, expected);
+    assert_eq!(load(&*h.store(), id).await, r2);
+}
