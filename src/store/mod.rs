@@ -158,6 +158,57 @@ pub(crate) fn revision_to_db(r: u64) -> Result<i64, StoreError> {
     i64::try_from(r).map_err(|_| StoreError::Corrupt(format!("revision {r} is too large")))
 }
 
+/// The columns every backend selects for a record, interpreted once.
+///
+/// Generic over the backend's row type, so both backends read a record and an
+/// audit row the same way.
+pub(crate) fn record_from_row<'r, R>(row: &'r R) -> Result<(Fields, u64), StoreError>
+where
+    R: sqlx::Row,
+    &'r str: sqlx::ColumnIndex<R>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let keys: String = row.try_get("credential_keys")?;
+    Ok((
+        Fields {
+            runtime: row.try_get("runtime")?,
+            model: row.try_get("model")?,
+            credential_keys: Fields::credential_keys_from_json(&keys),
+            override_mode: row.try_get("override_mode")?,
+        },
+        revision_from_db(row.try_get("revision")?)?,
+    ))
+}
+
+/// One audit row (`revision, actor, reason, before, after, at`, the JSON
+/// columns as text).
+pub(crate) fn audit_from_row<'r, R>(
+    row: &'r R,
+    workspace_id: WorkspaceId,
+) -> Result<AuditEntry, StoreError>
+where
+    R: sqlx::Row,
+    &'r str: sqlx::ColumnIndex<R>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    DateTime<Utc>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let before: Option<String> = row.try_get("before")?;
+    let after: String = row.try_get("after")?;
+    Ok(AuditEntry {
+        workspace_id,
+        revision: revision_from_db(row.try_get("revision")?)?,
+        actor: row.try_get("actor")?,
+        reason: row.try_get("reason")?,
+        at: row.try_get("at")?,
+        before: before.as_deref().map(fields_from_json).transpose()?,
+        after: fields_from_json(&after)?,
+    })
+}
+
 pub(crate) fn fields_from_json(text: &str) -> Result<Fields, StoreError> {
     serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("audit fields: {e}")))
 }

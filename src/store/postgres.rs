@@ -5,17 +5,17 @@
 //! when it loses, so concurrent writers never lose an update.
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use sqlx::{
     postgres::{PgConnectOptions, PgPool, PgPoolOptions},
-    Postgres, Row, Transaction,
+    Postgres, Transaction,
 };
 
 use super::{
-    fields_from_json, fields_to_json, plan_write, revision_from_db, revision_to_db, AuditEntry,
-    Plan, Store, StoreError, Write,
+    audit_from_row, fields_to_json, plan_write, record_from_row, revision_to_db, AuditEntry, Plan,
+    Store, StoreError, Write,
 };
-use crate::domain::{Fields, Record, WorkspaceId};
+use crate::domain::{Record, WorkspaceId};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
@@ -43,19 +43,6 @@ impl PostgresStore {
 const SELECT_RECORD: &str = "SELECT runtime, model, credential_keys::text AS credential_keys, \
      override_mode, revision FROM billing_records WHERE workspace_id = $1::uuid";
 
-fn row_to_fields(row: &sqlx::postgres::PgRow) -> Result<(Fields, u64), StoreError> {
-    let keys: String = row.try_get("credential_keys")?;
-    Ok((
-        Fields {
-            runtime: row.try_get("runtime")?,
-            model: row.try_get("model")?,
-            credential_keys: Fields::credential_keys_from_json(&keys),
-            override_mode: row.try_get("override_mode")?,
-        },
-        revision_from_db(row.try_get("revision")?)?,
-    ))
-}
-
 async fn try_write(
     tx: &mut Transaction<'_, Postgres>,
     w: &Write<'_>,
@@ -65,7 +52,7 @@ async fn try_write(
         .bind(&id)
         .fetch_optional(&mut **tx)
         .await?;
-    let current = row.as_ref().map(row_to_fields).transpose()?;
+    let current = row.as_ref().map(record_from_row).transpose()?;
     let now = Utc::now();
     let (before, after, revision) = match plan_write(
         current,
@@ -140,7 +127,7 @@ impl Store for PostgresStore {
             .await?;
         Ok(row
             .as_ref()
-            .map(row_to_fields)
+            .map(record_from_row)
             .transpose()?
             .map(|(f, rev)| f.into_record(*workspace_id, rev)))
     }
@@ -184,20 +171,7 @@ impl Store for PostgresStore {
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
-            .map(|row| {
-                let before: Option<String> = row.try_get("before")?;
-                let after: String = row.try_get("after")?;
-                let at: DateTime<Utc> = row.try_get("at")?;
-                Ok(AuditEntry {
-                    workspace_id: *workspace_id,
-                    revision: revision_from_db(row.try_get("revision")?)?,
-                    actor: row.try_get("actor")?,
-                    reason: row.try_get("reason")?,
-                    at,
-                    before: before.as_deref().map(fields_from_json).transpose()?,
-                    after: fields_from_json(&after)?,
-                })
-            })
+            .map(|row| audit_from_row(row, *workspace_id))
             .collect()
     }
 

@@ -7,19 +7,19 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use sqlx::{
     sqlite::{
         SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
     },
-    Row, Sqlite, Transaction,
+    Sqlite, Transaction,
 };
 
 use super::{
-    fields_from_json, fields_to_json, plan_write, revision_from_db, revision_to_db, AuditEntry,
-    Plan, Store, StoreError, Write,
+    audit_from_row, fields_to_json, plan_write, record_from_row, revision_to_db, AuditEntry, Plan,
+    Store, StoreError, Write,
 };
-use crate::domain::{Fields, Record, WorkspaceId};
+use crate::domain::{Record, WorkspaceId};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -53,26 +53,13 @@ impl SqliteStore {
 const SELECT_RECORD: &str = "SELECT runtime, model, credential_keys, override_mode, revision \
      FROM billing_records WHERE workspace_id = $1";
 
-fn row_to_fields(row: &sqlx::sqlite::SqliteRow) -> Result<(Fields, u64), StoreError> {
-    let keys: String = row.try_get("credential_keys")?;
-    Ok((
-        Fields {
-            runtime: row.try_get("runtime")?,
-            model: row.try_get("model")?,
-            credential_keys: Fields::credential_keys_from_json(&keys),
-            override_mode: row.try_get("override_mode")?,
-        },
-        revision_from_db(row.try_get("revision")?)?,
-    ))
-}
-
 async fn write_in(tx: &mut Transaction<'_, Sqlite>, w: &Write<'_>) -> Result<Record, StoreError> {
     let id = w.workspace_id.to_string();
     let row = sqlx::query(SELECT_RECORD)
         .bind(&id)
         .fetch_optional(&mut **tx)
         .await?;
-    let current = row.as_ref().map(row_to_fields).transpose()?;
+    let current = row.as_ref().map(record_from_row).transpose()?;
     let now = Utc::now();
     let (before, after, revision) = match plan_write(
         current,
@@ -152,7 +139,7 @@ impl Store for SqliteStore {
             .await?;
         Ok(row
             .as_ref()
-            .map(row_to_fields)
+            .map(record_from_row)
             .transpose()?
             .map(|(f, rev)| f.into_record(*workspace_id, rev)))
     }
@@ -184,20 +171,7 @@ impl Store for SqliteStore {
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
-            .map(|row| {
-                let before: Option<String> = row.try_get("before")?;
-                let after: String = row.try_get("after")?;
-                let at: DateTime<Utc> = row.try_get("at")?;
-                Ok(AuditEntry {
-                    workspace_id: *workspace_id,
-                    revision: revision_from_db(row.try_get("revision")?)?,
-                    actor: row.try_get("actor")?,
-                    reason: row.try_get("reason")?,
-                    at,
-                    before: before.as_deref().map(fields_from_json).transpose()?,
-                    after: fields_from_json(&after)?,
-                })
-            })
+            .map(|row| audit_from_row(row, *workspace_id))
             .collect()
     }
 
