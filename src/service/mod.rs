@@ -15,6 +15,7 @@ use crate::{
     store::{Store, Write},
 };
 
+pub mod codec;
 pub mod convert;
 pub mod error;
 

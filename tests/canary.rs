@@ -1,0 +1,979 @@
+//! Secrets never leak, proved: one test binary with a global TRACE-level
+//! subscriber (text and JSON) installed before the server starts in-process.
+//! Every RPC is driven (successes and each failure) with unique canary secret
+//! values in every env value and with bearer tokens (themselves secrets);
+//! then the captured logs, every error (message, details, metadata), every
+//! History page and every raw audit and record row are searched for them.
+//! Values returned in a successful BuildEnv env are the only allowed place.
+mod common;
+
+use std::{
+    collections::HashSet,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use billing_mode::{
+    auth::Role,
+    proto::{
+        billing_mode_client::BillingModeClient, BuildEnvRequest, ClearRequest, CredentialKeys,
+        EnvVar, HistoryRequest, Mode, Origin, ResolveRequest, SetRequest,
+    },
+};
+use common::*;
+use tonic::{metadata::MetadataValue, Code, Request, Status};
+use tracing_subscriber::{
+    filter::LevelFilter, fmt::format::FmtSpan, layer::SubscriberExt, util::SubscriberInitExt,
+};
+
+/// Appends everything written to a shared buffer.
+#[derive(Clone)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+struct Logs {
+    text: Arc<Mutex<Vec<u8>>>,
+    json: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Logs {
+    /// Installs the global subscriber: everything, at TRACE, as text and as
+    /// JSON (with span fields), plus `log` records through tracing-log.
+    fn install() -> Logs {
+        let text = Arc::new(Mutex::new(Vec::new()));
+        let json = Arc::new(Mutex::new(Vec::new()));
+        let (t, j) = (text.clone(), json.clone());
+        tracing_subscriber::registry()
+            .with(LevelFilter::TRACE)
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(false)
+                    .with_span_events(FmtSpan::FULL)
+                    .with_writer(move || Capture(t.clone())),
+            )
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_current_span(true)
+                    .with_span_list(true)
+                    .with_span_events(FmtSpan::FULL)
+                    .with_writer(move || Capture(j.clone())),
+            )
+            .init();
+        Logs { text, json }
+    }
+
+    /// The captured text and JSON output so far, emptying the buffers.
+    fn take(&self) -> (String, String) {
+        let t = std::mem::take(&mut *self.text.lock().unwrap());
+        let j = std::mem::take(&mut *self.json.lock().unwrap());
+        (
+            String::from_utf8_lossy(&t).into_owned(),
+            String::from_utf8_lossy(&j).into_owned(),
+        )
+    }
+}
+
+/// Every secret the test sends, and every place searched for them. The
+/// search runs once at the end, with one regex over all secrets.
+#[derive(Default)]
+struct Secrets {
+    all: Vec<String>,
+    places: Vec<(String, String)>,
+}
+
+impl Secrets {
+    /// A fresh canary value.
+    fn canary(&mut self) -> String {
+        let id = uuid::Uuid::new_v4().to_string();
+        let c = format!("CANARY-{id}");
+        self.all.push(c.clone());
+        // The random part alone, in case the prefix is stripped.
+        self.all.push(id);
+        c
+    }
+
+    /// Registers a secret that is not a canary (a real bearer token).
+    fn add(&mut self, s: &str) {
+        self.all.push(s.to_owned());
+    }
+
+    /// Remembers `haystack` (found at `place`) for the search.
+    fn check(&mut self, place: &str, haystack: &str) {
+        self.places.push((place.to_owned(), haystack.to_owned()));
+    }
+
+    /// Every line of every place that contains a secret or the canary marker.
+    ///
+    /// Canaries are `CANARY-<uuid>`: a line leaks one if it contains the
+    /// marker (any case) or the uuid of any canary (lower or upper case);
+    /// the few other secrets (bearer tokens) are searched for literally.
+    fn leaks(&self) -> Vec<String> {
+        let uuids: HashSet<String> = self
+            .all
+            .iter()
+            .filter(|s| is_uuid(s.as_bytes()))
+            .cloned()
+            .collect();
+        let literals: Vec<&String> = self
+            .all
+            .iter()
+            .filter(|s| !s.starts_with("CANARY-") && !uuids.contains(*s))
+            .collect();
+        let mut out = Vec::new();
+        for (place, text) in &self.places {
+            for line in text.lines() {
+                let lower = line.to_ascii_lowercase();
+                let hit = find_marker(&lower)
+                    .or_else(|| find_uuid(&lower, &uuids))
+                    .or_else(|| literals.iter().find_map(|l| line.find(l.as_str())));
+                if let Some(at) = hit {
+                    let mut start = at.saturating_sub(300);
+                    while !line.is_char_boundary(start) {
+                        start -= 1;
+                    }
+                    let mut end = (at + 300).min(line.len());
+                    while !line.is_char_boundary(end) {
+                        end += 1;
+                    }
+                    out.push(format!("{place}: ...{}...", &line[start..end]));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// `canary-` followed by the start of a uuid, in a lower-cased line.
+fn find_marker(lower: &str) -> Option<usize> {
+    let mut from = 0;
+    while let Some(i) = lower[from..].find("canary-") {
+        let at = from + i;
+        let rest = &lower.as_bytes()[at + 7..];
+        if rest.len() >= 9 && rest[..8].iter().all(u8::is_ascii_hexdigit) && rest[8] == b'-' {
+            return Some(at);
+        }
+        from = at + 7;
+    }
+    None
+}
+
+fn is_uuid(b: &[u8]) -> bool {
+    b.len() == 36
+        && b.iter().enumerate().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => *c == b'-',
+            _ => c.is_ascii_hexdigit(),
+        })
+}
+
+/// The position of a uuid from `set` in a lower-cased line.
+fn find_uuid(lower: &str, set: &HashSet<String>) -> Option<usize> {
+    let b = lower.as_bytes();
+    let mut i = 0;
+    while i + 36 <= b.len() {
+        if b[i + 8] == b'-' && is_uuid(&b[i..i + 36]) {
+            if set.contains(&lower[i..i + 36]) {
+                return Some(i);
+            }
+            i += 36;
+        } else {
+            i += 1;
+        }
+    }
+    None
+}
+
+type Client = BillingModeClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, TokenFn>,
+>;
+
+async fn client_with_header(app: &TestApp, header: &str) -> Client {
+    let value: MetadataValue<_> = header.parse().unwrap();
+    let f: TokenFn = Box::new(move |mut req: Request<()>| {
+        req.metadata_mut().insert("authorization", value.clone());
+        Ok(req)
+    });
+    BillingModeClient::with_interceptor(app.channel().await, f)
+}
+
+/// Checks an error: its code and reason, then searches all of it.
+fn refused(secrets: &mut Secrets, what: &str, r: Result<(), Status>, code: Code, reason: &str) {
+    let s = match r {
+        Ok(()) => panic!("{what}: expected {reason}, got success"),
+        Err(s) => s,
+    };
+    assert_error(&s, code, reason);
+    secrets.check(&format!("error message ({what})"), s.message());
+    secrets.check(
+        &format!("error details ({what})"),
+        &String::from_utf8_lossy(s.details()),
+    );
+    secrets.check(
+        &format!("error metadata ({what})"),
+        &format!("{:?}", s.metadata()),
+    );
+    secrets.check(&format!("error debug ({what})"), &format!("{s:?}"));
+}
+
+fn e(origin: Origin, key: &str, value: &str) -> EnvVar {
+    env(origin, key, value)
+}
+
+async fn build(c: &mut Client, ws: &str, env: Vec<EnvVar>) -> Result<(), Status> {
+    c.build_env(BuildEnvRequest {
+        workspace_id: ws.to_owned(),
+        env,
+    })
+    .await
+    .map(drop)
+}
+
+/// Drives every RPC on one backend; returns the secrets and leaks found in
+/// errors, History, the database and the logs.
+async fn drive(db: &TestDb, logs: &Logs) -> Secrets {
+    let started = Instant::now();
+    let mut s = Secrets::default();
+    let (admin_t, a) = make_token("canary-admin", &[Role::Admin]);
+    let (prov_t, p) = make_token("canary-provisioner", &[Role::Provisioner]);
+    let (reader_t, r) = make_token("canary-reader", &[Role::Reader]);
+    let (writer_t, w) = make_token("canary-writer", &[Role::Writer]);
+    for t in [&admin_t, &prov_t, &reader_t, &writer_t] {
+        s.add(t);
+        // The random part alone, in case a prefix is stripped.
+        s.add(t.trim_start_matches("bmt_"));
+    }
+    let app = TestApp::spawn_with(db, config_with_tokens(db, vec![a, p, r, w])).await;
+    let mut admin = client_with_header(&app, &format!("Bearer {admin_t}")).await;
+    let mut prov = client_with_header(&app, &format!("Bearer {prov_t}")).await;
+    let mut reader = client_with_header(&app, &format!("Bearer {reader_t}")).await;
+    let mut writer = client_with_header(&app, &format!("Bearer {writer_t}")).await;
+    let bad_token = s.canary();
+    let mut stranger = client_with_header(&app, &format!("Bearer {bad_token}")).await;
+    let bad_basic = s.canary();
+    let mut basic = client_with_header(&app, &format!("Basic {bad_basic}")).await;
+
+    // --- Set / Clear / Resolve / History successes -------------------------
+    let ws_byok = new_workspace();
+    admin
+        .set(SetRequest {
+            workspace_id: ws_byok.clone(),
+            runtime: Some("claude-code".into()),
+            model: Some("opus".into()),
+            credential_keys: Some(CredentialKeys {
+                keys: vec!["CLAUDE_CODE_OAUTH_TOKEN".into()],
+            }),
+            reason: "onboarding".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let ws_pm = new_workspace();
+    writer
+        .set(SetRequest {
+            workspace_id: ws_pm.clone(),
+            runtime: Some("langgraph".into()),
+            model: Some("anthropic:claude-sonnet-4-6".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let ws_ovr = new_workspace();
+    admin
+        .set(SetRequest {
+            workspace_id: ws_ovr.clone(),
+            runtime: Some("hermes".into()),
+            model: Some("openai/gpt-4o".into()),
+            credential_keys: Some(CredentialKeys {
+                keys: vec!["OPENAI_API_KEY".into()],
+            }),
+            override_mode: Some(Mode::Disabled.into()),
+            reason: "suspended for review".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    admin
+        .clear(ClearRequest {
+            workspace_id: ws_ovr.clone(),
+            expected_revision: Some(1),
+            reason: "review done".into(),
+        })
+        .await
+        .unwrap();
+    let resolved = reader
+        .resolve(ResolveRequest {
+            workspace_id: ws_byok.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    s.check("Resolve response", &format!("{resolved:?}"));
+
+    // --- BuildEnv successes, canaries in every value --------------------------
+    let byok_own = s.canary();
+    let mut byok_env = vec![
+        e(Origin::Workspace, "CLAUDE_CODE_OAUTH_TOKEN", &byok_own),
+        e(Origin::Global, "CLAUDE_CODE_OAUTH_TOKEN", &s.canary()),
+        e(Origin::Global, "ANTHROPIC_API_KEY", &s.canary()),
+        e(Origin::Workspace, "ANTHROPIC_BASE_URL", &s.canary()),
+        e(
+            Origin::Platform,
+            "MOLECULE_LLM_ANTHROPIC_BASE_URL",
+            &format!("https://{}.proxy.test/v1", s.canary()),
+        ),
+        e(Origin::Platform, "MOLECULE_LLM_USAGE_TOKEN", &s.canary()),
+        e(Origin::Workspace, "MOLECULE_LLM_USAGE_TOKEN", &s.canary()),
+        e(Origin::Workspace, "DATABASE_PASSWORD", &s.canary()),
+        e(Origin::Global, "SENTRY_DSN", &s.canary()),
+        e(Origin::Platform, "PLATFORM_SETTING", &s.canary()),
+        e(Origin::Workspace, "EMPTY_ONE", ""),
+    ];
+    byok_env.push(e(Origin::Workspace, "MODEL_PROVIDER", "opus"));
+    let built = prov
+        .build_env(BuildEnvRequest {
+            workspace_id: ws_byok.clone(),
+            env: byok_env.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        built.resolution.as_ref().unwrap().mode,
+        Mode::Byok as i32,
+        "{built:?}"
+    );
+    assert!(
+        built
+            .env
+            .iter()
+            .any(|v| v.key == "CLAUDE_CODE_OAUTH_TOKEN" && v.value == byok_own),
+        "the test drives real values: the customer's own token is kept: {built:?}"
+    );
+    // Names only outside the env.
+    s.check("BuildEnv resolution", &format!("{:?}", built.resolution));
+    s.check("BuildEnv removed_keys", &built.removed_keys.join(","));
+    s.check("BuildEnv added_keys", &built.added_keys.join(","));
+
+    let pm_env = vec![
+        e(
+            Origin::Platform,
+            "MOLECULE_LLM_ANTHROPIC_BASE_URL",
+            &format!("https://{}.proxy.test", s.canary()),
+        ),
+        e(
+            Origin::Platform,
+            "MOLECULE_LLM_OPENAI_BASE_URL",
+            &format!("https://{}.proxy.test", s.canary()),
+        ),
+        e(Origin::Platform, "MOLECULE_LLM_USAGE_TOKEN", &s.canary()),
+        e(Origin::Global, "ANTHROPIC_API_KEY", &s.canary()),
+        e(Origin::Workspace, "OPENAI_API_KEY", &s.canary()),
+        e(Origin::Workspace, "APP_SECRET", &s.canary()),
+        e(
+            Origin::Workspace,
+            "MODEL_PROVIDER",
+            "anthropic:claude-sonnet-4-6",
+        ),
+    ];
+    let built = prov
+        .build_env(BuildEnvRequest {
+            workspace_id: ws_pm.clone(),
+            env: pm_env.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        built.resolution.as_ref().unwrap().mode,
+        Mode::PlatformManaged as i32
+    );
+    s.check("BuildEnv resolution", &format!("{:?}", built.resolution));
+    s.check("BuildEnv removed_keys", &built.removed_keys.join(","));
+    s.check("BuildEnv added_keys", &built.added_keys.join(","));
+    // Admin may BuildEnv too (disabled-free path on the cleared workspace).
+    let env = vec![
+        e(Origin::Workspace, "OPENAI_API_KEY", &s.canary()),
+        e(Origin::Workspace, "OPENROUTER_API_KEY", &s.canary()),
+        e(Origin::Workspace, "HERMES_DEFAULT_MODEL", "openai/gpt-4o"),
+    ];
+    if let Err(st) = build(&mut admin, &ws_ovr, env).await {
+        // Whatever the outcome, it must not carry a value.
+        refused_any(&mut s, "BuildEnv hermes", st);
+    }
+
+    // --- Each failure, with canaries in every value ---------------------------
+    let extra = vec![e(Origin::Workspace, "1BAD-KEY", &s.canary())];
+    let env = with(&mut s, extra);
+    let r = build(&mut prov, &ws_byok, env).await;
+    refused(
+        &mut s,
+        "bad key",
+        r,
+        Code::InvalidArgument,
+        "INVALID_ENV_KEY",
+    );
+
+    let extra = vec![
+        e(Origin::Workspace, "DUP", &s.canary()),
+        e(Origin::Workspace, "DUP", &s.canary()),
+    ];
+    let env = with(&mut s, extra);
+    let r = build(&mut prov, &ws_byok, env).await;
+    refused(
+        &mut s,
+        "duplicate",
+        r,
+        Code::InvalidArgument,
+        "DUPLICATE_ENV_KEY",
+    );
+
+    let long = s.canary().repeat(64 * 1024 / 40 + 2);
+    assert!(long.len() > 64 * 1024);
+    let env = with(&mut s, vec![e(Origin::Workspace, "BIG", &long)]);
+    let r = build(&mut prov, &ws_byok, env).await;
+    refused(
+        &mut s,
+        "value limit",
+        r,
+        Code::InvalidArgument,
+        "LIMIT_EXCEEDED",
+    );
+
+    let many: Vec<EnvVar> = (0..1025)
+        .map(|i| e(Origin::Workspace, &format!("K{i}"), &s.canary()))
+        .collect();
+    let r = build(&mut prov, &ws_byok, many).await;
+    refused(
+        &mut s,
+        "entry limit",
+        r,
+        Code::InvalidArgument,
+        "LIMIT_EXCEEDED",
+    );
+
+    for origin in [Origin::Unspecified, Origin::Authority] {
+        let extra = vec![e(origin, "ANTHROPIC_BASE_URL", &s.canary())];
+        let env = with(&mut s, extra);
+        let r = build(&mut prov, &ws_pm, env).await;
+        refused(
+            &mut s,
+            "bad origin",
+            r,
+            Code::InvalidArgument,
+            "INVALID_FIELD",
+        );
+    }
+
+    let env = with(&mut s, vec![]);
+    let r = build(&mut prov, "not-a-workspace", env).await;
+    refused(
+        &mut s,
+        "bad workspace id",
+        r,
+        Code::InvalidArgument,
+        "INVALID_WORKSPACE_ID",
+    );
+
+    // The candidate's model value is itself a canary: it must not be echoed.
+    let mut env = pm_env.clone();
+    env.retain(|v| v.key != "MODEL_PROVIDER");
+    env.push(e(Origin::Workspace, "MODEL_PROVIDER", &s.canary()));
+    let r = build(&mut prov, &ws_pm, env).await;
+    refused(
+        &mut s,
+        "model mismatch",
+        r,
+        Code::FailedPrecondition,
+        "MODEL_MISMATCH",
+    );
+    let mut env = byok_env.clone();
+    env.retain(|v| v.key != "MODEL_PROVIDER");
+    env.push(e(Origin::Global, "MODEL_PROVIDER", &s.canary()));
+    let r = build(&mut prov, &ws_byok, env).await;
+    refused(
+        &mut s,
+        "model mismatch (global)",
+        r,
+        Code::FailedPrecondition,
+        "MODEL_MISMATCH",
+    );
+
+    let env = vec![
+        e(Origin::Global, "CLAUDE_CODE_OAUTH_TOKEN", &s.canary()),
+        e(Origin::Global, "ANTHROPIC_API_KEY", &s.canary()),
+        e(Origin::Workspace, "ANTHROPIC_API_KEY", &s.canary()),
+        e(
+            Origin::Platform,
+            "MOLECULE_LLM_ANTHROPIC_BASE_URL",
+            &s.canary(),
+        ),
+        e(Origin::Platform, "MOLECULE_LLM_USAGE_TOKEN", &s.canary()),
+        e(Origin::Workspace, "APP_TOKEN", &s.canary()),
+    ];
+    let r = build(&mut prov, &ws_byok, env).await;
+    refused(
+        &mut s,
+        "missing byok credential",
+        r,
+        Code::FailedPrecondition,
+        "MISSING_BYOK_CREDENTIAL",
+    );
+
+    let env = vec![
+        e(Origin::Global, "ANTHROPIC_API_KEY", &s.canary()),
+        e(Origin::Workspace, "ANTHROPIC_API_KEY", &s.canary()),
+        e(
+            Origin::Workspace,
+            "MOLECULE_LLM_ANTHROPIC_BASE_URL",
+            &s.canary(),
+        ),
+        e(Origin::Platform, "MOLECULE_LLM_USAGE_TOKEN", &s.canary()),
+        e(Origin::Workspace, "APP_TOKEN", &s.canary()),
+    ];
+    let r = build(&mut prov, &ws_pm, env).await;
+    refused(
+        &mut s,
+        "missing proxy",
+        r,
+        Code::FailedPrecondition,
+        "MISSING_PLATFORM_PROXY",
+    );
+
+    let env = with(&mut s, vec![]);
+    let r = build(&mut prov, &new_workspace(), env).await;
+    refused(
+        &mut s,
+        "not found",
+        r,
+        Code::NotFound,
+        "WORKSPACE_NOT_FOUND",
+    );
+    let r = reader
+        .resolve(ResolveRequest {
+            workspace_id: new_workspace(),
+        })
+        .await
+        .map(drop);
+    refused(
+        &mut s,
+        "resolve not found",
+        r,
+        Code::NotFound,
+        "WORKSPACE_NOT_FOUND",
+    );
+
+    let r = admin
+        .set(SetRequest {
+            workspace_id: ws_byok.clone(),
+            model: Some("sonnet".into()),
+            expected_revision: Some(99),
+            ..Default::default()
+        })
+        .await
+        .map(drop);
+    refused(
+        &mut s,
+        "set revision mismatch",
+        r,
+        Code::Aborted,
+        "REVISION_MISMATCH",
+    );
+    let r = admin
+        .clear(ClearRequest {
+            workspace_id: ws_ovr.clone(),
+            expected_revision: Some(99),
+            reason: "stale".into(),
+        })
+        .await
+        .map(drop);
+    refused(
+        &mut s,
+        "clear revision mismatch",
+        r,
+        Code::Aborted,
+        "REVISION_MISMATCH",
+    );
+    for (what, req, reason) in [
+        (
+            "nothing to set",
+            SetRequest {
+                workspace_id: ws_byok.clone(),
+                ..Default::default()
+            },
+            "NOTHING_TO_SET",
+        ),
+        (
+            "override without reason",
+            SetRequest {
+                workspace_id: ws_byok.clone(),
+                override_mode: Some(Mode::Byok.into()),
+                ..Default::default()
+            },
+            "REASON_REQUIRED",
+        ),
+        (
+            "unspecified mode",
+            SetRequest {
+                workspace_id: ws_byok.clone(),
+                override_mode: Some(0),
+                reason: "x".into(),
+                ..Default::default()
+            },
+            "INVALID_MODE",
+        ),
+    ] {
+        let r = admin.set(req).await.map(drop);
+        refused(&mut s, what, r, Code::InvalidArgument, reason);
+    }
+
+    // Unauthenticated: a canary token that is not configured, on every RPC.
+    for c in [&mut stranger, &mut basic] {
+        let env = with(&mut s, vec![]);
+        let r = build(c, &ws_byok, env).await;
+        refused(
+            &mut s,
+            "unauthenticated BuildEnv",
+            r,
+            Code::Unauthenticated,
+            "UNAUTHENTICATED",
+        );
+        let r = c
+            .resolve(ResolveRequest {
+                workspace_id: ws_byok.clone(),
+            })
+            .await
+            .map(drop);
+        refused(
+            &mut s,
+            "unauthenticated Resolve",
+            r,
+            Code::Unauthenticated,
+            "UNAUTHENTICATED",
+        );
+        let r = c
+            .set(SetRequest {
+                workspace_id: ws_byok.clone(),
+                model: Some("haiku".into()),
+                ..Default::default()
+            })
+            .await
+            .map(drop);
+        refused(
+            &mut s,
+            "unauthenticated Set",
+            r,
+            Code::Unauthenticated,
+            "UNAUTHENTICATED",
+        );
+        let r = c
+            .clear(ClearRequest {
+                workspace_id: ws_byok.clone(),
+                expected_revision: None,
+                reason: "x".into(),
+            })
+            .await
+            .map(drop);
+        refused(
+            &mut s,
+            "unauthenticated Clear",
+            r,
+            Code::Unauthenticated,
+            "UNAUTHENTICATED",
+        );
+        let r = c
+            .history(HistoryRequest {
+                workspace_id: ws_byok.clone(),
+                page_size: 0,
+                page_token: String::new(),
+            })
+            .await
+            .map(drop);
+        refused(
+            &mut s,
+            "unauthenticated History",
+            r,
+            Code::Unauthenticated,
+            "UNAUTHENTICATED",
+        );
+    }
+
+    // Permission denied, with canaries in the env.
+    let env = with(&mut s, vec![]);
+    let r = build(&mut reader, &ws_byok, env).await;
+    refused(
+        &mut s,
+        "reader BuildEnv",
+        r,
+        Code::PermissionDenied,
+        "PERMISSION_DENIED",
+    );
+    let env = with(&mut s, vec![]);
+    let r = build(&mut writer, &ws_byok, env).await;
+    refused(
+        &mut s,
+        "writer BuildEnv",
+        r,
+        Code::PermissionDenied,
+        "PERMISSION_DENIED",
+    );
+    let r = writer
+        .set(SetRequest {
+            workspace_id: ws_byok.clone(),
+            override_mode: Some(Mode::PlatformManaged.into()),
+            reason: "x".into(),
+            ..Default::default()
+        })
+        .await
+        .map(drop);
+    refused(
+        &mut s,
+        "writer override",
+        r,
+        Code::PermissionDenied,
+        "PERMISSION_DENIED",
+    );
+    let r = prov
+        .clear(ClearRequest {
+            workspace_id: ws_byok.clone(),
+            expected_revision: None,
+            reason: "x".into(),
+        })
+        .await
+        .map(drop);
+    refused(
+        &mut s,
+        "provisioner Clear",
+        r,
+        Code::PermissionDenied,
+        "PERMISSION_DENIED",
+    );
+    let r = prov
+        .history(HistoryRequest {
+            workspace_id: ws_byok.clone(),
+            page_size: 0,
+            page_token: String::new(),
+        })
+        .await
+        .map(drop);
+    refused(
+        &mut s,
+        "provisioner History",
+        r,
+        Code::PermissionDenied,
+        "PERMISSION_DENIED",
+    );
+
+    // Health with a canary bearer header (health does not check it).
+    {
+        use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+        let header: MetadataValue<_> = format!("Bearer {}", s.canary()).parse().unwrap();
+        let mut h =
+            HealthClient::with_interceptor(app.channel().await, move |mut r: Request<()>| {
+                r.metadata_mut().insert("authorization", header.clone());
+                Ok(r)
+            });
+        h.check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health ignores the header");
+    }
+
+    eprintln!("{:?}: RPCs driven in {:?}", db.backend, started.elapsed());
+    // --- History, through the service ----------------------------------------
+    for ws in [&ws_byok, &ws_pm, &ws_ovr] {
+        let mut token = String::new();
+        loop {
+            let page = reader
+                .history(HistoryRequest {
+                    workspace_id: ws.clone(),
+                    page_size: 1,
+                    page_token: token.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(!page.entries.is_empty());
+            s.check("History", &format!("{page:?}"));
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            token = page.next_page_token;
+        }
+    }
+
+    // --- The database, read directly -------------------------------------------
+    let rows = raw_audit_rows(db).await;
+    assert!(rows.len() >= 4, "audit rows were written: {rows:?}");
+    let actors: std::collections::BTreeSet<&str> = rows.iter().map(|r| r.actor.as_str()).collect();
+    assert!(actors.contains("canary-admin") && actors.contains("canary-writer"));
+    for row in &rows {
+        s.check("billing_audit row", &format!("{row:?}"));
+    }
+    for row in raw_record_rows(db).await {
+        s.check("billing_records row", &row);
+    }
+
+    // --- A store failure, with canaries in the request -------------------------
+    drop_tables(db).await;
+    let env = with(&mut s, vec![]);
+    let r = build(&mut prov, &ws_byok, env).await;
+    refused(
+        &mut s,
+        "store unavailable",
+        r,
+        Code::Unavailable,
+        "STORE_UNAVAILABLE",
+    );
+
+    app.stop().await.unwrap();
+
+    // Self-test of the search: three planted leaks, at TRACE, that the
+    // search below must find (and that the caller then discounts).
+    let planted = s.canary();
+    let uuid_only = planted.trim_start_matches("CANARY-").to_uppercase();
+    tracing::trace!(target: "canary_selftest", secret = %planted, "planted 1");
+    tracing::trace!(target: "canary_selftest", "planted 2: {uuid_only}");
+    tracing::trace!(target: "canary_selftest", "planted 3: Bearer {admin_t}");
+
+    // --- The logs ---------------------------------------------------------------
+    let (text, json) = logs.take();
+    eprintln!(
+        "{:?}: {} bytes of text log, {} of JSON, after {:?}",
+        db.backend,
+        text.len(),
+        json.len(),
+        started.elapsed()
+    );
+    if let Some(dir) = std::env::var_os("CANARY_LOG_DIR") {
+        // For inspection: CANARY_LOG_DIR=/tmp/x cargo test --test canary
+        let dir = std::path::PathBuf::from(dir);
+        std::fs::write(dir.join(format!("{:?}.log", db.backend)), &text).unwrap();
+        std::fs::write(dir.join(format!("{:?}.json", db.backend)), &json).unwrap();
+    }
+    // Not vacuous: the decision log, the refusals and TRACE output are there.
+    let decisions: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("billing_mode::decision"))
+        .collect();
+    assert!(
+        decisions
+            .iter()
+            .any(|l| l.contains("BuildEnv") && l.contains("canary-provisioner")),
+        "the BuildEnv decision was logged with its actor: {decisions:#?}"
+    );
+    for reason in [
+        "MISSING_BYOK_CREDENTIAL",
+        "MODEL_MISMATCH",
+        "PERMISSION_DENIED",
+        "STORE_UNAVAILABLE",
+    ] {
+        assert!(
+            decisions.iter().any(|l| l.contains(reason)),
+            "the refusal {reason} was logged: {decisions:#?}"
+        );
+    }
+    assert!(
+        text.lines().any(|l| l.contains(" TRACE ")),
+        "TRACE-level events were captured"
+    );
+    assert!(json.contains("\"billing_mode::decision\""), "JSON captured");
+    for line in &decisions {
+        s.check("decision log", line);
+    }
+    s.check("text log", &text);
+    s.check("json log", &json);
+    s
+}
+
+/// A few canary entries, then `extra`.
+fn with(s: &mut Secrets, extra: Vec<EnvVar>) -> Vec<EnvVar> {
+    let mut v = vec![
+        e(Origin::Workspace, "CLAUDE_CODE_OAUTH_TOKEN", &s.canary()),
+        e(Origin::Global, "ANTHROPIC_API_KEY", &s.canary()),
+        e(Origin::Workspace, "SOME_APP_PASSWORD", &s.canary()),
+    ];
+    v.extend(extra);
+    v
+}
+
+/// Any outcome is fine here; an error must still carry no value.
+fn refused_any(s: &mut Secrets, what: &str, st: Status) {
+    s.check(&format!("error ({what})"), &format!("{st:?}"));
+}
+
+/// Drops the tables under the running server so the next read fails.
+async fn drop_tables(db: &TestDb) {
+    use sqlx::Connection;
+    match db.backend {
+        Backend::Sqlite => {
+            let mut c = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+            sqlx::query("DROP TABLE billing_audit")
+                .execute(&mut c)
+                .await
+                .unwrap();
+            sqlx::query("DROP TABLE billing_records")
+                .execute(&mut c)
+                .await
+                .unwrap();
+        }
+        Backend::Postgres => {
+            let mut c = sqlx::PgConnection::connect(&db.url).await.unwrap();
+            sqlx::query("DROP TABLE billing_audit, billing_records")
+                .execute(&mut c)
+                .await
+                .unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_secret_appears_in_logs_errors_history_or_audit() {
+    let logs = Logs::install();
+    let mut report = Vec::new();
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        let Some(db) = TestDb::new(backend).await else {
+            continue;
+        };
+        let s = drive(&db, &logs).await;
+        assert!(s.all.len() > 1000, "canaries were sent");
+        let searching = Instant::now();
+        let (planted, leaks): (Vec<String>, Vec<String>) = s
+            .leaks()
+            .into_iter()
+            .partition(|l| l.contains("canary_selftest"));
+        eprintln!("{backend:?}: searched in {:?}", searching.elapsed());
+        // Each planted leak is found in the text log and in the JSON log.
+        for n in 1..=3 {
+            for place in ["text log", "json log"] {
+                assert!(
+                    planted
+                        .iter()
+                        .any(|l| l.starts_with(place) && l.contains(&format!("planted {n}"))),
+                    "the search missed planted leak {n} in the {place}: {planted:#?}"
+                );
+            }
+        }
+        report.extend(leaks.into_iter().map(|l| format!("[{backend:?}] {l}")));
+    }
+    assert!(
+        report.is_empty(),
+        "{} leak(s) of secret values:\n{}",
+        report.len(),
+        report
+            .iter()
+            .take(40)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
