@@ -422,6 +422,19 @@ async fn drive(db: &TestDb, logs: &Logs) -> Secrets {
         "INVALID_ENV_KEY",
     );
 
+    // A dotenv-style mistake: the value pasted into the key.
+    let pasted = format!("OPENAI_API_KEY={}", s.canary());
+    let extra = vec![e(Origin::Workspace, &pasted, "")];
+    let env = with(&mut s, extra);
+    let r = build(&mut prov, &ws_byok, env).await;
+    refused(
+        &mut s,
+        "a value pasted into a key",
+        r,
+        Code::InvalidArgument,
+        "INVALID_ENV_KEY",
+    );
+
     let extra = vec![
         e(Origin::Workspace, "DUP", &s.canary()),
         e(Origin::Workspace, "DUP", &s.canary()),
@@ -602,7 +615,19 @@ async fn drive(db: &TestDb, logs: &Logs) -> Secrets {
         Code::Aborted,
         "REVISION_MISMATCH",
     );
+    let pasted_credential = format!("CLAUDE_CODE_OAUTH_TOKEN={}", s.canary());
     for (what, req, reason) in [
+        (
+            "a value pasted into a credential key",
+            SetRequest {
+                workspace_id: ws_byok.clone(),
+                credential_keys: Some(CredentialKeys {
+                    keys: vec!["ANTHROPIC_API_KEY".into(), pasted_credential.clone()],
+                }),
+                ..Default::default()
+            },
+            "INVALID_ENV_KEY",
+        ),
         (
             "nothing to set",
             SetRequest {

@@ -28,8 +28,14 @@ pub enum ValidationError {
     BadCharacters { field: &'static str },
     #[error("{field} must not be empty")]
     Empty { field: &'static str },
-    #[error("env key {key:?} must match ^[A-Za-z_][A-Za-z0-9_]*$ and be at most 256 bytes")]
-    EnvKey { key: String },
+    /// The offending text is not repeated: a malformed key may hold a value
+    /// (`KEY=secret`).
+    #[error("an env key must match ^[A-Za-z_][A-Za-z0-9_]*$ and be at most 256 bytes")]
+    EnvKey,
+    #[error(
+        "credential_keys[{index}] must match ^[A-Za-z_][A-Za-z0-9_]*$ and be at most 256 bytes"
+    )]
+    CredentialKey { index: usize },
     #[error("at most {MAX_CREDENTIAL_KEYS} credential keys are allowed, got {count}")]
     TooManyCredentialKeys { count: usize },
 }
@@ -186,9 +192,7 @@ impl EnvKey {
         if ok {
             Ok(EnvKey(s.to_owned()))
         } else {
-            Err(ValidationError::EnvKey {
-                key: truncate_for_message(s),
-            })
+            Err(ValidationError::EnvKey)
         }
     }
 
@@ -209,19 +213,6 @@ impl std::borrow::Borrow<str> for EnvKey {
     }
 }
 
-/// Keeps error messages short when a caller sends a huge bad key.
-fn truncate_for_message(s: &str) -> String {
-    const MAX: usize = 64;
-    if s.len() <= MAX {
-        return s.to_owned();
-    }
-    let mut end = MAX;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
-}
-
 /// The names (never values) of the LLM credentials a workspace owns: at most
 /// 64, duplicates merged, kept sorted.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -231,9 +222,9 @@ impl CredentialKeys {
     pub fn parse<'a>(keys: impl IntoIterator<Item = &'a str>) -> Result<Self, ValidationError> {
         let mut set = BTreeSet::new();
         let mut count = 0usize;
-        for k in keys {
+        for (index, k) in keys.into_iter().enumerate() {
             count += 1;
-            set.insert(EnvKey::parse(k)?);
+            set.insert(EnvKey::parse(k).map_err(|_| ValidationError::CredentialKey { index })?);
         }
         if set.len() > MAX_CREDENTIAL_KEYS {
             return Err(ValidationError::TooManyCredentialKeys { count });

@@ -121,7 +121,9 @@ impl ApiError {
         let reason = match e {
             ValidationError::WorkspaceId => ErrorReason::InvalidWorkspaceId,
             ValidationError::Mode => ErrorReason::InvalidMode,
-            ValidationError::EnvKey { .. } => ErrorReason::InvalidEnvKey,
+            ValidationError::EnvKey | ValidationError::CredentialKey { .. } => {
+                ErrorReason::InvalidEnvKey
+            }
             ValidationError::TooManyCredentialKeys { .. } => ErrorReason::LimitExceeded,
             ValidationError::TooLong { .. }
             | ValidationError::BadCharacters { .. }
