@@ -136,7 +136,7 @@ fn core(quick: bool) {
     let t_build_pm = per_op(iters, || {
         black_box(build_env(&res_pm, &platform, &registry, black_box(&env40)).unwrap());
     });
-    let big = candidate(1019);
+    let big = candidate(1024 - candidate(0).len());
     let t_parse_max = per_op(iters / 100 + 1, || {
         black_box(CandidateEnv::parse(big.clone()).unwrap());
     });
