@@ -130,13 +130,6 @@ pub fn set_request(req: &proto::SetRequest) -> Result<SetInput, ApiError> {
         .credential_keys
         .as_ref()
         .map(|k| {
-            if k.keys.len() > crate::domain::types::MAX_CREDENTIAL_KEYS * 4 {
-                // Refuse absurd lists before validating each entry.
-                return Err(ApiError::new(
-                    ErrorReason::LimitExceeded,
-                    "credential_keys: at most 64 keys are allowed",
-                ));
-            }
             CredentialKeys::parse(k.keys.iter().map(String::as_str))
                 .map_err(|e| ApiError::field("credential_keys", &e))
         })
