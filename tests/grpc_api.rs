@@ -5,17 +5,12 @@
 //! Postgres, on Postgres too.
 mod common;
 
-use std::collections::BTreeMap;
-
 use billing_mode::proto::{
-    billing_mode_client::BillingModeClient, BuildEnvRequest, BuildEnvResponse, ClearRequest,
-    CredentialKeys, EnvVar, HistoryRequest, HistoryResponse, Mode, Origin, RecordFields,
-    Resolution, ResolveRequest, SetRequest, Source,
+    BuildEnvResponse, ClearRequest, CredentialKeys, EnvVar, HistoryRequest, HistoryResponse, Mode,
+    Origin, RecordFields, Resolution, SetRequest, Source,
 };
 use common::*;
-use tonic::{transport::Channel, Code, Status};
-
-type Client = BillingModeClient<Channel>;
+use tonic::{Code, Status};
 
 // ---------------------------------------------------------------------------
 // Helpers
@@ -37,15 +32,6 @@ fn fields(
     }
 }
 
-async fn set(c: &mut Client, req: SetRequest) -> Resolution {
-    c.set(req)
-        .await
-        .expect("Set succeeds")
-        .into_inner()
-        .resolution
-        .expect("Set returns a resolution")
-}
-
 /// Registers `ws` with runtime, model and owned credential names.
 async fn register(
     c: &mut Client,
@@ -55,44 +41,6 @@ async fn register(
     keys: &[&str],
 ) -> Resolution {
     set(c, fields(ws, Some(runtime), Some(model), Some(keys))).await
-}
-
-async fn set_override(c: &mut Client, ws: &str, mode: Mode, reason: &str) -> Resolution {
-    set(
-        c,
-        SetRequest {
-            workspace_id: ws.to_owned(),
-            override_mode: Some(mode.into()),
-            reason: reason.to_owned(),
-            ..SetRequest::default()
-        },
-    )
-    .await
-}
-
-async fn try_resolve(c: &mut Client, ws: &str) -> Result<Resolution, Status> {
-    c.resolve(ResolveRequest {
-        workspace_id: ws.to_owned(),
-    })
-    .await
-    .map(|r| {
-        r.into_inner()
-            .resolution
-            .expect("Resolve returns a resolution")
-    })
-}
-
-async fn resolve(c: &mut Client, ws: &str) -> Resolution {
-    try_resolve(c, ws).await.expect("Resolve succeeds")
-}
-
-async fn build(c: &mut Client, ws: &str, env: Vec<EnvVar>) -> Result<BuildEnvResponse, Status> {
-    c.build_env(BuildEnvRequest {
-        workspace_id: ws.to_owned(),
-        env,
-    })
-    .await
-    .map(|r| r.into_inner())
 }
 
 async fn clear(c: &mut Client, ws: &str, reason: &str) -> Result<Resolution, Status> {
@@ -164,13 +112,6 @@ fn t(key: &str, value: &str, origin: Origin) -> (String, String, Origin) {
 
 fn strings(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| (*s).to_owned()).collect()
-}
-
-fn env_map(resp: &BuildEnvResponse) -> BTreeMap<String, (String, Origin)> {
-    resp.env
-        .iter()
-        .map(|e| (e.key.clone(), (e.value.clone(), e.origin())))
-        .collect()
 }
 
 fn trace_has(r: &Resolution, needles: &[&str]) -> bool {

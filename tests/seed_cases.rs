@@ -6,26 +6,14 @@ mod common;
 use std::collections::BTreeMap;
 
 use billing_mode::proto::{
-    billing_mode_client::BillingModeClient, BuildEnvRequest, BuildEnvResponse, ClearRequest,
-    CredentialKeys, EnvVar, Mode, Origin, Resolution, ResolveRequest, SetRequest, Source,
+    ClearRequest, CredentialKeys, EnvVar, Mode, Origin, Resolution, SetRequest, Source,
 };
 use common::*;
 use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
-use tonic::{transport::Channel, Code, Status};
-
-type Client = BillingModeClient<Channel>;
+use tonic::Code;
 
 // ---------------------------------------------------------------------------
 // Helpers
-
-async fn set(c: &mut Client, req: SetRequest) -> Resolution {
-    c.set(req)
-        .await
-        .expect("Set succeeds")
-        .into_inner()
-        .resolution
-        .expect("Set returns a resolution")
-}
 
 async fn register(
     c: &mut Client,
@@ -47,51 +35,6 @@ async fn register(
         },
     )
     .await
-}
-
-async fn set_override(c: &mut Client, ws: &str, mode: Mode, reason: &str) -> Resolution {
-    set(
-        c,
-        SetRequest {
-            workspace_id: ws.to_owned(),
-            override_mode: Some(mode.into()),
-            reason: reason.to_owned(),
-            ..SetRequest::default()
-        },
-    )
-    .await
-}
-
-async fn try_resolve(c: &mut Client, ws: &str) -> Result<Resolution, Status> {
-    c.resolve(ResolveRequest {
-        workspace_id: ws.to_owned(),
-    })
-    .await
-    .map(|r| {
-        r.into_inner()
-            .resolution
-            .expect("Resolve returns a resolution")
-    })
-}
-
-async fn resolve(c: &mut Client, ws: &str) -> Resolution {
-    try_resolve(c, ws).await.expect("Resolve succeeds")
-}
-
-async fn build(c: &mut Client, ws: &str, env: Vec<EnvVar>) -> Result<BuildEnvResponse, Status> {
-    c.build_env(BuildEnvRequest {
-        workspace_id: ws.to_owned(),
-        env,
-    })
-    .await
-    .map(|r| r.into_inner())
-}
-
-fn env_map(resp: &BuildEnvResponse) -> BTreeMap<String, (String, Origin)> {
-    resp.env
-        .iter()
-        .map(|e| (e.key.clone(), (e.value.clone(), e.origin())))
-        .collect()
 }
 
 fn value<'a>(m: &'a BTreeMap<String, (String, Origin)>, key: &str) -> Option<&'a str> {

@@ -6,9 +6,14 @@
 
 use std::{future::Future, net::SocketAddr, time::Duration};
 
+use std::collections::BTreeMap;
+
 use billing_mode::{
     config::Config,
-    proto::{billing_mode_client::BillingModeClient, EnvVar, Origin},
+    proto::{
+        billing_mode_client::BillingModeClient, BuildEnvRequest, BuildEnvResponse, EnvVar, Mode,
+        Origin, Resolution, ResolveRequest, SetRequest,
+    },
     startup::Application,
 };
 use tokio::{sync::oneshot, task::JoinHandle};
@@ -324,4 +329,63 @@ pub async fn raw_record_rows(db: &TestDb) -> Vec<String> {
         }
     };
     rows.into_iter().map(|(r,)| r).collect()
+}
+
+// ---------------------------------------------------------------------------
+// RPC helpers shared by the black-box suites
+
+pub type Client = BillingModeClient<Channel>;
+
+pub async fn set(c: &mut Client, req: SetRequest) -> Resolution {
+    c.set(req)
+        .await
+        .expect("Set succeeds")
+        .into_inner()
+        .resolution
+        .expect("Set returns a resolution")
+}
+
+pub async fn set_override(c: &mut Client, ws: &str, mode: Mode, reason: &str) -> Resolution {
+    set(
+        c,
+        SetRequest {
+            workspace_id: ws.to_owned(),
+            override_mode: Some(mode.into()),
+            reason: reason.to_owned(),
+            ..SetRequest::default()
+        },
+    )
+    .await
+}
+
+pub async fn try_resolve(c: &mut Client, ws: &str) -> Result<Resolution, Status> {
+    c.resolve(ResolveRequest {
+        workspace_id: ws.to_owned(),
+    })
+    .await
+    .map(|r| {
+        r.into_inner()
+            .resolution
+            .expect("Resolve returns a resolution")
+    })
+}
+
+pub async fn resolve(c: &mut Client, ws: &str) -> Resolution {
+    try_resolve(c, ws).await.expect("Resolve succeeds")
+}
+
+pub async fn build(c: &mut Client, ws: &str, env: Vec<EnvVar>) -> Result<BuildEnvResponse, Status> {
+    c.build_env(BuildEnvRequest {
+        workspace_id: ws.to_owned(),
+        env,
+    })
+    .await
+    .map(|r| r.into_inner())
+}
+
+pub fn env_map(resp: &BuildEnvResponse) -> BTreeMap<String, (String, Origin)> {
+    resp.env
+        .iter()
+        .map(|e| (e.key.clone(), (e.value.clone(), e.origin())))
+        .collect()
 }
