@@ -29,6 +29,8 @@ pub enum Role {
     Writer,
     /// Everything, including override_mode and Clear.
     Admin,
+    /// CheckSpend only (the platform's metering proxy).
+    Meter,
 }
 
 impl Role {
@@ -38,15 +40,27 @@ impl Role {
             Role::Provisioner => "provisioner",
             Role::Writer => "writer",
             Role::Admin => "admin",
+            Role::Meter => "meter",
         }
     }
 
     fn allows(self, action: Action) -> bool {
         match self {
             Role::Admin => true,
-            Role::Reader => matches!(action, Action::Resolve | Action::History),
-            Role::Provisioner => matches!(action, Action::Resolve | Action::BuildEnv),
+            Role::Reader => matches!(
+                action,
+                Action::Resolve
+                    | Action::History
+                    | Action::Watch
+                    | Action::ListDrift
+                    | Action::ListWorkspaces
+            ),
+            Role::Provisioner => matches!(
+                action,
+                Action::Resolve | Action::BuildEnv | Action::Watch | Action::ReportApplied
+            ),
             Role::Writer => matches!(action, Action::SetFields),
+            Role::Meter => matches!(action, Action::CheckSpend),
         }
     }
 }
@@ -59,8 +73,9 @@ impl FromStr for Role {
             "provisioner" => Ok(Role::Provisioner),
             "writer" => Ok(Role::Writer),
             "admin" => Ok(Role::Admin),
+            "meter" => Ok(Role::Meter),
             other => Err(format!(
-                "unknown role {other:?} (known: reader, provisioner, writer, admin)"
+                "unknown role {other:?} (known: reader, provisioner, writer, admin, meter)"
             )),
         }
     }
@@ -77,6 +92,12 @@ pub enum Action {
     /// Set with override_mode.
     SetOverride,
     Clear,
+    /// The change stream: whoever may Resolve.
+    Watch,
+    CheckSpend,
+    ReportApplied,
+    ListDrift,
+    ListWorkspaces,
 }
 
 impl Action {
@@ -88,6 +109,11 @@ impl Action {
             Action::SetFields => "Set (writer or admin)",
             Action::SetOverride => "Set with override_mode (admin)",
             Action::Clear => "Clear (admin)",
+            Action::Watch => "Watch (reader, provisioner or admin)",
+            Action::CheckSpend => "CheckSpend (meter or admin)",
+            Action::ReportApplied => "ReportApplied (provisioner or admin)",
+            Action::ListDrift => "ListDrift (reader or admin)",
+            Action::ListWorkspaces => "ListWorkspaces (reader or admin)",
         }
     }
 }
@@ -351,17 +377,34 @@ mod tests {
     #[test]
     fn roles_allow_exactly_their_actions() {
         use Action::*;
+        let all = [
+            Resolve,
+            History,
+            BuildEnv,
+            SetFields,
+            SetOverride,
+            Clear,
+            Watch,
+            CheckSpend,
+            ReportApplied,
+            ListDrift,
+            ListWorkspaces,
+        ];
         let table = [
-            (Role::Reader, vec![Resolve, History]),
-            (Role::Provisioner, vec![Resolve, BuildEnv]),
-            (Role::Writer, vec![SetFields]),
             (
-                Role::Admin,
-                vec![Resolve, History, BuildEnv, SetFields, SetOverride, Clear],
+                Role::Reader,
+                vec![Resolve, History, Watch, ListDrift, ListWorkspaces],
             ),
+            (
+                Role::Provisioner,
+                vec![Resolve, BuildEnv, Watch, ReportApplied],
+            ),
+            (Role::Writer, vec![SetFields]),
+            (Role::Meter, vec![CheckSpend]),
+            (Role::Admin, all.to_vec()),
         ];
         for (role, allowed) in table {
-            for action in [Resolve, History, BuildEnv, SetFields, SetOverride, Clear] {
+            for action in all {
                 assert_eq!(
                     role.allows(action),
                     allowed.contains(&action),

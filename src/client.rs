@@ -340,6 +340,7 @@ pub async fn set(a: SetArgs) -> ExitCode {
                 credential_keys,
                 expected_revision: a.expected_revision,
                 reason: a.reason.clone(),
+                dry_run: false,
             })
             .await?
             .into_inner();
@@ -356,6 +357,7 @@ pub async fn clear(a: ClearArgs) -> ExitCode {
                 workspace_id: a.workspace.clone(),
                 expected_revision: a.expected_revision,
                 reason: a.reason.clone(),
+                dry_run: false,
             })
             .await?
             .into_inner();

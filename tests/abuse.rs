@@ -465,6 +465,7 @@ async fn a_request_that_decodes_but_is_invalid_is_invalid_argument_with_its_reas
                 workspace_id: w(),
                 expected_revision: None,
                 reason: String::new(),
+                dry_run: false,
             })
             .await
             .unwrap_err();
@@ -474,6 +475,7 @@ async fn a_request_that_decodes_but_is_invalid_is_invalid_argument_with_its_reas
                 workspace_id: "x".into(),
                 expected_revision: None,
                 reason: "r".into(),
+                dry_run: false,
             })
             .await
             .unwrap_err();
@@ -884,9 +886,9 @@ proptest! {
             credential_keys: keys.map(|keys| CredentialKeys { keys }),
             expected_revision,
             reason: reason.clone(),
-        };
+         dry_run: false, };
         check_set(&SetRequest::decode(&set.encode_to_vec()[..]).unwrap());
-        check_clear(&ClearRequest { workspace_id: workspace_id.clone(), expected_revision, reason });
+        check_clear(&ClearRequest { workspace_id: workspace_id.clone(), expected_revision, reason  dry_run: false, });
         check_history(&HistoryRequest { workspace_id, page_size, page_token });
     }
 }

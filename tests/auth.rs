@@ -42,6 +42,7 @@ fn allowed(role: Role, rpc: Rpc) -> bool {
         Role::Reader => matches!(rpc, Rpc::Resolve | Rpc::History),
         Role::Provisioner => matches!(rpc, Rpc::Resolve | Rpc::BuildEnv),
         Role::Writer => matches!(rpc, Rpc::SetFields),
+        Role::Meter => false,
     }
 }
 
@@ -98,6 +99,7 @@ async fn call(c: &mut TokenClient, rpc: Rpc, ws: &str) -> Result<(), Status> {
                 workspace_id: ws,
                 expected_revision: None,
                 reason: "back to derived".into(),
+                dry_run: false,
             })
             .await
             .map(drop),
@@ -156,6 +158,7 @@ struct Tokens {
     provisioner: String,
     writer: String,
     admin: String,
+    meter: String,
 }
 
 impl Tokens {
@@ -165,6 +168,7 @@ impl Tokens {
             Role::Provisioner => &self.provisioner,
             Role::Writer => &self.writer,
             Role::Admin => &self.admin,
+            Role::Meter => &self.meter,
         }
     }
 }
@@ -175,7 +179,8 @@ async fn spawn_with_roles(db: &TestDb) -> (TestApp, Tokens) {
     let (provisioner, e2) = make_token("provisioner-bot", &[Role::Provisioner]);
     let (writer, e3) = make_token("writer-bot", &[Role::Writer]);
     let (admin, e4) = make_token("admin-bot", &[Role::Admin]);
-    let app = TestApp::spawn_with(db, config_with_tokens(db, vec![e1, e2, e3, e4])).await;
+    let (meter, e5) = make_token("meter-bot", &[Role::Meter]);
+    let app = TestApp::spawn_with(db, config_with_tokens(db, vec![e1, e2, e3, e4, e5])).await;
     (
         app,
         Tokens {
@@ -183,11 +188,18 @@ async fn spawn_with_roles(db: &TestDb) -> (TestApp, Tokens) {
             provisioner,
             writer,
             admin,
+            meter,
         },
     )
 }
 
-const ROLES: [Role; 4] = [Role::Reader, Role::Provisioner, Role::Writer, Role::Admin];
+const ROLES: [Role; 5] = [
+    Role::Reader,
+    Role::Provisioner,
+    Role::Writer,
+    Role::Admin,
+    Role::Meter,
+];
 
 #[tokio::test]
 async fn each_role_may_call_exactly_its_rpcs() {

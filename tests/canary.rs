@@ -306,6 +306,7 @@ async fn drive(db: &TestDb, logs: &Logs) -> Secrets {
             workspace_id: ws_ovr.clone(),
             expected_revision: Some(1),
             reason: "review done".into(),
+            dry_run: false,
         })
         .await
         .unwrap();
@@ -605,6 +606,7 @@ async fn drive(db: &TestDb, logs: &Logs) -> Secrets {
             workspace_id: ws_ovr.clone(),
             expected_revision: Some(99),
             reason: "stale".into(),
+            dry_run: false,
         })
         .await
         .map(drop);
@@ -704,6 +706,7 @@ async fn drive(db: &TestDb, logs: &Logs) -> Secrets {
                 workspace_id: ws_byok.clone(),
                 expected_revision: None,
                 reason: "x".into(),
+                dry_run: false,
             })
             .await
             .map(drop);
@@ -771,6 +774,7 @@ async fn drive(db: &TestDb, logs: &Logs) -> Secrets {
             workspace_id: ws_byok.clone(),
             expected_revision: None,
             reason: "x".into(),
+            dry_run: false,
         })
         .await
         .map(drop);

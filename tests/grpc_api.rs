@@ -48,6 +48,7 @@ async fn clear(c: &mut Client, ws: &str, reason: &str) -> Result<Resolution, Sta
         workspace_id: ws.to_owned(),
         expected_revision: None,
         reason: reason.to_owned(),
+        dry_run: false,
     })
     .await
     .map(|r| {
@@ -1274,6 +1275,7 @@ async fn a_stale_or_create_only_expected_revision_is_aborted_and_the_current_one
                     workspace_id: ws.clone(),
                     expected_revision: Some(stale),
                     reason: "end of pilot".into(),
+                    dry_run: false,
                 })
                 .await
                 .unwrap_err();
@@ -1284,6 +1286,7 @@ async fn a_stale_or_create_only_expected_revision_is_aborted_and_the_current_one
                 workspace_id: ws.clone(),
                 expected_revision: Some(3),
                 reason: "end of pilot".into(),
+                dry_run: false,
             })
             .await
             .unwrap()
@@ -1552,6 +1555,7 @@ async fn invalid_arguments_beat_not_found_and_aborted_and_model_mismatch_beats_t
                 workspace_id: unknown.clone(),
                 expected_revision: Some(7),
                 reason: "cleanup".into(),
+                dry_run: false,
             })
             .await
             .unwrap_err();

@@ -209,6 +209,7 @@ async fn case_1_a_byok_override_beats_the_derivation_until_cleared_and_a_garbled
                 workspace_id: ws.clone(),
                 expected_revision: Some(2),
                 reason: "customer key revoked".into(),
+                dry_run: false,
             })
             .await
             .unwrap()

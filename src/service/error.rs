@@ -34,10 +34,20 @@ pub enum ErrorReason {
     StoreUnavailable,
     Unauthenticated,
     PermissionDenied,
+    /// Watch: a cursor the service did not hand out.
+    InvalidCursor,
+    /// Watch: the server is shutting down; resume elsewhere.
+    ShuttingDown,
+    /// A stored row or log entry the service cannot interpret; do not retry.
+    StoreCorrupt,
+    /// Watch: the cursor is older than the retained log.
+    CursorExpired,
+    /// Watch: the consumer fell too far behind.
+    ConsumerTooSlow,
 }
 
 impl ErrorReason {
-    pub const ALL: [ErrorReason; 16] = [
+    pub const ALL: [ErrorReason; 21] = [
         ErrorReason::InvalidWorkspaceId,
         ErrorReason::InvalidMode,
         ErrorReason::InvalidField,
@@ -54,6 +64,11 @@ impl ErrorReason {
         ErrorReason::StoreUnavailable,
         ErrorReason::Unauthenticated,
         ErrorReason::PermissionDenied,
+        ErrorReason::InvalidCursor,
+        ErrorReason::ShuttingDown,
+        ErrorReason::StoreCorrupt,
+        ErrorReason::CursorExpired,
+        ErrorReason::ConsumerTooSlow,
     ];
 
     pub fn code(self) -> Code {
@@ -65,15 +80,19 @@ impl ErrorReason {
             | ErrorReason::ReasonRequired
             | ErrorReason::InvalidEnvKey
             | ErrorReason::DuplicateEnvKey
-            | ErrorReason::LimitExceeded => Code::InvalidArgument,
+            | ErrorReason::LimitExceeded
+            | ErrorReason::InvalidCursor => Code::InvalidArgument,
             ErrorReason::WorkspaceNotFound => Code::NotFound,
             ErrorReason::RevisionMismatch => Code::Aborted,
             ErrorReason::MissingByokCredential
             | ErrorReason::MissingPlatformProxy
             | ErrorReason::ModelMismatch => Code::FailedPrecondition,
-            ErrorReason::StoreUnavailable => Code::Unavailable,
+            ErrorReason::StoreUnavailable | ErrorReason::ShuttingDown => Code::Unavailable,
             ErrorReason::Unauthenticated => Code::Unauthenticated,
             ErrorReason::PermissionDenied => Code::PermissionDenied,
+            ErrorReason::StoreCorrupt => Code::DataLoss,
+            ErrorReason::CursorExpired => Code::OutOfRange,
+            ErrorReason::ConsumerTooSlow => Code::ResourceExhausted,
         }
     }
 
@@ -96,6 +115,11 @@ impl ErrorReason {
             ErrorReason::StoreUnavailable => "STORE_UNAVAILABLE",
             ErrorReason::Unauthenticated => "UNAUTHENTICATED",
             ErrorReason::PermissionDenied => "PERMISSION_DENIED",
+            ErrorReason::InvalidCursor => "INVALID_CURSOR",
+            ErrorReason::ShuttingDown => "SHUTTING_DOWN",
+            ErrorReason::StoreCorrupt => "STORE_CORRUPT",
+            ErrorReason::CursorExpired => "CURSOR_EXPIRED",
+            ErrorReason::ConsumerTooSlow => "CONSUMER_TOO_SLOW",
         }
     }
 }
@@ -234,6 +258,11 @@ mod tests {
             ("STORE_UNAVAILABLE", Code::Unavailable),
             ("UNAUTHENTICATED", Code::Unauthenticated),
             ("PERMISSION_DENIED", Code::PermissionDenied),
+            ("INVALID_CURSOR", Code::InvalidArgument),
+            ("SHUTTING_DOWN", Code::Unavailable),
+            ("STORE_CORRUPT", Code::DataLoss),
+            ("CURSOR_EXPIRED", Code::OutOfRange),
+            ("CONSUMER_TOO_SLOW", Code::ResourceExhausted),
         ];
         assert_eq!(ErrorReason::ALL.len(), expected.len());
         for (reason, (name, code)) in ErrorReason::ALL.iter().zip(expected) {

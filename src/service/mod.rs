@@ -243,4 +243,49 @@ impl BillingMode for BillingModeService {
             .map(Response::new)
             .map_err(|e| refuse("History", e))
     }
+
+    // Part two of the contract: implemented by the change stream, spend check,
+    // drift and listing work; until then they answer UNIMPLEMENTED.
+    type WatchStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<proto::WatchResponse, Status>> + Send>,
+    >;
+
+    async fn watch(
+        &self,
+        _request: Request<proto::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        Err(Status::unimplemented("Watch is not implemented yet"))
+    }
+
+    async fn check_spend(
+        &self,
+        _request: Request<proto::CheckSpendRequest>,
+    ) -> Result<Response<proto::CheckSpendResponse>, Status> {
+        Err(Status::unimplemented("CheckSpend is not implemented yet"))
+    }
+
+    async fn report_applied(
+        &self,
+        _request: Request<proto::ReportAppliedRequest>,
+    ) -> Result<Response<proto::ReportAppliedResponse>, Status> {
+        Err(Status::unimplemented(
+            "ReportApplied is not implemented yet",
+        ))
+    }
+
+    async fn list_drift(
+        &self,
+        _request: Request<proto::ListDriftRequest>,
+    ) -> Result<Response<proto::ListDriftResponse>, Status> {
+        Err(Status::unimplemented("ListDrift is not implemented yet"))
+    }
+
+    async fn list_workspaces(
+        &self,
+        _request: Request<proto::ListWorkspacesRequest>,
+    ) -> Result<Response<proto::ListWorkspacesResponse>, Status> {
+        Err(Status::unimplemented(
+            "ListWorkspaces is not implemented yet",
+        ))
+    }
 }
