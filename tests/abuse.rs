@@ -888,7 +888,7 @@ proptest! {
             reason: reason.clone(),
          dry_run: false, };
         check_set(&SetRequest::decode(&set.encode_to_vec()[..]).unwrap());
-        check_clear(&ClearRequest { workspace_id: workspace_id.clone(), expected_revision, reason  dry_run: false, });
+        check_clear(&ClearRequest { workspace_id: workspace_id.clone(), expected_revision, reason, dry_run: false });
         check_history(&HistoryRequest { workspace_id, page_size, page_token });
     }
 }
