@@ -9,6 +9,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto = "proto/molecule/billing/v1/billing_mode.proto";
     println!("cargo:rerun-if-changed={proto}");
     println!("cargo:rerun-if-changed=proto");
+    // `sqlx::migrate!` embeds migrations/ at compile time: a new or edited
+    // migration must rebuild the crate.
+    println!("cargo:rerun-if-changed=migrations");
 
     let fds = protox::compile([proto], ["proto"])?;
     let out = PathBuf::from(env::var("OUT_DIR")?);
