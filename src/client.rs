@@ -1,4 +1,4 @@
-//! Client commands: the four RPCs and History for operators without grpcurl.
+//! Client commands: the RPCs for operators without grpcurl.
 //!
 //! Output is plain text, or JSON with `--json`. Env values are redacted
 //! unless `--show-values` is given. Errors print the status code, the
@@ -78,9 +78,6 @@ pub struct SetArgs {
     /// Why (recorded in the audit log).
     #[arg(long, default_value = "")]
     reason: String,
-    /// Check the write and print the decision it would produce, writing nothing.
-    #[arg(long)]
-    dry_run: bool,
     #[command(flatten)]
     client: ClientArgs,
 }
@@ -95,9 +92,6 @@ pub struct ClearArgs {
     /// Compare-and-set: the revision you last saw.
     #[arg(long)]
     expected_revision: Option<u64>,
-    /// Check the write and print the decision it would produce, writing nothing.
-    #[arg(long)]
-    dry_run: bool,
     #[command(flatten)]
     client: ClientArgs,
 }
@@ -302,21 +296,6 @@ fn decided(r: Option<proto::Resolution>) -> anyhow::Result<(Value, String)> {
     Ok((resolution_json(&r), resolution_text(&r)))
 }
 
-/// A write's answer; a dry run says so (`"dry_run": true` in JSON).
-fn decided_maybe_dry(
-    r: Option<proto::Resolution>,
-    dry_run: bool,
-) -> anyhow::Result<(Value, String)> {
-    let (mut json, text) = decided(r)?;
-    if !dry_run {
-        return Ok((json, text));
-    }
-    if let Value::Object(map) = &mut json {
-        map.insert("dry_run".into(), Value::Bool(true));
-    }
-    Ok((json, format!("dry run: nothing was written\n{text}")))
-}
-
 pub async fn resolve(a: ResolveArgs) -> ExitCode {
     run(a.client.json, async {
         let mut c = connect(&a.client).await?;
@@ -361,11 +340,11 @@ pub async fn set(a: SetArgs) -> ExitCode {
                 credential_keys,
                 expected_revision: a.expected_revision,
                 reason: a.reason.clone(),
-                dry_run: a.dry_run,
+                dry_run: false,
             })
             .await?
             .into_inner();
-        decided_maybe_dry(r.resolution, a.dry_run)
+        decided(r.resolution)
     })
     .await
 }
@@ -378,11 +357,11 @@ pub async fn clear(a: ClearArgs) -> ExitCode {
                 workspace_id: a.workspace.clone(),
                 expected_revision: a.expected_revision,
                 reason: a.reason.clone(),
-                dry_run: a.dry_run,
+                dry_run: false,
             })
             .await?
             .into_inner();
-        decided_maybe_dry(r.resolution, a.dry_run)
+        decided(r.resolution)
     })
     .await
 }
@@ -576,6 +555,99 @@ pub async fn history(a: HistoryArgs) -> ExitCode {
             json!({"entries": entries, "next_page_token": r.next_page_token}),
             text,
         ))
+    })
+    .await
+}
+
+#[derive(Args)]
+pub struct DriftArgs {
+    /// Entries fetched per request (1-500); every page is fetched.
+    #[arg(long, default_value_t = 500)]
+    page_size: u32,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+fn timestamp_text(t: &Option<prost_types::Timestamp>) -> String {
+    t.as_ref()
+        .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32))
+        .map(|t| t.to_rfc3339())
+        .unwrap_or_default()
+}
+
+/// Every instance whose applied mode differs from the current decision,
+/// oldest first, as a table (or JSON).
+pub async fn drift(a: DriftArgs) -> ExitCode {
+    run(a.client.json, async {
+        let mut c = connect(&a.client).await?;
+        let mut all = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let r = c
+                .list_drift(proto::ListDriftRequest {
+                    page_size: a.page_size,
+                    page_token: page_token.clone(),
+                })
+                .await?
+                .into_inner();
+            all.extend(r.drift);
+            if r.next_page_token.is_empty() {
+                break;
+            }
+            page_token = r.next_page_token;
+        }
+        let rows: Vec<[String; 5]> = all
+            .iter()
+            .map(|d| {
+                let (mode, revision) = d
+                    .current
+                    .as_ref()
+                    .map_or(("", 0), |r| (mode_name(r.mode), r.revision));
+                [
+                    d.workspace_id.clone(),
+                    d.instance.clone(),
+                    format!("{}@{}", mode_name(d.applied_mode), d.applied_revision),
+                    format!("{mode}@{revision}"),
+                    timestamp_text(&d.since),
+                ]
+            })
+            .collect();
+        let j = json!({
+            "drift": all.iter().map(|d| json!({
+                "workspace_id": d.workspace_id,
+                "instance": d.instance,
+                "applied_mode": mode_name(d.applied_mode),
+                "applied_revision": d.applied_revision,
+                "current": d.current.as_ref().map(resolution_json),
+                "since": timestamp_text(&d.since),
+            })).collect::<Vec<_>>(),
+        });
+        let header = ["WORKSPACE", "INSTANCE", "APPLIED", "CURRENT", "SINCE"];
+        let mut widths = header.map(str::len);
+        for row in &rows {
+            for (w, cell) in widths.iter_mut().zip(row) {
+                *w = (*w).max(cell.len());
+            }
+        }
+        let line = |cells: [&str; 5]| {
+            let mut l = String::new();
+            for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+                if i + 1 == cells.len() {
+                    l += cell;
+                } else {
+                    l += &format!("{cell:<w$}  ");
+                }
+            }
+            l + "\n"
+        };
+        let mut text = line(header);
+        for row in &rows {
+            text += &line([&row[0], &row[1], &row[2], &row[3], &row[4]]);
+        }
+        if rows.is_empty() {
+            text = "no drift: every reported instance runs the current decision's mode\n".into();
+        }
+        Ok((j, text))
     })
     .await
 }

@@ -67,6 +67,9 @@ enum Command {
     BuildEnv(client::BuildEnvArgs),
     /// List a workspace's audit history, newest first.
     History(client::HistoryArgs),
+    /// List every reported instance whose applied mode differs from the
+    /// current decision, oldest first (re-provision them).
+    Drift(client::DriftArgs),
 }
 
 #[derive(Subcommand)]
@@ -77,7 +80,7 @@ enum TokenCommand {
         /// The token's name, recorded as the actor of its changes.
         #[arg(long)]
         name: String,
-        /// Comma-separated roles: reader, provisioner, writer, admin.
+        /// Comma-separated roles: reader, provisioner, writer, admin, meter.
         #[arg(long, value_delimiter = ',', required = true)]
         roles: Vec<String>,
     },
@@ -184,6 +187,7 @@ fn main() -> ExitCode {
             Command::Clear(a) => client::clear(a).await,
             Command::BuildEnv(a) => client::build_env(a).await,
             Command::History(a) => client::history(a).await,
+            Command::Drift(a) => client::drift(a).await,
         }
     })
 }

@@ -17,7 +17,8 @@ use billing_mode::{
     auth::Role,
     proto::{
         billing_mode_client::BillingModeClient, BuildEnvRequest, ClearRequest, CredentialKeys,
-        EnvVar, HistoryRequest, Mode, Origin, ResolveRequest, SetRequest,
+        EnvVar, HistoryRequest, ListDriftRequest, Mode, Origin, ReportAppliedRequest,
+        ResolveRequest, SetRequest,
     },
 };
 use common::*;
@@ -801,6 +802,130 @@ async fn drive(db: &TestDb, logs: &Logs) -> Secrets {
         "PERMISSION_DENIED",
     );
 
+    // --- ReportApplied and ListDrift -------------------------------------------
+    let reported = prov
+        .report_applied(ReportAppliedRequest {
+            workspace_id: ws_byok.clone(),
+            revision: 1,
+            mode: Mode::Byok.into(),
+            instance: "pod-canary-1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    s.check("ReportApplied response", &format!("{reported:?}"));
+    for (what, instance, revision, mode, reason) in [
+        (
+            "instance with a value",
+            format!("pod {}", s.canary()),
+            1,
+            Mode::Byok,
+            "INVALID_FIELD",
+        ),
+        (
+            "instance with a newline",
+            format!("pod\n{}", s.canary()),
+            1,
+            Mode::Byok,
+            "INVALID_FIELD",
+        ),
+        (
+            "instance too long",
+            format!("{}{}", s.canary(), "x".repeat(300)),
+            1,
+            Mode::Byok,
+            "INVALID_FIELD",
+        ),
+        (
+            "wrong mode",
+            "pod-canary-2".to_owned(),
+            1,
+            Mode::PlatformManaged,
+            "INVALID_FIELD",
+        ),
+        (
+            "never-existed revision",
+            "pod-canary-3".to_owned(),
+            99,
+            Mode::Byok,
+            "INVALID_FIELD",
+        ),
+    ] {
+        let r = prov
+            .report_applied(ReportAppliedRequest {
+                workspace_id: ws_byok.clone(),
+                revision,
+                mode: mode.into(),
+                instance,
+            })
+            .await
+            .map(drop);
+        refused(
+            &mut s,
+            &format!("ReportApplied {what}"),
+            r,
+            Code::InvalidArgument,
+            reason,
+        );
+    }
+    let r = stranger
+        .report_applied(ReportAppliedRequest {
+            workspace_id: ws_byok.clone(),
+            revision: 1,
+            mode: Mode::Byok.into(),
+            instance: "pod-canary-4".into(),
+        })
+        .await
+        .map(drop);
+    refused(
+        &mut s,
+        "stranger ReportApplied",
+        r,
+        Code::Unauthenticated,
+        "UNAUTHENTICATED",
+    );
+    admin
+        .set(SetRequest {
+            workspace_id: ws_byok.clone(),
+            override_mode: Some(Mode::PlatformManaged.into()),
+            reason: "drift for the canary".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let drift = reader
+        .list_drift(ListDriftRequest {
+            page_size: 1,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(drift.drift.len(), 1, "the byok instance drifts: {drift:?}");
+    s.check("ListDrift response", &format!("{drift:?}"));
+    let r = reader
+        .list_drift(ListDriftRequest {
+            page_size: 1,
+            page_token: s.canary(),
+        })
+        .await
+        .map(drop);
+    refused(
+        &mut s,
+        "ListDrift foreign token",
+        r,
+        Code::InvalidArgument,
+        "INVALID_FIELD",
+    );
+    let r = prov.list_drift(ListDriftRequest::default()).await.map(drop);
+    refused(
+        &mut s,
+        "provisioner ListDrift",
+        r,
+        Code::PermissionDenied,
+        "PERMISSION_DENIED",
+    );
+
     // Health with a canary bearer header (health does not check it).
     {
         use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
@@ -851,9 +976,25 @@ async fn drive(db: &TestDb, logs: &Logs) -> Secrets {
     for row in raw_record_rows(db).await {
         s.check("billing_records row", &row);
     }
+    let applied = raw_applied_rows(db).await;
+    assert!(!applied.is_empty(), "applied reports were kept");
+    for row in applied {
+        s.check("billing_applied row", &row);
+    }
 
     // --- A store failure, with canaries in the request -------------------------
     drop_tables(db).await;
+    let r = reader
+        .list_drift(ListDriftRequest::default())
+        .await
+        .map(drop);
+    refused(
+        &mut s,
+        "ListDrift store unavailable",
+        r,
+        Code::Unavailable,
+        "STORE_UNAVAILABLE",
+    );
     let env = with(&mut s, vec![]);
     let r = build(&mut prov, &ws_byok, env).await;
     refused(
@@ -940,12 +1081,44 @@ fn refused_any(s: &mut Secrets, what: &str, st: Status) {
     s.check(&format!("error ({what})"), &format!("{st:?}"));
 }
 
+/// Every `billing_applied` row, by raw SQL, as one line of text each.
+async fn raw_applied_rows(db: &TestDb) -> Vec<String> {
+    use sqlx::Connection;
+    let rows: Vec<(String,)> = match db.backend {
+        Backend::Sqlite => {
+            let mut c = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+            sqlx::query_as(
+                "SELECT workspace_id || '|' || instance || '|' || revision || '|' || mode \
+                 || '|' || reported_at FROM billing_applied",
+            )
+            .fetch_all(&mut c)
+            .await
+            .unwrap()
+        }
+        Backend::Postgres => {
+            let mut c = sqlx::PgConnection::connect(&db.url).await.unwrap();
+            sqlx::query_as(
+                "SELECT workspace_id::text || '|' || instance || '|' || revision::text || '|' \
+                 || mode || '|' || reported_at::text FROM billing_applied",
+            )
+            .fetch_all(&mut c)
+            .await
+            .unwrap()
+        }
+    };
+    rows.into_iter().map(|(r,)| r).collect()
+}
+
 /// Drops the tables under the running server so the next read fails.
 async fn drop_tables(db: &TestDb) {
     use sqlx::Connection;
     match db.backend {
         Backend::Sqlite => {
             let mut c = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+            sqlx::query("DROP TABLE billing_applied")
+                .execute(&mut c)
+                .await
+                .unwrap();
             sqlx::query("DROP TABLE billing_audit")
                 .execute(&mut c)
                 .await
@@ -957,7 +1130,7 @@ async fn drop_tables(db: &TestDb) {
         }
         Backend::Postgres => {
             let mut c = sqlx::PgConnection::connect(&db.url).await.unwrap();
-            sqlx::query("DROP TABLE billing_audit, billing_records")
+            sqlx::query("DROP TABLE billing_applied, billing_audit, billing_records")
                 .execute(&mut c)
                 .await
                 .unwrap();

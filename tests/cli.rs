@@ -463,65 +463,6 @@ fn set_resolve_clear_and_history_round_trip() {
 }
 
 #[test]
-fn dry_run_set_and_clear_print_the_decision_and_write_nothing() {
-    let s = Server::start(&[]);
-    // A dry-run Set on an unknown workspace: the decision it would create.
-    let out = ok(&s.run(&[
-        "set",
-        WS,
-        "--runtime",
-        "claude-code",
-        "--model",
-        "opus",
-        "--credential-keys",
-        "CLAUDE_CODE_OAUTH_TOKEN",
-        "--dry-run",
-    ]));
-    assert!(out.starts_with("dry run: nothing was written\n"), "{out}");
-    assert_eq!(field(&out, "mode"), "byok");
-    assert_eq!(field(&out, "revision"), "1");
-    fails_with(&s.run(&["resolve", WS]), "WORKSPACE_NOT_FOUND");
-
-    s.register_byok();
-    let v = json(&s.run(&[
-        "set",
-        WS,
-        "--override",
-        "disabled",
-        "--reason",
-        "try it",
-        "--dry-run",
-        "--json",
-    ]));
-    assert_eq!(v["dry_run"], Value::Bool(true), "{v}");
-    assert_eq!(v["mode"], "disabled", "{v}");
-    assert_eq!(v["revision"], 2, "{v}");
-    // The same checks as the real write.
-    fails_with(
-        &s.run(&["set", WS, "--override", "disabled", "--dry-run"]),
-        "REASON_REQUIRED",
-    );
-    fails_with(
-        &s.run(&["clear", UNKNOWN_WS, "--reason", "r", "--dry-run"]),
-        "WORKSPACE_NOT_FOUND",
-    );
-    let out = ok(&s.run(&["clear", WS, "--reason", "r", "--dry-run"]));
-    assert_eq!(
-        field(&out, "revision"),
-        "1",
-        "a no-op Clear keeps the revision"
-    );
-    // Nothing was written.
-    let out = ok(&s.run(&["resolve", WS]));
-    assert_eq!(field(&out, "mode"), "byok");
-    assert_eq!(field(&out, "revision"), "1");
-    let help = ok(&s.run(&["set", "--help"]));
-    assert!(help.contains("--dry-run"), "{help}");
-    let help = ok(&s.run(&["clear", "--help"]));
-    assert!(help.contains("--dry-run"), "{help}");
-}
-
-#[test]
 fn resolve_json_carries_every_field() {
     let s = Server::start(&[]);
     // Upper case id, unsorted duplicate credential keys.
@@ -1012,6 +953,10 @@ fn token_create_prints_a_token_and_its_hash_line() {
     let (other, _) = create_token("ci", "reader");
     assert_ne!(token, other);
 
+    // The metering proxy's role.
+    let (_, meter_line) = create_token("proxy", "meter");
+    assert!(meter_line.ends_with(" meter"), "{meter_line}");
+
     // Bad roles or names: non-zero with a message.
     let mut cmd = bin();
     cmd.args(["token", "create", "--name", "ci", "--roles", "reader,root"]);
@@ -1143,4 +1088,73 @@ fn an_unreachable_server_is_an_error() {
     let mut cmd = bin();
     cmd.args(["resolve", WS, "--server", "not a url"]);
     fails_with(&run(cmd), "--server");
+}
+
+/// Reports, over gRPC, that `instance` of `ws` runs `mode` at `revision`.
+fn report_applied(s: &Server, ws: &str, revision: u64, mode: &str, instance: &str) {
+    use billing_mode::proto::{billing_mode_client::BillingModeClient, Mode, ReportAppliedRequest};
+    let mode = match mode {
+        "byok" => Mode::Byok,
+        "disabled" => Mode::Disabled,
+        _ => Mode::PlatformManaged,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    rt.block_on(async {
+        let mut c = BillingModeClient::connect(s.url()).await.expect("connect");
+        c.report_applied(ReportAppliedRequest {
+            workspace_id: ws.to_owned(),
+            revision,
+            mode: mode.into(),
+            instance: instance.to_owned(),
+        })
+        .await
+        .expect("ReportApplied");
+    });
+}
+
+#[test]
+fn drift_lists_instances_whose_applied_mode_is_no_longer_decided() {
+    let s = Server::start(&[]);
+    s.register_byok();
+    let none = ok(&s.run(&["drift"]));
+    assert!(none.starts_with("no drift"), "{none}");
+    report_applied(&s, WS, 1, "byok", "pod-7");
+    ok(&s.run(&[
+        "set",
+        WS,
+        "--override",
+        "platform_managed",
+        "--reason",
+        "move to platform billing",
+    ]));
+    let table = ok(&s.run(&["drift"]));
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 2, "{table}");
+    let header: Vec<&str> = lines[0].split_whitespace().collect();
+    assert_eq!(
+        header,
+        ["WORKSPACE", "INSTANCE", "APPLIED", "CURRENT", "SINCE"]
+    );
+    let row: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(&row[..4], [WS, "pod-7", "byok@1", "platform_managed@2"]);
+
+    let j = json(&s.run(&["drift", "--json", "--page-size", "1"]));
+    let d = &j["drift"][0];
+    assert_eq!(d["instance"], "pod-7");
+    assert_eq!(d["applied_mode"], "byok");
+    assert_eq!(d["applied_revision"], 1);
+    assert_eq!(d["current"]["mode"], "platform_managed");
+    let h = json(&s.run(&["history", WS, "--json"]));
+    assert_eq!(
+        d["since"], h["entries"][0]["time"],
+        "since: revision 2's commit time"
+    );
+
+    // Re-provisioned at the current revision: no drift.
+    report_applied(&s, WS, 2, "platform_managed", "pod-7");
+    assert!(ok(&s.run(&["drift"])).starts_with("no drift"));
+    assert!(ok(&s.run(&["drift", "--help"])).contains("--page-size"));
 }

@@ -1611,6 +1611,10 @@ async fn break_the_store(db: &TestDb) {
     match db.backend {
         Backend::Sqlite => {
             let mut conn = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+            sqlx::query("DROP TABLE IF EXISTS billing_applied")
+                .execute(&mut conn)
+                .await
+                .unwrap();
             sqlx::query("DROP TABLE billing_audit")
                 .execute(&mut conn)
                 .await
@@ -1623,6 +1627,10 @@ async fn break_the_store(db: &TestDb) {
         }
         Backend::Postgres => {
             let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+            sqlx::query("DROP TABLE IF EXISTS billing_applied")
+                .execute(&mut conn)
+                .await
+                .unwrap();
             sqlx::query("DROP TABLE billing_audit")
                 .execute(&mut conn)
                 .await

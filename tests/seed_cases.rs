@@ -134,7 +134,11 @@ async fn write_model_by_hand(db: &TestDb, ws: &str, raw: &str) {
 /// Drops the store's tables behind the running server's back.
 async fn break_the_store(db: &TestDb) {
     use sqlx::Connection;
-    let statements = ["DROP TABLE billing_audit", "DROP TABLE billing_records"];
+    let statements = [
+        "DROP TABLE IF EXISTS billing_applied",
+        "DROP TABLE billing_audit",
+        "DROP TABLE billing_records",
+    ];
     match db.backend {
         Backend::Sqlite => {
             let mut conn = sqlx::SqliteConnection::connect(&db.url).await.unwrap();

@@ -16,7 +16,8 @@ pub use record::{Change, Fields, Patch, Record, Stored};
 pub use registry::{Registry, RegistryError};
 pub use resolver::{resolve, Resolution, Source};
 pub use types::{
-    CredentialKeys, EnvKey, Mode, Model, Origin, Reason, Runtime, ValidationError, WorkspaceId,
+    CredentialKeys, EnvKey, Instance, Mode, Model, Origin, Reason, Runtime, ValidationError,
+    WorkspaceId,
 };
 
 #[cfg(test)]

@@ -177,6 +177,11 @@ name_type!(
     Model,
     "model"
 );
+name_type!(
+    /// The container or host an env was applied to, as the provisioner names it.
+    Instance,
+    "instance"
+);
 
 /// An environment variable name: `^[A-Za-z_][A-Za-z0-9_]*$`, at most 256 bytes.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]

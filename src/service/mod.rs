@@ -17,6 +17,7 @@ use crate::{
 
 pub mod codec;
 pub mod convert;
+pub mod drift;
 pub mod error;
 
 use error::{ApiError, ErrorReason};
@@ -46,18 +47,16 @@ impl BillingModeService {
         principal: &Principal,
         input: convert::SetInput,
     ) -> Result<Resolution, ApiError> {
-        let write = Write {
-            workspace_id: input.workspace_id,
-            change: &input.change,
-            expected_revision: input.expected_revision,
-            actor: &principal.name,
-            reason: input.reason.as_ref().map_or("", |r| r.as_str()),
-        };
-        let record = if input.dry_run {
-            self.store.dry_run(write).await?
-        } else {
-            self.store.write(write).await?
-        };
+        let record = self
+            .store
+            .write(Write {
+                workspace_id: input.workspace_id,
+                change: &input.change,
+                expected_revision: input.expected_revision,
+                actor: &principal.name,
+                reason: input.reason.as_ref().map_or("", |r| r.as_str()),
+            })
+            .await?;
         Ok(resolve(&record, &self.registry))
     }
 }
@@ -150,13 +149,8 @@ impl BillingMode for BillingModeService {
             who.require(action)?;
             let input = convert::set_request(request.get_ref())?;
             debug_assert_eq!(input.sets_override(), action == Action::SetOverride);
-            let rpc = if input.dry_run {
-                "Set (dry run)"
-            } else {
-                "Set"
-            };
             let resolution = self.write(&who, input).await?;
-            log_decision(rpc, &who.name, &resolution, None);
+            log_decision("Set", &who.name, &resolution, None);
             Ok(proto::SetResponse {
                 resolution: Some(convert::resolution_to_wire(&resolution)),
             })
@@ -172,13 +166,8 @@ impl BillingMode for BillingModeService {
             let who = principal(&request)?;
             who.require(Action::Clear)?;
             let input = convert::clear_request(request.get_ref())?;
-            let rpc = if input.dry_run {
-                "Clear (dry run)"
-            } else {
-                "Clear"
-            };
             let resolution = self.write(&who, input).await?;
-            log_decision(rpc, &who.name, &resolution, None);
+            log_decision("Clear", &who.name, &resolution, None);
             Ok(proto::ClearResponse {
                 resolution: Some(convert::resolution_to_wire(&resolution)),
             })
@@ -278,18 +267,31 @@ impl BillingMode for BillingModeService {
 
     async fn report_applied(
         &self,
-        _request: Request<proto::ReportAppliedRequest>,
+        request: Request<proto::ReportAppliedRequest>,
     ) -> Result<Response<proto::ReportAppliedResponse>, Status> {
-        Err(Status::unimplemented(
-            "ReportApplied is not implemented yet",
-        ))
+        let run = async {
+            let who = principal(&request)?;
+            who.require(Action::ReportApplied)?;
+            let input = drift::report_request(request.get_ref())?;
+            drift::report_applied(&*self.store, &self.registry, &who, input).await
+        };
+        run.await
+            .map(Response::new)
+            .map_err(|e| refuse("ReportApplied", e))
     }
 
     async fn list_drift(
         &self,
-        _request: Request<proto::ListDriftRequest>,
+        request: Request<proto::ListDriftRequest>,
     ) -> Result<Response<proto::ListDriftResponse>, Status> {
-        Err(Status::unimplemented("ListDrift is not implemented yet"))
+        let run = async {
+            let who = principal(&request)?;
+            who.require(Action::ListDrift)?;
+            drift::list_drift(&*self.store, &self.registry, &who, request.get_ref()).await
+        };
+        run.await
+            .map(Response::new)
+            .map_err(|e| refuse("ListDrift", e))
     }
 
     async fn list_workspaces(

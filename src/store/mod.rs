@@ -12,8 +12,11 @@ use chrono::{DateTime, Utc};
 
 use crate::domain::{Change, Fields, Record, WorkspaceId};
 
+pub mod applied;
 pub mod postgres;
 pub mod sqlite;
+
+pub use applied::AppliedReport;
 
 #[cfg(test)]
 mod tests;
@@ -83,12 +86,6 @@ pub trait Store: Send + Sync + 'static {
     /// and writes no audit row.
     async fn write(&self, write: Write<'_>) -> Result<Record, StoreError>;
 
-    /// What [`Store::write`] would return for `write`, with every check it
-    /// makes (`NotFound`, compare-and-set, no-op detection) on the stored row,
-    /// writing nothing: no revision, no audit row, no change event. One read,
-    /// no write lock; a concurrent write may of course change the answer.
-    async fn dry_run(&self, write: Write<'_>) -> Result<Record, StoreError>;
-
     /// Audit rows, newest first, with revisions below `before_revision` if given.
     async fn history(
         &self,
@@ -96,6 +93,14 @@ pub trait Store: Send + Sync + 'static {
         before_revision: Option<u64>,
         limit: u32,
     ) -> Result<Vec<AuditEntry>, StoreError>;
+
+    /// Keeps `report` as the latest report of its (workspace, instance),
+    /// replacing an earlier one. The workspace's record must exist.
+    async fn record_applied(&self, report: &AppliedReport) -> Result<(), StoreError>;
+
+    /// Every kept report, each with its workspace's current record, in
+    /// (workspace, instance) order; one round trip.
+    async fn applied_reports(&self) -> Result<Vec<(AppliedReport, Record)>, StoreError>;
 
     /// Which backend this is, for logs.
     fn backend(&self) -> &'static str;
@@ -114,19 +119,6 @@ pub enum Plan {
         after: Fields,
         revision: u64,
     },
-}
-
-impl Plan {
-    /// The record this plan leaves behind (what a write returns).
-    pub fn into_record(self, workspace_id: WorkspaceId) -> Record {
-        match self {
-            Plan::Unchanged(record) => record,
-            Plan::Insert { after } => after.into_record(workspace_id, 1),
-            Plan::Update {
-                after, revision, ..
-            } => after.into_record(workspace_id, revision),
-        }
-    }
 }
 
 /// Decides a write against the current row (`Some((fields, revision))`).

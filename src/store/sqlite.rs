@@ -151,19 +151,6 @@ impl Store for SqliteStore {
         Ok(record)
     }
 
-    async fn dry_run(&self, w: Write<'_>) -> Result<Record, StoreError> {
-        // The row exactly as the real write reads it, without its lock.
-        let row = sqlx::query(SELECT_RECORD)
-            .bind(w.workspace_id.to_string())
-            .fetch_optional(&self.pool)
-            .await?;
-        let current = row.as_ref().map(record_from_row).transpose()?;
-        Ok(
-            plan_write(current, w.workspace_id, w.change, w.expected_revision)?
-                .into_record(w.workspace_id),
-        )
-    }
-
     async fn history(
         &self,
         workspace_id: &WorkspaceId,
@@ -186,6 +173,14 @@ impl Store for SqliteStore {
         rows.iter()
             .map(|row| audit_from_row(row, *workspace_id))
             .collect()
+    }
+
+    async fn record_applied(&self, report: &super::AppliedReport) -> Result<(), StoreError> {
+        super::applied::record_sqlite(&self.pool, report).await
+    }
+
+    async fn applied_reports(&self) -> Result<Vec<(super::AppliedReport, Record)>, StoreError> {
+        super::applied::list_sqlite(&self.pool).await
     }
 
     fn backend(&self) -> &'static str {

@@ -342,7 +342,8 @@ store_tests!(
     garbled_runtime_and_credential_keys_load_as_invalid,
     state_survives_reconnecting,
     migrations_are_idempotent,
-    a_dry_run_answers_as_the_write_would_and_writes_nothing,
+    applied_reports_keep_the_latest_per_instance_with_the_current_record,
+    the_database_refuses_an_applied_report_it_cannot_interpret,
 );
 
 // ---------------------------------------------------------------------------
@@ -1376,65 +1377,104 @@ async fn migrations_are_idempotent(h: &mut Harness) {
     assert_eq!(load(&*h.store(), id).await, r2);
 }
 
-async fn a_dry_run_answers_as_the_write_would_and_writes_nothing(h: &mut Harness) {
+async fn applied_reports_keep_the_latest_per_instance_with_the_current_record(h: &mut Harness) {
+    use super::AppliedReport;
+    use crate::domain::Instance;
     let store = h.store();
-    let id = WorkspaceId::new_random();
-    let dry = |change: &Change, expected_revision: Option<u64>| {
-        let store = store.clone();
-        let change = change.clone();
-        async move {
-            store
-                .dry_run(Write {
-                    workspace_id: id,
-                    change: &change,
-                    expected_revision,
-                    actor: "tester",
-                    reason: "test",
-                })
-                .await
-        }
-    };
-    let audit_rows = "SELECT COUNT(*) FROM billing_audit";
-
-    // On a missing workspace: a Clear is NotFound, a Set would create revision 1.
-    assert!(matches!(
-        dry(&Change::ClearOverride, None).await,
-        Err(StoreError::NotFound)
-    ));
-    assert_mismatch(dry(&set_override(Mode::Byok), Some(4)).await, 4, None);
-    let would = dry(&set_override(Mode::Byok), Some(0)).await.unwrap();
-    assert_eq!(would.revision, 1);
-    assert_eq!(
-        would.override_mode,
-        crate::domain::Stored::Valid(Mode::Byok)
-    );
-    assert_eq!(
-        store.load(&id).await.unwrap(),
-        None,
-        "a dry run created the record"
-    );
-    assert_eq!(h.query_i64(audit_rows).await, 0);
-
-    // On an existing one: the next revision, the fields after, nothing stored.
-    let created = write(&*store, id, &set_model("opus"), None).await.unwrap();
-    let would = dry(&set_override(Mode::Disabled), Some(1)).await.unwrap();
-    let real_after = set_override(Mode::Disabled).apply(Some(&created.fields()));
-    assert_eq!(would, real_after.into_record(id, 2));
-    assert_mismatch(
-        dry(&set_override(Mode::Disabled), Some(2)).await,
-        2,
-        Some(1),
-    );
-    // A no-op answers the record as it is.
-    assert_eq!(dry(&set_model("opus"), None).await.unwrap(), created);
-    assert_eq!(dry(&Change::ClearOverride, None).await.unwrap(), created);
-    assert_eq!(load(&*store, id).await, created);
-    assert_eq!(revisions(&history(&*store, id).await), vec![1]);
-    assert_eq!(h.query_i64(audit_rows).await, 1);
-
-    // And the dry run's answer is exactly what the real write then returns.
-    let real = write(&*store, id, &set_override(Mode::Disabled), Some(1))
+    assert!(store.applied_reports().await.unwrap().is_empty());
+    let a = WorkspaceId::new_random();
+    let b = WorkspaceId::new_random();
+    write(&*store, a, &set_override(Mode::Byok), None)
         .await
         .unwrap();
-    assert_eq!(real, would);
+    write(&*store, b, &set_model("opus"), None).await.unwrap();
+    let at = |s: i64| DateTime::from_timestamp(1_800_000_000 + s, 0).unwrap();
+    let report = |ws, instance: &str, revision, mode, s| AppliedReport {
+        workspace_id: ws,
+        instance: Instance::parse(instance).unwrap(),
+        revision,
+        mode,
+        reported_at: at(s),
+    };
+    store
+        .record_applied(&report(a, "pod-1", 1, Mode::Byok, 1))
+        .await
+        .unwrap();
+    store
+        .record_applied(&report(a, "pod-2", 1, Mode::Byok, 2))
+        .await
+        .unwrap();
+    store
+        .record_applied(&report(b, "pod-1", 1, Mode::PlatformManaged, 3))
+        .await
+        .unwrap();
+    // A later report for the same (workspace, instance) replaces the earlier one.
+    let a2 = write(&*store, a, &Change::ClearOverride, None)
+        .await
+        .unwrap();
+    store
+        .record_applied(&report(a, "pod-1", 2, Mode::PlatformManaged, 4))
+        .await
+        .unwrap();
+
+    let mut got = store.applied_reports().await.unwrap();
+    got.sort_by(|x, y| {
+        (x.0.workspace_id, x.0.instance.as_str()).cmp(&(y.0.workspace_id, y.0.instance.as_str()))
+    });
+    let mut want = vec![
+        (report(a, "pod-1", 2, Mode::PlatformManaged, 4), a2.clone()),
+        (report(a, "pod-2", 1, Mode::Byok, 2), a2.clone()),
+        (
+            report(b, "pod-1", 1, Mode::PlatformManaged, 3),
+            load(&*store, b).await,
+        ),
+    ];
+    want.sort_by(|x, y| {
+        (x.0.workspace_id, x.0.instance.as_str()).cmp(&(y.0.workspace_id, y.0.instance.as_str()))
+    });
+    assert_eq!(got, want);
+}
+
+async fn the_database_refuses_an_applied_report_it_cannot_interpret(h: &mut Harness) {
+    use super::AppliedReport;
+    use crate::domain::Instance;
+    let store = h.store();
+    let id = WorkspaceId::new_random();
+    // No record: the report has nothing to refer to.
+    let orphan = store
+        .record_applied(&AppliedReport {
+            workspace_id: id,
+            instance: Instance::parse("pod-1").unwrap(),
+            revision: 1,
+            mode: Mode::Byok,
+            reported_at: Utc::now(),
+        })
+        .await;
+    assert!(
+        matches!(orphan, Err(StoreError::Unavailable(_))),
+        "{orphan:?}"
+    );
+    write(&*store, id, &set_override(Mode::Byok), None)
+        .await
+        .unwrap();
+    for sql in [
+        format!(
+            "INSERT INTO billing_applied (workspace_id, instance, revision, mode, reported_at) \
+                 VALUES ('{id}', 'pod-1', 1, 'BYOK', '2026-01-01T00:00:00Z')"
+        ),
+        format!(
+            "INSERT INTO billing_applied (workspace_id, instance, revision, mode, reported_at) \
+                 VALUES ('{id}', 'pod-1', 0, 'byok', '2026-01-01T00:00:00Z')"
+        ),
+        format!(
+            "INSERT INTO billing_applied (workspace_id, instance, revision, mode, reported_at) \
+                 VALUES ('{id}', '', 1, 'byok', '2026-01-01T00:00:00Z')"
+        ),
+    ] {
+        let err = h.execute(&sql).await.expect_err(&sql);
+        let sqlx::Error::Database(db) = &err else {
+            panic!("expected a database error for {sql}, got {err:?}");
+        };
+        assert!(db.is_check_violation(), "{sql}: {db:?}");
+    }
 }
