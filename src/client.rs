@@ -78,6 +78,9 @@ pub struct SetArgs {
     /// Why (recorded in the audit log).
     #[arg(long, default_value = "")]
     reason: String,
+    /// Check the write and print the decision it would produce, writing nothing.
+    #[arg(long)]
+    dry_run: bool,
     #[command(flatten)]
     client: ClientArgs,
 }
@@ -92,6 +95,9 @@ pub struct ClearArgs {
     /// Compare-and-set: the revision you last saw.
     #[arg(long)]
     expected_revision: Option<u64>,
+    /// Check the write and print the decision it would produce, writing nothing.
+    #[arg(long)]
+    dry_run: bool,
     #[command(flatten)]
     client: ClientArgs,
 }
@@ -296,6 +302,21 @@ fn decided(r: Option<proto::Resolution>) -> anyhow::Result<(Value, String)> {
     Ok((resolution_json(&r), resolution_text(&r)))
 }
 
+/// A write's answer; a dry run says so (`"dry_run": true` in JSON).
+fn decided_maybe_dry(
+    r: Option<proto::Resolution>,
+    dry_run: bool,
+) -> anyhow::Result<(Value, String)> {
+    let (mut json, text) = decided(r)?;
+    if !dry_run {
+        return Ok((json, text));
+    }
+    if let Value::Object(map) = &mut json {
+        map.insert("dry_run".into(), Value::Bool(true));
+    }
+    Ok((json, format!("dry run: nothing was written\n{text}")))
+}
+
 pub async fn resolve(a: ResolveArgs) -> ExitCode {
     run(a.client.json, async {
         let mut c = connect(&a.client).await?;
@@ -340,11 +361,11 @@ pub async fn set(a: SetArgs) -> ExitCode {
                 credential_keys,
                 expected_revision: a.expected_revision,
                 reason: a.reason.clone(),
-                dry_run: false,
+                dry_run: a.dry_run,
             })
             .await?
             .into_inner();
-        decided(r.resolution)
+        decided_maybe_dry(r.resolution, a.dry_run)
     })
     .await
 }
@@ -357,11 +378,11 @@ pub async fn clear(a: ClearArgs) -> ExitCode {
                 workspace_id: a.workspace.clone(),
                 expected_revision: a.expected_revision,
                 reason: a.reason.clone(),
-                dry_run: false,
+                dry_run: a.dry_run,
             })
             .await?
             .into_inner();
-        decided(r.resolution)
+        decided_maybe_dry(r.resolution, a.dry_run)
     })
     .await
 }

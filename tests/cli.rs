@@ -463,6 +463,65 @@ fn set_resolve_clear_and_history_round_trip() {
 }
 
 #[test]
+fn dry_run_set_and_clear_print_the_decision_and_write_nothing() {
+    let s = Server::start(&[]);
+    // A dry-run Set on an unknown workspace: the decision it would create.
+    let out = ok(&s.run(&[
+        "set",
+        WS,
+        "--runtime",
+        "claude-code",
+        "--model",
+        "opus",
+        "--credential-keys",
+        "CLAUDE_CODE_OAUTH_TOKEN",
+        "--dry-run",
+    ]));
+    assert!(out.starts_with("dry run: nothing was written\n"), "{out}");
+    assert_eq!(field(&out, "mode"), "byok");
+    assert_eq!(field(&out, "revision"), "1");
+    fails_with(&s.run(&["resolve", WS]), "WORKSPACE_NOT_FOUND");
+
+    s.register_byok();
+    let v = json(&s.run(&[
+        "set",
+        WS,
+        "--override",
+        "disabled",
+        "--reason",
+        "try it",
+        "--dry-run",
+        "--json",
+    ]));
+    assert_eq!(v["dry_run"], Value::Bool(true), "{v}");
+    assert_eq!(v["mode"], "disabled", "{v}");
+    assert_eq!(v["revision"], 2, "{v}");
+    // The same checks as the real write.
+    fails_with(
+        &s.run(&["set", WS, "--override", "disabled", "--dry-run"]),
+        "REASON_REQUIRED",
+    );
+    fails_with(
+        &s.run(&["clear", UNKNOWN_WS, "--reason", "r", "--dry-run"]),
+        "WORKSPACE_NOT_FOUND",
+    );
+    let out = ok(&s.run(&["clear", WS, "--reason", "r", "--dry-run"]));
+    assert_eq!(
+        field(&out, "revision"),
+        "1",
+        "a no-op Clear keeps the revision"
+    );
+    // Nothing was written.
+    let out = ok(&s.run(&["resolve", WS]));
+    assert_eq!(field(&out, "mode"), "byok");
+    assert_eq!(field(&out, "revision"), "1");
+    let help = ok(&s.run(&["set", "--help"]));
+    assert!(help.contains("--dry-run"), "{help}");
+    let help = ok(&s.run(&["clear", "--help"]));
+    assert!(help.contains("--dry-run"), "{help}");
+}
+
+#[test]
 fn resolve_json_carries_every_field() {
     let s = Server::start(&[]);
     // Upper case id, unsorted duplicate credential keys.

@@ -95,6 +95,8 @@ pub struct SetInput {
     pub change: Change,
     pub expected_revision: Option<u64>,
     pub reason: Option<Reason>,
+    /// Check and answer as the write would, writing nothing.
+    pub dry_run: bool,
 }
 
 impl SetInput {
@@ -158,6 +160,7 @@ pub fn set_request(req: &proto::SetRequest) -> Result<SetInput, ApiError> {
         change: Change::Set(patch),
         expected_revision: req.expected_revision,
         reason,
+        dry_run: req.dry_run,
     })
 }
 
@@ -175,6 +178,7 @@ pub fn clear_request(req: &proto::ClearRequest) -> Result<SetInput, ApiError> {
         change: Change::ClearOverride,
         expected_revision: req.expected_revision,
         reason,
+        dry_run: req.dry_run,
     })
 }
 

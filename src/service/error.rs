@@ -4,6 +4,8 @@
 //! set, mapped to its status code by one exhaustive match, and a message a
 //! person can act on. Internal causes are logged here and never returned.
 
+use std::time::Duration;
+
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
@@ -96,6 +98,40 @@ impl ErrorReason {
         }
     }
 
+    /// How long the caller should wait before retrying, sent as a
+    /// `google.rpc.RetryInfo` detail; every UNAVAILABLE reason has one, no
+    /// other reason does.
+    pub fn retry_delay(self) -> Option<Duration> {
+        match self {
+            // A store outage (failover, restart, network) lasts seconds: one
+            // second is long enough not to pile on, short enough that a
+            // provisioner retrying with backoff loses little.
+            ErrorReason::StoreUnavailable => Some(Duration::from_secs(1)),
+            // Another replica can answer at once; the pause lets the load
+            // balancer take this one out of rotation first.
+            ErrorReason::ShuttingDown => Some(Duration::from_millis(100)),
+            ErrorReason::InvalidWorkspaceId
+            | ErrorReason::InvalidMode
+            | ErrorReason::InvalidField
+            | ErrorReason::NothingToSet
+            | ErrorReason::ReasonRequired
+            | ErrorReason::InvalidEnvKey
+            | ErrorReason::DuplicateEnvKey
+            | ErrorReason::LimitExceeded
+            | ErrorReason::WorkspaceNotFound
+            | ErrorReason::RevisionMismatch
+            | ErrorReason::MissingByokCredential
+            | ErrorReason::MissingPlatformProxy
+            | ErrorReason::ModelMismatch
+            | ErrorReason::Unauthenticated
+            | ErrorReason::PermissionDenied
+            | ErrorReason::InvalidCursor
+            | ErrorReason::StoreCorrupt
+            | ErrorReason::CursorExpired
+            | ErrorReason::ConsumerTooSlow => None,
+        }
+    }
+
     /// The `ErrorInfo.reason` string.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -164,11 +200,11 @@ impl ApiError {
 
 impl From<ApiError> for Status {
     fn from(e: ApiError) -> Status {
-        Status::with_error_details(
-            e.reason.code(),
-            e.message,
-            ErrorDetails::with_error_info(e.reason.as_str(), ERROR_DOMAIN, []),
-        )
+        let mut details = ErrorDetails::with_error_info(e.reason.as_str(), ERROR_DOMAIN, []);
+        if let Some(delay) = e.reason.retry_delay() {
+            details.set_retry_info(Some(delay));
+        }
+        Status::with_error_details(e.reason.code(), e.message, details)
     }
 }
 
@@ -279,6 +315,26 @@ mod tests {
         let info = status.get_details_error_info().expect("ErrorInfo detail");
         assert_eq!(info.reason, "MODEL_MISMATCH");
         assert_eq!(info.domain, ERROR_DOMAIN);
+    }
+
+    #[test]
+    fn every_unavailable_answer_says_when_to_retry() {
+        for reason in ErrorReason::ALL {
+            let status: Status = ApiError::new(reason, "x").into();
+            let retry = status.get_details_retry_info();
+            if reason.code() == Code::Unavailable {
+                let delay = retry
+                    .and_then(|r| r.retry_delay)
+                    .unwrap_or_else(|| panic!("{} has no RetryInfo", reason.as_str()));
+                assert!(delay > Duration::ZERO, "{}", reason.as_str());
+            } else {
+                assert!(retry.is_none(), "{} has a RetryInfo", reason.as_str());
+            }
+            assert_eq!(
+                status.get_details_error_info().map(|i| i.reason),
+                Some(reason.as_str().to_owned())
+            );
+        }
     }
 
     #[test]

@@ -47,16 +47,18 @@ impl BillingModeService {
         principal: &Principal,
         input: convert::SetInput,
     ) -> Result<Resolution, ApiError> {
-        let record = self
-            .store
-            .write(Write {
-                workspace_id: input.workspace_id,
-                change: &input.change,
-                expected_revision: input.expected_revision,
-                actor: &principal.name,
-                reason: input.reason.as_ref().map_or("", |r| r.as_str()),
-            })
-            .await?;
+        let write = Write {
+            workspace_id: input.workspace_id,
+            change: &input.change,
+            expected_revision: input.expected_revision,
+            actor: &principal.name,
+            reason: input.reason.as_ref().map_or("", |r| r.as_str()),
+        };
+        let record = if input.dry_run {
+            self.store.dry_run(write).await?
+        } else {
+            self.store.write(write).await?
+        };
         Ok(resolve(&record, &self.registry))
     }
 }
@@ -149,8 +151,13 @@ impl BillingMode for BillingModeService {
             who.require(action)?;
             let input = convert::set_request(request.get_ref())?;
             debug_assert_eq!(input.sets_override(), action == Action::SetOverride);
+            let rpc = if input.dry_run {
+                "Set (dry run)"
+            } else {
+                "Set"
+            };
             let resolution = self.write(&who, input).await?;
-            log_decision("Set", &who.name, &resolution, None);
+            log_decision(rpc, &who.name, &resolution, None);
             Ok(proto::SetResponse {
                 resolution: Some(convert::resolution_to_wire(&resolution)),
             })
@@ -166,8 +173,13 @@ impl BillingMode for BillingModeService {
             let who = principal(&request)?;
             who.require(Action::Clear)?;
             let input = convert::clear_request(request.get_ref())?;
+            let rpc = if input.dry_run {
+                "Clear (dry run)"
+            } else {
+                "Clear"
+            };
             let resolution = self.write(&who, input).await?;
-            log_decision("Clear", &who.name, &resolution, None);
+            log_decision(rpc, &who.name, &resolution, None);
             Ok(proto::ClearResponse {
                 resolution: Some(convert::resolution_to_wire(&resolution)),
             })

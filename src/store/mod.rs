@@ -86,6 +86,12 @@ pub trait Store: Send + Sync + 'static {
     /// and writes no audit row.
     async fn write(&self, write: Write<'_>) -> Result<Record, StoreError>;
 
+    /// What [`Store::write`] would return for `write`, with every check it
+    /// makes (`NotFound`, compare-and-set, no-op detection) on the stored row,
+    /// writing nothing: no revision, no audit row, no change event. One read,
+    /// no write lock; a concurrent write may of course change the answer.
+    async fn dry_run(&self, write: Write<'_>) -> Result<Record, StoreError>;
+
     /// Audit rows, newest first, with revisions below `before_revision` if given.
     async fn history(
         &self,
@@ -119,6 +125,19 @@ pub enum Plan {
         after: Fields,
         revision: u64,
     },
+}
+
+impl Plan {
+    /// The record this plan leaves behind (what a write returns).
+    pub fn into_record(self, workspace_id: WorkspaceId) -> Record {
+        match self {
+            Plan::Unchanged(record) => record,
+            Plan::Insert { after } => after.into_record(workspace_id, 1),
+            Plan::Update {
+                after, revision, ..
+            } => after.into_record(workspace_id, revision),
+        }
+    }
 }
 
 /// Decides a write against the current row (`Some((fields, revision))`).

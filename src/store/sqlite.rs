@@ -151,6 +151,19 @@ impl Store for SqliteStore {
         Ok(record)
     }
 
+    async fn dry_run(&self, w: Write<'_>) -> Result<Record, StoreError> {
+        // The row exactly as the real write reads it, without its lock.
+        let row = sqlx::query(SELECT_RECORD)
+            .bind(w.workspace_id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        let current = row.as_ref().map(record_from_row).transpose()?;
+        Ok(
+            plan_write(current, w.workspace_id, w.change, w.expected_revision)?
+                .into_record(w.workspace_id),
+        )
+    }
+
     async fn history(
         &self,
         workspace_id: &WorkspaceId,

@@ -342,6 +342,7 @@ store_tests!(
     garbled_runtime_and_credential_keys_load_as_invalid,
     state_survives_reconnecting,
     migrations_are_idempotent,
+    a_dry_run_answers_as_the_write_would_and_writes_nothing,
     applied_reports_keep_the_latest_per_instance_with_the_current_record,
     the_database_refuses_an_applied_report_it_cannot_interpret,
 );
@@ -1375,6 +1376,69 @@ async fn migrations_are_idempotent(h: &mut Harness) {
     h.reconnect().await;
     assert_eq!(h.query_i64(count).await, expected);
     assert_eq!(load(&*h.store(), id).await, r2);
+}
+
+async fn a_dry_run_answers_as_the_write_would_and_writes_nothing(h: &mut Harness) {
+    let store = h.store();
+    let id = WorkspaceId::new_random();
+    let dry = |change: &Change, expected_revision: Option<u64>| {
+        let store = store.clone();
+        let change = change.clone();
+        async move {
+            store
+                .dry_run(Write {
+                    workspace_id: id,
+                    change: &change,
+                    expected_revision,
+                    actor: "tester",
+                    reason: "test",
+                })
+                .await
+        }
+    };
+    let audit_rows = "SELECT COUNT(*) FROM billing_audit";
+
+    // On a missing workspace: a Clear is NotFound, a Set would create revision 1.
+    assert!(matches!(
+        dry(&Change::ClearOverride, None).await,
+        Err(StoreError::NotFound)
+    ));
+    assert_mismatch(dry(&set_override(Mode::Byok), Some(4)).await, 4, None);
+    let would = dry(&set_override(Mode::Byok), Some(0)).await.unwrap();
+    assert_eq!(would.revision, 1);
+    assert_eq!(
+        would.override_mode,
+        crate::domain::Stored::Valid(Mode::Byok)
+    );
+    assert_eq!(
+        store.load(&id).await.unwrap(),
+        None,
+        "a dry run created the record"
+    );
+    assert_eq!(h.query_i64(audit_rows).await, 0);
+
+    // On an existing one: the next revision, the fields after, nothing stored.
+    let created = write(&*store, id, &set_model("opus"), None).await.unwrap();
+    let would = dry(&set_override(Mode::Disabled), Some(1)).await.unwrap();
+    let real_after = set_override(Mode::Disabled).apply(Some(&created.fields()));
+    assert_eq!(would, real_after.into_record(id, 2));
+    assert_mismatch(
+        dry(&set_override(Mode::Disabled), Some(2)).await,
+        2,
+        Some(1),
+    );
+    // A no-op answers the record as it is.
+    assert_eq!(dry(&set_model("opus"), None).await.unwrap(), created);
+    assert_eq!(dry(&Change::ClearOverride, None).await.unwrap(), created);
+    assert_eq!(load(&*store, id).await, created);
+    assert_eq!(revisions(&history(&*store, id).await), vec![1]);
+    assert_eq!(h.query_i64(audit_rows).await, 1);
+
+    // And the dry run's answer is exactly what the real write then returns.
+    let real = write(&*store, id, &set_override(Mode::Disabled), Some(1))
+        .await
+        .unwrap();
+    assert_eq!(real, would);
 }
 
 async fn applied_reports_keep_the_latest_per_instance_with_the_current_record(h: &mut Harness) {
