@@ -44,7 +44,7 @@ pub struct ClientArgs {
     tls_server_name: Option<String>,
     /// Print JSON instead of text.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 #[derive(Args)]
@@ -135,7 +135,10 @@ pub struct HistoryArgs {
 type AddToken = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>;
 type Client = BillingModeClient<InterceptedService<Channel, AddToken>>;
 
-async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
+/// The channel to `--server` and the bearer header to send, if any.
+pub(crate) async fn channel(
+    args: &ClientArgs,
+) -> anyhow::Result<(Channel, Option<MetadataValue<tonic::metadata::Ascii>>)> {
     let mut endpoint = Channel::from_shared(args.server.clone())
         .with_context(|| format!("--server {:?} is not a URL", args.server))?
         .connect_timeout(std::time::Duration::from_secs(5));
@@ -168,6 +171,11 @@ async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
         ),
         None => None,
     };
+    Ok((channel, header))
+}
+
+pub(crate) async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
+    let (channel, header) = channel(args).await?;
     let interceptor: AddToken = Box::new(move |mut req: Request<()>| {
         if let Some(h) = &header {
             req.metadata_mut().insert("authorization", h.clone());
@@ -178,7 +186,7 @@ async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
 }
 
 /// Runs a client command: prints the result, or the error and exits 1.
-async fn run<F>(json_out: bool, f: F) -> ExitCode
+pub(crate) async fn run<F>(json_out: bool, f: F) -> ExitCode
 where
     F: std::future::Future<Output = anyhow::Result<(Value, String)>>,
 {
@@ -246,7 +254,7 @@ fn origin_name(v: i32) -> &'static str {
     }
 }
 
-fn resolution_json(r: &proto::Resolution) -> Value {
+pub(crate) fn resolution_json(r: &proto::Resolution) -> Value {
     json!({
         "workspace_id": r.workspace_id,
         "mode": mode_name(r.mode),

@@ -9,6 +9,7 @@
 pub mod auth;
 pub mod config;
 pub mod domain;
+pub mod import;
 pub mod service;
 pub mod startup;
 pub mod store;

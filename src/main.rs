@@ -16,6 +16,7 @@ use billing_mode::{
 };
 use clap::{Args, Parser, Subcommand};
 
+mod adopt_cli;
 mod client;
 
 #[derive(Parser)]
@@ -70,6 +71,8 @@ enum Command {
     /// List every reported instance whose applied mode differs from the
     /// current decision, oldest first (re-provision them).
     Drift(client::DriftArgs),
+    /// List every workspace's decision, in workspace-id order.
+    List(adopt_cli::ListArgs),
 }
 
 #[derive(Subcommand)]
@@ -188,6 +191,7 @@ fn main() -> ExitCode {
             Command::BuildEnv(a) => client::build_env(a).await,
             Command::History(a) => client::history(a).await,
             Command::Drift(a) => client::drift(a).await,
+            Command::List(a) => adopt_cli::list(a).await,
         }
     })
 }

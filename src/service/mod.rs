@@ -19,6 +19,7 @@ pub mod codec;
 pub mod convert;
 pub mod drift;
 pub mod error;
+mod list;
 
 use error::{ApiError, ErrorReason};
 
@@ -308,10 +309,19 @@ impl BillingMode for BillingModeService {
 
     async fn list_workspaces(
         &self,
-        _request: Request<proto::ListWorkspacesRequest>,
+        request: Request<proto::ListWorkspacesRequest>,
     ) -> Result<Response<proto::ListWorkspacesResponse>, Status> {
-        Err(Status::unimplemented(
-            "ListWorkspaces is not implemented yet",
-        ))
+        let run = async {
+            let who = principal(&request)?;
+            who.require(Action::ListWorkspaces)?;
+            let page =
+                list::list_workspaces(&*self.store, &self.registry, request.get_ref()).await?;
+            tracing::info!(target: "billing_mode::decision", rpc = "ListWorkspaces",
+                actor = %who.name, entries = page.resolutions.len(), "listed");
+            Ok(page)
+        };
+        run.await
+            .map(Response::new)
+            .map_err(|e| refuse("ListWorkspaces", e))
     }
 }

@@ -110,6 +110,16 @@ pub trait Store: Send + Sync + 'static {
 
     /// Which backend this is, for logs.
     fn backend(&self) -> &'static str;
+
+    /// Up to `limit` records whose workspace id is greater than `after` (from
+    /// the first when `None`), in workspace-id order: keyset paging, so a
+    /// listing resumed after any id sees every record that existed throughout
+    /// exactly once, whatever was written meanwhile.
+    async fn list_after(
+        &self,
+        after: Option<WorkspaceId>,
+        limit: u32,
+    ) -> Result<Vec<Record>, StoreError>;
 }
 
 /// What a write does, decided from the current row before any SQL is written.
@@ -210,6 +220,22 @@ where
         },
         revision_from_db(row.try_get("revision")?)?,
     ))
+}
+
+/// A listed record: its id column (text) and the record columns.
+pub(crate) fn listed_from_row<'r, R>(row: &'r R) -> Result<Record, StoreError>
+where
+    R: sqlx::Row,
+    &'r str: sqlx::ColumnIndex<R>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let id: String = row.try_get("workspace_id")?;
+    let id = WorkspaceId::parse(&id)
+        .map_err(|_| StoreError::Corrupt("a stored workspace id is not a UUID".into()))?;
+    let (fields, revision) = record_from_row(row)?;
+    Ok(fields.into_record(id, revision))
 }
 
 /// One audit row (`revision, actor, reason, before, after, at`, the JSON

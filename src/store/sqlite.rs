@@ -16,8 +16,8 @@ use sqlx::{
 };
 
 use super::{
-    audit_from_row, fields_to_json, plan_write, record_from_row, revision_to_db, AuditEntry, Plan,
-    Store, StoreError, Write,
+    audit_from_row, fields_to_json, listed_from_row, plan_write, record_from_row, revision_to_db,
+    AuditEntry, Plan, Store, StoreError, Write,
 };
 use crate::domain::{Record, WorkspaceId};
 
@@ -198,5 +198,27 @@ impl Store for SqliteStore {
 
     fn backend(&self) -> &'static str {
         "sqlite"
+    }
+
+    async fn list_after(
+        &self,
+        after: Option<WorkspaceId>,
+        limit: u32,
+    ) -> Result<Vec<Record>, StoreError> {
+        // Ids are stored in lower-case hyphenated form (a CHECK), whose text
+        // order is the UUID byte order Postgres sorts by: both backends list
+        // in the same order.
+        const COLUMNS: &str = "SELECT workspace_id, runtime, model, credential_keys, \
+             override_mode, revision FROM billing_records";
+        let query = match after {
+            Some(_) => format!("{COLUMNS} WHERE workspace_id > $2 ORDER BY workspace_id LIMIT $1"),
+            None => format!("{COLUMNS} ORDER BY workspace_id LIMIT $1"),
+        };
+        let mut query = sqlx::query(&query).bind(i64::from(limit));
+        if let Some(after) = after {
+            query = query.bind(after.to_string());
+        }
+        let rows = query.fetch_all(&self.pool).await?;
+        rows.iter().map(listed_from_row).collect()
     }
 }

@@ -345,6 +345,7 @@ store_tests!(
     a_dry_run_answers_as_the_write_would_and_writes_nothing,
     applied_reports_keep_the_latest_per_instance_with_the_current_record,
     the_database_refuses_an_applied_report_it_cannot_interpret,
+    list_after_pages_every_record_once_in_workspace_id_order,
 );
 
 // ---------------------------------------------------------------------------
@@ -1541,4 +1542,47 @@ async fn the_database_refuses_an_applied_report_it_cannot_interpret(h: &mut Harn
         };
         assert!(db.is_check_violation(), "{sql}: {db:?}");
     }
+}
+
+async fn list_after_pages_every_record_once_in_workspace_id_order(h: &mut Harness) {
+    let store = h.store();
+    // Ids at both ends of the range and ones differing only in a letter
+    // digit: the order must be the UUID's (byte) order on both backends.
+    let mut ids: Vec<WorkspaceId> = [
+        "00000000-0000-0000-0000-000000000000",
+        "ffffffff-ffff-ffff-ffff-ffffffffffff",
+        "0000000a-0000-4000-8000-000000000000",
+        "00000009-0000-4000-8000-000000000000",
+        "A0000000-0000-4000-8000-000000000000",
+    ]
+    .iter()
+    .map(|s| WorkspaceId::parse(s).unwrap())
+    .collect();
+    ids.extend((0..20).map(|_| WorkspaceId::new_random()));
+    for (i, id) in ids.iter().enumerate() {
+        write(&*store, *id, &set_model(&format!("model-{i}")), None)
+            .await
+            .expect("create");
+    }
+    let mut listed = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store.list_after(after, 7).await.expect("list_after");
+        assert!(page.len() <= 7, "a page holds at most the limit");
+        let Some(last) = page.last() else { break };
+        after = Some(last.workspace_id);
+        listed.extend(page);
+    }
+    let listed_ids: Vec<WorkspaceId> = listed.iter().map(|r| r.workspace_id).collect();
+    let mut expected = ids.clone();
+    expected.sort();
+    assert_eq!(listed_ids, expected, "every record once, in id order");
+    for r in &listed {
+        assert_eq!(r, &load(&*store, r.workspace_id).await, "listed as loaded");
+    }
+    assert!(store
+        .list_after(Some(*expected.last().unwrap()), 7)
+        .await
+        .unwrap()
+        .is_empty());
 }

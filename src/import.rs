@@ -1,0 +1,842 @@
+//! Adoption: registering a platform's existing workspaces from JSON Lines.
+//!
+//! One object a line: `workspace_id`, and optionally `runtime`, `model`,
+//! `credential_keys` (names), `override_mode` and `legacy_mode` (what the
+//! platform's old resolver decided). [`parse`] validates every line before
+//! anything is sent, with the same domain validators the server uses; an
+//! error names the line and the field, never a value (a malformed line may
+//! hold a pasted secret). [`run`] then sends one `Set` per workspace through
+//! the real service, so every decision is the server's own:
+//!
+//! - create-only (`expected_revision = 0`): a workspace that already exists
+//!   (`ABORTED`) is counted and left alone, so a second run changes nothing;
+//! - with `update`, an existing workspace is read and then compare-and-set on
+//!   the revision read, so a concurrent change is reported, never lost;
+//! - with `dry_run`, the same requests carry `dry_run`, and the report holds
+//!   the decisions they would produce, counted by mode and source, and every
+//!   workspace whose decision differs from its `legacy_mode`.
+//!
+//! Calls run `concurrency` at a time; setting the cancel flag stops taking new
+//! lines, lets the calls in flight finish, and reports what was done.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    io::{self, BufRead},
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc,
+    },
+};
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+use tonic::{
+    codegen::http,
+    metadata::{Ascii, MetadataValue},
+    transport::Channel,
+    Code, Request, Status,
+};
+use tonic_types::StatusExt;
+
+use crate::{
+    domain::{CredentialKeys, Mode, Model, Runtime, WorkspaceId},
+    proto::{self, billing_mode_client::BillingModeClient},
+};
+
+/// The longest line read, in bytes; a longer one is an error (and is not
+/// held in memory).
+pub const MAX_LINE_BYTES: usize = 1 << 20;
+
+const FIELDS: &str = "workspace_id, runtime, model, credential_keys, override_mode, legacy_mode";
+
+/// One valid line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// 1-based line number in the file.
+    pub line: usize,
+    pub workspace_id: WorkspaceId,
+    pub runtime: Option<Runtime>,
+    pub model: Option<Model>,
+    /// Empty when the line has none.
+    pub credential_keys: CredentialKeys,
+    pub override_mode: Option<Mode>,
+    pub legacy_mode: Option<Mode>,
+}
+
+/// Why a line was refused: the line, the field (when one is to blame) and
+/// the rule. Never the value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LineError {
+    pub line: usize,
+    pub field: Option<&'static str>,
+    pub message: String,
+}
+
+impl std::fmt::Display for LineError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.field {
+            Some(field) => write!(f, "line {}: {field}: {}", self.line, self.message),
+            None => write!(f, "line {}: {}", self.line, self.message),
+        }
+    }
+}
+
+/// A file, validated.
+#[derive(Debug, Default)]
+pub struct Parsed {
+    pub entries: Vec<Entry>,
+    pub errors: Vec<LineError>,
+    /// Lines read (blank ones included).
+    pub lines: usize,
+}
+
+/// Reads and validates every line of `input`. I/O errors end the read;
+/// everything wrong with a line is a [`LineError`].
+pub fn parse(mut input: impl BufRead) -> io::Result<Parsed> {
+    let mut parsed = Parsed::default();
+    let mut seen: HashMap<WorkspaceId, usize> = HashMap::new();
+    let mut buf = Vec::new();
+    while let Some(too_long) = next_line(&mut input, &mut buf)? {
+        parsed.lines += 1;
+        let line = parsed.lines;
+        let err = |field, message: String| LineError {
+            line,
+            field,
+            message,
+        };
+        if too_long {
+            parsed.errors.push(err(
+                None,
+                format!("longer than {MAX_LINE_BYTES} bytes; not read"),
+            ));
+            continue;
+        }
+        let Ok(text) = std::str::from_utf8(&buf) else {
+            parsed.errors.push(err(None, "not UTF-8 text".to_owned()));
+            continue;
+        };
+        if text.trim().is_empty() {
+            continue;
+        }
+        match entry(line, text) {
+            Ok(e) => match seen.get(&e.workspace_id) {
+                Some(first) => parsed.errors.push(err(
+                    Some("workspace_id"),
+                    format!("the same workspace as line {first}"),
+                )),
+                None => {
+                    seen.insert(e.workspace_id, line);
+                    parsed.entries.push(e);
+                }
+            },
+            Err(e) => parsed.errors.push(e),
+        }
+    }
+    Ok(parsed)
+}
+
+/// The next line into `buf` (without its `\n` or `\r\n`); `Some(true)` when
+/// it was longer than [`MAX_LINE_BYTES`] (then `buf` is empty and the rest
+/// of the line was skipped unread); `None` at the end of the input.
+fn next_line(input: &mut impl BufRead, buf: &mut Vec<u8>) -> io::Result<Option<bool>> {
+    buf.clear();
+    let mut too_long = false;
+    let mut any = false;
+    loop {
+        let available = input.fill_buf()?;
+        if available.is_empty() {
+            break;
+        }
+        any = true;
+        let (chunk, used, end) = match available.iter().position(|b| *b == b'\n') {
+            Some(i) => (&available[..i], i + 1, true),
+            None => (available, available.len(), false),
+        };
+        if !too_long {
+            if buf.len() + chunk.len() > MAX_LINE_BYTES {
+                too_long = true;
+                buf.clear();
+            } else {
+                buf.extend_from_slice(chunk);
+            }
+        }
+        input.consume(used);
+        if end {
+            break;
+        }
+    }
+    if !any {
+        return Ok(None);
+    }
+    if buf.last() == Some(&b'\r') {
+        buf.pop();
+    }
+    Ok(Some(too_long))
+}
+
+fn entry(line: usize, text: &str) -> Result<Entry, LineError> {
+    let err = |field, message: String| LineError {
+        line,
+        field,
+        message,
+    };
+    // serde_json's messages are not shown: only the position, never the text.
+    let value: Value = serde_json::from_str(text).map_err(|e| {
+        err(
+            None,
+            format!(
+                "not valid JSON (column {}); expected one object a line",
+                e.column()
+            ),
+        )
+    })?;
+    let Value::Object(object) = value else {
+        return Err(err(None, "expected a JSON object".to_owned()));
+    };
+    if object.keys().any(|k| !FIELDS.split(", ").any(|f| f == k)) {
+        // The unknown name is not echoed: it may be a pasted value.
+        return Err(err(
+            None,
+            format!("an unknown field; the fields are {FIELDS}"),
+        ));
+    }
+    let workspace_id = match object.get("workspace_id") {
+        Some(Value::String(s)) => {
+            WorkspaceId::parse(s).map_err(|e| err(Some("workspace_id"), e.to_string()))?
+        }
+        Some(_) => return Err(err(Some("workspace_id"), "must be a string".to_owned())),
+        None => return Err(err(Some("workspace_id"), "is required".to_owned())),
+    };
+    let runtime = name(&object, "runtime", Runtime::parse).map_err(|m| err(Some("runtime"), m))?;
+    let model = name(&object, "model", Model::parse).map_err(|m| err(Some("model"), m))?;
+    let credential_keys = match object.get("credential_keys") {
+        None | Some(Value::Null) => CredentialKeys::default(),
+        Some(Value::Array(items)) => {
+            let mut names = Vec::with_capacity(items.len());
+            for (i, item) in items.iter().enumerate() {
+                match item {
+                    Value::String(s) => names.push(s.as_str()),
+                    _ => {
+                        return Err(err(
+                            Some("credential_keys"),
+                            format!("credential_keys[{i}] must be a string"),
+                        ))
+                    }
+                }
+            }
+            CredentialKeys::parse(names).map_err(|e| err(Some("credential_keys"), e.to_string()))?
+        }
+        Some(_) => {
+            return Err(err(
+                Some("credential_keys"),
+                "must be an array of names".to_owned(),
+            ))
+        }
+    };
+    let override_mode =
+        mode(&object, "override_mode").map_err(|m| err(Some("override_mode"), m))?;
+    let legacy_mode = mode(&object, "legacy_mode").map_err(|m| err(Some("legacy_mode"), m))?;
+    Ok(Entry {
+        line,
+        workspace_id,
+        runtime,
+        model,
+        credential_keys,
+        override_mode,
+        legacy_mode,
+    })
+}
+
+/// An optional name: absent, `null` and `""` are none.
+fn name<T>(
+    object: &Map<String, Value>,
+    field: &str,
+    parse: impl Fn(&str) -> Result<T, crate::domain::ValidationError>,
+) -> Result<Option<T>, String> {
+    match object.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.is_empty() => Ok(None),
+        Some(Value::String(s)) => parse(s).map(Some).map_err(|e| e.to_string()),
+        Some(_) => Err("must be a string".to_owned()),
+    }
+}
+
+fn mode(object: &Map<String, Value>, field: &str) -> Result<Option<Mode>, String> {
+    match object.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => s
+            .parse()
+            .map(Some)
+            .map_err(|_| "must be one of platform_managed, byok, disabled".to_owned()),
+        Some(_) => Err("must be a string".to_owned()),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Sending
+
+/// The transport calls go over: a [`Channel`], or one wrapped in tower
+/// middleware (any `Clone + Send + Sync` HTTP service).
+pub type Transport = tower::util::BoxCloneSyncService<
+    http::Request<tonic::body::Body>,
+    http::Response<tonic::body::Body>,
+    tonic::transport::Error,
+>;
+
+/// A connection to the service and the bearer header to send, if any.
+#[derive(Clone)]
+pub struct Connection {
+    client: BillingModeClient<Transport>,
+    authorization: Option<MetadataValue<Ascii>>,
+}
+
+impl Connection {
+    pub fn new(channel: Channel, authorization: Option<MetadataValue<Ascii>>) -> Self {
+        Self::with_transport(Transport::new(channel), authorization)
+    }
+
+    pub fn with_transport(
+        transport: Transport,
+        authorization: Option<MetadataValue<Ascii>>,
+    ) -> Self {
+        Connection {
+            client: BillingModeClient::new(transport),
+            authorization,
+        }
+    }
+
+    fn request<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        if let Some(h) = &self.authorization {
+            request.metadata_mut().insert("authorization", h.clone());
+        }
+        request
+    }
+}
+
+/// How to import.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Decide every line with the server's dry run; write nothing.
+    pub dry_run: bool,
+    /// Update existing workspaces (compare-and-set on the revision read).
+    pub update: bool,
+    /// Calls in flight at once (at least 1).
+    pub concurrency: usize,
+    /// Recorded in the audit rows of the workspaces written.
+    pub reason: String,
+}
+
+/// What happened to one line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Created (dry run: would be).
+    Created,
+    /// Already registered and left alone.
+    Existing,
+    /// Updated (dry run: would be).
+    Updated,
+    /// Already registered with exactly the line's values.
+    Unchanged,
+    /// Changed by someone else between the read and the write: not updated.
+    Conflict,
+    /// Refused by the service, or the call failed.
+    Failed,
+}
+
+/// One line's result.
+#[derive(Debug, Clone)]
+pub struct Done {
+    pub line: usize,
+    pub workspace_id: WorkspaceId,
+    pub outcome: Outcome,
+    pub legacy_mode: Option<Mode>,
+    /// The decision the line ends with (dry run: would end with), when known.
+    pub resolution: Option<proto::Resolution>,
+    /// For `Conflict` and `Failed`: the status.
+    pub error: Option<CallError>,
+}
+
+/// A refused or failed call: code, ErrorInfo reason and the server's message
+/// (which never holds a credential value).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CallError {
+    pub code: String,
+    pub reason: String,
+    pub message: String,
+}
+
+impl CallError {
+    fn from_status(s: &Status) -> Self {
+        CallError {
+            code: format!("{:?}", s.code()),
+            reason: s
+                .get_details_error_info()
+                .map(|i| i.reason)
+                .unwrap_or_default(),
+            message: s.message().to_owned(),
+        }
+    }
+}
+
+/// The decision a line ends with, differing from its `legacy_mode`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Disagreement {
+    pub line: usize,
+    pub workspace_id: String,
+    pub legacy_mode: &'static str,
+    pub mode: &'static str,
+    pub source: &'static str,
+    pub provider: String,
+    /// The trace line that decided it.
+    pub reason: String,
+    pub trace: Vec<String>,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    pub dry_run: bool,
+    /// Valid lines given to the run.
+    pub total: usize,
+    /// Lines whose calls completed.
+    pub done: usize,
+    /// Stopped early (cancelled, or a call that every other would fail too).
+    pub interrupted: bool,
+    pub created: usize,
+    pub existing: usize,
+    pub updated: usize,
+    pub unchanged: usize,
+    pub conflicts: Vec<Failure>,
+    pub failures: Vec<Failure>,
+    /// Decisions known at the end, counted by (mode, source).
+    pub decisions: BTreeMap<String, usize>,
+    /// Lines whose decision differs from their `legacy_mode`, in line order.
+    pub disagreements: Vec<Disagreement>,
+}
+
+/// A line that was not imported.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Failure {
+    pub line: usize,
+    pub workspace_id: String,
+    #[serde(flatten)]
+    pub error: CallError,
+}
+
+impl Report {
+    /// Whether the run wrote (dry run: would write) anything.
+    pub fn changed(&self) -> bool {
+        self.created + self.updated > 0
+    }
+
+    fn add(&mut self, d: Done) {
+        self.done += 1;
+        match d.outcome {
+            Outcome::Created => self.created += 1,
+            Outcome::Existing => self.existing += 1,
+            Outcome::Updated => self.updated += 1,
+            Outcome::Unchanged => self.unchanged += 1,
+            Outcome::Conflict | Outcome::Failed => {
+                let f = Failure {
+                    line: d.line,
+                    workspace_id: d.workspace_id.to_string(),
+                    error: d.error.clone().unwrap_or(CallError {
+                        code: String::new(),
+                        reason: String::new(),
+                        message: String::new(),
+                    }),
+                };
+                if d.outcome == Outcome::Conflict {
+                    self.conflicts.push(f);
+                } else {
+                    self.failures.push(f);
+                }
+            }
+        }
+        let Some(r) = &d.resolution else { return };
+        let mode = mode_name(r.mode);
+        let source = source_name(r.source);
+        *self
+            .decisions
+            .entry(format!("{mode} {source}"))
+            .or_default() += 1;
+        if let Some(legacy) = d.legacy_mode {
+            if legacy.as_str() != mode {
+                self.disagreements.push(Disagreement {
+                    line: d.line,
+                    workspace_id: r.workspace_id.clone(),
+                    legacy_mode: legacy.as_str(),
+                    mode,
+                    source,
+                    provider: r.provider.clone(),
+                    reason: deciding_reason(r),
+                    trace: r.trace.clone(),
+                });
+            }
+        }
+    }
+
+    fn finish(&mut self) {
+        self.disagreements.sort_by_key(|d| d.line);
+        self.conflicts.sort_by_key(|f| f.line);
+        self.failures.sort_by_key(|f| f.line);
+    }
+}
+
+pub fn mode_name(v: i32) -> &'static str {
+    match proto::Mode::try_from(v) {
+        Ok(proto::Mode::PlatformManaged) => "platform_managed",
+        Ok(proto::Mode::Byok) => "byok",
+        Ok(proto::Mode::Disabled) => "disabled",
+        _ => "unspecified",
+    }
+}
+
+pub fn source_name(v: i32) -> &'static str {
+    match proto::Source::try_from(v) {
+        Ok(proto::Source::Override) => "OVERRIDE",
+        Ok(proto::Source::DerivedProvider) => "DERIVED_PROVIDER",
+        Ok(proto::Source::Default) => "DEFAULT",
+        _ => "UNSPECIFIED",
+    }
+}
+
+/// The trace line that decided: the override, or the last derivation step.
+fn deciding_reason(r: &proto::Resolution) -> String {
+    let prefix = if r.source == i32::from(proto::Source::Override) {
+        "override:"
+    } else {
+        "derive:"
+    };
+    r.trace
+        .iter()
+        .rev()
+        .find(|t| t.starts_with(prefix))
+        .or(r.trace.last())
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// The Set a line stands for: its runtime, model and credential names
+/// (absent ones cleared, which for a create is the same as absent) and its
+/// override when it has one. An import never removes an override.
+fn set_request(e: &Entry, opts: &Options, expected_revision: u64) -> proto::SetRequest {
+    proto::SetRequest {
+        workspace_id: e.workspace_id.to_string(),
+        override_mode: e
+            .override_mode
+            .map(|m| i32::from(crate::service::convert::mode_to_wire(m))),
+        runtime: Some(
+            e.runtime
+                .as_ref()
+                .map(|r| r.as_str().to_owned())
+                .unwrap_or_default(),
+        ),
+        model: Some(
+            e.model
+                .as_ref()
+                .map(|m| m.as_str().to_owned())
+                .unwrap_or_default(),
+        ),
+        credential_keys: Some(proto::CredentialKeys {
+            keys: e.credential_keys.to_strings(),
+        }),
+        expected_revision: Some(expected_revision),
+        // A dry run is checked exactly as the write would be, and an override
+        // needs a reason: one that says what it is, when none is given.
+        reason: if opts.dry_run && opts.reason.trim().is_empty() {
+            "import (dry run)".to_owned()
+        } else {
+            opts.reason.clone()
+        },
+        dry_run: opts.dry_run,
+    }
+}
+
+fn is_revision_mismatch(s: &Status) -> bool {
+    s.code() == Code::Aborted
+}
+
+/// Errors every other call would meet too: stop instead of repeating them.
+fn is_fatal(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unauthenticated | Code::PermissionDenied | Code::Unimplemented
+    )
+}
+
+/// One line: returns its result and whether the run should stop.
+async fn import_one(conn: &Connection, e: &Entry, opts: &Options) -> (Done, bool) {
+    let mut client = conn.client.clone();
+    let done = |outcome, resolution, error| Done {
+        line: e.line,
+        workspace_id: e.workspace_id,
+        outcome,
+        legacy_mode: e.legacy_mode,
+        resolution,
+        error,
+    };
+    let failed = |s: Status| {
+        let fatal = is_fatal(&s);
+        (
+            done(Outcome::Failed, None, Some(CallError::from_status(&s))),
+            fatal,
+        )
+    };
+    // Create-only: never overwrites a registration made meanwhile.
+    match client.set(conn.request(set_request(e, opts, 0))).await {
+        Ok(r) => {
+            return (
+                done(Outcome::Created, r.into_inner().resolution, None),
+                false,
+            )
+        }
+        Err(s) if is_revision_mismatch(&s) => {}
+        Err(s) => return failed(s),
+    }
+    // It exists. Read it: the decision it keeps, and the revision to update.
+    let current = match client
+        .resolve(conn.request(proto::ResolveRequest {
+            workspace_id: e.workspace_id.to_string(),
+        }))
+        .await
+    {
+        Ok(r) => r.into_inner().resolution,
+        Err(s) => return failed(s),
+    };
+    let Some(current) = current else {
+        return failed(Status::internal("the server returned no resolution"));
+    };
+    if !opts.update {
+        return (done(Outcome::Existing, Some(current), None), false);
+    }
+    let revision = current.revision;
+    match client
+        .set(conn.request(set_request(e, opts, revision)))
+        .await
+    {
+        Ok(r) => {
+            let r = r.into_inner().resolution;
+            let outcome = match &r {
+                Some(r) if r.revision == revision => Outcome::Unchanged,
+                _ => Outcome::Updated,
+            };
+            (done(outcome, r, None), false)
+        }
+        Err(s) if is_revision_mismatch(&s) => (
+            done(Outcome::Conflict, None, Some(CallError::from_status(&s))),
+            false,
+        ),
+        Err(s) => failed(s),
+    }
+}
+
+/// Imports `entries`, `opts.concurrency` calls at a time. `cancel` stops the
+/// run after the calls in flight; `progress` is called with the number of
+/// lines done after each one.
+pub async fn run(
+    conn: &Connection,
+    entries: Vec<Entry>,
+    opts: &Options,
+    cancel: Arc<AtomicBool>,
+    mut progress: impl FnMut(usize),
+) -> Report {
+    let total = entries.len();
+    let entries = Arc::new(entries);
+    let next = Arc::new(AtomicUsize::new(0));
+    let workers = opts.concurrency.clamp(1, 1024).min(total.max(1));
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Done, bool)>(workers * 4);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..workers {
+        let (conn, entries, next, cancel, tx, opts) = (
+            conn.clone(),
+            entries.clone(),
+            next.clone(),
+            cancel.clone(),
+            tx.clone(),
+            opts.clone(),
+        );
+        tasks.spawn(async move {
+            while !cancel.load(Ordering::SeqCst) {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                let Some(e) = entries.get(i) else { break };
+                let result = import_one(&conn, e, &opts).await;
+                if tx.send(result).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    drop(tx);
+    let mut report = Report {
+        dry_run: opts.dry_run,
+        total,
+        ..Report::default()
+    };
+    let mut stopped = false;
+    while let Some((done, fatal)) = rx.recv().await {
+        if fatal && !stopped {
+            stopped = true;
+            cancel.store(true, Ordering::SeqCst);
+        }
+        report.add(done);
+        progress(report.done);
+    }
+    while tasks.join_next().await.is_some() {}
+    report.interrupted = report.done < total;
+    report.finish();
+    report
+}
+
+// ---------------------------------------------------------------------------
+// Output
+
+/// The report as JSON, with the refused lines of the file.
+pub fn report_json(report: &Report, invalid: &[LineError], lines: usize) -> Value {
+    let mut v = serde_json::to_value(report).expect("the report serializes");
+    let o = v.as_object_mut().expect("an object");
+    o.insert("lines".into(), lines.into());
+    o.insert(
+        "invalid".into(),
+        serde_json::to_value(invalid).expect("errors serialize"),
+    );
+    o.insert("changed".into(), report.changed().into());
+    v
+}
+
+/// The report as text for a person.
+pub fn report_text(report: &Report, invalid: &[LineError], lines: usize) -> String {
+    let mut out = String::new();
+    out += &format!(
+        "{lines} lines: {} valid, {} invalid{}\n",
+        report.total,
+        invalid.len(),
+        if invalid.is_empty() { "" } else { " (skipped)" }
+    );
+    for e in invalid {
+        out += &format!("  skipped {e}\n");
+    }
+    if report.dry_run {
+        out += "dry run: nothing was written\n";
+    }
+    if report.interrupted {
+        out += &format!(
+            "INTERRUPTED after {} of {} workspaces; the rest were not sent\n",
+            report.done, report.total
+        );
+    }
+    let (created, updated) = if report.dry_run {
+        ("would create:", "would update:")
+    } else {
+        ("created:", "updated:")
+    };
+    out += &format!("{created:<14}{}\n", report.created);
+    out += &format!("{:<14}{} (left alone)\n", "existing:", report.existing);
+    out += &format!("{updated:<14}{}\n", report.updated);
+    out += &format!("{:<14}{}\n", "unchanged:", report.unchanged);
+    out += &format!("{:<14}{}\n", "conflicts:", report.conflicts.len());
+    out += &format!("{:<14}{}\n", "failed:", report.failures.len());
+    if !report.changed() && !report.interrupted && report.failures.is_empty() {
+        out += if report.dry_run {
+            "nothing would change: every workspace is already registered\n"
+        } else {
+            "nothing changed: every workspace is already registered\n"
+        };
+    }
+    for f in &report.conflicts {
+        out += &format!(
+            "  conflict line {} {}: changed concurrently, not updated ({})\n",
+            f.line, f.workspace_id, f.error.message
+        );
+    }
+    for f in &report.failures {
+        out += &format!(
+            "  failed line {} {}: {} {}: {}\n",
+            f.line, f.workspace_id, f.error.code, f.error.reason, f.error.message
+        );
+    }
+    out += "decisions by mode and source:\n";
+    for (k, n) in &report.decisions {
+        out += &format!("  {k:<40} {n}\n");
+    }
+    out += &format!("differs from legacy_mode: {}\n", report.disagreements.len());
+    for d in &report.disagreements {
+        out += &format!(
+            "  line {} {}: legacy {} -> {} ({}): {}\n",
+            d.line, d.workspace_id, d.legacy_mode, d.mode, d.source, d.reason
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_str(s: &str) -> Parsed {
+        parse(io::Cursor::new(s.as_bytes())).unwrap()
+    }
+
+    #[test]
+    fn a_valid_line_becomes_an_entry() {
+        let p = parse_str(
+            "{\"workspace_id\":\"6B66DE8D-9337-4fb4-be8d-6d49dca0d809\",\"runtime\":\"claude-code\",\
+             \"model\":\"opus\",\"credential_keys\":[\"CLAUDE_CODE_OAUTH_TOKEN\"],\"legacy_mode\":\"platform_managed\"}\n\
+             \n{\"workspace_id\":\"11111111-1111-4111-8111-111111111111\",\"model\":\"\",\"override_mode\":null}\r\n",
+        );
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        assert_eq!(p.lines, 3);
+        assert_eq!(p.entries.len(), 2);
+        let e = &p.entries[0];
+        assert_eq!(
+            e.workspace_id.to_string(),
+            "6b66de8d-9337-4fb4-be8d-6d49dca0d809"
+        );
+        assert_eq!(e.legacy_mode, Some(Mode::PlatformManaged));
+        assert_eq!(p.entries[1].line, 3);
+        assert_eq!(p.entries[1].model, None);
+    }
+
+    #[test]
+    fn errors_name_the_line_and_field_and_never_the_value() {
+        let secret = "sk-ant-api03-SECRETVALUE";
+        let long = format!("{{\"workspace_id\":\"{}\"}}", "x".repeat(MAX_LINE_BYTES));
+        let text = [
+            format!("{{\"workspace_id\":\"{secret}\"}}"),
+            format!("{{\"workspace_id\":\"6b66de8d-9337-4fb4-be8d-6d49dca0d809\",\"credential_keys\":[\"OK\",\"{secret}=x\"]}}"),
+            format!("{{\"workspace_id\":\"6b66de8d-9337-4fb4-be8d-6d49dca0d800\",\"override_mode\":\"{secret}\"}}"),
+            format!("{{\"workspace_id\": {secret}"),
+            long,
+            format!("{{\"{secret}\":1}}"),
+            format!("{{\"workspace_id\":\"6b66de8d-9337-4fb4-be8d-6d49dca0d801\",\"model\":\"a {secret}\"}}"),
+            "{\"workspace_id\":\"6b66de8d-9337-4fb4-be8d-6d49dca0d802\"}".to_owned(),
+            "{\"workspace_id\":\"6B66DE8D-9337-4fb4-be8d-6d49dca0d802\"}".to_owned(),
+            "[1]".to_owned(),
+        ]
+        .join("\n");
+        let p = parse_str(&text);
+        let got: Vec<(usize, Option<&str>)> = p.errors.iter().map(|e| (e.line, e.field)).collect();
+        assert_eq!(
+            got,
+            vec![
+                (1, Some("workspace_id")),
+                (2, Some("credential_keys")),
+                (3, Some("override_mode")),
+                (4, None),
+                (5, None),
+                (6, None),
+                (7, Some("model")),
+                (9, Some("workspace_id")),
+                (10, None),
+            ]
+        );
+        assert_eq!(p.entries.len(), 1);
+        for e in &p.errors {
+            assert!(!e.to_string().contains("SECRETVALUE"), "{e}");
+        }
+        assert!(p.errors[1].message.contains("credential_keys[1]"));
+        assert!(p.errors[7].message.contains("line 8"));
+    }
+}
