@@ -2,10 +2,21 @@
 //! (register a platform's existing workspaces from JSON Lines; the logic is
 //! in `billing_mode::import`).
 
-use std::process::ExitCode;
+use std::{
+    io::{BufReader, IsTerminal},
+    path::PathBuf,
+    process::ExitCode,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+};
 
-use anyhow::bail;
-use billing_mode::{import, proto};
+use anyhow::{bail, Context};
+use billing_mode::{
+    import::{self, Connection, Options},
+    proto,
+};
 use clap::Args;
 use serde_json::json;
 
@@ -92,4 +103,140 @@ pub async fn list(a: ListArgs) -> ExitCode {
         Ok((json!({"workspaces": workspaces, "count": all.len()}), text))
     })
     .await
+}
+
+#[derive(Args)]
+pub struct ImportArgs {
+    /// JSON Lines, one workspace a line: workspace_id, and optionally runtime,
+    /// model, credential_keys (names), override_mode, legacy_mode; `-` reads
+    /// standard input.
+    file: PathBuf,
+    /// Decide every line with the server's dry run and report; write nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Update workspaces that already exist (compare-and-set on the revision
+    /// read: a concurrent change is reported, not overwritten). Without it
+    /// they are counted and left alone. Never removes an override.
+    #[arg(long)]
+    update: bool,
+    /// Import the valid lines even if some are invalid (each is reported).
+    /// Without it, one invalid line means nothing is written.
+    #[arg(long)]
+    skip_invalid: bool,
+    /// Why (recorded in every audit row written); required unless --dry-run.
+    #[arg(long, required_unless_present = "dry_run", default_value = "")]
+    reason: String,
+    /// Calls in flight at once.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
+    concurrency: u16,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+fn read_file(path: &PathBuf) -> anyhow::Result<import::Parsed> {
+    if path.as_os_str() == "-" {
+        import::parse(std::io::stdin().lock()).context("reading standard input")
+    } else {
+        let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        import::parse(BufReader::new(f)).with_context(|| format!("reading {}", path.display()))
+    }
+}
+
+pub async fn import(a: ImportArgs) -> ExitCode {
+    let parsed = match read_file(&a.file) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if !parsed.errors.is_empty() && !a.skip_invalid {
+        if a.client.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&json!({
+                    "lines": parsed.lines,
+                    "invalid": parsed.errors,
+                    "written": false,
+                }))
+                .unwrap_or_default()
+            );
+        }
+        for e in &parsed.errors {
+            eprintln!("{e}");
+        }
+        eprintln!(
+            "error: {} invalid line(s) of {}; nothing was written (fix them, or pass --skip-invalid to import the rest)",
+            parsed.errors.len(),
+            parsed.lines
+        );
+        return ExitCode::FAILURE;
+    }
+    let (channel, authorization) = match client::channel(&a.client).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let conn = Connection::new(channel, authorization);
+    let opts = Options {
+        dry_run: a.dry_run,
+        update: a.update,
+        concurrency: usize::from(a.concurrency),
+        reason: a.reason.clone(),
+    };
+    let cancel = Arc::new(AtomicBool::new(false));
+    let on_interrupt = {
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("interrupted: finishing the calls in flight");
+                cancel.store(true, Ordering::SeqCst);
+            }
+        })
+    };
+    let total = parsed.entries.len();
+    // A bar only for a person watching a terminal; logs get the summary.
+    let bar = if std::io::stderr().is_terminal() {
+        let bar = indicatif::ProgressBar::new(total as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} workspaces ({per_sec}, {eta} left)",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let report = import::run(&conn, parsed.entries, &opts, cancel, |done| {
+        bar.set_position(done as u64)
+    })
+    .await;
+    bar.finish_and_clear();
+    on_interrupt.abort();
+    if a.client.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&import::report_json(
+                &report,
+                &parsed.errors,
+                parsed.lines
+            ))
+            .unwrap_or_default()
+        );
+    } else {
+        print!(
+            "{}",
+            import::report_text(&report, &parsed.errors, parsed.lines)
+        );
+    }
+    if !report.failures.is_empty() || !report.conflicts.is_empty() {
+        ExitCode::FAILURE
+    } else if report.interrupted {
+        ExitCode::from(130)
+    } else {
+        ExitCode::SUCCESS
+    }
 }

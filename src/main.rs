@@ -73,6 +73,9 @@ enum Command {
     Drift(client::DriftArgs),
     /// List every workspace's decision, in workspace-id order.
     List(adopt_cli::ListArgs),
+    /// Register existing workspaces from JSON Lines (create-only; --dry-run
+    /// shows the decisions and where they differ from legacy_mode).
+    Import(adopt_cli::ImportArgs),
 }
 
 #[derive(Subcommand)]
@@ -192,6 +195,7 @@ fn main() -> ExitCode {
             Command::History(a) => client::history(a).await,
             Command::Drift(a) => client::drift(a).await,
             Command::List(a) => adopt_cli::list(a).await,
+            Command::Import(a) => adopt_cli::import(a).await,
         }
     })
 }

@@ -372,6 +372,293 @@ fn describe(o: &Output) -> String {
 }
 
 // ---------------------------------------------------------------------------
+// Import of 5,000 workspaces, at the library level on both backends
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn importing_5000_workspaces_dry_run_then_apply_then_again_changes_nothing_the_second_time() {
+    each_backend(|db| async move {
+        let app = TestApp::spawn(&db).await;
+        let conn = Connection::new(app.channel().await, None);
+        let mut c = app.client().await;
+        let (text, expected) = generate(5000);
+        let by_id: HashMap<&str, &Expected> = expected.iter().map(|e| (e.id.as_str(), e)).collect();
+        let want_disagreements = expected_disagreements(&expected);
+        assert!(
+            want_disagreements.len() > 300,
+            "the file has disagreements to find"
+        );
+
+        // Dry run: the server's decisions, nothing written.
+        let dry = import_text(&conn, &text, &options(true, false, "")).await;
+        assert!(dry.failures.is_empty(), "{:?}", &dry.failures[..1]);
+        assert_eq!((dry.created, dry.existing, dry.done), (5000, 0, 5000));
+        assert!(!dry.interrupted);
+        assert_eq!(
+            dry.decisions,
+            expected_counts(&expected),
+            "{:?}",
+            db.backend
+        );
+        assert_eq!(got_disagreements(&dry), want_disagreements);
+        for d in &dry.disagreements {
+            assert_eq!(d.source, by_id[d.workspace_id.as_str()].source);
+            assert!(!d.reason.is_empty() && !d.trace.is_empty());
+        }
+        assert!(
+            raw_record_rows(&db).await.is_empty(),
+            "a dry run writes no record"
+        );
+        assert!(
+            raw_audit_rows(&db).await.is_empty(),
+            "a dry run writes no audit row"
+        );
+
+        // Apply: every workspace created, with the reason in its audit row.
+        let applied = import_text(&conn, &text, &options(false, false, "adopt: day one")).await;
+        assert!(applied.failures.is_empty(), "{:?}", &applied.failures[..1]);
+        assert_eq!((applied.created, applied.existing), (5000, 0));
+        assert!(applied.changed());
+        assert_eq!(applied.decisions, expected_counts(&expected));
+        assert_eq!(got_disagreements(&applied), want_disagreements);
+        let records = raw_record_rows(&db).await;
+        let audit = raw_audit_rows(&db).await;
+        assert_eq!((records.len(), audit.len()), (5000, 5000));
+        assert!(audit
+            .iter()
+            .all(|a| a.reason == "adopt: day one" && a.revision == "1"));
+
+        // Every workspace listed once, in id order, decided as expected.
+        let listed = list_all(&mut c, 500, Mode::Unspecified, Source::Unspecified).await;
+        let mut want_ids: Vec<String> = expected.iter().map(|e| e.id.clone()).collect();
+        want_ids.sort();
+        assert_eq!(ids(&listed), want_ids);
+        for r in &listed {
+            let e = by_id[r.workspace_id.as_str()];
+            assert_eq!(
+                (mode_str(r.mode), import::source_name(r.source)),
+                (e.mode, e.source),
+                "line {}",
+                e.line
+            );
+        }
+        // page_size 0 means 50; more than 500 means 500.
+        for (asked, got) in [(0, 50), (1, 1), (501, 500), (100_000, 500)] {
+            let page = c
+                .list_workspaces(ListWorkspacesRequest {
+                    page_size: asked,
+                    ..ListWorkspacesRequest::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(page.resolutions.len(), got, "page_size {asked}");
+            assert!(!page.next_page_token.is_empty());
+        }
+        // Filters: the decision's mode and source, across pages. `disabled`
+        // is rare, so its pages stop at the scan bound, some short of full
+        // yet with a token to continue.
+        for (mode, source) in [
+            (Mode::Disabled, Source::Unspecified),
+            (Mode::Byok, Source::Unspecified),
+            (Mode::PlatformManaged, Source::Default),
+            (Mode::Unspecified, Source::Override),
+            (Mode::PlatformManaged, Source::DerivedProvider),
+        ] {
+            let pages = list_pages(&mut c, 100, mode, source).await;
+            let got: Vec<String> = pages.iter().flat_map(|(p, _)| ids(p)).collect();
+            let mut want: Vec<String> = expected
+                .iter()
+                .filter(|e| mode == Mode::Unspecified || e.mode == mode_str(mode.into()))
+                .filter(|e| {
+                    source == Source::Unspecified || e.source == import::source_name(source.into())
+                })
+                .map(|e| e.id.clone())
+                .collect();
+            want.sort();
+            assert!(!want.is_empty());
+            assert_eq!(got, want, "filter {mode:?} {source:?}");
+            if mode == Mode::Disabled {
+                assert!(
+                    pages.iter().any(|(p, more)| *more && p.len() < 100),
+                    "a rare filter's page stops at the scan bound"
+                );
+            }
+        }
+
+        // The second run changes nothing and says so.
+        let again = import_text(&conn, &text, &options(false, false, "adopt: day one")).await;
+        assert!(again.failures.is_empty());
+        assert_eq!((again.created, again.existing, again.updated), (0, 5000, 0));
+        assert!(!again.changed());
+        assert!(import::report_text(&again, &[], 5000).contains("nothing changed"));
+        assert_eq!(raw_record_rows(&db).await, records, "no record touched");
+        assert_eq!(raw_audit_rows(&db).await.len(), 5000, "no audit row added");
+        app.stop().await.unwrap();
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------
+// --update against a concurrent writer
+
+/// A transport that, on the `n`-th Resolve call (counting from 1), lets the
+/// call reach the server and then makes a concurrent Set on the workspace in
+/// `disturb[n]` before the caller sees the answer: a change landing between
+/// the import's read and its write, every time.
+#[derive(Clone)]
+struct SetAfterRead {
+    inner: tonic::transport::Channel,
+    side: Client,
+    resolves: Arc<AtomicUsize>,
+    disturb: Arc<HashMap<usize, String>>,
+    disturbed: Arc<Mutex<Vec<String>>>,
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for SetAfterRead {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = tonic::transport::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let target = (req.uri().path() == "/molecule.billing.v1.BillingMode/Resolve")
+            .then(|| self.resolves.fetch_add(1, Ordering::SeqCst) + 1)
+            .and_then(|n| self.disturb.get(&n).cloned());
+        let fut = self.inner.call(req);
+        let mut side = self.side.clone();
+        let disturbed = self.disturbed.clone();
+        Box::pin(async move {
+            let response = fut.await?;
+            if let Some(ws) = target {
+                side.set(set_model(&ws, "claude-sonnet-4-6"))
+                    .await
+                    .expect("the concurrent Set succeeds");
+                disturbed.lock().unwrap().push(ws);
+            }
+            Ok(response)
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_concurrent_set_during_an_update_import_is_reported_and_not_lost() {
+    each_backend(|db| async move {
+        let app = TestApp::spawn(&db).await;
+        let mut c = app.client().await;
+        let ws: Vec<String> = (0..6).map(|_| new_workspace()).collect();
+        for w in &ws {
+            set(&mut c, set_model(w, "opus")).await;
+        }
+        let text: String = ws
+            .iter()
+            .map(|w| {
+                format!(
+                    "{}\n",
+                    json!({"workspace_id": w, "runtime": "claude-code", "model": "haiku"})
+                )
+            })
+            .collect();
+        // Concurrency 1: the n-th Resolve reads line n's workspace.
+        let disturb: HashMap<usize, String> = [(2, ws[1].clone()), (5, ws[4].clone())]
+            .into_iter()
+            .collect();
+        let transport = SetAfterRead {
+            inner: app.channel().await,
+            side: app.client().await,
+            resolves: Arc::new(AtomicUsize::new(0)),
+            disturb: Arc::new(disturb),
+            disturbed: Arc::new(Mutex::new(Vec::new())),
+        };
+        let disturbed = transport.disturbed.clone();
+        let conn = Connection::with_transport(Transport::new(transport), None);
+        let opts = Options {
+            concurrency: 1,
+            ..options(false, true, "adopt: update")
+        };
+        let report = import_text(&conn, &text, &opts).await;
+        assert_eq!(
+            *disturbed.lock().unwrap(),
+            vec![ws[1].clone(), ws[4].clone()]
+        );
+        assert!(report.failures.is_empty(), "{:?}", report.failures);
+        let conflicts: Vec<&str> = report
+            .conflicts
+            .iter()
+            .map(|f| f.workspace_id.as_str())
+            .collect();
+        assert_eq!(
+            conflicts,
+            vec![ws[1].as_str(), ws[4].as_str()],
+            "{:?}",
+            db.backend
+        );
+        assert_eq!(report.conflicts[0].line, 2);
+        assert_eq!(report.updated, 4);
+        assert!(import::report_text(&report, &[], 6).contains("changed concurrently"));
+        for (i, w) in ws.iter().enumerate() {
+            let r = resolve(&mut c, w).await;
+            let want = if i == 1 || i == 4 {
+                "claude-sonnet-4-6"
+            } else {
+                "haiku"
+            };
+            assert_eq!(
+                r.model, want,
+                "the concurrent change is kept, not overwritten"
+            );
+        }
+        // Run again: now nothing moves underneath, so the two are updated too.
+        let again = import_text(&conn, &text, &opts).await;
+        assert!(again.conflicts.is_empty());
+        assert_eq!((again.updated, again.unchanged), (2, 4));
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------
+// Interrupting
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cancelled_import_stops_after_the_calls_in_flight_and_reports_what_it_did() {
+    each_backend(|db| async move {
+        let app = TestApp::spawn(&db).await;
+        let conn = Connection::new(app.channel().await, None);
+        let (text, _) = generate(400);
+        let parsed = import::parse(Cursor::new(text.as_bytes())).unwrap();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let flag = cancel.clone();
+        let opts = Options {
+            concurrency: 4,
+            ..options(false, false, "adopt")
+        };
+        let report = import::run(&conn, parsed.entries, &opts, cancel, |done| {
+            if done == 50 {
+                flag.store(true, Ordering::SeqCst);
+            }
+        })
+        .await;
+        assert!(report.interrupted);
+        assert!(report.done >= 50 && report.done < 400, "{}", report.done);
+        assert_eq!(report.created, report.done);
+        assert_eq!(
+            raw_record_rows(&db).await.len(),
+            report.created,
+            "what was done is what is reported"
+        );
+        assert!(import::report_text(&report, &[], 400).contains("INTERRUPTED"));
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------
 // ListWorkspaces
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -610,4 +897,211 @@ async fn readers_and_admins_may_list_workspaces_and_no_one_else() {
         .await
         .expect_err("no token");
     assert_eq!(e.code(), Code::Unauthenticated);
+}
+
+// ---------------------------------------------------------------------------
+// Through the binary
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn malformed_lines_are_named_by_line_and_field_and_nothing_is_written() {
+    each_backend(|db| async move {
+        let app = TestApp::spawn(&db).await;
+        let dir = tempfile::tempdir().unwrap();
+        let (good, _) = generate(12);
+        let secret = "sk-ant-api03-CANARY-0123456789";
+        let mut lines: Vec<String> = good.lines().map(str::to_owned).collect();
+        // Lines 3, 5, 7, 9 and 11 are bad.
+        lines[2] = json!({"workspace_id": format!("{secret}")}).to_string();
+        lines[4] = json!({"workspace_id": new_workspace(), "credential_keys": [format!("{secret}=1")]}).to_string();
+        lines[6] = json!({"workspace_id": new_workspace(), "override_mode": "free", "legacy_mode": "byok"}).to_string();
+        lines[8] = format!("{{\"workspace_id\": \"{}\", \"model\": {secret}", new_workspace());
+        lines[10] = json!({"workspace_id": new_workspace(), "model": "x".repeat(1 << 20)}).to_string();
+        let path = dir.path().join("workspaces.jsonl");
+        std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+        let path = path.display().to_string();
+        let server = app.endpoint();
+
+        for extra in [&["--reason", "adopt"][..], &["--dry-run"][..], &["--reason", "adopt", "--json"][..]] {
+            let mut args = vec!["import", path.as_str(), "--server", server.as_str()];
+            args.extend_from_slice(extra);
+            let o = run_bin(bin(&args)).await;
+            assert!(!o.status.success(), "{}", describe(&o));
+            let err = String::from_utf8_lossy(&o.stderr);
+            for want in [
+                "line 3: workspace_id:",
+                "line 5: credential_keys:",
+                "line 7: override_mode:",
+                "line 9: not valid JSON",
+                "line 11: longer than",
+                "nothing was written",
+            ] {
+                assert!(err.contains(want), "{want}\n{}", describe(&o));
+            }
+            let all = describe(&o);
+            assert!(!all.contains("CANARY"), "no value is echoed:\n{all}");
+            assert!(!all.contains("free"), "no value is echoed:\n{all}");
+            assert!(raw_record_rows(&db).await.is_empty());
+        }
+
+        // --skip-invalid imports the rest and reports each skipped line.
+        let o = run_bin(bin(&["import", &path, "--server", &server, "--reason", "adopt", "--skip-invalid"])).await;
+        assert!(o.status.success(), "{}", describe(&o));
+        let out = String::from_utf8_lossy(&o.stdout);
+        for n in [3, 5, 7, 9, 11] {
+            assert!(out.contains(&format!("skipped line {n}:")), "{}", describe(&o));
+        }
+        assert!(!describe(&o).contains("CANARY"));
+        assert_eq!(raw_record_rows(&db).await.len(), 7);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_binary_imports_and_lists() {
+    each_backend(|db| async move {
+        let app = TestApp::spawn(&db).await;
+        let dir = tempfile::tempdir().unwrap();
+        let (text, expected) = generate(300);
+        let path = dir.path().join("workspaces.jsonl");
+        std::fs::write(&path, &text).unwrap();
+        let path = path.display().to_string();
+        let server = app.endpoint();
+        let json_of = |o: &Output| -> Value {
+            assert!(o.status.success(), "{}", describe(o));
+            serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", describe(o)))
+        };
+
+        // Dry run, for machines: counts and the disagreements; nothing written.
+        let dry = json_of(
+            &run_bin(bin(&[
+                "import",
+                &path,
+                "--server",
+                &server,
+                "--dry-run",
+                "--json",
+            ]))
+            .await,
+        );
+        assert_eq!(dry["dry_run"], true);
+        assert_eq!(dry["created"], 300);
+        assert_eq!(dry["changed"], true);
+        let got: BTreeSet<(usize, String, &str)> = dry["disagreements"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| {
+                (
+                    d["line"].as_u64().unwrap() as usize,
+                    d["workspace_id"].as_str().unwrap().to_owned(),
+                    mode_static(d["mode"].as_str().unwrap()),
+                )
+            })
+            .collect();
+        assert_eq!(got, expected_disagreements(&expected));
+        let counts: BTreeMap<String, usize> =
+            serde_json::from_value(dry["decisions"].clone()).unwrap();
+        assert_eq!(counts, expected_counts(&expected));
+        assert!(raw_record_rows(&db).await.is_empty());
+
+        // The real run needs a reason.
+        let o = run_bin(bin(&["import", &path, "--server", &server])).await;
+        assert!(!o.status.success());
+        assert!(String::from_utf8_lossy(&o.stderr).contains("--reason"));
+
+        // Plain text from standard input; then again: nothing changes.
+        let mut cmd = bin(&["import", "-", "--server", &server, "--reason", "adopt"]);
+        cmd.stdin(std::fs::File::open(&path).unwrap());
+        let o = run_bin(cmd).await;
+        assert!(o.status.success(), "{}", describe(&o));
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(out.contains("created:      300"), "{out}");
+        assert!(out.contains("differs from legacy_mode:"), "{out}");
+        let o = run_bin(bin(&[
+            "import", &path, "--server", &server, "--reason", "adopt",
+        ]))
+        .await;
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success() && out.contains("nothing changed"),
+            "{}",
+            describe(&o)
+        );
+        assert!(out.contains("existing:     300 (left alone)"), "{out}");
+        assert_eq!(raw_audit_rows(&db).await.len(), 300);
+
+        // list: everything, and filtered, in plain text and JSON.
+        let all = json_of(
+            &run_bin(bin(&[
+                "list",
+                "--server",
+                &server,
+                "--json",
+                "--page-size",
+                "40",
+            ]))
+            .await,
+        );
+        assert_eq!(all["count"], 300);
+        let byok = json_of(
+            &run_bin(bin(&[
+                "list", "--server", &server, "--json", "--mode", "byok",
+            ]))
+            .await,
+        );
+        let got: BTreeSet<String> = byok["workspaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["workspace_id"].as_str().unwrap().to_owned())
+            .collect();
+        let want: BTreeSet<String> = expected
+            .iter()
+            .filter(|e| e.mode == BYOK)
+            .map(|e| e.id.clone())
+            .collect();
+        assert_eq!(got, want);
+        let o = run_bin(bin(&["list", "--server", &server, "--source", "default"])).await;
+        assert!(o.status.success(), "{}", describe(&o));
+        let out = String::from_utf8_lossy(&o.stdout);
+        let n = expected.iter().filter(|e| e.source == "DEFAULT").count();
+        assert_eq!(
+            out.lines().filter(|l| l.contains("DEFAULT")).count(),
+            n,
+            "{out}"
+        );
+        assert!(out.ends_with(&format!("{n} workspaces\n")), "{out}");
+        let o = run_bin(bin(&["list", "--server", &server, "--mode", "free"])).await;
+        assert!(!o.status.success());
+    })
+    .await;
+}
+
+fn mode_static(s: &str) -> &'static str {
+    match s {
+        "platform_managed" => PM,
+        "byok" => BYOK,
+        "disabled" => DISABLED,
+        other => panic!("not a mode: {other}"),
+    }
+}
+
+#[test]
+fn the_generated_file_covers_every_rule_of_the_built_in_registry() {
+    // Every rule's pattern is matched by at least one case (the case table
+    // above is the test's own; this keeps it complete as rules are added).
+    let registry = billing_mode::domain::Registry::builtin().unwrap();
+    let cases = cases();
+    for rule in registry.rules() {
+        for rt in &rule.runtimes {
+            assert!(
+                cases.iter().any(|c| c.runtime == Some(rt.as_str())
+                    && c.model.is_some_and(|m| registry
+                        .match_rule(rt, m)
+                        .is_some_and(|r| r.number == rule.number))),
+                "no case for rule {} on runtime {rt}",
+                rule.number
+            );
+        }
+    }
 }
