@@ -20,6 +20,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // migration must rebuild the crate.
     println!("cargo:rerun-if-changed=migrations");
 
+    git_commit();
+
     let served = protox::compile([proto].iter().chain(&error_details), ["proto"])?;
     let out = PathBuf::from(env::var("OUT_DIR")?);
     std::fs::write(
@@ -33,4 +35,41 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .compile_fds(protox::compile([proto], ["proto"])?)?;
     Ok(())
+}
+
+/// `BILLING_MODE_GIT_COMMIT` for the build-info metric: the environment
+/// variable of that name when set (container builds have no `.git`), else
+/// `git rev-parse`, else `unknown`.
+fn git_commit() {
+    println!("cargo:rerun-if-env-changed=BILLING_MODE_GIT_COMMIT");
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+    };
+    let commit = env::var("BILLING_MODE_GIT_COMMIT")
+        .ok()
+        .filter(|c| !c.is_empty())
+        .or_else(|| git(&["rev-parse", "--short=12", "HEAD"]))
+        .unwrap_or_else(|| "unknown".to_owned());
+    // Rebuild when HEAD moves. Only files that exist are named: a missing
+    // one would make cargo rerun this script, and rebuild the crate, every time.
+    let mut watched = vec!["HEAD".to_owned()];
+    if let Some(head_ref) = git(&["symbolic-ref", "-q", "HEAD"]) {
+        watched.push(head_ref);
+    }
+    watched.push("packed-refs".to_owned());
+    for name in watched {
+        if let Some(path) = git(&["rev-parse", "--git-path", &name]) {
+            if std::path::Path::new(&path).exists() {
+                println!("cargo:rerun-if-changed={path}");
+            }
+        }
+    }
+    println!("cargo:rustc-env=BILLING_MODE_GIT_COMMIT={commit}");
 }

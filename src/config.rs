@@ -9,6 +9,10 @@ use crate::auth::TokenEntry;
 pub const DEFAULT_DATABASE_URL: &str = "sqlite:billing-mode.db";
 /// The default listen address: loopback only.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
+/// The default admin listen address (HTTP: /healthz, /readyz, /metrics).
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+/// How long start-up waits for the store by default.
+pub const DEFAULT_STARTUP_TIMEOUT: &str = "60s";
 /// Largest request or response message.
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
@@ -27,7 +31,10 @@ pub struct Config {
     pub database_url: String,
     /// A registry file replacing the built-in one.
     pub registry_path: Option<PathBuf>,
-    /// Accepted bearer tokens (hashes). Empty: no authentication, loopback only.
+    /// A tokens file (re-read on SIGHUP); its entries come before `tokens`.
+    pub tokens_file: Option<PathBuf>,
+    /// Accepted bearer tokens (hashes) given directly. With no tokens file
+    /// either, empty means no authentication, loopback only.
     pub tokens: Vec<TokenEntry>,
     /// Serve without tokens on a non-loopback address anyway.
     pub insecure_allow_unauthenticated: bool,
@@ -36,6 +43,13 @@ pub struct Config {
     pub request_timeout: Duration,
     /// Requests served at once, across all connections; more wait.
     pub concurrency_limit: usize,
+    /// The admin HTTP listener; `None` disables it.
+    pub admin_listen: Option<SocketAddr>,
+    /// How long start-up keeps retrying an unreachable store.
+    pub startup_timeout: Duration,
+    /// Apply the embedded migrations at start-up (otherwise the server waits,
+    /// not ready, until someone else has applied them).
+    pub migrate: bool,
 }
 
 impl Default for Config {
@@ -44,11 +58,65 @@ impl Default for Config {
             listen: DEFAULT_LISTEN.parse().expect("valid default address"),
             database_url: DEFAULT_DATABASE_URL.to_owned(),
             registry_path: None,
+            tokens_file: None,
             tokens: Vec::new(),
             insecure_allow_unauthenticated: false,
             tls: None,
             request_timeout: Duration::from_secs(10),
             concurrency_limit: 256,
+            admin_listen: Some(DEFAULT_ADMIN_LISTEN.parse().expect("valid default address")),
+            startup_timeout: Duration::from_secs(60),
+            migrate: true,
         }
+    }
+}
+
+/// `--admin-listen`: an address, or `off` to disable the admin listener.
+pub fn parse_admin_listen(s: &str) -> Result<Option<SocketAddr>, String> {
+    match s.trim() {
+        "off" | "none" | "disabled" => Ok(None),
+        other => other.parse().map(Some).map_err(|_| {
+            format!("{other:?} is not an address like 127.0.0.1:9090 (or `off` to disable)")
+        }),
+    }
+}
+
+/// A duration such as `60s`, `500ms`, `2m`, or plain seconds (`60`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (number, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 60s, 500ms or 2m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
+        _ => Err(format!("{s:?} is not a duration like 60s, 500ms or 2m")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_admin_addresses_parse() {
+        assert_eq!(parse_duration("60"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("60s"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        for bad in ["", "s", "1h", "-1s", "1.5s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(parse_admin_listen("off"), Ok(None));
+        assert_eq!(
+            parse_admin_listen("0.0.0.0:9090"),
+            Ok(Some("0.0.0.0:9090".parse().unwrap()))
+        );
+        assert!(parse_admin_listen("localhost").is_err());
     }
 }

@@ -6,10 +6,14 @@
 //! knows neither.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod domain;
 pub mod import;
+pub mod health;
+pub mod metrics;
+pub mod reload;
 pub mod service;
 pub mod startup;
 pub mod store;

@@ -92,6 +92,10 @@ enum TokenCommand {
     },
 }
 
+/// An optional address (`off` is none). An alias, so that clap does not
+/// treat the flag itself as optional: its default is an address.
+type MaybeAddr = Option<SocketAddr>;
+
 #[derive(Args)]
 struct ServeArgs {
     /// Address to listen on.
@@ -130,29 +134,34 @@ struct ServeArgs {
     /// Requests served at once across all connections.
     #[arg(long, env = "BILLING_MODE_CONCURRENCY_LIMIT", default_value_t = 256)]
     concurrency_limit: usize,
+    /// Admin HTTP listener (/healthz, /readyz, /metrics), or `off`.
+    #[arg(long, env = "BILLING_MODE_ADMIN_LISTEN", default_value = config::DEFAULT_ADMIN_LISTEN,
+          value_parser = config::parse_admin_listen)]
+    admin_listen: MaybeAddr,
+    /// How long to keep retrying an unreachable store at start-up (e.g. 60s, 500ms, 2m).
+    #[arg(long, env = "BILLING_MODE_STARTUP_TIMEOUT", default_value = config::DEFAULT_STARTUP_TIMEOUT,
+          value_parser = config::parse_duration)]
+    startup_timeout: Duration,
+    /// Do not apply migrations (run `billing-mode migrate` first); the server
+    /// is not ready until they are applied.
+    #[arg(long)]
+    no_migrate: bool,
 }
 
 impl ServeArgs {
     fn into_config(self) -> anyhow::Result<Config> {
-        let mut tokens = Vec::new();
-        if let Some(path) = &self.tokens_file {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading tokens file {}", path.display()))?;
-            tokens.extend(auth::parse_token_lines(&text, &path.display().to_string())?);
-        }
-        if let Some(inline) = &self.tokens_inline {
-            let text = inline.replace(';', "\n");
-            for e in auth::parse_token_lines(&text, "BILLING_MODE_TOKENS")? {
-                if tokens.iter().any(|t: &auth::TokenEntry| t.name == e.name) {
-                    anyhow::bail!("token name {:?} is configured twice", e.name);
-                }
-                tokens.push(e);
+        // The tokens file is read by the server itself (and again on SIGHUP).
+        let tokens = match &self.tokens_inline {
+            Some(inline) => {
+                auth::parse_token_lines(&inline.replace(';', "\n"), "BILLING_MODE_TOKENS")?
             }
-        }
+            None => Vec::new(),
+        };
         Ok(Config {
             listen: self.listen,
             database_url: self.database.database_url,
             registry_path: self.registry,
+            tokens_file: self.tokens_file,
             tokens,
             insecure_allow_unauthenticated: self.insecure_allow_unauthenticated,
             tls: match (self.tls_cert, self.tls_key) {
@@ -165,6 +174,9 @@ impl ServeArgs {
             },
             request_timeout: Duration::from_millis(self.request_timeout_ms.max(1)),
             concurrency_limit: self.concurrency_limit.max(1),
+            admin_listen: self.admin_listen,
+            startup_timeout: self.startup_timeout,
+            migrate: !self.no_migrate,
         })
     }
 }

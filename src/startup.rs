@@ -4,34 +4,48 @@
 //! connects to the store and applies migrations, and binds the listener, so
 //! tests run the production path on port 0 and read the bound address.
 
-use std::{future::Future, net::SocketAddr, sync::Arc};
+use std::{
+    future::Future,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use anyhow::{bail, Context};
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, task::JoinSet};
 use tonic::transport::{server::TcpIncoming, Certificate, Identity, Server, ServerTlsConfig};
 use tower::limit::GlobalConcurrencyLimitLayer;
 
 use crate::{
+    admin,
     auth::Authenticator,
     config::{Config, MAX_MESSAGE_BYTES},
     domain::Registry,
+    health::{self, Readiness},
+    metrics::RpcMetricsLayer,
     proto::{self, billing_mode_server::BillingModeServer},
+    reload::{self, SharedAuth},
     service::BillingModeService,
-    store::{self, Store},
+    store::{self, metered::MeteredStore, Store, StoreError},
 };
 
 pub struct Application {
     listener: TcpListener,
     addr: SocketAddr,
+    admin_listener: Option<TcpListener>,
     config: Config,
     store: Arc<dyn Store>,
     registry: Arc<Registry>,
-    auth: Arc<Authenticator>,
+    auth: SharedAuth,
+    readiness: Readiness,
 }
 
 impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
-        let auth = Arc::new(Authenticator::new(config.tokens.clone()));
+        let auth = Authenticator::new(reload::load_tokens(
+            config.tokens_file.as_deref(),
+            &config.tokens,
+        )?);
         if auth.is_open() {
             if !config.listen.ip().is_loopback() && !config.insecure_allow_unauthenticated {
                 bail!(
@@ -47,15 +61,47 @@ impl Application {
             );
         }
         let registry = Arc::new(Registry::load(config.registry_path.as_deref())?);
-        let store = store::connect(&config.database_url)
-            .await
-            .with_context(|| format!("opening the store ({})", redact_url(&config.database_url)))?;
+        let store = MeteredStore::wrap(
+            open_store(&config.database_url, config.migrate, config.startup_timeout).await?,
+        );
+        let readiness = Readiness::new();
+        readiness.condition(health::STORE_REACHABLE).set(true);
+        let migrated = readiness.condition(health::MIGRATIONS_APPLIED);
+        if config.migrate {
+            migrated.set(true);
+        } else {
+            let pending = store
+                .pending_migrations()
+                .await
+                .context("checking the store's migrations")?;
+            if pending > 0 {
+                tracing::warn!(
+                    pending,
+                    "started with --no-migrate and migrations are pending: not ready until \
+                     `billing-mode migrate` has applied them"
+                );
+            }
+            migrated.set(pending == 0);
+        }
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;
         let addr = listener.local_addr()?;
+        let admin_listener = match config.admin_listen {
+            Some(a) => Some(
+                TcpListener::bind(a)
+                    .await
+                    .with_context(|| format!("binding the admin listener {a}"))?,
+            ),
+            None => None,
+        };
+        let admin_addr = admin_listener
+            .as_ref()
+            .map(|l| l.local_addr())
+            .transpose()?;
         tracing::info!(
             %addr,
+            admin = %admin_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()),
             store = store.backend(),
             registry = registry.source_name(),
             rules = registry.rules().len(),
@@ -67,10 +113,12 @@ impl Application {
         Ok(Application {
             listener,
             addr,
+            admin_listener,
             config,
             store,
             registry,
-            auth,
+            auth: SharedAuth::new(auth),
+            readiness,
         })
     }
 
@@ -79,13 +127,59 @@ impl Application {
         self.addr
     }
 
+    /// The admin listener's bound address, unless it is off.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+    }
+
+    /// The readiness conditions; add one with [`Readiness::condition`].
+    pub fn readiness(&self) -> &Readiness {
+        &self.readiness
+    }
+
     /// Serves until `shutdown` completes, then finishes in-flight calls.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
         let (health, health_service) = tonic_health::server::health_reporter();
-        // Migrations were applied in build(): the service is ready.
-        health
-            .set_serving::<BillingModeServer<BillingModeService>>()
-            .await;
+        // Background work of this server; dropping the set stops it.
+        let mut tasks = JoinSet::new();
+        // gRPC health ("" and the service) follows readiness: SERVING only
+        // while every condition holds.
+        const SERVICES: &[&str] =
+            &[<BillingModeServer<BillingModeService> as tonic::server::NamedService>::NAME];
+        let accepting = self.readiness.condition(health::ACCEPTING_CALLS);
+        accepting.set(true);
+        health::set_grpc_health(&health, SERVICES, self.readiness.is_ready()).await;
+        tasks.spawn(health::drive_grpc_health(
+            self.readiness.clone(),
+            health.clone(),
+            SERVICES,
+        ));
+        let store_reachable = self.readiness.condition(health::STORE_REACHABLE);
+        tasks.spawn(health::watch_store(
+            self.store.clone(),
+            store_reachable.clone(),
+            health::STORE_PROBE_INTERVAL,
+        ));
+        let migrated = self.readiness.condition(health::MIGRATIONS_APPLIED);
+        if !migrated.holds() {
+            tasks.spawn(health::watch_migrations(
+                self.store.clone(),
+                migrated,
+                health::STORE_PROBE_INTERVAL,
+            ));
+        }
+        if let Some(listener) = self.admin_listener {
+            tasks.spawn(admin::serve(
+                listener,
+                Arc::new(admin::AdminState {
+                    readiness: self.readiness.clone(),
+                    store: self.store.clone(),
+                    store_reachable,
+                }),
+            ));
+        }
 
         // The same descriptors, served on both reflection versions.
         let reflection = || {
@@ -97,6 +191,13 @@ impl Application {
         let reflection_v1alpha = reflection().build_v1alpha()?;
 
         let service = BillingModeService::new(self.store.clone(), self.registry.clone());
+        tasks.spawn(reload::on_sighup(reload::Reloader {
+            auth: self.auth.clone(),
+            tokens_file: self.config.tokens_file.clone(),
+            inline_tokens: self.config.tokens.clone(),
+            registry: self.registry.clone(),
+            registry_path: self.config.registry_path.clone(),
+        }));
         let auth = self.auth.clone();
         // Only the BillingMode service is authenticated: health and reflection
         // stay open for probes and `grpcurl list/describe`.
@@ -104,7 +205,7 @@ impl Application {
             BillingModeServer::new(service)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
-            move |req| auth.intercept(req),
+            move |req| auth.current().intercept(req),
         );
 
         let mut server = Server::builder();
@@ -112,12 +213,14 @@ impl Application {
             server = server.tls_config(tls_config(tls)?)?;
         }
         // The stack, outermost first: a span per request, the per-request
-        // timeout, then the concurrency limits; authentication runs inside
-        // the BillingMode service.
+        // timeout, the call-duration metric (waiting for a slot included),
+        // then the concurrency limits; authentication runs inside the
+        // BillingMode service.
         let router = server
             .trace_fn(|req| tracing::info_span!("grpc", path = %req.uri().path()))
             .timeout(self.config.request_timeout)
             .concurrency_limit_per_connection(64)
+            .layer(RpcMetricsLayer::new(self.config.request_timeout))
             .layer(GlobalConcurrencyLimitLayer::new(
                 self.config.concurrency_limit,
             ))
@@ -130,16 +233,72 @@ impl Application {
         let shutdown = async move {
             shutdown.await;
             tracing::info!("shutting down: finishing in-flight calls");
-            health
-                .set_not_serving::<BillingModeServer<BillingModeService>>()
-                .await;
+            accepting.set(false);
         };
         router
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await
             .context("serving")?;
+        drop(tasks);
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Opens the store, retrying with backoff while it is unreachable, for up to
+/// `timeout`; each failed attempt is logged once.
+async fn open_store(url: &str, migrate: bool, timeout: Duration) -> anyhow::Result<Arc<dyn Store>> {
+    let shown = redact_url(url);
+    let deadline = Instant::now() + timeout;
+    let mut backoff = Duration::from_millis(250);
+    let mut attempt = 1u32;
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let error = match tokio::time::timeout(remaining, store::open(url, migrate)).await {
+            Ok(Ok(store)) => return Ok(store),
+            Ok(Err(e)) if !is_transient(&e) => {
+                return Err(e).with_context(|| format!("opening the store ({shown})"))
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "no answer in time".to_owned(),
+        };
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            bail!(
+                "the store ({shown}) was not reachable within {} s ({attempt} attempts; \
+                 --startup-timeout): {error}",
+                timeout.as_secs_f64()
+            );
+        }
+        let wait = backoff.min(remaining);
+        tracing::warn!(
+            store = %shown,
+            attempt,
+            retry_in_ms = wait.as_millis() as u64,
+            %error,
+            "the store is not reachable yet"
+        );
+        tokio::time::sleep(wait).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+        attempt += 1;
+    }
+}
+
+/// Whether waiting may help: the database is not there (yet), as opposed to
+/// a wrong URL, a refused login or a failed migration.
+fn is_transient(e: &StoreError) -> bool {
+    let StoreError::Unavailable(e) = e else {
+        return false;
+    };
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_) => true,
+        // Class 08: connection exception; 53: insufficient resources (too
+        // many connections); 57: operator intervention (starting up,
+        // shutting down).
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| c.starts_with("08") || c.starts_with("53") || c.starts_with("57")),
+        _ => false,
     }
 }
 

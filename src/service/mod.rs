@@ -75,6 +75,7 @@ fn principal<T>(req: &Request<T>) -> Result<Principal, ApiError> {
 
 /// The decision log: one INFO line per decision; names, never values.
 fn log_decision(rpc: &'static str, actor: &str, r: &Resolution, built: Option<&BuiltEnv>) {
+    crate::metrics::record_decision(rpc, r.mode.as_str(), r.source.as_str());
     let provider = r.provider.as_ref().map_or("", |p| p.id.as_str());
     match built {
         None => tracing::info!(

@@ -13,6 +13,7 @@ use chrono::{DateTime, Utc};
 use crate::domain::{Change, Fields, Record, WorkspaceId};
 
 pub mod applied;
+pub mod metered;
 pub mod postgres;
 pub mod sqlite;
 
@@ -120,6 +121,40 @@ pub trait Store: Send + Sync + 'static {
         after: Option<WorkspaceId>,
         limit: u32,
     ) -> Result<Vec<Record>, StoreError>;
+
+    /// One cheap round trip to the database (readiness).
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// How many of the embedded migrations the database has not applied.
+    async fn pending_migrations(&self) -> Result<usize, StoreError>;
+
+    /// The connection pool's state (metrics).
+    fn pool_status(&self) -> PoolStatus;
+}
+
+/// Connections of a store's pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PoolStatus {
+    pub in_use: u32,
+    pub idle: u32,
+}
+
+impl PoolStatus {
+    fn of(size: u32, idle: usize) -> Self {
+        let idle = u32::try_from(idle).unwrap_or(u32::MAX).min(size);
+        PoolStatus {
+            in_use: size - idle,
+            idle,
+        }
+    }
+}
+
+/// Embedded migrations whose version is not among `applied`.
+fn pending_migrations(migrator: &sqlx::migrate::Migrator, applied: &[i64]) -> usize {
+    migrator
+        .iter()
+        .filter(|m| !m.migration_type.is_down_migration() && !applied.contains(&m.version))
+        .count()
 }
 
 /// What a write does, decided from the current row before any SQL is written.
@@ -276,12 +311,26 @@ pub(crate) fn fields_to_json(f: &Fields) -> String {
 /// Connects to `database_url` (`postgres://…` or `sqlite:…`) and applies the
 /// embedded migrations.
 pub async fn connect(database_url: &str) -> Result<Arc<dyn Store>, StoreError> {
+    open(database_url, true).await
+}
+
+/// Connects to `database_url`, applying the embedded migrations when
+/// `migrate` is true (otherwise see [`Store::pending_migrations`]).
+pub async fn open(database_url: &str, migrate: bool) -> Result<Arc<dyn Store>, StoreError> {
     if database_url.starts_with("postgres:") || database_url.starts_with("postgresql:") {
         let opts = sqlx::postgres::PgConnectOptions::from_str(database_url)?;
-        Ok(Arc::new(postgres::PostgresStore::connect(opts).await?))
+        Ok(Arc::new(if migrate {
+            postgres::PostgresStore::connect(opts).await?
+        } else {
+            postgres::PostgresStore::open(opts).await?
+        }))
     } else if database_url.starts_with("sqlite:") {
         let opts = sqlx::sqlite::SqliteConnectOptions::from_str(database_url)?;
-        Ok(Arc::new(sqlite::SqliteStore::connect(opts).await?))
+        Ok(Arc::new(if migrate {
+            sqlite::SqliteStore::connect(opts).await?
+        } else {
+            sqlite::SqliteStore::open(opts).await?
+        }))
     } else {
         Err(StoreError::Unavailable(sqlx::Error::Configuration(
             "database URL must start with postgres://, postgresql:// or sqlite:".into(),

@@ -13,7 +13,7 @@ use sqlx::{
 
 use super::{
     audit_from_row, fields_to_json, listed_from_row, plan_write, record_from_row, revision_to_db,
-    AuditEntry, Plan, Store, StoreError, Write,
+    AuditEntry, Plan, PoolStatus, Store, StoreError, Write,
 };
 use crate::domain::{Record, WorkspaceId};
 
@@ -26,12 +26,25 @@ pub struct PostgresStore {
 impl PostgresStore {
     /// Connects and applies the embedded migrations.
     pub async fn connect(opts: PgConnectOptions) -> Result<Self, StoreError> {
+        let store = Self::open(opts).await?;
+        MIGRATOR.run(&store.pool).await?;
+        Ok(store)
+    }
+
+    /// Connects without applying migrations.
+    pub async fn open(opts: PgConnectOptions) -> Result<Self, StoreError> {
+        // One plain connection first: it fails at once with the real cause
+        // (refused, unknown host, bad login), where the pool would keep
+        // retrying until its acquire timeout and report only that.
+        sqlx::Connection::close(
+            <sqlx::PgConnection as sqlx::Connection>::connect_with(&opts).await?,
+        )
+        .await?;
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(std::time::Duration::from_secs(5))
             .connect_with(opts)
             .await?;
-        MIGRATOR.run(&pool).await?;
         Ok(PostgresStore { pool })
     }
 
@@ -219,5 +232,28 @@ impl Store for PostgresStore {
         }
         let rows = query.fetch_all(&self.pool).await?;
         rows.iter().map(listed_from_row).collect()
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn pending_migrations(&self) -> Result<usize, StoreError> {
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+            .fetch_one(&self.pool)
+            .await?;
+        let applied: Vec<i64> = if exists {
+            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+                .fetch_all(&self.pool)
+                .await?
+        } else {
+            Vec::new()
+        };
+        Ok(super::pending_migrations(&MIGRATOR, &applied))
+    }
+
+    fn pool_status(&self) -> PoolStatus {
+        PoolStatus::of(self.pool.size(), self.pool.num_idle())
     }
 }

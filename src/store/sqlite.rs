@@ -17,7 +17,7 @@ use sqlx::{
 
 use super::{
     audit_from_row, fields_to_json, listed_from_row, plan_write, record_from_row, revision_to_db,
-    AuditEntry, Plan, Store, StoreError, Write,
+    AuditEntry, Plan, PoolStatus, Store, StoreError, Write,
 };
 use crate::domain::{Record, WorkspaceId};
 
@@ -30,6 +30,13 @@ pub struct SqliteStore {
 impl SqliteStore {
     /// Opens (creating if missing) and applies the embedded migrations.
     pub async fn connect(opts: SqliteConnectOptions) -> Result<Self, StoreError> {
+        let store = Self::open(opts).await?;
+        MIGRATOR.run(&store.pool).await?;
+        Ok(store)
+    }
+
+    /// Opens (creating if missing) without applying migrations.
+    pub async fn open(opts: SqliteConnectOptions) -> Result<Self, StoreError> {
         let opts = opts
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
@@ -41,7 +48,6 @@ impl SqliteStore {
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(opts)
             .await?;
-        MIGRATOR.run(&pool).await?;
         Ok(SqliteStore { pool })
     }
 
@@ -220,5 +226,30 @@ impl Store for SqliteStore {
         }
         let rows = query.fetch_all(&self.pool).await?;
         rows.iter().map(listed_from_row).collect()
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn pending_migrations(&self) -> Result<usize, StoreError> {
+        let exists: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations')",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        let applied: Vec<i64> = if exists {
+            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+                .fetch_all(&self.pool)
+                .await?
+        } else {
+            Vec::new()
+        };
+        Ok(super::pending_migrations(&MIGRATOR, &applied))
+    }
+
+    fn pool_status(&self) -> PoolStatus {
+        PoolStatus::of(self.pool.size(), self.pool.num_idle())
     }
 }

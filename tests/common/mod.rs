@@ -102,16 +102,20 @@ where
 /// A running server.
 pub struct TestApp {
     pub addr: SocketAddr,
+    /// The admin HTTP listener, unless the configuration turned it off.
+    pub admin_addr: Option<SocketAddr>,
     pub backend: Backend,
     pub url: String,
     shutdown: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
-/// The default test configuration on `db`: port 0 on loopback, no tokens.
+/// The default test configuration on `db`: port 0 on loopback (the admin
+/// listener too, so parallel tests never collide), no tokens.
 pub fn config(db: &TestDb) -> Config {
     Config {
         listen: "127.0.0.1:0".parse().unwrap(),
+        admin_listen: Some("127.0.0.1:0".parse().unwrap()),
         database_url: db.url.clone(),
         ..Config::default()
     }
@@ -127,12 +131,14 @@ impl TestApp {
             .await
             .expect("application builds");
         let addr = app.local_addr();
+        let admin_addr = app.admin_addr();
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(app.run_until(async {
             let _ = rx.await;
         }));
         TestApp {
             addr,
+            admin_addr,
             backend: db.backend,
             url: db.url.clone(),
             shutdown: Some(tx),

@@ -1,0 +1,165 @@
+//! Re-reading configuration files on SIGHUP, without a restart.
+//!
+//! - The tokens file: a valid new file takes effect for new calls; an invalid
+//!   one (or one that would leave no tokens at all) is refused with a logged
+//!   error naming the line, and the set in force stays.
+//! - The registry file is re-read and validated too, but never swapped in: a
+//!   registry change alters decisions without a revision bump, which the
+//!   change stream and the spend check could not deliver as events. When the
+//!   file differs from the running registry, the running one stays and an
+//!   error says that a registry change needs a rolling restart.
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, RwLock},
+};
+
+use anyhow::Context;
+
+use crate::{
+    auth::{self, Authenticator, TokenEntry},
+    domain::Registry,
+};
+
+/// The authenticator in force; swapped whole on a reload.
+#[derive(Clone)]
+pub struct SharedAuth(Arc<RwLock<Arc<Authenticator>>>);
+
+impl SharedAuth {
+    pub fn new(auth: Authenticator) -> Self {
+        SharedAuth(Arc::new(RwLock::new(Arc::new(auth))))
+    }
+
+    /// The authenticator for one call.
+    pub fn current(&self) -> Arc<Authenticator> {
+        // Writers only swap an Arc: a poisoned lock still holds a whole value.
+        self.0
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    fn replace(&self, auth: Authenticator) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(auth);
+    }
+}
+
+/// The tokens file's entries followed by `inline` ones (`--tokens`); a name
+/// configured twice is an error.
+pub fn load_tokens(
+    file: Option<&std::path::Path>,
+    inline: &[TokenEntry],
+) -> anyhow::Result<Vec<TokenEntry>> {
+    let mut tokens = Vec::new();
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading tokens file {}", path.display()))?;
+        tokens.extend(auth::parse_token_lines(&text, &path.display().to_string())?);
+    }
+    for e in inline {
+        if tokens.iter().any(|t: &TokenEntry| t.name == e.name) {
+            anyhow::bail!("token name {:?} is configured twice", e.name);
+        }
+        tokens.push(e.clone());
+    }
+    Ok(tokens)
+}
+
+/// What a SIGHUP re-reads, and where the results go.
+#[derive(Clone)]
+pub struct Reloader {
+    pub(crate) auth: SharedAuth,
+    pub(crate) tokens_file: Option<PathBuf>,
+    pub(crate) inline_tokens: Vec<TokenEntry>,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) registry_path: Option<PathBuf>,
+}
+
+impl Reloader {
+    /// Re-reads the tokens file and the registry file; logs what happened.
+    pub fn reload(&self) {
+        tracing::info!("SIGHUP: re-reading the tokens and registry files");
+        self.reload_tokens();
+        self.check_registry();
+    }
+
+    fn reload_tokens(&self) {
+        let Some(path) = &self.tokens_file else {
+            tracing::info!("no tokens file configured: nothing to reload");
+            return;
+        };
+        let shown = path.display().to_string();
+        match load_tokens(Some(path), &self.inline_tokens) {
+            Err(e) => tracing::error!(
+                file = %shown,
+                error = format!("{e:#}"),
+                "tokens reload refused; the previous tokens stay in force"
+            ),
+            Ok(tokens) if tokens.is_empty() && !self.auth.current().is_open() => {
+                tracing::error!(
+                    file = %shown,
+                    "tokens reload refused: the file has no tokens, which would turn \
+                     authentication off; the previous tokens stay in force"
+                )
+            }
+            Ok(tokens) => {
+                let count = tokens.len();
+                self.auth.replace(Authenticator::new(tokens));
+                tracing::info!(file = %shown, tokens = count, "tokens reloaded");
+            }
+        }
+    }
+
+    fn check_registry(&self) {
+        let Some(path) = &self.registry_path else {
+            return;
+        };
+        let shown = path.display().to_string();
+        match Registry::load(Some(path)) {
+            Err(e) => tracing::error!(
+                file = %shown,
+                error = %e,
+                "the registry file is invalid; the running registry stays in force"
+            ),
+            // The registry holds compiled regexes and has no `PartialEq`; its
+            // `Debug` form is deterministic (ordered maps, vectors, regex
+            // patterns) and shows every field, so equal forms mean an equal
+            // registry.
+            Ok(new) if format!("{new:?}") == format!("{:?}", self.registry) => {
+                tracing::info!(file = %shown, "registry file unchanged")
+            }
+            Ok(_) => tracing::error!(
+                file = %shown,
+                "the registry file changed, but a registry change needs a rolling restart \
+                 (it alters decisions without a revision, which Watch and CheckSpend cannot \
+                 deliver); the running registry stays in force"
+            ),
+        }
+    }
+}
+
+/// Calls [`Reloader::reload`] on every SIGHUP, for as long as it runs.
+pub async fn on_sighup(reloader: Reloader) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::hangup()) {
+            Ok(mut hup) => {
+                while hup.recv().await.is_some() {
+                    reloader.reload();
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP: reloading is off")
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = reloader;
+        std::future::pending::<()>().await
+    }
+}

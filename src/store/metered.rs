@@ -1,0 +1,87 @@
+//! A [`Store`] that times every operation of the store it wraps into
+//! `billing_mode_store_operation_duration_seconds{operation, outcome}`.
+//!
+//! The server wraps its store in this at start-up. A new store operation is
+//! forwarded here through [`timed`], so it is measured like the others.
+
+use std::{future::Future, sync::Arc, time::Instant};
+
+use async_trait::async_trait;
+
+use super::{AuditEntry, PoolStatus, Store, StoreError, Write};
+use crate::domain::{Record, WorkspaceId};
+
+pub struct MeteredStore {
+    inner: Arc<dyn Store>,
+}
+
+impl MeteredStore {
+    pub fn wrap(inner: Arc<dyn Store>) -> Arc<dyn Store> {
+        Arc::new(MeteredStore { inner })
+    }
+}
+
+/// The outcome label of a store result: a closed set.
+pub fn outcome<T>(r: &Result<T, StoreError>) -> &'static str {
+    match r {
+        Ok(_) => "ok",
+        Err(StoreError::NotFound) => "not_found",
+        Err(StoreError::RevisionMismatch { .. }) => "revision_mismatch",
+        Err(StoreError::Corrupt(_)) => "corrupt",
+        Err(StoreError::Unavailable(_)) => "unavailable",
+    }
+}
+
+/// Runs `op`, recording its duration under `operation` and its outcome.
+pub async fn timed<T>(
+    operation: &'static str,
+    op: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    let start = Instant::now();
+    let r = op.await;
+    crate::metrics::global()
+        .store_operation_duration
+        .with_label_values(&[operation, outcome(&r)])
+        .observe(start.elapsed().as_secs_f64());
+    r
+}
+
+#[async_trait]
+impl Store for MeteredStore {
+    async fn load(&self, workspace_id: &WorkspaceId) -> Result<Option<Record>, StoreError> {
+        timed("load", self.inner.load(workspace_id)).await
+    }
+
+    async fn write(&self, write: Write<'_>) -> Result<Record, StoreError> {
+        timed("write", self.inner.write(write)).await
+    }
+
+    async fn history(
+        &self,
+        workspace_id: &WorkspaceId,
+        before_revision: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        timed(
+            "history",
+            self.inner.history(workspace_id, before_revision, limit),
+        )
+        .await
+    }
+
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        timed("ping", self.inner.ping()).await
+    }
+
+    async fn pending_migrations(&self) -> Result<usize, StoreError> {
+        timed("pending_migrations", self.inner.pending_migrations()).await
+    }
+
+    fn pool_status(&self) -> PoolStatus {
+        self.inner.pool_status()
+    }
+}

@@ -1,0 +1,738 @@
+//! Operating the server: the admin port (/healthz, /readyz, /metrics), gRPC
+//! health that follows the store, `promtool check metrics` on the real
+//! output, migrations left to a separate step, token rotation on SIGHUP, and
+//! giving up on an unreachable store at start-up.
+
+mod common;
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use billing_mode::{
+    config::Config,
+    proto::{billing_mode_client::BillingModeClient, Mode, Origin},
+    startup::Application,
+};
+use common::*;
+use tonic::Code;
+use tonic_health::pb::{
+    health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+};
+
+const SERVICE: &str = "molecule.billing.v1.BillingMode";
+
+// ---------------------------------------------------------------------------
+// Helpers
+
+/// One plain HTTP/1.1 GET: (status code, body).
+fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect admin");
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read the admin answer");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP answer");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status line");
+    (status, body.to_owned())
+}
+
+async fn get(addr: SocketAddr, path: &'static str) -> (u16, String) {
+    tokio::task::spawn_blocking(move || http_get(addr, path))
+        .await
+        .unwrap()
+}
+
+async fn health(addr: SocketAddr, service: &str) -> ServingStatus {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .expect("connect for health");
+    let resp = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await
+        .expect("health answers");
+    resp.into_inner().status()
+}
+
+/// Polls until both the overall and the service's health are `want`
+/// (bounded generously: the store is probed every few seconds).
+async fn wait_for_health(addr: SocketAddr, want: ServingStatus) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let overall = health(addr, "").await;
+        let service = health(addr, SERVICE).await;
+        if overall == want && service == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "health stayed {overall:?}/{service:?}, expected {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The value of the sample `name{labels}` (labels exactly as printed).
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Runs `promtool check metrics` on `text`. `None` (after saying so loudly)
+/// when promtool is missing outside CI; under CI that is a failure.
+fn promtool_check(text: &str) -> Option<()> {
+    let child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI must run promtool: install the Debian package `prometheus` (.ci/run does)"
+            );
+            eprintln!("SKIPPED: promtool check metrics: promtool is not installed (apt-get install prometheus)");
+            return None;
+        }
+        Err(e) => panic!("running promtool: {e}"),
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}\n--- the output checked:\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(())
+}
+
+// ---------------------------------------------------------------------------
+// Admin port and metrics
+
+#[tokio::test]
+async fn the_admin_port_answers_probes_and_serves_metrics_promtool_accepts() {
+    each_backend(|db| async move {
+        let app = TestApp::spawn(&db).await;
+        let admin = app.admin_addr.expect("the harness turns the admin port on");
+        let mut c = app.client().await;
+
+        assert_eq!(get(admin, "/healthz").await, (200, "ok\n".to_owned()));
+        let (code, body) = get(admin, "/readyz").await;
+        assert_eq!(code, 200, "{body}");
+        for condition in ["store reachable", "migrations applied", "accepting calls"] {
+            assert!(
+                body.contains(&format!("ok:     {condition}")),
+                "{condition}: {body}"
+            );
+        }
+        assert_eq!(get(admin, "/nope").await.0, 404);
+        assert_eq!(health(app.addr, "").await, ServingStatus::Serving);
+        assert_eq!(health(app.addr, SERVICE).await, ServingStatus::Serving);
+
+        let before = get(admin, "/metrics").await.1;
+        // A decision with labels no other test here produces, a refusal, and
+        // an unknown workspace.
+        let ws = new_workspace();
+        set_override(&mut c, &ws, Mode::Disabled, "ops test").await;
+        for _ in 0..2 {
+            build(&mut c, &ws, vec![env(Origin::Global, "GIT_AUTHOR_NAME", "x")])
+                .await
+                .expect("BuildEnv on a disabled workspace");
+        }
+        let missing = new_workspace();
+        let err = try_resolve(&mut c, &missing).await.unwrap_err();
+        assert_eq!(err.code(), Code::NotFound);
+
+        let (code, after) = get(admin, "/metrics").await;
+        assert_eq!(code, 200);
+        let delta = |series: &str| {
+            sample(&after, series).unwrap_or(0.0) - sample(&before, series).unwrap_or(0.0)
+        };
+        assert_eq!(
+            delta(r#"billing_mode_decisions_total{mode="disabled",rpc="BuildEnv",source="OVERRIDE"}"#),
+            2.0,
+            "{after}"
+        );
+        assert!(
+            delta(r#"billing_mode_refusals_total{reason="WORKSPACE_NOT_FOUND",rpc="Resolve"}"#)
+                >= 1.0,
+            "{after}"
+        );
+        assert!(
+            delta(
+                r#"rpc_server_call_duration_seconds_count{rpc_grpc_status_code="0",rpc_method="BuildEnv",rpc_service="molecule.billing.v1.BillingMode",rpc_system="grpc"}"#
+            ) >= 2.0,
+            "{after}"
+        );
+        assert!(
+            delta(
+                r#"rpc_server_call_duration_seconds_count{rpc_grpc_status_code="5",rpc_method="Resolve",rpc_service="molecule.billing.v1.BillingMode",rpc_system="grpc"}"#
+            ) >= 1.0,
+            "{after}"
+        );
+        assert!(
+            delta(r#"billing_mode_store_operation_duration_seconds_count{operation="load",outcome="ok"}"#)
+                >= 2.0,
+            "{after}"
+        );
+        assert!(after.contains("billing_mode_store_pool_connections{state=\"idle\"}"));
+        assert!(after.contains("billing_mode_store_pool_connections{state=\"in_use\"}"));
+        assert!(after.contains(&format!(
+            "billing_mode_build_info{{git_commit=\"{}\",version=\"{}\"}} 1",
+            billing_mode::metrics::GIT_COMMIT,
+            env!("CARGO_PKG_VERSION")
+        )));
+        // No label carries a workspace id or a value.
+        for secret in [ws.as_str(), missing.as_str(), "GIT_AUTHOR_NAME", "ops test"] {
+            assert!(!after.contains(secret), "{secret} in /metrics");
+        }
+        promtool_check(&after);
+        app.stop().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn with_migrations_left_to_the_migrate_step_the_server_waits_not_ready() {
+    each_backend(|db| async move {
+        let app = TestApp::spawn_with(
+            &db,
+            Config {
+                migrate: false,
+                ..config(&db)
+            },
+        )
+        .await;
+        let admin = app.admin_addr.unwrap();
+        let (code, body) = get(admin, "/readyz").await;
+        assert_eq!(code, 503, "{body}");
+        assert!(body.contains("failed: migrations applied"), "{body}");
+        assert_eq!(health(app.addr, "").await, ServingStatus::NotServing);
+        assert_eq!(health(app.addr, SERVICE).await, ServingStatus::NotServing);
+        assert_eq!(get(admin, "/healthz").await.0, 200, "alive all the same");
+
+        // The separate step (what `billing-mode migrate` runs).
+        billing_mode::store::connect(&db.url)
+            .await
+            .expect("migrations apply");
+        wait_for_health(app.addr, ServingStatus::Serving).await;
+        assert_eq!(get(admin, "/readyz").await.0, 200);
+        app.stop().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn probes_work_on_the_admin_port_with_mtls_on_the_grpc_port() {
+    let Some(db) = TestDb::new(Backend::Sqlite).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let ca = rcgen::generate_simple_self_signed(vec!["billing-mode test CA".into()]).unwrap();
+    let server = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let write = |name: &str, text: String| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let tls = billing_mode::config::TlsFiles {
+        cert: write("server.pem", server.cert.pem()),
+        key: write("server.key", server.key_pair.serialize_pem()),
+        client_ca: Some(write("ca.pem", ca.cert.pem())),
+    };
+    let app = TestApp::spawn_with(
+        &db,
+        Config {
+            tls: Some(tls),
+            ..config(&db)
+        },
+    )
+    .await;
+    let admin = app.admin_addr.unwrap();
+    assert_eq!(get(admin, "/healthz").await.0, 200);
+    assert_eq!(get(admin, "/readyz").await.0, 200);
+    assert!(get(admin, "/metrics")
+        .await
+        .1
+        .contains("billing_mode_build_info"));
+    app.stop().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// Health follows the store: a private Postgres this test stops and starts
+// (never the shared cluster other tests use).
+
+struct PrivatePostgres {
+    bin: PathBuf,
+    data: PathBuf,
+    port: u16,
+    as_postgres: bool,
+    _dir: tempfile::TempDir,
+}
+
+impl PrivatePostgres {
+    /// `None` (after saying so loudly) when no Postgres server binaries are
+    /// installed outside CI; under CI that is a failure.
+    fn start() -> Option<PrivatePostgres> {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok())
+            .map(|e| e.path().join("bin"))
+            .filter(|b| b.join("initdb").exists())
+            .max();
+        let Some(bin) = bin else {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI must run the store-outage test: Postgres server binaries are missing"
+            );
+            eprintln!("SKIPPED: health follows the store: no /usr/lib/postgresql/*/bin/initdb");
+            return None;
+        };
+        let as_postgres = run("id", &["-u"]).trim() == "0";
+        let dir = tempfile::tempdir().unwrap();
+        if as_postgres {
+            run("chown", &["-R", "postgres", dir.path().to_str().unwrap()]);
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let pg = PrivatePostgres {
+            data: dir.path().join("data"),
+            bin,
+            port,
+            as_postgres,
+            _dir: dir,
+        };
+        pg.pg(
+            "initdb",
+            &[
+                "-D",
+                pg.data.to_str().unwrap(),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--no-sync",
+            ],
+        );
+        pg.up();
+        Some(pg)
+    }
+
+    fn command(&self, tool: &str, args: &[&str]) -> Command {
+        let path = self.bin.join(tool);
+        let mut cmd = if self.as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(path);
+            c
+        } else {
+            Command::new(path)
+        };
+        cmd.args(args);
+        cmd
+    }
+
+    fn pg(&self, tool: &str, args: &[&str]) {
+        let out = self
+            .command(tool, args)
+            .output()
+            .expect("run a Postgres tool");
+        assert!(
+            out.status.success(),
+            "{tool} {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn up(&self) {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.data.parent().unwrap().display()
+        );
+        let log = self.data.parent().unwrap().join("postgres.log");
+        self.pg(
+            "pg_ctl",
+            &[
+                "-D",
+                self.data.to_str().unwrap(),
+                "-o",
+                &opts,
+                "-l",
+                log.to_str().unwrap(),
+                "-w",
+                "start",
+            ],
+        );
+    }
+
+    fn down(&self) {
+        self.pg(
+            "pg_ctl",
+            &[
+                "-D",
+                self.data.to_str().unwrap(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ],
+        );
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let data = self.data.to_str().unwrap().to_owned();
+        let _ = self
+            .command("pg_ctl", &["-D", &data, "-m", "immediate", "stop"])
+            .output();
+    }
+}
+
+fn run(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn health_says_not_serving_while_the_store_is_down_and_serving_once_it_is_back() {
+    let Some(pg) = tokio::task::spawn_blocking(PrivatePostgres::start)
+        .await
+        .unwrap()
+    else {
+        return;
+    };
+    let app = Application::build(Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        admin_listen: Some("127.0.0.1:0".parse().unwrap()),
+        database_url: pg.url(),
+        ..Config::default()
+    })
+    .await
+    .expect("the server starts on the private Postgres");
+    let addr = app.local_addr();
+    let admin = app.admin_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until(async {
+        let _ = stopped.await;
+    }));
+    let mut c = BillingModeClient::new(
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    let ws = new_workspace();
+    set_override(&mut c, &ws, Mode::Byok, "before the outage").await;
+    wait_for_health(addr, ServingStatus::Serving).await;
+    assert_eq!(get(admin, "/readyz").await.0, 200);
+
+    let pg = tokio::task::spawn_blocking(move || {
+        pg.down();
+        pg
+    })
+    .await
+    .unwrap();
+    wait_for_health(addr, ServingStatus::NotServing).await;
+    let (code, body) = get(admin, "/readyz").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("failed: store reachable"), "{body}");
+    assert_eq!(get(admin, "/healthz").await.0, 200, "still alive");
+    let err = try_resolve(&mut c, &ws).await.unwrap_err();
+    assert_error(&err, Code::Unavailable, "STORE_UNAVAILABLE");
+
+    let pg = tokio::task::spawn_blocking(move || {
+        pg.up();
+        pg
+    })
+    .await
+    .unwrap();
+    // Back without a restart of the server.
+    wait_for_health(addr, ServingStatus::Serving).await;
+    assert_eq!(get(admin, "/readyz").await.0, 200);
+    assert_eq!(resolve(&mut c, &ws).await.mode(), Mode::Byok);
+
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+    drop(pg);
+}
+
+// ---------------------------------------------------------------------------
+// The real binary
+
+fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_billing-mode")
+}
+
+/// A `billing-mode serve` child process, its stderr read line by line.
+struct Child {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Child {
+    fn serve(args: &[&str], envs: &[(&str, &str)]) -> Child {
+        let mut cmd = Command::new(binary());
+        cmd.arg("--log-format")
+            .arg("json")
+            .arg("serve")
+            .args(args)
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start billing-mode");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Child {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits (bounded) for a log line containing every one of `parts`.
+    fn wait_for(&mut self, parts: &[&str]) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if parts.iter().all(|p| line.contains(p)) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "no log line with {parts:?}; the server said:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    fn signal(&self, name: &str) {
+        run("kill", &[&format!("-{name}"), &self.child.id().to_string()]);
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The address a JSON log line names in `field`.
+fn field_addr(line: &str, field: &str) -> SocketAddr {
+    let v: serde_json::Value = serde_json::from_str(line).expect("a JSON log line");
+    v["fields"][field]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} address in {line}"))
+}
+
+#[test]
+fn an_unreachable_store_is_retried_until_the_startup_timeout_then_the_server_exits() {
+    // Nothing listens on a port we bound and released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("postgres://billing:s3cret-canary@127.0.0.1:{port}/billing");
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(binary())
+        .current_dir(dir.path())
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "off",
+            "--startup-timeout",
+            "3s",
+            "--database-url",
+            &url,
+        ])
+        .env_remove("RUST_LOG")
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run billing-mode");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "must exit non-zero:\n{stderr}");
+    let attempts = stderr
+        .lines()
+        .filter(|l| l.contains("the store is not reachable yet"))
+        .count();
+    assert!(attempts >= 2, "each retry is logged:\n{stderr}");
+    for n in 1..=attempts {
+        assert_eq!(
+            stderr
+                .lines()
+                .filter(|l| l.contains("the store is not reachable yet")
+                    && l.contains(&format!("attempt={n} ")))
+                .count(),
+            1,
+            "attempt {n} is logged once:\n{stderr}"
+        );
+    }
+    assert!(
+        stderr.contains("was not reachable within 3 s"),
+        "a clear final error:\n{stderr}"
+    );
+    assert!(
+        !stderr.contains("s3cret-canary"),
+        "the password never appears:\n{stderr}"
+    );
+}
+
+fn token_line(name: &str, role: billing_mode::auth::Role) -> (String, String) {
+    let (token, entry) = make_token(name, &[role]);
+    (token, entry.line())
+}
+
+async fn resolve_with(addr: SocketAddr, token: &str, ws: &str) -> Result<(), tonic::Status> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let header: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
+    let mut c = BillingModeClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+        req.metadata_mut().insert("authorization", header.clone());
+        Ok(req)
+    });
+    c.resolve(billing_mode::proto::ResolveRequest {
+        workspace_id: ws.to_owned(),
+    })
+    .await
+    .map(|_| ())
+}
+
+/// Waits (bounded) until a call with `token` gets `want` (`None`: succeeds
+/// or fails for a reason other than authentication).
+async fn wait_for_auth(addr: SocketAddr, token: &str, ws: &str, want: Option<Code>) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = resolve_with(addr, token, ws).await.err().map(|s| s.code());
+        let got = got.filter(|c| *c == Code::Unauthenticated);
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "token answered {got:?}, expected {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn sighup_rotates_the_tokens_file_and_keeps_the_old_set_when_the_new_one_is_invalid() {
+    use billing_mode::auth::Role;
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    let (old, old_line) = token_line("old-reader", Role::Reader);
+    let (new, new_line) = token_line("new-reader", Role::Reader);
+    std::fs::write(&tokens, format!("{old_line}\n")).unwrap();
+    let db = format!("sqlite:{}", dir.path().join("b.db").display());
+    let mut server = Child::serve(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "off",
+            "--tokens-file",
+            tokens.to_str().unwrap(),
+            "--database-url",
+            &db,
+        ],
+        &[],
+    );
+    let addr = field_addr(&server.wait_for(&["ready:"]), "addr");
+    let ws = new_workspace();
+    // NOT_FOUND: authenticated, the workspace is simply unknown.
+    wait_for_auth(addr, &old, &ws, None).await;
+    wait_for_auth(addr, &new, &ws, Some(Code::Unauthenticated)).await;
+
+    // A valid new file: the new token works, the old one no longer does.
+    std::fs::write(&tokens, format!("# rotated\n{new_line}\n")).unwrap();
+    server.signal("HUP");
+    server.wait_for(&["tokens reloaded"]);
+    wait_for_auth(addr, &new, &ws, None).await;
+    wait_for_auth(addr, &old, &ws, Some(Code::Unauthenticated)).await;
+
+    // An invalid file is refused, naming the line; the set in force stays.
+    std::fs::write(
+        &tokens,
+        format!("{old_line}\n# comment\nbroken sha256:nothex reader\n"),
+    )
+    .unwrap();
+    server.signal("HUP");
+    let refused = server.wait_for(&["line 3", "ERROR"]);
+    assert!(refused.contains(tokens.to_str().unwrap()), "{refused}");
+    assert!(!refused.contains(&old), "no token in the log: {refused}");
+    wait_for_auth(addr, &new, &ws, None).await;
+    wait_for_auth(addr, &old, &ws, Some(Code::Unauthenticated)).await;
+    assert!(Path::new(&tokens).exists());
+}
