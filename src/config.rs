@@ -43,7 +43,8 @@ pub struct Config {
     pub request_timeout: Duration,
     /// Requests served at once, across all connections; more wait.
     pub concurrency_limit: usize,
-    /// The admin HTTP listener; `None` disables it.
+    /// The admin HTTP listener; `None` disables it. (`serve` defaults to
+    /// [`DEFAULT_ADMIN_LISTEN`].)
     pub admin_listen: Option<SocketAddr>,
     /// How long start-up keeps retrying an unreachable store.
     pub startup_timeout: Duration,
@@ -64,7 +65,9 @@ impl Default for Config {
             tls: None,
             request_timeout: Duration::from_secs(10),
             concurrency_limit: 256,
-            admin_listen: Some(DEFAULT_ADMIN_LISTEN.parse().expect("valid default address")),
+            // Off for servers embedded in tests and benchmarks, which start
+            // many at once; the command line defaults to DEFAULT_ADMIN_LISTEN.
+            admin_listen: None,
             startup_timeout: Duration::from_secs(60),
             migrate: true,
         }

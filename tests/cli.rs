@@ -166,6 +166,9 @@ impl Server {
             .arg("serve")
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
+            // Tests run many servers at once: no admin listener on the
+            // default port.
+            .env("BILLING_MODE_ADMIN_LISTEN", "off")
             .args(args)
             .stdout(Stdio::from(log_file.try_clone().expect("log handle")))
             .stderr(Stdio::from(log_file));

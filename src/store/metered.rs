@@ -56,6 +56,10 @@ impl Store for MeteredStore {
         timed("write", self.inner.write(write)).await
     }
 
+    async fn dry_run(&self, write: Write<'_>) -> Result<Record, StoreError> {
+        timed("dry_run", self.inner.dry_run(write)).await
+    }
+
     async fn history(
         &self,
         workspace_id: &WorkspaceId,
