@@ -8,7 +8,7 @@ use std::{future::Future, sync::Arc, time::Instant};
 
 use async_trait::async_trait;
 
-use super::{AuditEntry, PoolStatus, Store, StoreError, Write};
+use super::{AppliedReport, AuditEntry, PoolStatus, Store, StoreError, Write};
 use crate::domain::{Record, WorkspaceId};
 
 pub struct MeteredStore {
@@ -71,6 +71,14 @@ impl Store for MeteredStore {
             self.inner.history(workspace_id, before_revision, limit),
         )
         .await
+    }
+
+    async fn record_applied(&self, report: &AppliedReport) -> Result<(), StoreError> {
+        timed("record_applied", self.inner.record_applied(report)).await
+    }
+
+    async fn applied_reports(&self) -> Result<Vec<(AppliedReport, Record)>, StoreError> {
+        timed("applied_reports", self.inner.applied_reports()).await
     }
 
     fn backend(&self) -> &'static str {
