@@ -81,6 +81,14 @@ impl Store for MeteredStore {
         timed("applied_reports", self.inner.applied_reports()).await
     }
 
+    async fn list_after(
+        &self,
+        after: Option<WorkspaceId>,
+        limit: u32,
+    ) -> Result<Vec<Record>, StoreError> {
+        timed("list_after", self.inner.list_after(after, limit)).await
+    }
+
     fn backend(&self) -> &'static str {
         self.inner.backend()
     }
