@@ -736,3 +736,77 @@ async fn sighup_rotates_the_tokens_file_and_keeps_the_old_set_when_the_new_one_i
     wait_for_auth(addr, &old, &ws, Some(Code::Unauthenticated)).await;
     assert!(Path::new(&tokens).exists());
 }
+
+#[tokio::test]
+async fn sighup_never_swaps_the_registry_a_change_needs_a_rolling_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = dir.path().join("registry.toml");
+    let builtin = include_str!("../src/domain/default_registry.toml");
+    std::fs::write(&registry, builtin).unwrap();
+    let db = format!("sqlite:{}", dir.path().join("b.db").display());
+    let mut server = Child::serve(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "off",
+            "--registry",
+            registry.to_str().unwrap(),
+            "--database-url",
+            &db,
+        ],
+        &[],
+    );
+    let addr = field_addr(&server.wait_for(&["ready:"]), "addr");
+    let mut c = BillingModeClient::new(
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    let ws = new_workspace();
+    set(
+        &mut c,
+        billing_mode::proto::SetRequest {
+            workspace_id: ws.clone(),
+            runtime: Some("claude-code".into()),
+            model: Some("opus".into()),
+            override_mode: Some(Mode::Disabled.into()),
+            reason: "register".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let keys = |r: &billing_mode::proto::BuildEnvResponse| {
+        r.env.iter().map(|e| e.key.clone()).collect::<Vec<_>>()
+    };
+    let before = keys(&build(&mut c, &ws, vec![]).await.unwrap());
+    assert!(before.contains(&"MODEL_PROVIDER".to_owned()), "{before:?}");
+    assert!(!before.contains(&"MODEL_NAME".to_owned()), "{before:?}");
+
+    // The same registry with a comment added: unchanged.
+    std::fs::write(&registry, format!("# edited\n{builtin}")).unwrap();
+    server.signal("HUP");
+    server.wait_for(&["registry file unchanged"]);
+
+    // A change that would alter decisions: refused until a restart.
+    std::fs::write(
+        &registry,
+        builtin.replace(
+            r#"model_vars = ["MODEL_PROVIDER"]"#,
+            r#"model_vars = ["MODEL_PROVIDER", "MODEL_NAME"]"#,
+        ),
+    )
+    .unwrap();
+    server.signal("HUP");
+    let line = server.wait_for(&["needs a rolling restart", "ERROR"]);
+    assert!(line.contains(registry.to_str().unwrap()), "{line}");
+    assert_eq!(keys(&build(&mut c, &ws, vec![]).await.unwrap()), before);
+
+    // An invalid file: refused, the running registry stays.
+    std::fs::write(&registry, "usage_token = 42\n").unwrap();
+    server.signal("HUP");
+    server.wait_for(&["the registry file is invalid", "ERROR"]);
+    assert_eq!(keys(&build(&mut c, &ws, vec![]).await.unwrap()), before);
+}
