@@ -701,7 +701,7 @@ async fn sighup_rotates_the_tokens_file_and_keeps_the_old_set_when_the_new_one_i
             "--listen",
             "127.0.0.1:0",
             "--admin-listen",
-            "off",
+            "127.0.0.1:0",
             "--tokens-file",
             tokens.to_str().unwrap(),
             "--database-url",
@@ -709,7 +709,9 @@ async fn sighup_rotates_the_tokens_file_and_keeps_the_old_set_when_the_new_one_i
         ],
         &[],
     );
-    let addr = field_addr(&server.wait_for(&["ready:"]), "addr");
+    let ready = server.wait_for(&["ready:"]);
+    let addr = field_addr(&ready, "addr");
+    let admin = field_addr(&ready, "admin");
     let ws = new_workspace();
     // NOT_FOUND: authenticated, the workspace is simply unknown.
     wait_for_auth(addr, &old, &ws, None).await;
@@ -735,6 +737,29 @@ async fn sighup_rotates_the_tokens_file_and_keeps_the_old_set_when_the_new_one_i
     wait_for_auth(addr, &new, &ws, None).await;
     wait_for_auth(addr, &old, &ws, Some(Code::Unauthenticated)).await;
     assert!(Path::new(&tokens).exists());
+
+    // This process's metrics: refusals by the interceptor are counted too,
+    // and no token or token name is a label.
+    let metrics = get(admin, "/metrics").await.1;
+    let refused = |reason: &str| {
+        sample(
+            &metrics,
+            &format!(r#"billing_mode_refusals_total{{reason="{reason}",rpc="Resolve"}}"#),
+        )
+        .unwrap_or(0.0)
+    };
+    assert!(refused("UNAUTHENTICATED") >= 3.0, "{metrics}");
+    assert!(refused("WORKSPACE_NOT_FOUND") >= 3.0, "{metrics}");
+    for secret in [
+        old.as_str(),
+        new.as_str(),
+        "old-reader",
+        "new-reader",
+        ws.as_str(),
+    ] {
+        assert!(!metrics.contains(secret), "{secret} in /metrics");
+    }
+    promtool_check(&metrics);
 }
 
 #[tokio::test]
