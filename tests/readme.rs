@@ -223,6 +223,8 @@ impl Server {
             .args(extra)
             .env_remove("RUST_LOG")
             .env("BILLING_MODE_LOG_FORMAT", "text")
+            // Two servers run at once: no admin listener on its default port.
+            .env("BILLING_MODE_ADMIN_LISTEN", "off")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
