@@ -13,6 +13,7 @@ use std::{
 
 use anyhow::{bail, Context};
 use tokio::{net::TcpListener, task::JoinSet};
+use tonic::service::Routes;
 use tonic::transport::{server::TcpIncoming, Certificate, Identity, Server, ServerTlsConfig};
 use tower::limit::GlobalConcurrencyLimitLayer;
 
@@ -38,6 +39,9 @@ pub struct Application {
     registry: Arc<Registry>,
     auth: SharedAuth,
     readiness: Readiness,
+    /// Services served besides the production ones: empty unless a benchmark
+    /// adds one (see [`Application::with_extra_service`]).
+    extra_routes: Routes,
 }
 
 impl Application {
@@ -119,6 +123,7 @@ impl Application {
             registry,
             auth: SharedAuth::new(auth),
             readiness,
+            extra_routes: Routes::default(),
         })
     }
 
@@ -137,6 +142,27 @@ impl Application {
     /// The readiness conditions; add one with [`Readiness::condition`].
     pub fn readiness(&self) -> &Readiness {
         &self.readiness
+    }
+
+    /// Serves `svc` too, behind the same layers as the production services.
+    /// For benchmarks only (an echo service to measure the RPC stack against);
+    /// the server binary never calls it.
+    #[doc(hidden)]
+    pub fn with_extra_service<S>(mut self, svc: S) -> Self
+    where
+        S: tower::Service<
+                tonic::codegen::http::Request<tonic::body::Body>,
+                Response = tonic::codegen::http::Response<tonic::body::Body>,
+                Error = std::convert::Infallible,
+            > + tonic::server::NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        self.extra_routes = self.extra_routes.add_service(svc);
+        self
     }
 
     /// Serves until `shutdown` completes, then finishes in-flight calls.
@@ -224,6 +250,7 @@ impl Application {
             .layer(GlobalConcurrencyLimitLayer::new(
                 self.config.concurrency_limit,
             ))
+            .add_routes(self.extra_routes)
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
