@@ -238,14 +238,16 @@ impl Application {
         if let Some(tls) = &self.config.tls {
             server = server.tls_config(tls_config(tls)?)?;
         }
-        // The stack, outermost first: a span per request, the per-request
-        // timeout, the call-duration metric (waiting for a slot included),
+        // The stack, outermost first: the per-request timeout (tonic puts
+        // its own settings outside the layers), the call's server span
+        // (OpenTelemetry RPC conventions, continuing the caller's trace),
+        // the call-duration metric (waiting for a slot included),
         // then the concurrency limits; authentication runs inside the
         // BillingMode service.
         let router = server
-            .trace_fn(|req| tracing::info_span!("grpc", path = %req.uri().path()))
             .timeout(self.config.request_timeout)
             .concurrency_limit_per_connection(64)
+            .layer(crate::telemetry::rpc_span::RpcSpanLayer)
             .layer(RpcMetricsLayer::new(self.config.request_timeout))
             .layer(GlobalConcurrencyLimitLayer::new(
                 self.config.concurrency_limit,

@@ -16,12 +16,16 @@
 //! installed with pip when `grpcurl` is not on the PATH.
 
 use std::{
-    io::{BufRead, BufReader, Read},
+    io::Read,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::{Arc, Mutex},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
+
+#[path = "common/server_process.rs"]
+mod server_process;
+
+use server_process::ServerProcess;
 
 /// The address the README's examples use (the server's default).
 const README_ADDR: &str = "127.0.0.1:50051";
@@ -202,72 +206,6 @@ fn grpcurl_dir() -> Option<PathBuf> {
         .or_else(|| panic!("grpcurl is not in Python's scripts directories after pip install"))
 }
 
-/// A `billing-mode serve` child process; killed on drop.
-struct Server {
-    child: Child,
-    addr: String,
-    log: Arc<Mutex<String>>,
-}
-
-impl Server {
-    /// Starts `billing-mode serve` on a free port and waits for its ready line.
-    fn start(database_url: &str, extra: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_billing-mode"))
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--database-url",
-                database_url,
-            ])
-            .args(extra)
-            .env_remove("RUST_LOG")
-            .env("BILLING_MODE_LOG_FORMAT", "text")
-            // Two servers run at once: no admin listener on its default port.
-            .env("BILLING_MODE_ADMIN_LISTEN", "off")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start billing-mode serve");
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        let sink = log.clone();
-        // Keep draining stderr for the server's whole life, so it never
-        // blocks on a full pipe; the ready line carries the bound address.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("ready:") {
-                    if let Some(addr) = line
-                        .split_whitespace()
-                        .find_map(|w| w.strip_prefix("addr="))
-                    {
-                        let _ = tx.send(addr.to_owned());
-                    }
-                }
-                let mut log = sink.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(60))
-            .unwrap_or_else(|_| {
-                let _ = child.kill();
-                panic!("the server did not start:\n{}", log.lock().unwrap())
-            });
-        Server { child, addr, log }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// What running one command gave.
 struct Outcome {
     /// `None` when it was killed after [`COMMAND_LIMIT`].
@@ -341,7 +279,7 @@ fn every_grpcurl_example_in_the_readme_works_as_documented() {
     let dir = tempfile::tempdir().unwrap();
     let database_url = format!("sqlite:{}", dir.path().join("billing-mode.db").display());
     // The default server, as the README starts it (no tokens, loopback).
-    let open = Server::start(&database_url, &[]);
+    let open = ServerProcess::start(&database_url, &[], &[]);
     // The same database behind tokens, for the examples that send one.
     let created = Command::new(env!("CARGO_BIN_EXE_billing-mode"))
         .args(["token", "create", "--name", "readme", "--roles", "admin"])
@@ -357,7 +295,7 @@ fn every_grpcurl_example_in_the_readme_works_as_documented() {
             .unwrap_or_else(|| panic!("no `{name}` in token create's output:\n{created}"))
     };
     let (token, token_line) = (field("token:"), field("line:"));
-    let guarded = Server::start(&database_url, &["--tokens", &token_line]);
+    let guarded = ServerProcess::start(&database_url, &["--tokens", &token_line], &[]);
 
     let mut failures = Vec::new();
     let mut ran = 0;
@@ -455,8 +393,8 @@ fn every_grpcurl_example_in_the_readme_works_as_documented() {
         "{} of {ran} README examples failed:\n\n{}\n\nserver log:\n{}\n{}",
         failures.len(),
         failures.join("\n\n"),
-        open.log.lock().unwrap(),
-        guarded.log.lock().unwrap()
+        open.log(),
+        guarded.log()
     );
     eprintln!("{ran} README grpcurl examples ran as documented");
 }

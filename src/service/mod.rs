@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     auth::{Action, Principal},
-    domain::{build_env, resolve, BuiltEnv, Record, Registry, Resolution, WorkspaceId},
+    domain::{BuiltEnv, Record, Registry, Resolution, WorkspaceId},
     proto::{self, billing_mode_server::BillingMode},
     store::{Store, Write},
 };
@@ -20,8 +20,11 @@ pub mod convert;
 pub mod drift;
 pub mod error;
 mod list;
+pub mod spans;
 
 use error::{ApiError, ErrorReason};
+// The core's decision functions, each in its own child span.
+use spans::{build_env, resolve};
 
 /// The service: the store and the registry, nothing else.
 #[derive(Clone)]
@@ -76,6 +79,8 @@ fn principal<T>(req: &Request<T>) -> Result<Principal, ApiError> {
 /// The decision log: one INFO line per decision; names, never values.
 fn log_decision(rpc: &'static str, actor: &str, r: &Resolution, built: Option<&BuiltEnv>) {
     crate::metrics::record_decision(rpc, r.mode.as_str(), r.source.as_str());
+    // The call's server span carries the outcome too.
+    crate::telemetry::rpc_span::record_decision(&tracing::Span::current(), r);
     let provider = r.provider.as_ref().map_or("", |p| p.id.as_str());
     match built {
         None => tracing::info!(

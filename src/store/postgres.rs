@@ -133,6 +133,7 @@ async fn try_write(
 
 #[async_trait]
 impl Store for PostgresStore {
+    #[tracing::instrument(name = "store.load", skip_all, fields(otel.kind = "client", db.system.name = "postgresql", db.operation.name = "load"))]
     async fn load(&self, workspace_id: &WorkspaceId) -> Result<Option<Record>, StoreError> {
         let row = sqlx::query(SELECT_RECORD)
             .bind(workspace_id.to_string())
@@ -145,6 +146,7 @@ impl Store for PostgresStore {
             .map(|(f, rev)| f.into_record(*workspace_id, rev)))
     }
 
+    #[tracing::instrument(name = "store.write", skip_all, fields(otel.kind = "client", db.system.name = "postgresql", db.operation.name = "write"))]
     async fn write(&self, w: Write<'_>) -> Result<Record, StoreError> {
         // A lost create race is retried once as an update; a second loss is
         // impossible (the row exists and is locked by FOR UPDATE from then on).
@@ -163,6 +165,7 @@ impl Store for PostgresStore {
         ))
     }
 
+    #[tracing::instrument(name = "store.dry_run", skip_all, fields(otel.kind = "client", db.system.name = "postgresql", db.operation.name = "dry_run"))]
     async fn dry_run(&self, w: Write<'_>) -> Result<Record, StoreError> {
         // The row exactly as the real write reads it, without its lock.
         let row = sqlx::query(SELECT_RECORD)
@@ -176,6 +179,7 @@ impl Store for PostgresStore {
         )
     }
 
+    #[tracing::instrument(name = "store.history", skip_all, fields(otel.kind = "client", db.system.name = "postgresql", db.operation.name = "history"))]
     async fn history(
         &self,
         workspace_id: &WorkspaceId,
@@ -201,10 +205,12 @@ impl Store for PostgresStore {
             .collect()
     }
 
+    #[tracing::instrument(name = "store.record_applied", skip_all, fields(otel.kind = "client", db.system.name = "postgresql", db.operation.name = "record_applied"))]
     async fn record_applied(&self, report: &super::AppliedReport) -> Result<(), StoreError> {
         super::applied::record_pg(&self.pool, report).await
     }
 
+    #[tracing::instrument(name = "store.applied_reports", skip_all, fields(otel.kind = "client", db.system.name = "postgresql", db.operation.name = "applied_reports"))]
     async fn applied_reports(&self) -> Result<Vec<(super::AppliedReport, Record)>, StoreError> {
         super::applied::list_pg(&self.pool).await
     }

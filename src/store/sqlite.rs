@@ -138,6 +138,7 @@ async fn write_in(tx: &mut Transaction<'_, Sqlite>, w: &Write<'_>) -> Result<Rec
 
 #[async_trait]
 impl Store for SqliteStore {
+    #[tracing::instrument(name = "store.load", skip_all, fields(otel.kind = "client", db.system.name = "sqlite", db.operation.name = "load"))]
     async fn load(&self, workspace_id: &WorkspaceId) -> Result<Option<Record>, StoreError> {
         let row = sqlx::query(SELECT_RECORD)
             .bind(workspace_id.to_string())
@@ -150,6 +151,7 @@ impl Store for SqliteStore {
             .map(|(f, rev)| f.into_record(*workspace_id, rev)))
     }
 
+    #[tracing::instrument(name = "store.write", skip_all, fields(otel.kind = "client", db.system.name = "sqlite", db.operation.name = "write"))]
     async fn write(&self, w: Write<'_>) -> Result<Record, StoreError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let record = write_in(&mut tx, &w).await?;
@@ -157,6 +159,7 @@ impl Store for SqliteStore {
         Ok(record)
     }
 
+    #[tracing::instrument(name = "store.dry_run", skip_all, fields(otel.kind = "client", db.system.name = "sqlite", db.operation.name = "dry_run"))]
     async fn dry_run(&self, w: Write<'_>) -> Result<Record, StoreError> {
         // The row exactly as the real write reads it, without its lock.
         let row = sqlx::query(SELECT_RECORD)
@@ -170,6 +173,7 @@ impl Store for SqliteStore {
         )
     }
 
+    #[tracing::instrument(name = "store.history", skip_all, fields(otel.kind = "client", db.system.name = "sqlite", db.operation.name = "history"))]
     async fn history(
         &self,
         workspace_id: &WorkspaceId,
@@ -194,10 +198,12 @@ impl Store for SqliteStore {
             .collect()
     }
 
+    #[tracing::instrument(name = "store.record_applied", skip_all, fields(otel.kind = "client", db.system.name = "sqlite", db.operation.name = "record_applied"))]
     async fn record_applied(&self, report: &super::AppliedReport) -> Result<(), StoreError> {
         super::applied::record_sqlite(&self.pool, report).await
     }
 
+    #[tracing::instrument(name = "store.applied_reports", skip_all, fields(otel.kind = "client", db.system.name = "sqlite", db.operation.name = "applied_reports"))]
     async fn applied_reports(&self) -> Result<Vec<(super::AppliedReport, Record)>, StoreError> {
         super::applied::list_sqlite(&self.pool).await
     }

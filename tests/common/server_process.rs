@@ -1,0 +1,120 @@
+//! `billing-mode serve` as a child process: the real binary, on a free port,
+//! its address read from its ready line. Included by path by the tests that
+//! need the process itself (its exit, its environment, its exporter).
+#![allow(dead_code)] // each test binary uses part of it
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+/// A running `billing-mode serve`; killed on drop.
+pub struct ServerProcess {
+    child: Child,
+    /// The bound gRPC address, `127.0.0.1:PORT`.
+    pub addr: String,
+    /// Everything it logged so far (stderr).
+    pub log: Arc<Mutex<String>>,
+}
+
+impl ServerProcess {
+    /// Starts `billing-mode serve --listen 127.0.0.1:0 --database-url URL
+    /// ARGS...` with `envs` added to the environment (and no `OTEL_*`
+    /// variable but those), and waits for its
+    /// ready line. The admin listener, when the binary has one, also takes
+    /// a free port, so that servers started side by side never collide.
+    pub fn start(database_url: &str, args: &[&str], envs: &[(&str, &str)]) -> ServerProcess {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_billing-mode"));
+        // Only what the test gives: no exporter or sampler settings from
+        // the environment the tests run in.
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("OTEL_") {
+                command.env_remove(name);
+            }
+        }
+        let mut child = command
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--database-url",
+                database_url,
+            ])
+            .args(args)
+            .env_remove("RUST_LOG")
+            .env("BILLING_MODE_LOG_FORMAT", "text")
+            .env("BILLING_MODE_ADMIN_LISTEN", "127.0.0.1:0")
+            .envs(envs.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start billing-mode serve");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        // Keep draining stderr for the server's whole life, so it never
+        // blocks on a full pipe; the ready line carries the bound address.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("ready:") {
+                    if let Some(addr) = line
+                        .split_whitespace()
+                        .find_map(|w| w.strip_prefix("addr="))
+                    {
+                        let _ = tx.send(addr.to_owned());
+                    }
+                }
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(addr) => addr,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("the server did not start:\n{}", log.lock().unwrap())
+            }
+        };
+        ServerProcess { child, addr, log }
+    }
+
+    /// Stops it as an orchestrator would (SIGTERM) and waits for it to exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM failed");
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if started.elapsed() > Duration::from_secs(120) {
+                let _ = self.child.kill();
+                panic!(
+                    "the server did not stop after SIGTERM:\n{}",
+                    self.log.lock().unwrap()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The log so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
