@@ -247,7 +247,9 @@ impl Application {
         let router = server
             .timeout(self.config.request_timeout)
             .concurrency_limit_per_connection(64)
-            .layer(crate::telemetry::rpc_span::RpcSpanLayer)
+            .layer(crate::telemetry::rpc_span::RpcSpanLayer::new(
+                self.config.request_timeout,
+            ))
             .layer(RpcMetricsLayer::new(self.config.request_timeout))
             .layer(GlobalConcurrencyLimitLayer::new(
                 self.config.concurrency_limit,

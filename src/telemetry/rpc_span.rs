@@ -18,6 +18,7 @@ use std::{
     future::Future,
     pin::Pin,
     task::{ready, Context, Poll},
+    time::{Duration, Instant},
 };
 
 use http_body::{Body, Frame, SizeHint};
@@ -34,20 +35,35 @@ pub const SOURCE: &str = "billing.source";
 pub const REVISION: &str = "billing.revision";
 
 /// Wraps every call in its server span (see the module documentation).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RpcSpanLayer;
+#[derive(Debug, Clone, Copy)]
+pub struct RpcSpanLayer {
+    request_timeout: Duration,
+}
+
+impl RpcSpanLayer {
+    /// `request_timeout` is the server's deadline: a call dropped without a
+    /// status after it is recorded as DEADLINE_EXCEEDED, one dropped earlier
+    /// as CANCELLED (the caller went away), as the call-duration metric does.
+    pub fn new(request_timeout: Duration) -> Self {
+        RpcSpanLayer { request_timeout }
+    }
+}
 
 impl<S> Layer<S> for RpcSpanLayer {
     type Service = RpcSpan<S>;
 
     fn layer(&self, inner: S) -> RpcSpan<S> {
-        RpcSpan { inner }
+        RpcSpan {
+            inner,
+            request_timeout: self.request_timeout,
+        }
     }
 }
 
 #[derive(Debug, Clone)]
 pub struct RpcSpan<S> {
     inner: S,
+    request_timeout: Duration,
 }
 
 impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for RpcSpan<S>
@@ -68,16 +84,57 @@ where
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
         let span = server_span(&request);
         let response = span.in_scope(|| self.inner.call(request));
+        let mut call = Call {
+            span,
+            start: Instant::now(),
+            request_timeout: self.request_timeout,
+            done: false,
+        };
         Box::pin(async move {
-            // Dropped here without a response (the per-request timeout, or
-            // the client went away), the span ends without a status code.
-            let response = response.instrument(span.clone()).await?;
+            let response = response.instrument(call.span.clone()).await?;
             // A call that fails before any message has its status in the
             // headers (a "trailers-only" response); otherwise it comes in
             // the trailers, at the end of the body.
-            record_status(&span, response.headers());
-            Ok(response.map(|body| SpanBody { body, span }))
+            call.finish_with(response.headers());
+            Ok(response.map(|body| SpanBody { body, call }))
         })
+    }
+}
+
+/// One call's span, until its status is recorded; at the latest when the
+/// call is dropped.
+struct Call {
+    span: Span,
+    start: Instant,
+    request_timeout: Duration,
+    done: bool,
+}
+
+impl Call {
+    fn finish_with(&mut self, headers: &http::HeaderMap) {
+        if let Some(code) = grpc_status(headers) {
+            self.finish(code);
+        }
+    }
+
+    fn finish(&mut self, code: i64) {
+        if !self.done {
+            self.done = true;
+            record_status(&self.span, code);
+        }
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        // Dropped before a status was sent: the server's deadline or the
+        // caller's cancellation ended the call.
+        let code = if self.start.elapsed() >= self.request_timeout {
+            tonic::Code::DeadlineExceeded
+        } else {
+            tonic::Code::Cancelled
+        };
+        self.finish(code as i64);
     }
 }
 
@@ -85,7 +142,7 @@ where
 /// records the status its trailers carry.
 pub struct SpanBody<B> {
     body: B,
-    span: Span,
+    call: Call,
 }
 
 impl<B> Body for SpanBody<B>
@@ -101,11 +158,12 @@ where
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         let this = &mut *self;
         // A stream's items are produced while its body is polled: in the span.
-        let _entered = this.span.enter();
+        let span = this.call.span.clone();
+        let _entered = span.enter();
         let frame = ready!(Pin::new(&mut this.body).poll_frame(cx));
         if let Some(Ok(frame)) = &frame {
             if let Some(trailers) = frame.trailers_ref() {
-                record_status(&this.span, trailers);
+                this.call.finish_with(trailers);
             }
         }
         Poll::Ready(frame)
@@ -144,15 +202,16 @@ fn server_span<B>(request: &http::Request<B>) -> Span {
     span
 }
 
-/// Records `grpc-status` from headers or trailers, if present.
-fn record_status(span: &Span, headers: &http::HeaderMap) {
-    let Some(code) = headers
+/// `grpc-status` from headers or trailers, if present.
+fn grpc_status(headers: &http::HeaderMap) -> Option<i64> {
+    headers
         .get("grpc-status")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<i64>().ok())
-    else {
-        return;
-    };
+        .and_then(|v| v.parse().ok())
+}
+
+/// Records the call's status code.
+fn record_status(span: &Span, code: i64) {
     span.set_attribute("rpc.grpc.status_code", code);
     // The conventions' server errors: UNKNOWN, DEADLINE_EXCEEDED,
     // UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS. Other codes are the
@@ -189,5 +248,148 @@ impl Extractor for HeaderExtractor<'_> {
 
     fn keys(&self) -> Vec<&str> {
         self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        convert::Infallible,
+        sync::{Arc, Mutex},
+    };
+
+    use http_body_util::{BodyExt, StreamBody};
+    use opentelemetry::{trace::TracerProvider as _, Value};
+    use opentelemetry_sdk::{
+        error::OTelSdkResult,
+        trace::{SdkTracerProvider, SpanData, SpanExporter},
+    };
+    use tower::{service_fn, ServiceExt};
+    use tracing_subscriber::layer::SubscriberExt;
+
+    use super::*;
+
+    /// Keeps the spans it is given (the SDK's in-memory exporter needs its
+    /// `testing` feature, which would rebuild the SDK for every test build).
+    #[derive(Debug, Clone, Default)]
+    struct Collect(Arc<Mutex<Vec<SpanData>>>);
+
+    impl SpanExporter for Collect {
+        async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+            self.0.lock().unwrap().extend(batch);
+            Ok(())
+        }
+    }
+
+    type Frames = tokio_stream::Iter<std::vec::IntoIter<Result<Frame<bytes::Bytes>, Infallible>>>;
+
+    fn body(trailer_status: Option<&str>) -> StreamBody<Frames> {
+        let mut frames = vec![Ok(Frame::data(bytes::Bytes::from_static(b"message")))];
+        if let Some(code) = trailer_status {
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", code.parse().unwrap());
+            frames.push(Ok(Frame::trailers(trailers)));
+        }
+        StreamBody::new(tokio_stream::iter(frames))
+    }
+
+    /// Runs `call` with spans exported to a collector; returns the
+    /// `rpc.grpc.status_code` of the one span it produced.
+    async fn status_code_of<F: Future<Output = ()>>(call: F) -> Option<i64> {
+        let collected = Collect::default();
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(collected.clone())
+            .build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        {
+            let _default = tracing::subscriber::set_default(subscriber);
+            call.await;
+        }
+        let spans = collected.0.lock().unwrap().clone();
+        let [span] = &spans[..] else {
+            panic!("one span expected: {spans:#?}");
+        };
+        assert_eq!(span.name, "molecule.billing.v1.BillingMode/Resolve");
+        span.attributes
+            .iter()
+            .find(|kv| kv.key.as_str() == "rpc.grpc.status_code")
+            .map(|kv| match kv.value {
+                Value::I64(code) => code,
+                ref other => panic!("status code {other:?}"),
+            })
+    }
+
+    fn request() -> http::Request<()> {
+        http::Request::builder()
+            .uri("/molecule.billing.v1.BillingMode/Resolve")
+            .body(())
+            .unwrap()
+    }
+
+    const TIMEOUT: Duration = Duration::from_secs(3600);
+
+    #[tokio::test]
+    async fn the_status_of_a_unary_success_comes_from_the_trailers() {
+        let code = status_code_of(async {
+            let svc =
+                RpcSpanLayer::new(TIMEOUT).layer(service_fn(|_req: http::Request<()>| async {
+                    Ok::<_, Infallible>(http::Response::new(body(Some("0"))))
+                }));
+            let response = svc.oneshot(request()).await.unwrap();
+            response.into_body().collect().await.unwrap();
+        })
+        .await;
+        assert_eq!(code, Some(0));
+    }
+
+    #[tokio::test]
+    async fn the_status_of_a_trailers_only_error_comes_from_the_headers() {
+        let code = status_code_of(async {
+            let svc =
+                RpcSpanLayer::new(TIMEOUT).layer(service_fn(|_req: http::Request<()>| async {
+                    let mut response = http::Response::new(body(None));
+                    response
+                        .headers_mut()
+                        .insert("grpc-status", "5".parse().unwrap());
+                    Ok::<_, Infallible>(response)
+                }));
+            let response = svc.oneshot(request()).await.unwrap();
+            response.into_body().collect().await.unwrap();
+        })
+        .await;
+        assert_eq!(code, Some(5));
+    }
+
+    #[tokio::test]
+    async fn a_stream_the_caller_drops_is_cancelled() {
+        let code = status_code_of(async {
+            let svc =
+                RpcSpanLayer::new(TIMEOUT).layer(service_fn(|_req: http::Request<()>| async {
+                    Ok::<_, Infallible>(http::Response::new(body(Some("0"))))
+                }));
+            let response = svc.oneshot(request()).await.unwrap();
+            // The first message, then the caller goes away.
+            let mut body = response.into_body();
+            body.frame().await.unwrap().unwrap();
+            drop(body);
+        })
+        .await;
+        assert_eq!(code, Some(tonic::Code::Cancelled as i64));
+    }
+
+    #[tokio::test]
+    async fn a_call_dropped_after_the_deadline_exceeded_it() {
+        let code = status_code_of(async {
+            let svc =
+                RpcSpanLayer::new(Duration::ZERO).layer(service_fn(|_req: http::Request<()>| {
+                    std::future::pending::<Result<http::Response<StreamBody<Frames>>, Infallible>>()
+                }));
+            // The server's timeout drops the call before any answer.
+            let call = svc.oneshot(request());
+            let _ = tokio::time::timeout(Duration::from_millis(1), call).await;
+        })
+        .await;
+        assert_eq!(code, Some(tonic::Code::DeadlineExceeded as i64));
     }
 }
