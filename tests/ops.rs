@@ -646,6 +646,37 @@ fn an_unreachable_store_is_retried_until_the_startup_timeout_then_the_server_exi
     );
 }
 
+#[test]
+fn a_store_url_that_cannot_work_fails_at_once_without_retrying() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(binary())
+        .current_dir(dir.path())
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "off",
+            "--database-url",
+            "mysql://billing@127.0.0.1/billing",
+        ])
+        .env_remove("RUST_LOG")
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run billing-mode");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "must exit non-zero:\n{stderr}");
+    assert!(
+        !stderr.contains("not reachable yet"),
+        "a wrong URL is not retried:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("database URL must start with"),
+        "says what is wrong:\n{stderr}"
+    );
+}
+
 fn token_line(name: &str, role: billing_mode::auth::Role) -> (String, String) {
     let (token, entry) = make_token(name, &[role]);
     (token, entry.line())
