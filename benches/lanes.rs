@@ -22,7 +22,10 @@
 //!   settings as the server (`Store::load`), from a plain loop in this process;
 //! - E: an echo RPC (a bench-only service on the same server builder) carrying
 //!   the same 50-entry env as BuildEnv;
-//! - Resolve, BuildEnv (50 entries), Set.
+//! - Resolve, BuildEnv (50 entries), Set;
+//! - after the lanes, an import (`billing_mode::import`, one create-only Set
+//!   per new workspace) at its default concurrency and a wider one, with its
+//!   target of 2,000 workspaces per second on Postgres.
 //!
 //! The targets, each a ratio from the same run (see [`targets`]), are printed
 //! with PASS or MISS; timing is never asserted, here or in tests.
@@ -934,10 +937,12 @@ async fn run_backend(backend: &Backend, opts: &Opts) -> anyhow::Result<()> {
         .with_context(|| format!("lane {} at concurrency {}", lane.key, opts.concurrency))?;
         results.insert(lane.key, LaneResult { c1, cn });
     }
+    let imported = import_throughput(&ctx, opts).await?;
     let peak = server.peak_rss_kib();
     server.stop()?;
 
     print_table(backend, opts, &lanes, &results, seeded, peak);
+    print_import(backend, &imported);
     if let Some((base, schema)) = &backend.pg_schema {
         use sqlx::Connection;
         let mut conn = sqlx::PgConnection::connect(base).await?;
@@ -946,6 +951,83 @@ async fn run_backend(backend: &Backend, opts: &Opts) -> anyhow::Result<()> {
             .await?;
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Import throughput: `billing_mode::import::run` (the library behind
+// `billing-mode import`) registering new workspaces through the same server,
+// one create-only Set each.
+
+/// Workspaces registered per second by one import at its default
+/// concurrency (8), against a local server on Postgres.
+const IMPORT_TARGET_PER_SEC: f64 = 2000.0;
+/// The import's default `--concurrency`.
+const IMPORT_DEFAULT_CONCURRENCY: usize = 8;
+
+/// (concurrency, workspaces, per second) for the default concurrency and a
+/// wider one.
+async fn import_throughput(ctx: &Ctx, opts: &Opts) -> anyhow::Result<Vec<(usize, usize, f64)>> {
+    use billing_mode::import;
+    let n = if opts.quick { 2_000 } else { 20_000 };
+    let conn = import::Connection::new(ctx.channels[0].clone(), Some(ctx.token.clone()));
+    let mut out = Vec::new();
+    for concurrency in [IMPORT_DEFAULT_CONCURRENCY, 32] {
+        let text: String = (0..n)
+            .map(|_| {
+                format!(
+                    "{{\"workspace_id\":\"{}\",\"runtime\":\"claude-code\",\"model\":\"opus\",\
+                     \"credential_keys\":[\"CLAUDE_CODE_OAUTH_TOKEN\"],\"legacy_mode\":\"byok\"}}\n",
+                    WorkspaceId::new_random()
+                )
+            })
+            .collect();
+        let parsed = import::parse(std::io::Cursor::new(text))?;
+        let options = import::Options {
+            dry_run: false,
+            update: false,
+            concurrency,
+            reason: "lanes: import".into(),
+        };
+        let start = Instant::now();
+        let report = import::run(
+            &conn,
+            parsed.entries,
+            &options,
+            Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            |_| {},
+        )
+        .await;
+        let rate = n as f64 / start.elapsed().as_secs_f64();
+        if report.created != n {
+            bail!(
+                "the import created {} of {n}: {:?}",
+                report.created,
+                report.failures.first()
+            );
+        }
+        out.push((concurrency, n, rate));
+    }
+    Ok(out)
+}
+
+fn print_import(backend: &Backend, figures: &[(usize, usize, f64)]) {
+    for (concurrency, n, rate) in figures {
+        let verdict = if *concurrency == IMPORT_DEFAULT_CONCURRENCY && backend.pg_schema.is_some() {
+            format!(
+                "  target >= {IMPORT_TARGET_PER_SEC:.0}/s on Postgres  {}",
+                if *rate >= IMPORT_TARGET_PER_SEC {
+                    "PASS"
+                } else {
+                    "MISS"
+                }
+            )
+        } else {
+            String::new()
+        };
+        println!(
+            "  import, {n} new workspaces, --concurrency {concurrency:>2}: {rate:>7.0} workspaces/s{verdict}"
+        );
+    }
 }
 
 fn clock_tick_us() -> f64 {
