@@ -486,6 +486,12 @@ async fn health_says_not_serving_while_the_store_is_down_and_serving_once_it_is_
     assert_eq!(get(admin, "/healthz").await.0, 200, "still alive");
     let err = try_resolve(&mut c, &ws).await.unwrap_err();
     assert_error(&err, Code::Unavailable, "STORE_UNAVAILABLE");
+    // It says when to retry (google.rpc.RetryInfo).
+    let delay = tonic_types::StatusExt::get_details_retry_info(&err).and_then(|r| r.retry_delay);
+    assert!(
+        delay.is_some_and(|d| d > Duration::ZERO),
+        "no RetryInfo on {err:?}"
+    );
 
     let pg = tokio::task::spawn_blocking(move || {
         pg.up();
