@@ -143,6 +143,10 @@ fn read_file(path: &PathBuf) -> anyhow::Result<import::Parsed> {
 }
 
 pub async fn import(a: ImportArgs) -> ExitCode {
+    if !a.dry_run && a.reason.trim().is_empty() {
+        eprintln!("error: --reason must say why (it is recorded in every audit row written)");
+        return ExitCode::FAILURE;
+    }
     let parsed = match read_file(&a.file) {
         Ok(p) => p,
         Err(e) => {

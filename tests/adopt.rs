@@ -1008,6 +1008,12 @@ async fn the_binary_imports_and_lists() {
         let o = run_bin(bin(&["import", &path, "--server", &server])).await;
         assert!(!o.status.success());
         assert!(String::from_utf8_lossy(&o.stderr).contains("--reason"));
+        let o = run_bin(bin(&[
+            "import", &path, "--server", &server, "--reason", "  ",
+        ]))
+        .await;
+        assert!(!o.status.success());
+        assert!(String::from_utf8_lossy(&o.stderr).contains("--reason"));
 
         // Plain text from standard input; then again: nothing changes.
         let mut cmd = bin(&["import", "-", "--server", &server, "--reason", "adopt"]);
