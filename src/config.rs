@@ -16,6 +16,11 @@ pub const DEFAULT_STARTUP_TIMEOUT: &str = "60s";
 /// Largest request or response message.
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
+/// How long the change log is kept by default: 7 days.
+pub const DEFAULT_CHANGE_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Messages queued for one Watch stream by default.
+pub const DEFAULT_WATCH_BUFFER: usize = 1024;
+
 /// Server TLS material (PEM files).
 #[derive(Debug, Clone)]
 pub struct TlsFiles {
@@ -51,6 +56,14 @@ pub struct Config {
     /// Apply the embedded migrations at start-up (otherwise the server waits,
     /// not ready, until someone else has applied them).
     pub migrate: bool,
+    /// Logged changes are kept this long; older Watch cursors expire.
+    pub change_retention: Duration,
+    /// Messages queued for one Watch stream before it is cut off as too slow.
+    pub watch_buffer: usize,
+    /// A Watch stream with nothing to send sends progress this often.
+    pub watch_progress_interval: Duration,
+    /// How often the change feed reads the log without being woken.
+    pub feed_poll_interval: Duration,
 }
 
 impl Default for Config {
@@ -70,6 +83,10 @@ impl Default for Config {
             admin_listen: None,
             startup_timeout: Duration::from_secs(60),
             migrate: true,
+            change_retention: DEFAULT_CHANGE_RETENTION,
+            watch_buffer: DEFAULT_WATCH_BUFFER,
+            watch_progress_interval: Duration::from_secs(10),
+            feed_poll_interval: Duration::from_millis(500),
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod domain;
+pub mod feed;
 pub mod health;
 pub mod import;
 pub mod metrics;

@@ -146,6 +146,13 @@ struct ServeArgs {
     /// is not ready until they are applied.
     #[arg(long)]
     no_migrate: bool,
+    /// How long the change log is kept, in seconds (default 7 days); Watch
+    /// cursors older than that expire.
+    #[arg(long, env = "BILLING_MODE_CHANGE_RETENTION_SECS", default_value_t = config::DEFAULT_CHANGE_RETENTION.as_secs())]
+    change_retention_secs: u64,
+    /// Messages queued for one Watch stream before it is cut off as too slow.
+    #[arg(long, env = "BILLING_MODE_WATCH_BUFFER", default_value_t = config::DEFAULT_WATCH_BUFFER)]
+    watch_buffer: usize,
 }
 
 impl ServeArgs {
@@ -177,6 +184,9 @@ impl ServeArgs {
             admin_listen: self.admin_listen,
             startup_timeout: self.startup_timeout,
             migrate: !self.no_migrate,
+            change_retention: Duration::from_secs(self.change_retention_secs.max(1)),
+            watch_buffer: self.watch_buffer.max(1),
+            ..Config::default()
         })
     }
 }

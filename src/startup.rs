@@ -22,6 +22,7 @@ use crate::{
     auth::Authenticator,
     config::{Config, MAX_MESSAGE_BYTES},
     domain::Registry,
+    feed::{Feed, FeedConfig},
     health::{self, Readiness},
     metrics::RpcMetricsLayer,
     proto::{self, billing_mode_server::BillingModeServer},
@@ -42,6 +43,7 @@ pub struct Application {
     /// Services served besides the production ones: empty unless a benchmark
     /// adds one (see [`Application::with_extra_service`]).
     extra_routes: Routes,
+    feed: Feed,
 }
 
 impl Application {
@@ -87,6 +89,17 @@ impl Application {
             }
             migrated.set(pending == 0);
         }
+        // The feed waits for the change log (with --no-migrate, until someone
+        // has applied the migrations) without holding start-up up.
+        let feed = Feed::start(
+            store.clone(),
+            FeedConfig {
+                poll_interval: config.feed_poll_interval,
+                retention: config.change_retention,
+                ..FeedConfig::default()
+            },
+        )
+        .await;
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;
@@ -124,7 +137,13 @@ impl Application {
             auth: SharedAuth::new(auth),
             readiness,
             extra_routes: Routes::default(),
+            feed,
         })
+    }
+
+    /// This server's change feed.
+    pub fn feed(&self) -> &Feed {
+        &self.feed
     }
 
     /// The bound address (useful with port 0).
@@ -216,7 +235,11 @@ impl Application {
         let reflection_v1 = reflection().build_v1()?;
         let reflection_v1alpha = reflection().build_v1alpha()?;
 
-        let service = BillingModeService::new(self.store.clone(), self.registry.clone());
+        let service = BillingModeService::new(
+            self.store.clone(),
+            self.registry.clone(),
+            crate::service::watch::Watcher::new(self.feed.clone(), &self.config),
+        );
         tasks.spawn(reload::on_sighup(reload::Reloader {
             auth: self.auth.clone(),
             tokens_file: self.config.tokens_file.clone(),
@@ -261,10 +284,13 @@ impl Application {
             .add_service(billing);
 
         let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
+        let feed = self.feed.clone();
         let shutdown = async move {
             shutdown.await;
             tracing::info!("shutting down: finishing in-flight calls");
             accepting.set(false);
+            // Watch streams end with SHUTTING_DOWN, so in-flight calls finish.
+            feed.shutdown();
         };
         router
             .serve_with_incoming_shutdown(incoming, shutdown)

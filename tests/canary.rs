@@ -16,9 +16,9 @@ use std::{
 use billing_mode::{
     auth::Role,
     proto::{
-        billing_mode_client::BillingModeClient, BuildEnvRequest, ClearRequest, CredentialKeys,
-        EnvVar, HistoryRequest, ListDriftRequest, Mode, Origin, ReportAppliedRequest,
-        ResolveRequest, SetRequest,
+        billing_mode_client::BillingModeClient, watch_response, BuildEnvRequest, ClearRequest,
+        CredentialKeys, EnvVar, HistoryRequest, ListDriftRequest, Mode, Origin,
+        ReportAppliedRequest, ResolveRequest, SetRequest, WatchRequest,
     },
 };
 use common::*;
@@ -942,6 +942,55 @@ async fn drive(db: &TestDb, logs: &Logs) -> Secrets {
         .expect("health ignores the header");
     }
 
+    // --- Watch: a snapshot of every workspace, and the refusals ---------------
+    {
+        let mut stream = reader
+            .watch(WatchRequest {
+                include_snapshot: true,
+                ..WatchRequest::default()
+            })
+            .await
+            .expect("Watch with a snapshot")
+            .into_inner();
+        loop {
+            let m = stream.message().await.unwrap().expect("the snapshot");
+            s.check("Watch", &format!("{m:?}"));
+            if matches!(m.event, Some(watch_response::Event::Progress(_))) {
+                break;
+            }
+        }
+        let (cursor, workspace) = (s.canary(), s.canary());
+        for (what, req, reason) in [
+            (
+                "Watch with a secret as cursor",
+                WatchRequest {
+                    cursor,
+                    ..WatchRequest::default()
+                },
+                "INVALID_CURSOR",
+            ),
+            (
+                "Watch with a secret as workspace id",
+                WatchRequest {
+                    workspace_ids: vec![workspace],
+                    ..WatchRequest::default()
+                },
+                "INVALID_WORKSPACE_ID",
+            ),
+        ] {
+            let r = reader.watch(req).await.map(drop);
+            refused(&mut s, what, r, Code::InvalidArgument, reason);
+        }
+        let r = stranger.watch(WatchRequest::default()).await.map(drop);
+        refused(
+            &mut s,
+            "unauthenticated Watch",
+            r,
+            Code::Unauthenticated,
+            "UNAUTHENTICATED",
+        );
+    }
+
     eprintln!("{:?}: RPCs driven in {:?}", db.backend, started.elapsed());
     // --- History, through the service ----------------------------------------
     for ws in [&ws_byok, &ws_pm, &ws_ovr] {
@@ -1119,6 +1168,10 @@ async fn drop_tables(db: &TestDb) {
                 .execute(&mut c)
                 .await
                 .unwrap();
+            sqlx::query("DROP TABLE billing_changes")
+                .execute(&mut c)
+                .await
+                .unwrap();
             sqlx::query("DROP TABLE billing_audit")
                 .execute(&mut c)
                 .await
@@ -1130,10 +1183,12 @@ async fn drop_tables(db: &TestDb) {
         }
         Backend::Postgres => {
             let mut c = sqlx::PgConnection::connect(&db.url).await.unwrap();
-            sqlx::query("DROP TABLE billing_applied, billing_audit, billing_records")
-                .execute(&mut c)
-                .await
-                .unwrap();
+            sqlx::query(
+                "DROP TABLE billing_applied, billing_changes, billing_audit, billing_records",
+            )
+            .execute(&mut c)
+            .await
+            .unwrap();
         }
     }
 }

@@ -1615,6 +1615,10 @@ async fn break_the_store(db: &TestDb) {
                 .execute(&mut conn)
                 .await
                 .unwrap();
+            sqlx::query("DROP TABLE IF EXISTS billing_changes")
+                .execute(&mut conn)
+                .await
+                .unwrap();
             sqlx::query("DROP TABLE billing_audit")
                 .execute(&mut conn)
                 .await
@@ -1628,6 +1632,10 @@ async fn break_the_store(db: &TestDb) {
         Backend::Postgres => {
             let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
             sqlx::query("DROP TABLE IF EXISTS billing_applied")
+                .execute(&mut conn)
+                .await
+                .unwrap();
+            sqlx::query("DROP TABLE IF EXISTS billing_changes")
                 .execute(&mut conn)
                 .await
                 .unwrap();

@@ -136,6 +136,7 @@ async fn break_the_store(db: &TestDb) {
     use sqlx::Connection;
     let statements = [
         "DROP TABLE IF EXISTS billing_applied",
+        "DROP TABLE IF EXISTS billing_changes",
         "DROP TABLE billing_audit",
         "DROP TABLE billing_records",
     ];

@@ -7,12 +7,22 @@
 //! every error reason, and the roles.
 mod common;
 
+use std::{
+    collections::{BTreeMap, HashMap},
+    time::Duration,
+};
+
 use billing_mode::{
     auth::Role,
-    proto::{ClearRequest, HistoryRequest, Mode, SetRequest},
+    config::Config,
+    proto::{
+        watch_response::Event, ClearRequest, HistoryRequest, Mode, Resolution, SetRequest,
+        WatchRequest, WatchResponse,
+    },
 };
 use common::*;
-use tonic::Code;
+use rand::{Rng, SeedableRng};
+use tonic::{Code, Status, Streaming};
 
 fn set_override_req(
     ws: &str,
@@ -225,6 +235,822 @@ async fn a_dry_run_needs_the_role_of_the_real_write() {
             }
         }
         assert_eq!(stored_state(&db).await, before, "a dry run wrote");
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------
+// Watch helpers
+// ---------------------------------------------------------------------------
+
+/// How long a test waits for something that should happen promptly before
+/// calling it a failure (a bound, not a measurement).
+const PATIENCE: Duration = Duration::from_secs(30);
+
+async fn open(c: &mut Client, req: WatchRequest) -> Result<Streaming<WatchResponse>, Status> {
+    tokio::time::timeout(PATIENCE, c.watch(req))
+        .await
+        .expect("Watch answers within the test's patience")
+        .map(|r| r.into_inner())
+}
+
+fn from_cursor(cursor: &str) -> WatchRequest {
+    WatchRequest {
+        cursor: cursor.to_owned(),
+        ..WatchRequest::default()
+    }
+}
+
+/// The next message, the status that ended the stream, or `None` at a clean end.
+async fn next(s: &mut Streaming<WatchResponse>) -> Result<Option<WatchResponse>, Status> {
+    tokio::time::timeout(PATIENCE, s.message())
+        .await
+        .expect("a Watch message within the test's patience")
+}
+
+async fn next_ok(s: &mut Streaming<WatchResponse>) -> WatchResponse {
+    next(s)
+        .await
+        .expect("the stream goes on")
+        .expect("the stream does not end")
+}
+
+/// The next Resolution event, skipping progress messages.
+async fn next_change(s: &mut Streaming<WatchResponse>) -> (String, Resolution) {
+    loop {
+        let m = next_ok(s).await;
+        if let Some(Event::Resolution(r)) = m.event {
+            return (m.cursor, r);
+        }
+    }
+}
+
+/// Opens a stream from now: the opening progress message's cursor.
+async fn watch_from_now(
+    c: &mut Client,
+    workspace_ids: &[&str],
+) -> (Streaming<WatchResponse>, String) {
+    let mut s = open(
+        c,
+        WatchRequest {
+            workspace_ids: workspace_ids.iter().map(|w| w.to_string()).collect(),
+            ..WatchRequest::default()
+        },
+    )
+    .await
+    .expect("Watch from now");
+    let first = next_ok(&mut s).await;
+    match first.event {
+        Some(Event::Progress(p)) => assert!(!p.snapshot_complete, "{first:?}"),
+        other => panic!("a stream from now opens with progress, got {other:?}"),
+    }
+    assert!(!first.cursor.is_empty());
+    (s, first.cursor)
+}
+
+/// A Set that changes the record: flips the override through the three modes.
+fn flip(ws: &str, i: usize) -> SetRequest {
+    let mode = [Mode::Byok, Mode::Disabled, Mode::PlatformManaged][i % 3];
+    set_override_req(ws, mode, None, false)
+}
+
+/// Adds to `got` the changes after `cursor` until `want` (workspace → final
+/// revision) is reached; resumes after any error. Returns every change
+/// received, in order, and the last cursor.
+async fn collect_until(
+    c: &mut Client,
+    mut cursor: String,
+    want: &BTreeMap<String, u64>,
+    mut got: Vec<Resolution>,
+) -> (Vec<Resolution>, String) {
+    let mut latest: HashMap<String, u64> = got
+        .iter()
+        .map(|r| (r.workspace_id.clone(), r.revision))
+        .collect();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let done = |latest: &HashMap<String, u64>| {
+        want.iter()
+            .all(|(ws, rev)| latest.get(ws).copied().unwrap_or(0) >= *rev)
+    };
+    while !done(&latest) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "changes missing: got {latest:?}, want {want:?}"
+        );
+        let Ok(mut s) = open(c, from_cursor(&cursor)).await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        while !done(&latest) {
+            match tokio::time::timeout(PATIENCE, s.message())
+                .await
+                .expect("a message")
+            {
+                Ok(Some(m)) => {
+                    cursor = m.cursor.clone();
+                    if let Some(Event::Resolution(r)) = m.event {
+                        latest.insert(r.workspace_id.clone(), r.revision);
+                        got.push(r);
+                    }
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+    }
+    (got, cursor)
+}
+
+/// Asserts that `got` holds every revision 1..=final of each workspace in
+/// `want` exactly once, in revision order per workspace, and nothing else.
+fn assert_exactly_once(
+    got: &[Resolution],
+    want: &BTreeMap<String, u64>,
+    from: &BTreeMap<String, u64>,
+) {
+    let mut per_ws: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for r in got {
+        per_ws
+            .entry(r.workspace_id.clone())
+            .or_default()
+            .push(r.revision);
+    }
+    for (ws, last) in want {
+        let first = from.get(ws).copied().unwrap_or(0) + 1;
+        let expected: Vec<u64> = (first..=*last).collect();
+        assert_eq!(
+            per_ws.remove(ws).unwrap_or_default(),
+            expected,
+            "workspace {ws}: every revision once, in order"
+        );
+    }
+    assert!(
+        per_ws.is_empty(),
+        "changes of unknown workspaces: {per_ws:?}"
+    );
+}
+
+async fn final_revisions(c: &mut Client, workspaces: &[String]) -> BTreeMap<String, u64> {
+    let mut want = BTreeMap::new();
+    for ws in workspaces {
+        want.insert(ws.clone(), resolve(c, ws).await.revision);
+    }
+    want
+}
+
+/// Runs raw SQL against the test database (outside the service).
+async fn raw_sql(db: &TestDb, sql: &str) {
+    use sqlx::Connection;
+    match db.backend {
+        Backend::Sqlite => {
+            let mut c = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+            sqlx::query(sql).execute(&mut c).await.unwrap();
+        }
+        Backend::Postgres => {
+            let mut c = sqlx::PgConnection::connect(&db.url).await.unwrap();
+            sqlx::query(sql).execute(&mut c).await.unwrap();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Exactly once
+// ---------------------------------------------------------------------------
+
+/// Holds the row lock of `ws`'s record for `hold` in a transaction of its
+/// own, so a Set on `ws` started meanwhile waits inside its transaction while
+/// later Sets on other workspaces commit first.
+async fn hold_record(url: String, ws: String, hold: Duration) {
+    use sqlx::Connection;
+    let mut c = sqlx::PgConnection::connect(&url).await.unwrap();
+    let mut tx = c.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM billing_records WHERE workspace_id = $1::uuid FOR UPDATE")
+        .bind(&ws)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tokio::time::sleep(hold).await;
+    tx.commit().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_committed_revision_arrives_exactly_once_in_order_across_held_transactions_and_reconnects(
+) {
+    each_backend(|db| async move {
+        let app = TestApp::spawn(&db).await;
+        let mut c = app.client().await;
+        let workspaces: Vec<String> = (0..6).map(|_| new_workspace()).collect();
+        for ws in &workspaces {
+            set(&mut c, set_model_req(ws, "opus", false)).await;
+        }
+        let (_, start) = watch_from_now(&mut c, &[]).await;
+        let from = final_revisions(&mut c, &workspaces).await;
+
+        // Writers: many Sets on many workspaces, concurrently.
+        let mut writers = Vec::new();
+        for w in 0..4 {
+            let mut c = app.client().await;
+            let workspaces = workspaces.clone();
+            writers.push(tokio::spawn(async move {
+                let mut answers = Vec::new();
+                for i in 0..30 {
+                    let ws = &workspaces[(w * 7 + i * 5) % workspaces.len()];
+                    // A new model each time (always a change), and now and
+                    // then an override flip (a change of mode, or a no-op).
+                    let req = if i % 3 == 0 {
+                        flip(ws, i + w)
+                    } else {
+                        set_model_req(ws, &format!("opus-{w}-{i}"), false)
+                    };
+                    answers.push(set(&mut c, req).await);
+                }
+                answers
+            }));
+        }
+        // On Postgres, a holder keeps one workspace's row locked at a time, so
+        // a Set that started earlier commits after Sets that started later.
+        let holder = (db.backend == Backend::Postgres).then(|| {
+            let url = db.url.clone();
+            let workspaces = workspaces.clone();
+            tokio::spawn(async move {
+                for i in 0..8 {
+                    hold_record(
+                        url.clone(),
+                        workspaces[i % workspaces.len()].clone(),
+                        Duration::from_millis(150),
+                    )
+                    .await;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+        });
+
+        // A watcher that disconnects at random points and resumes from its
+        // last cursor, meanwhile.
+        let watcher = {
+            let mut c = app.client().await;
+            let mut cursor = start.clone();
+            tokio::spawn(async move {
+                let mut got: Vec<(String, Resolution)> = Vec::new();
+                let mut rng = rand::rngs::StdRng::from_entropy();
+                for _ in 0..40 {
+                    let mut s = open(&mut c, from_cursor(&cursor)).await.expect("resume");
+                    let take = rng.gen_range(1..6);
+                    for _ in 0..take {
+                        match tokio::time::timeout(Duration::from_millis(300), s.message()).await {
+                            Ok(Ok(Some(m))) => {
+                                cursor = m.cursor.clone();
+                                if let Some(Event::Resolution(r)) = m.event {
+                                    got.push((m.cursor, r));
+                                }
+                            }
+                            Ok(other) => panic!("the stream ended: {other:?}"),
+                            Err(_) => break,
+                        }
+                    }
+                    // Disconnect (drop the stream) and resume.
+                }
+                (got, cursor)
+            })
+        };
+
+        let mut answers: HashMap<(String, u64), Resolution> = HashMap::new();
+        for w in writers {
+            for r in w.await.unwrap() {
+                answers.insert((r.workspace_id.clone(), r.revision), r);
+            }
+        }
+        if let Some(h) = holder {
+            h.await.unwrap();
+        }
+        let (pairs, cursor) = watcher.await.unwrap();
+        let got = pairs.into_iter().map(|(_, r)| r).collect();
+        let want = final_revisions(&mut c, &workspaces).await;
+        let (got, _) = collect_until(&mut c, cursor, &want, got).await;
+        assert_exactly_once(&got, &want, &from);
+        // Each event is the Resolution at its revision: what Set answered.
+        for r in &got {
+            if let Some(answer) = answers.get(&(r.workspace_id.clone(), r.revision)) {
+                assert_eq!(r, answer, "the event is the Resolution at its revision");
+            }
+        }
+        // Every model Set changed a record: 4 writers × 20.
+        assert!(
+            answers.len() >= 80,
+            "the writers changed the records {} times",
+            answers.len()
+        );
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------
+// Replicas and the store connection
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_through_one_replica_reaches_watch_on_another_and_cursors_move_between_them() {
+    let Some(db) = TestDb::new(Backend::Postgres).await else {
+        return;
+    };
+    let one = TestApp::spawn(&db).await;
+    let two = TestApp::spawn(&db).await;
+    let mut writer = one.client().await;
+    let mut reader = two.client().await;
+    let workspaces: Vec<String> = (0..3).map(|_| new_workspace()).collect();
+    let (mut stream, start) = watch_from_now(&mut reader, &[]).await;
+    for (i, ws) in workspaces.iter().enumerate() {
+        set(&mut writer, set_model_req(ws, "opus", false)).await;
+        set(&mut writer, flip(ws, i)).await;
+    }
+    // Every event arrives on the other replica, in order.
+    let mut got = Vec::new();
+    let mut middle = String::new();
+    while got.len() < 6 {
+        let (cursor, r) = next_change(&mut stream).await;
+        got.push(r);
+        if got.len() == 3 {
+            middle = cursor;
+        }
+    }
+    let want = final_revisions(&mut writer, &workspaces).await;
+    assert_exactly_once(&got, &want, &BTreeMap::new());
+    // A cursor from replica two resumes on replica one: exactly the rest.
+    let mut one_client = one.client().await;
+    let (rest, _) = collect_until(&mut one_client, middle, &want, got[..3].to_vec()).await;
+    assert_exactly_once(&rest, &want, &BTreeMap::new());
+    // And the start cursor from two replays everything on one.
+    let (all, _) = collect_until(&mut one_client, start, &want, Vec::new()).await;
+    assert_eq!(all, got);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_store_connection_under_a_live_stream_loses_and_repeats_nothing() {
+    let Some(db) = TestDb::new(Backend::Postgres).await else {
+        return;
+    };
+    // Name this server's connections, to cut exactly them.
+    let app_name = format!("watch_{}", uuid::Uuid::new_v4().simple());
+    let app = TestApp::spawn_with(
+        &db,
+        Config {
+            database_url: format!("{}&application_name={app_name}", db.url),
+            ..config(&db)
+        },
+    )
+    .await;
+    let mut c = app.client().await;
+    let workspaces: Vec<String> = (0..3).map(|_| new_workspace()).collect();
+    let (_, start) = watch_from_now(&mut c, &[]).await;
+    let kill = || async {
+        use sqlx::Connection;
+        let mut admin = sqlx::PgConnection::connect(&db.url).await.unwrap();
+        let (killed,): (i64,) = sqlx::query_as(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE application_name = $1",
+        )
+        .bind(&app_name)
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+        assert!(killed > 0, "the server's connections were found");
+    };
+    let mut writes = 0;
+    let mut got = Vec::new();
+    let mut cursor = start;
+    for round in 0..3 {
+        for (i, ws) in workspaces.iter().enumerate() {
+            // A write may meet a connection being cut: retry it.
+            let req = set_model_req(ws, &format!("opus-{round}-{i}"), false);
+            let mut tries = 0;
+            while c.set(req.clone()).await.is_err() {
+                tries += 1;
+                assert!(tries < 50, "the store came back");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            writes += 1;
+        }
+        let want = final_revisions(&mut c, &workspaces).await;
+        let (all, last) = collect_until(&mut c, cursor, &want, got).await;
+        got = all;
+        cursor = last;
+        kill().await;
+    }
+    let want = final_revisions(&mut c, &workspaces).await;
+    assert_eq!(writes, 9);
+    assert_exactly_once(&got, &want, &BTreeMap::new());
+}
+
+// ---------------------------------------------------------------------------
+// Snapshot, filter, progress
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_snapshot_gives_every_workspace_once_then_every_change_after_it() {
+    each_backend(|db| async move {
+        let app = TestApp::spawn(&db).await;
+        let mut c = app.client().await;
+        let workspaces: Vec<String> = (0..5).map(|_| new_workspace()).collect();
+        for ws in &workspaces {
+            set(&mut c, set_model_req(ws, "opus", false)).await;
+        }
+        // A writer keeps changing them while the snapshot is taken.
+        let writer = {
+            let mut c = app.client().await;
+            let workspaces = workspaces.clone();
+            tokio::spawn(async move {
+                for i in 0..40 {
+                    let ws = &workspaces[i % workspaces.len()];
+                    set(&mut c, set_model_req(ws, &format!("opus-{i}"), false)).await;
+                }
+            })
+        };
+        let mut s = open(
+            &mut c,
+            WatchRequest {
+                include_snapshot: true,
+                ..WatchRequest::default()
+            },
+        )
+        .await
+        .expect("Watch with a snapshot");
+        let mut snapshot: BTreeMap<String, u64> = BTreeMap::new();
+        let mut snapshot_cursor = None;
+        let complete_cursor = loop {
+            let m = next_ok(&mut s).await;
+            match m.event {
+                Some(Event::Resolution(r)) => {
+                    assert!(
+                        snapshot
+                            .insert(r.workspace_id.clone(), r.revision)
+                            .is_none(),
+                        "{r:?} twice"
+                    );
+                    // Every entry carries the snapshot's position.
+                    assert_eq!(snapshot_cursor.get_or_insert(m.cursor.clone()), &m.cursor);
+                }
+                Some(Event::Progress(p)) => {
+                    assert!(p.snapshot_complete, "the first progress ends the snapshot");
+                    assert!(p.time.is_some());
+                    break m.cursor;
+                }
+                None => panic!("an empty message"),
+            }
+        };
+        assert_eq!(snapshot.keys().cloned().collect::<Vec<_>>(), {
+            let mut w = workspaces.clone();
+            w.sort();
+            w
+        });
+        assert_eq!(snapshot_cursor.unwrap(), complete_cursor);
+        writer.await.unwrap();
+        // Then every change after the snapshot, none before, none lost.
+        let want = final_revisions(&mut c, &workspaces).await;
+        let mut got = Vec::new();
+        let mut latest = snapshot.clone();
+        while latest != want {
+            let (_, r) = next_change(&mut s).await;
+            latest.insert(r.workspace_id.clone(), r.revision);
+            got.push(r);
+        }
+        assert_exactly_once(&got, &want, &snapshot);
+
+        // A filtered snapshot: only the named workspaces, before and after.
+        let mut s = open(
+            &mut c,
+            WatchRequest {
+                include_snapshot: true,
+                workspace_ids: vec![workspaces[1].to_uppercase()],
+                ..WatchRequest::default()
+            },
+        )
+        .await
+        .unwrap();
+        let m = next_ok(&mut s).await;
+        match m.event {
+            Some(Event::Resolution(r)) => assert_eq!(r.workspace_id, workspaces[1]),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            matches!(next_ok(&mut s).await.event, Some(Event::Progress(p)) if p.snapshot_complete)
+        );
+        set(&mut c, set_model_req(&workspaces[0], "sonnet", false)).await;
+        set(&mut c, set_model_req(&workspaces[1], "sonnet", false)).await;
+        let (_, r) = next_change(&mut s).await;
+        assert_eq!(
+            (r.workspace_id.as_str(), r.revision),
+            (workspaces[1].as_str(), want[&workspaces[1]] + 1)
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_idle_stream_sends_progress_with_its_cursor() {
+    each_backend(|db| async move {
+        let app = TestApp::spawn_with(
+            &db,
+            Config {
+                watch_progress_interval: Duration::from_millis(200),
+                ..config(&db)
+            },
+        )
+        .await;
+        let mut c = app.client().await;
+        let (mut s, cursor) = watch_from_now(&mut c, &[]).await;
+        for _ in 0..2 {
+            let m = next_ok(&mut s).await;
+            assert_eq!(m.cursor, cursor);
+            assert!(matches!(m.event, Some(Event::Progress(p)) if !p.snapshot_complete && p.time.is_some()));
+        }
+        // After a change, progress carries the change's cursor.
+        let ws = new_workspace();
+        set(&mut c, set_model_req(&ws, "opus", false)).await;
+        let (after, r) = next_change(&mut s).await;
+        assert_eq!(r.workspace_id, ws);
+        let m = next_ok(&mut s).await;
+        assert!(matches!(m.event, Some(Event::Progress(_))));
+        assert_eq!(m.cursor, after);
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------
+// What yields no event
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn no_op_refused_and_dry_run_writes_yield_no_event() {
+    each_backend(|db| async move {
+        let app = TestApp::spawn(&db).await;
+        let mut c = app.client().await;
+        let ws = new_workspace();
+        set(&mut c, set_model_req(&ws, "opus", false)).await;
+        let (mut s, _) = watch_from_now(&mut c, &[]).await;
+        // A no-op, refused writes, dry runs.
+        set(&mut c, set_model_req(&ws, "opus", false)).await;
+        assert!(c
+            .set(set_override_req(&ws, Mode::Byok, Some(9), false))
+            .await
+            .is_err());
+        assert!(c
+            .clear(clear_req(&new_workspace(), None, false))
+            .await
+            .is_err());
+        c.set(set_override_req(&ws, Mode::Byok, None, true))
+            .await
+            .unwrap();
+        c.set(set_model_req(&new_workspace(), "opus", true))
+            .await
+            .unwrap();
+        c.clear(clear_req(&ws, None, true)).await.unwrap();
+        // Then one real change: the first event is it.
+        let marker = new_workspace();
+        set(&mut c, set_model_req(&marker, "opus", false)).await;
+        let (_, r) = next_change(&mut s).await;
+        assert_eq!((r.workspace_id.as_str(), r.revision), (marker.as_str(), 1));
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------
+// Errors and roles
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn malformed_foreign_and_unknown_cursors_are_invalid() {
+    each_backend(|db| async move {
+        let app = TestApp::spawn(&db).await;
+        let mut c = app.client().await;
+        let (_, cursor) = watch_from_now(&mut c, &[]).await;
+        // A position this store never handed out.
+        let mut bytes = hex::decode(&cursor).unwrap();
+        let n = bytes.len();
+        bytes[n - 8..].copy_from_slice(&1_000_000u64.to_be_bytes());
+        let beyond = hex::encode(bytes);
+        // A cursor of another store.
+        let other_db = TestDb::new(db.backend).await.unwrap();
+        let other = TestApp::spawn(&other_db).await;
+        let (_, foreign) = watch_from_now(&mut other.client().await, &[]).await;
+        for bad in [
+            "not-a-cursor",
+            "00",
+            &cursor[..cursor.len() - 1],
+            &beyond,
+            &foreign,
+        ] {
+            let err = open(&mut c, from_cursor(bad)).await.unwrap_err();
+            assert_error(&err, Code::InvalidArgument, "INVALID_CURSOR");
+        }
+        let err = open(
+            &mut c,
+            WatchRequest {
+                cursor,
+                include_snapshot: true,
+                ..WatchRequest::default()
+            },
+        )
+        .await
+        .unwrap_err();
+        assert_error(&err, Code::InvalidArgument, "INVALID_FIELD");
+        let err = open(
+            &mut c,
+            WatchRequest {
+                workspace_ids: vec!["nope".into()],
+                ..WatchRequest::default()
+            },
+        )
+        .await
+        .unwrap_err();
+        assert_error(&err, Code::InvalidArgument, "INVALID_WORKSPACE_ID");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_cursor_older_than_the_retained_log_has_expired() {
+    each_backend(|db| async move {
+        let app = TestApp::spawn_with(
+            &db,
+            Config {
+                change_retention: Duration::from_secs(1),
+                ..config(&db)
+            },
+        )
+        .await;
+        let mut c = app.client().await;
+        let (_, old) = watch_from_now(&mut c, &[]).await;
+        let ws = new_workspace();
+        set(&mut c, set_model_req(&ws, "opus", false)).await;
+        // The pruning job runs on its own; wait for it (bounded).
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        let err = loop {
+            match open(&mut c, from_cursor(&old)).await {
+                Err(e) => break e,
+                Ok(_) => {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "the change was never pruned"
+                    );
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        };
+        assert_error(&err, Code::OutOfRange, "CURSOR_EXPIRED");
+        // A fresh snapshot and its cursor still work.
+        let mut s = open(
+            &mut c,
+            WatchRequest {
+                include_snapshot: true,
+                ..WatchRequest::default()
+            },
+        )
+        .await
+        .unwrap();
+        let (_, r) = {
+            let m = next_ok(&mut s).await;
+            match m.event {
+                Some(Event::Resolution(r)) => (m.cursor, r),
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(r.workspace_id, ws);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn shutdown_ends_streams_with_shutting_down() {
+    each_backend(|db| async move {
+        let app = TestApp::spawn(&db).await;
+        let mut c = app.client().await;
+        let (mut s, _) = watch_from_now(&mut c, &[]).await;
+        let stopping = tokio::spawn(app.stop());
+        let err = next(&mut s)
+            .await
+            .expect_err("the stream ends with an error");
+        assert_error(&err, Code::Unavailable, "SHUTTING_DOWN");
+        stopping.await.unwrap().expect("the server stops cleanly");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_lost_change_log_ends_streams_with_store_unavailable() {
+    each_backend(|db| async move {
+        let app = TestApp::spawn(&db).await;
+        let mut c = app.client().await;
+        let (mut s, _) = watch_from_now(&mut c, &[]).await;
+        // The log becomes unreadable (as when the store is gone).
+        raw_sql(
+            &db,
+            "ALTER TABLE billing_changes RENAME TO billing_changes_away",
+        )
+        .await;
+        let err = loop {
+            match next(&mut s).await {
+                Ok(Some(m)) => assert!(matches!(m.event, Some(Event::Progress(_)))),
+                Ok(None) => panic!("the stream ended without a status"),
+                Err(e) => break e,
+            }
+        };
+        assert_error(&err, Code::Unavailable, "STORE_UNAVAILABLE");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_consumer_is_cut_off_while_writers_and_other_streams_keep_going() {
+    each_backend(|db| async move {
+        let app = TestApp::spawn_with(
+            &db,
+            Config {
+                watch_buffer: 100,
+                ..config(&db)
+            },
+        )
+        .await;
+        let mut c = app.client().await;
+        // The slow consumer: opens, then reads nothing for a while; its
+        // HTTP/2 window is tiny, so what it does not read stays queued on
+        // the server.
+        let slow_channel = tonic::transport::Endpoint::from_shared(app.endpoint())
+            .unwrap()
+            .initial_stream_window_size(Some(1024))
+            .connect()
+            .await
+            .unwrap();
+        let mut slow_client =
+            billing_mode::proto::billing_mode_client::BillingModeClient::new(slow_channel);
+        let (mut slow, _) = watch_from_now(&mut slow_client, &[]).await;
+        let (mut brisk, _) = watch_from_now(&mut app.client().await, &[]).await;
+        let ws = new_workspace();
+        let reader = tokio::spawn(async move {
+            let mut revisions = Vec::new();
+            while revisions.len() < 300 {
+                revisions.push(next_change(&mut brisk).await.1.revision);
+            }
+            revisions
+        });
+        for i in 0..300 {
+            set(&mut c, set_model_req(&ws, &format!("opus-{i}"), false)).await;
+        }
+        // Writers kept going, the brisk stream got everything.
+        assert_eq!(reader.await.unwrap(), (1..=300).collect::<Vec<u64>>());
+        // The slow one gets what was queued, then CONSUMER_TOO_SLOW.
+        let err = loop {
+            match next(&mut slow).await {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("the slow stream ended without a status"),
+                Err(e) => break e,
+            }
+        };
+        assert_error(&err, Code::ResourceExhausted, "CONSUMER_TOO_SLOW");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn watch_is_for_whoever_may_resolve() {
+    each_backend(|db| async move {
+        let roles = [
+            Role::Admin,
+            Role::Writer,
+            Role::Reader,
+            Role::Provisioner,
+            Role::Meter,
+        ];
+        let tokens: Vec<_> = roles
+            .iter()
+            .map(|r| make_token(&format!("{r:?}").to_lowercase(), &[*r]))
+            .collect();
+        let app = TestApp::spawn_with(
+            &db,
+            config_with_tokens(&db, tokens.iter().map(|(_, e)| e.clone()).collect()),
+        )
+        .await;
+        for (role, (token, _)) in roles.iter().zip(&tokens) {
+            let mut c = app.client_with_token(token).await;
+            let result = c.watch(WatchRequest::default()).await;
+            let may = matches!(role, Role::Admin | Role::Reader | Role::Provisioner);
+            match result {
+                Ok(r) => {
+                    assert!(may, "{role:?} may not Watch");
+                    let first = r.into_inner().message().await.unwrap().unwrap();
+                    assert!(matches!(first.event, Some(Event::Progress(_))));
+                }
+                Err(e) => {
+                    assert!(!may, "{role:?} may Watch: {e:?}");
+                    assert_error(&e, Code::PermissionDenied, "PERMISSION_DENIED");
+                }
+            }
+        }
+        let err = app
+            .client()
+            .await
+            .watch(WatchRequest::default())
+            .await
+            .unwrap_err();
+        assert_error(&err, Code::Unauthenticated, "UNAUTHENTICATED");
     })
     .await;
 }

@@ -21,21 +21,27 @@ pub mod drift;
 pub mod error;
 mod list;
 pub mod spans;
+pub mod watch;
 
 use error::{ApiError, ErrorReason};
 // The core's decision functions, each in its own child span.
 use spans::{build_env, resolve};
 
-/// The service: the store and the registry, nothing else.
+/// The service: the store, the registry and the change feed's watcher.
 #[derive(Clone)]
 pub struct BillingModeService {
     store: Arc<dyn Store>,
     registry: Arc<Registry>,
+    watcher: watch::Watcher,
 }
 
 impl BillingModeService {
-    pub fn new(store: Arc<dyn Store>, registry: Arc<Registry>) -> Self {
-        BillingModeService { store, registry }
+    pub fn new(store: Arc<dyn Store>, registry: Arc<Registry>, watcher: watch::Watcher) -> Self {
+        BillingModeService {
+            store,
+            registry,
+            watcher,
+        }
     }
 
     /// The record, in one round trip; a workspace nobody registered is an error.
@@ -264,19 +270,25 @@ impl BillingMode for BillingModeService {
             .map_err(|e| refuse("History", e))
     }
 
-    // Part two of the contract: implemented by the change stream, spend check,
-    // drift and listing work; until then they answer UNIMPLEMENTED.
-    type WatchStream = std::pin::Pin<
-        Box<dyn tokio_stream::Stream<Item = Result<proto::WatchResponse, Status>> + Send>,
-    >;
+    type WatchStream = watch::WatchStream;
 
     async fn watch(
         &self,
-        _request: Request<proto::WatchRequest>,
+        request: Request<proto::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        Err(Status::unimplemented("Watch is not implemented yet"))
+        let run = async {
+            let who = principal(&request)?;
+            who.require(Action::Watch)?;
+            let stream =
+                watch::start(&self.watcher, self.registry.clone(), request.get_ref()).await?;
+            tracing::info!(target: "billing_mode::decision", rpc = "Watch", actor = %who.name, "stream started");
+            Ok(stream)
+        };
+        run.await.map(Response::new).map_err(|e| refuse("Watch", e))
     }
 
+    // Part two of the contract: implemented by the spend check, drift and
+    // listing work; until then they answer UNIMPLEMENTED.
     async fn check_spend(
         &self,
         _request: Request<proto::CheckSpendRequest>,

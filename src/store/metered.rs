@@ -8,7 +8,12 @@ use std::{future::Future, sync::Arc, time::Instant};
 
 use async_trait::async_trait;
 
-use super::{AppliedReport, AuditEntry, PoolStatus, Store, StoreError, Write};
+use chrono::{DateTime, Utc};
+
+use super::{
+    AppliedReport, AuditEntry, ChangeListener, LogState, LoggedChange, PoolStatus, Snapshot, Store,
+    StoreError, Write,
+};
 use crate::domain::{Record, WorkspaceId};
 
 pub struct MeteredStore {
@@ -87,6 +92,30 @@ impl Store for MeteredStore {
         limit: u32,
     ) -> Result<Vec<Record>, StoreError> {
         timed("list_after", self.inner.list_after(after, limit)).await
+    }
+
+    async fn log_state(&self) -> Result<LogState, StoreError> {
+        timed("log_state", self.inner.log_state()).await
+    }
+
+    async fn changes_after(
+        &self,
+        after: u64,
+        limit: u32,
+    ) -> Result<(Vec<LoggedChange>, LogState), StoreError> {
+        timed("changes_after", self.inner.changes_after(after, limit)).await
+    }
+
+    async fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        timed("snapshot", self.inner.snapshot()).await
+    }
+
+    async fn prune_changes(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        timed("prune_changes", self.inner.prune_changes(before)).await
+    }
+
+    async fn listen(&self) -> Result<Box<dyn ChangeListener>, StoreError> {
+        timed("listen", self.inner.listen()).await
     }
 
     fn backend(&self) -> &'static str {

@@ -1,4 +1,6 @@
-//! Durable state: one record per workspace and its audit log.
+//! Durable state: one record per workspace, its audit log, and the change log
+//! (every committed revision bump at a global, commit-ordered position) that
+//! the change feed ([`crate::feed`]) reads.
 //!
 //! One trait, two backends on sqlx: Postgres in production, SQLite as the
 //! embedded default. The logic of a write (create, replace, compare-and-set,
@@ -75,6 +77,46 @@ pub struct AuditEntry {
     pub after: Fields,
 }
 
+/// One committed change, as the change log holds it: the record after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggedChange {
+    /// Global, dense, in commit order: 1, 2, 3, ...
+    pub position: u64,
+    /// When the change committed (the database's clock on Postgres).
+    pub committed_at: DateTime<Utc>,
+    /// The record after the change (its workspace id and revision included).
+    pub record: Record,
+}
+
+/// The change log's state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogState {
+    /// Names this store (one database, or one Postgres schema): 32 hex digits.
+    pub store_id: String,
+    /// The last position handed out (0: none yet).
+    pub last_position: u64,
+    /// Changes at or below this position were pruned: a reader must be at
+    /// least here to miss nothing.
+    pub pruned_through: u64,
+}
+
+/// Every record, read at one position of the change log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Every change at or below it is reflected in `records`, none above.
+    pub position: u64,
+    pub records: Vec<Record>,
+}
+
+/// Wakes the change feed when a change may have been committed.
+#[async_trait]
+pub trait ChangeListener: Send {
+    /// Completes when a change may have committed since the last call. A
+    /// hint only: it may wake spuriously, and after a lost connection a
+    /// change may pass unannounced (the feed also polls).
+    async fn wait(&mut self) -> Result<(), StoreError>;
+}
+
 /// The storage interface. Every method is one transaction at most; `load`
 /// is one round trip.
 #[async_trait]
@@ -108,6 +150,28 @@ pub trait Store: Send + Sync + 'static {
     /// Every kept report, each with its workspace's current record, in
     /// (workspace, instance) order; one round trip.
     async fn applied_reports(&self) -> Result<Vec<(AppliedReport, Record)>, StoreError>;
+    /// The change log's state.
+    async fn log_state(&self) -> Result<LogState, StoreError>;
+
+    /// Up to `limit` logged changes above position `after`, in position
+    /// order, and the log's state read after them (so a change missing
+    /// because it was pruned shows in `pruned_through`).
+    async fn changes_after(
+        &self,
+        after: u64,
+        limit: u32,
+    ) -> Result<(Vec<LoggedChange>, LogState), StoreError>;
+
+    /// Every record and the log position they reflect, read consistently.
+    async fn snapshot(&self) -> Result<Snapshot, StoreError>;
+
+    /// Deletes logged changes committed before `before` (oldest first, so the
+    /// log stays a contiguous range); returns the new `pruned_through`.
+    async fn prune_changes(&self, before: DateTime<Utc>) -> Result<u64, StoreError>;
+
+    /// A listener woken by committed changes (on Postgres, by `NOTIFY` from
+    /// any replica; on SQLite, by this process's writes).
+    async fn listen(&self) -> Result<Box<dyn ChangeListener>, StoreError>;
 
     /// Which backend this is, for logs.
     fn backend(&self) -> &'static str;
@@ -298,6 +362,55 @@ where
         before: before.as_deref().map(fields_from_json).transpose()?,
         after: fields_from_json(&after)?,
     })
+}
+
+/// One change-log row (`position, workspace_id, revision, committed_at,
+/// after`, the workspace id and fields as text).
+pub(crate) fn change_from_row<'r, R>(row: &'r R) -> Result<LoggedChange, StoreError>
+where
+    R: sqlx::Row,
+    &'r str: sqlx::ColumnIndex<R>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    DateTime<Utc>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let id: String = row.try_get("workspace_id")?;
+    let workspace_id = WorkspaceId::parse(&id)
+        .map_err(|_| StoreError::Corrupt("change log: workspace id is not a UUID".into()))?;
+    let after: String = row.try_get("after")?;
+    let position: i64 = row.try_get("position")?;
+    Ok(LoggedChange {
+        position: position_from_db(position)?,
+        committed_at: row.try_get("committed_at")?,
+        record: fields_from_json(&after)?
+            .into_record(workspace_id, revision_from_db(row.try_get("revision")?)?),
+    })
+}
+
+/// The log's state row (`store_id, last_position, pruned_through`).
+pub(crate) fn log_state_from_row<'r, R>(row: &'r R) -> Result<LogState, StoreError>
+where
+    R: sqlx::Row,
+    &'r str: sqlx::ColumnIndex<R>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    Ok(LogState {
+        store_id: row.try_get("store_id")?,
+        last_position: position_from_db(row.try_get("last_position")?)?,
+        pruned_through: position_from_db(row.try_get("pruned_through")?)?,
+    })
+}
+
+pub(crate) fn position_from_db(p: i64) -> Result<u64, StoreError> {
+    u64::try_from(p)
+        .map_err(|_| StoreError::Corrupt(format!("change log position {p} is negative")))
+}
+
+pub(crate) fn position_to_db(p: u64) -> i64 {
+    // Positions come from the database; one beyond i64 cannot be asked for
+    // by a caller that got it from here, so saturating only refuses junk.
+    i64::try_from(p).unwrap_or(i64::MAX)
 }
 
 pub(crate) fn fields_from_json(text: &str) -> Result<Fields, StoreError> {

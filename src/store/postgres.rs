@@ -3,17 +3,37 @@
 //! Writes lock the row with `SELECT … FOR UPDATE`; a create races other
 //! creates through `INSERT … ON CONFLICT DO NOTHING` and retries as an update
 //! when it loses, so concurrent writers never lose an update.
+//!
+//! The change log's positions are assigned in commit order. A plain sequence
+//! would hand them out in *start* order: A takes 10, B takes 11, B commits, a
+//! reader "after 9" sees 11 and moves past 10, then A commits and 10 is never
+//! read. Instead, the last statement of every writing transaction increments
+//! the one counter row `billing_change_log.last_position` and inserts the
+//! change at that position; the row lock it takes is held until COMMIT, so the
+//! next writer gets its position only after this one has committed (and is
+//! visible: Postgres releases a transaction's locks after marking it
+//! committed). Positions are therefore dense and in commit order, and a
+//! reader that sees position N sees every position below it: "after cursor"
+//! can never skip one. Writers serialize only for the tail of their
+//! transaction (one statement and the commit); writes here are rare and
+//! correctness beats throughput. A counter row rather than `MAX(position)+1`
+//! under an advisory lock, because pruning empties the log and a maximum
+//! would then restart at 1. Readers take no lock, so a Watch consumer never
+//! slows a writer. The same statement sends `NOTIFY billing_changes_<store
+//! id>` (delivered at commit) to wake every replica's feed; the channel names
+//! the store, so stores sharing a database (test schemas) only wake their own.
 
 use async_trait::async_trait;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use sqlx::{
-    postgres::{PgConnectOptions, PgPool, PgPoolOptions},
+    postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions},
     Postgres, Transaction,
 };
 
 use super::{
-    audit_from_row, fields_to_json, listed_from_row, plan_write, record_from_row, revision_to_db,
-    AuditEntry, Plan, PoolStatus, Store, StoreError, Write,
+    audit_from_row, change_from_row, fields_to_json, listed_from_row, log_state_from_row,
+    plan_write, position_to_db, record_from_row, revision_to_db, AuditEntry, ChangeListener,
+    LogState, LoggedChange, Plan, PoolStatus, Snapshot, Store, StoreError, Write,
 };
 use crate::domain::{Record, WorkspaceId};
 
@@ -128,7 +148,35 @@ async fn try_write(
     .bind(now)
     .execute(&mut **tx)
     .await?;
+    // Last, so the counter row stays locked only until COMMIT (module docs).
+    sqlx::query(
+        "WITH p AS (UPDATE billing_change_log SET last_position = last_position + 1 \
+                    RETURNING last_position, store_id), \
+              c AS (INSERT INTO billing_changes (position, workspace_id, revision, committed_at) \
+                    SELECT last_position, $1::uuid, $2, clock_timestamp() FROM p) \
+         SELECT pg_notify('billing_changes_' || store_id, last_position::text) FROM p",
+    )
+    .bind(&id)
+    .bind(revision_to_db(revision)?)
+    .execute(&mut **tx)
+    .await?;
     Ok(Some(after.into_record(w.workspace_id, revision)))
+}
+
+const SELECT_LOG_STATE: &str =
+    "SELECT store_id, last_position, pruned_through FROM billing_change_log";
+
+/// `LISTEN` on its own connection. sqlx's listener reconnects by itself on
+/// the next `recv` after a lost connection; what was sent meanwhile is lost,
+/// which the feed's polling covers.
+struct PgChangeListener(PgListener);
+
+#[async_trait]
+impl ChangeListener for PgChangeListener {
+    async fn wait(&mut self) -> Result<(), StoreError> {
+        self.0.recv().await?;
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -213,6 +261,93 @@ impl Store for PostgresStore {
     #[tracing::instrument(name = "store.applied_reports", skip_all, fields(otel.kind = "client", db.system.name = "postgresql", db.operation.name = "applied_reports"))]
     async fn applied_reports(&self) -> Result<Vec<(super::AppliedReport, Record)>, StoreError> {
         super::applied::list_pg(&self.pool).await
+    }
+
+    async fn log_state(&self) -> Result<LogState, StoreError> {
+        let row = sqlx::query(SELECT_LOG_STATE).fetch_one(&self.pool).await?;
+        log_state_from_row(&row)
+    }
+
+    async fn changes_after(
+        &self,
+        after: u64,
+        limit: u32,
+    ) -> Result<(Vec<LoggedChange>, LogState), StoreError> {
+        // One statement, one snapshot: with positions in commit order, the
+        // rows it sees above `after` are contiguous.
+        let rows = sqlx::query(
+            "SELECT c.position, c.workspace_id::text AS workspace_id, c.revision, c.committed_at, \
+             a.after::text AS after FROM billing_changes c \
+             JOIN billing_audit a ON a.workspace_id = c.workspace_id AND a.revision = c.revision \
+             WHERE c.position > $1 ORDER BY c.position LIMIT $2",
+        )
+        .bind(position_to_db(after))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        let changes = rows.iter().map(change_from_row).collect::<Result<_, _>>()?;
+        Ok((changes, self.log_state().await?))
+    }
+
+    async fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        // One REPEATABLE READ transaction: the records and the last position
+        // as of the same instant.
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await?;
+        let state = log_state_from_row(&sqlx::query(SELECT_LOG_STATE).fetch_one(&mut *tx).await?)?;
+        let rows = sqlx::query(
+            "SELECT workspace_id::text AS workspace_id, runtime, model, \
+             credential_keys::text AS credential_keys, override_mode, revision \
+             FROM billing_records ORDER BY workspace_id",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let records = rows
+            .iter()
+            .map(|row| {
+                use sqlx::Row;
+                let id: String = row.try_get("workspace_id")?;
+                let id = WorkspaceId::parse(&id).map_err(|_| {
+                    StoreError::Corrupt("billing_records: workspace id is not a UUID".into())
+                })?;
+                let (fields, revision) = record_from_row(row)?;
+                Ok(fields.into_record(id, revision))
+            })
+            .collect::<Result<_, StoreError>>()?;
+        Ok(Snapshot {
+            position: state.last_position,
+            records,
+        })
+    }
+
+    async fn prune_changes(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let (pruned_through,): (i64,) = sqlx::query_as(
+            "UPDATE billing_change_log SET pruned_through = GREATEST(pruned_through, \
+             (SELECT COALESCE(MAX(position), 0) FROM billing_changes WHERE committed_at < $1)) \
+             RETURNING pruned_through",
+        )
+        .bind(before)
+        .fetch_one(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM billing_changes WHERE position <= $1")
+            .bind(pruned_through)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        super::position_from_db(pruned_through)
+    }
+
+    async fn listen(&self) -> Result<Box<dyn ChangeListener>, StoreError> {
+        let state = self.log_state().await?;
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener
+            .listen(&format!("billing_changes_{}", state.store_id))
+            .await?;
+        Ok(Box::new(PgChangeListener(listener)))
     }
 
     fn backend(&self) -> &'static str {

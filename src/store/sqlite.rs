@@ -3,11 +3,18 @@
 //! Writes take the database write lock up front (`BEGIN IMMEDIATE`), so a
 //! read-modify-write can never be interleaved with another writer's; waiting
 //! writers queue on the busy timeout. WAL mode lets reads proceed meanwhile.
+//!
+//! The change log's position is the next value of the one counter row,
+//! taken inside that same transaction: as the write lock serializes whole
+//! writing transactions, positions are dense and in commit order (see
+//! `postgres.rs` for why start order would lose changes). The feed is woken
+//! in process after each commit; another process writing the same file is
+//! only seen by the feed's polling.
 
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use sqlx::{
     sqlite::{
         SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
@@ -16,8 +23,9 @@ use sqlx::{
 };
 
 use super::{
-    audit_from_row, fields_to_json, listed_from_row, plan_write, record_from_row, revision_to_db,
-    AuditEntry, Plan, PoolStatus, Store, StoreError, Write,
+    audit_from_row, change_from_row, fields_to_json, listed_from_row, log_state_from_row,
+    plan_write, position_from_db, position_to_db, record_from_row, revision_to_db, AuditEntry,
+    ChangeListener, LogState, LoggedChange, Plan, PoolStatus, Snapshot, Store, StoreError, Write,
 };
 use crate::domain::{Record, WorkspaceId};
 
@@ -25,6 +33,8 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite")
 
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// Bumped after every committed change; listeners wait for it to move.
+    committed: tokio::sync::watch::Sender<u64>,
 }
 
 impl SqliteStore {
@@ -48,7 +58,10 @@ impl SqliteStore {
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(opts)
             .await?;
-        Ok(SqliteStore { pool })
+        Ok(SqliteStore {
+            pool,
+            committed: tokio::sync::watch::Sender::new(0),
+        })
     }
 
     pub fn pool(&self) -> &SqlitePool {
@@ -59,7 +72,11 @@ impl SqliteStore {
 const SELECT_RECORD: &str = "SELECT runtime, model, credential_keys, override_mode, revision \
      FROM billing_records WHERE workspace_id = $1";
 
-async fn write_in(tx: &mut Transaction<'_, Sqlite>, w: &Write<'_>) -> Result<Record, StoreError> {
+/// The record after the write, and whether it changed (was logged).
+async fn write_in(
+    tx: &mut Transaction<'_, Sqlite>,
+    w: &Write<'_>,
+) -> Result<(Record, bool), StoreError> {
     let id = w.workspace_id.to_string();
     let row = sqlx::query(SELECT_RECORD)
         .bind(&id)
@@ -73,7 +90,7 @@ async fn write_in(tx: &mut Transaction<'_, Sqlite>, w: &Write<'_>) -> Result<Rec
         w.change,
         w.expected_revision,
     )? {
-        Plan::Unchanged(record) => return Ok(record),
+        Plan::Unchanged(record) => return Ok((record, false)),
         Plan::Insert { after } => {
             sqlx::query(
                     "INSERT INTO billing_records \
@@ -133,7 +150,38 @@ async fn write_in(tx: &mut Transaction<'_, Sqlite>, w: &Write<'_>) -> Result<Rec
     .bind(now)
     .execute(&mut **tx)
     .await?;
-    Ok(after.into_record(w.workspace_id, revision))
+    let (position,): (i64,) = sqlx::query_as(
+        "UPDATE billing_change_log SET last_position = last_position + 1 RETURNING last_position",
+    )
+    .fetch_one(&mut **tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO billing_changes (position, workspace_id, revision, committed_at) \
+         VALUES ($1, $2, $3, $4)",
+    )
+    .bind(position)
+    .bind(&id)
+    .bind(revision_to_db(revision)?)
+    .bind(Utc::now())
+    .execute(&mut **tx)
+    .await?;
+    Ok((after.into_record(w.workspace_id, revision), true))
+}
+
+const SELECT_LOG_STATE: &str =
+    "SELECT store_id, last_position, pruned_through FROM billing_change_log";
+
+struct SqliteChangeListener(tokio::sync::watch::Receiver<u64>);
+
+#[async_trait]
+impl ChangeListener for SqliteChangeListener {
+    async fn wait(&mut self) -> Result<(), StoreError> {
+        if self.0.changed().await.is_err() {
+            // The store is gone: nothing will ever be committed through it.
+            std::future::pending::<()>().await;
+        }
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -154,8 +202,11 @@ impl Store for SqliteStore {
     #[tracing::instrument(name = "store.write", skip_all, fields(otel.kind = "client", db.system.name = "sqlite", db.operation.name = "write"))]
     async fn write(&self, w: Write<'_>) -> Result<Record, StoreError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let record = write_in(&mut tx, &w).await?;
+        let (record, changed) = write_in(&mut tx, &w).await?;
         tx.commit().await?;
+        if changed {
+            self.committed.send_modify(|n| *n = n.wrapping_add(1));
+        }
         Ok(record)
     }
 
@@ -206,6 +257,81 @@ impl Store for SqliteStore {
     #[tracing::instrument(name = "store.applied_reports", skip_all, fields(otel.kind = "client", db.system.name = "sqlite", db.operation.name = "applied_reports"))]
     async fn applied_reports(&self) -> Result<Vec<(super::AppliedReport, Record)>, StoreError> {
         super::applied::list_sqlite(&self.pool).await
+    }
+
+    async fn log_state(&self) -> Result<LogState, StoreError> {
+        let row = sqlx::query(SELECT_LOG_STATE).fetch_one(&self.pool).await?;
+        log_state_from_row(&row)
+    }
+
+    async fn changes_after(
+        &self,
+        after: u64,
+        limit: u32,
+    ) -> Result<(Vec<LoggedChange>, LogState), StoreError> {
+        let rows = sqlx::query(
+            "SELECT c.position, c.workspace_id, c.revision, c.committed_at, a.after \
+             FROM billing_changes c \
+             JOIN billing_audit a ON a.workspace_id = c.workspace_id AND a.revision = c.revision \
+             WHERE c.position > $1 ORDER BY c.position LIMIT $2",
+        )
+        .bind(position_to_db(after))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        let changes = rows.iter().map(change_from_row).collect::<Result<_, _>>()?;
+        Ok((changes, self.log_state().await?))
+    }
+
+    async fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        // A read transaction in WAL mode sees one snapshot from its first read.
+        let mut tx = self.pool.begin().await?;
+        let state = log_state_from_row(&sqlx::query(SELECT_LOG_STATE).fetch_one(&mut *tx).await?)?;
+        let rows = sqlx::query(
+            "SELECT workspace_id, runtime, model, credential_keys, override_mode, revision \
+             FROM billing_records ORDER BY workspace_id",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let records = rows
+            .iter()
+            .map(|row| {
+                use sqlx::Row;
+                let id: String = row.try_get("workspace_id")?;
+                let id = WorkspaceId::parse(&id).map_err(|_| {
+                    StoreError::Corrupt("billing_records: workspace id is not a UUID".into())
+                })?;
+                let (fields, revision) = record_from_row(row)?;
+                Ok(fields.into_record(id, revision))
+            })
+            .collect::<Result<_, StoreError>>()?;
+        Ok(Snapshot {
+            position: state.last_position,
+            records,
+        })
+    }
+
+    async fn prune_changes(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let (pruned_through,): (i64,) = sqlx::query_as(
+            "UPDATE billing_change_log SET pruned_through = max(pruned_through, \
+             (SELECT coalesce(max(position), 0) FROM billing_changes WHERE committed_at < $1)) \
+             RETURNING pruned_through",
+        )
+        .bind(before)
+        .fetch_one(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM billing_changes WHERE position <= $1")
+            .bind(pruned_through)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        position_from_db(pruned_through)
+    }
+
+    async fn listen(&self) -> Result<Box<dyn ChangeListener>, StoreError> {
+        Ok(Box::new(SqliteChangeListener(self.committed.subscribe())))
     }
 
     fn backend(&self) -> &'static str {

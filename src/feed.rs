@@ -1,0 +1,471 @@
+//! The per-replica change feed: one tailer task per server reads the store's
+//! change log in position order and fans every committed change out to its
+//! subscribers (Watch streams, and anything else that keeps state current
+//! from the log, such as an in-memory snapshot).
+//!
+//! How to use it:
+//!
+//! - [`Feed::start`] once per server; [`Feed::shutdown`] on the way out.
+//! - For a state kept current from the log: [`Feed::snapshot`] loads every
+//!   record at one position `P` (one consistent read), then
+//!   [`Feed::subscribe`]`(P)` yields every change committed after `P`,
+//!   exactly once, in position order, with no gap.
+//! - [`Feed::current_at`] is the wall-clock time at which the tailer last
+//!   confirmed it was current (the start of its last read that reached the
+//!   end of the log). A caller that must not act on stale state compares it
+//!   with its staleness bound and fails closed.
+//!
+//! Why it cannot lose or repeat a change: positions are dense and assigned
+//! in commit order by the store (see `store/postgres.rs`), so the tailer only
+//! ever advances from `N` to `N + 1` (a gap is an error, never skipped), and a
+//! subscription starting below the tailer reads the missing range from the
+//! store before it takes live events, skipping any it already has by position.
+//! The tailer is woken by the store's listener (Postgres `NOTIFY` from any
+//! replica; in process on SQLite) and polls every `poll_interval` besides, so
+//! a missed wake-up only delays. Subscribers never slow the tailer or a
+//! writer: a subscriber that falls more than the broadcast capacity behind is
+//! ended with [`FeedError::TooSlow`].
+
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex, OnceLock},
+    time::{Duration, Instant},
+};
+
+use chrono::{DateTime, Utc};
+use tokio::sync::{broadcast, watch};
+
+use crate::store::{ChangeListener, LoggedChange, Snapshot, Store, StoreError};
+
+/// One committed change: position, commit time and the record after it (its
+/// workspace id and revision included), from which `resolve` gives the
+/// Resolution at that revision.
+pub type ChangeEvent = LoggedChange;
+
+/// Changes read from the store per query.
+const BATCH: u32 = 500;
+
+/// How long the tailer may fail to read the log before subscribers are told
+/// the store is lost.
+const LOST_AFTER: Duration = Duration::from_secs(5);
+
+/// Tuning of a feed.
+#[derive(Debug, Clone)]
+pub struct FeedConfig {
+    /// How often the tailer reads the log without a wake-up.
+    pub poll_interval: Duration,
+    /// Logged changes older than this are pruned (cursors older expire).
+    pub retention: Duration,
+    /// Changes a subscriber may fall behind the tailer before it is cut off.
+    pub capacity: usize,
+}
+
+impl Default for FeedConfig {
+    fn default() -> Self {
+        FeedConfig {
+            poll_interval: Duration::from_millis(500),
+            retention: Duration::from_secs(7 * 24 * 3600),
+            capacity: 4096,
+        }
+    }
+}
+
+/// Why a subscription ended or could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum FeedError {
+    /// The position is beyond anything the store has handed out.
+    #[error("position {0} was never handed out by this store")]
+    UnknownPosition(u64),
+    /// Changes after the position were pruned.
+    #[error("changes after position {0} were pruned")]
+    Expired(u64),
+    /// The subscriber fell too far behind the live feed.
+    #[error("the subscriber fell too far behind")]
+    TooSlow,
+    /// The server is shutting down.
+    #[error("the feed is shutting down")]
+    ShuttingDown,
+    /// The tailer has not been able to read the log for a while.
+    #[error("the change log has been unreadable for too long")]
+    Lost,
+    /// The store could not be read.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The tailer's health, as subscribers and callers see it.
+#[derive(Debug, Clone, Default)]
+struct Health {
+    /// Start of the last read that reached the end of the log.
+    current_at: Option<DateTime<Utc>>,
+    /// The log has been unreadable for longer than [`LOST_AFTER`].
+    lost: bool,
+}
+
+/// What the tailer, the subscriptions and the handles share.
+struct Shared {
+    store: Arc<dyn Store>,
+    /// Set once the tailer has first read the log's state.
+    store_id: OnceLock<String>,
+    /// The last position the tailer broadcast; held while broadcasting, so a
+    /// subscriber learns exactly which positions its receiver will carry.
+    position: Mutex<u64>,
+    tx: broadcast::Sender<Arc<ChangeEvent>>,
+    health: watch::Sender<Health>,
+    shutdown: watch::Sender<bool>,
+}
+
+impl Shared {
+    /// Starts at the log's end; the position started from.
+    fn init(&self, state: crate::store::LogState) -> u64 {
+        *self.position.lock().expect("feed position lock") = state.last_position;
+        let _ = self.store_id.set(state.store_id);
+        state.last_position
+    }
+}
+
+/// A handle on the server's feed; cheap to clone. The tailer and pruner stop
+/// on [`Feed::shutdown`] or when the last handle is dropped.
+#[derive(Clone)]
+pub struct Feed {
+    shared: Arc<Shared>,
+    _guard: Arc<StopOnDrop>,
+}
+
+struct StopOnDrop(watch::Sender<bool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.send_replace(true);
+    }
+}
+
+impl Feed {
+    /// Starts the tailer (from the log's end once it can first read it: at
+    /// once, or, on a store still waiting for its migrations, later) and the
+    /// pruning job. Until then, subscribing is refused as the store being
+    /// unavailable.
+    pub async fn start(store: Arc<dyn Store>, config: FeedConfig) -> Feed {
+        let (tx, _) = broadcast::channel(config.capacity.max(1));
+        let shutdown = watch::Sender::new(false);
+        let shared = Arc::new(Shared {
+            store,
+            store_id: OnceLock::new(),
+            position: Mutex::new(0),
+            tx,
+            health: watch::Sender::new(Health::default()),
+            shutdown: shutdown.clone(),
+        });
+        // Usually the log is there: start from its end before returning.
+        if let Ok(state) = shared.store.log_state().await {
+            shared.init(state);
+        }
+        tokio::spawn(tail(shared.clone(), config.poll_interval));
+        tokio::spawn(prune(shared.clone(), config.retention));
+        Feed {
+            shared,
+            _guard: Arc::new(StopOnDrop(shutdown)),
+        }
+    }
+
+    /// Names the store (cursors carry it, so a cursor of another store is
+    /// refused): 32 hex digits. `None` until the tailer first read the log.
+    pub fn store_id(&self) -> Option<&str> {
+        self.shared.store_id.get().map(String::as_str)
+    }
+
+    /// The last position this replica's tailer has broadcast.
+    pub fn position(&self) -> u64 {
+        *self.shared.position.lock().expect("feed position lock")
+    }
+
+    /// When the tailer last confirmed it was current: the start time of its
+    /// last read that reached the end of the log. `None` until the first.
+    pub fn current_at(&self) -> Option<DateTime<Utc>> {
+        self.shared.health.borrow().current_at
+    }
+
+    /// The last position the store has handed out (one read, not the tailer's).
+    pub async fn store_position(&self) -> Result<u64, StoreError> {
+        Ok(self.shared.store.log_state().await?.last_position)
+    }
+
+    /// Every record at one position `P` (one consistent read); follow with
+    /// [`Feed::subscribe`]`(P)` to miss nothing after it.
+    pub async fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        self.shared.store.snapshot().await
+    }
+
+    /// Every change committed after position `after`, exactly once, in
+    /// position order. `after` must be a position this store handed out that
+    /// is not older than the retained log.
+    pub async fn subscribe(&self, after: u64) -> Result<Subscription, FeedError> {
+        if *self.shared.shutdown.borrow() {
+            return Err(FeedError::ShuttingDown);
+        }
+        if self.store_id().is_none() {
+            return Err(FeedError::Lost);
+        }
+        let state = self.shared.store.log_state().await?;
+        if after > state.last_position {
+            return Err(FeedError::UnknownPosition(after));
+        }
+        if after < state.pruned_through {
+            return Err(FeedError::Expired(after));
+        }
+        let (rx, tailer) = {
+            let position = self.shared.position.lock().expect("feed position lock");
+            (self.shared.tx.subscribe(), *position)
+        };
+        Ok(Subscription {
+            shared: self.shared.clone(),
+            rx,
+            last: after,
+            catch_up_to: tailer,
+            backlog: VecDeque::new(),
+            health: self.shared.health.subscribe(),
+            shutdown: self.shared.shutdown.subscribe(),
+        })
+    }
+
+    /// Completes once [`Feed::shutdown`] was called.
+    pub async fn stopped(&self) {
+        let mut rx = self.shared.shutdown.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
+    }
+
+    /// Stops the tailer and the pruner; subscriptions end with
+    /// [`FeedError::ShuttingDown`].
+    pub fn shutdown(&self) {
+        self.shared.shutdown.send_replace(true);
+    }
+}
+
+/// A subscriber's view of the feed: see [`Feed::subscribe`].
+pub struct Subscription {
+    shared: Arc<Shared>,
+    rx: broadcast::Receiver<Arc<ChangeEvent>>,
+    /// The last position handed to the subscriber.
+    last: u64,
+    /// Below this, changes come from the store; above, from the tailer.
+    catch_up_to: u64,
+    backlog: VecDeque<Arc<ChangeEvent>>,
+    health: watch::Receiver<Health>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Subscription {
+    /// The position of the last change returned (or the starting position).
+    pub fn position(&self) -> u64 {
+        self.last
+    }
+
+    /// True once the subscription has caught up with the tailer: further
+    /// changes come live, as they commit.
+    pub fn is_live(&self) -> bool {
+        self.backlog.is_empty() && self.last >= self.catch_up_to
+    }
+
+    /// The next change. Cancel-safe: dropping the future loses nothing.
+    pub async fn next(&mut self) -> Result<Arc<ChangeEvent>, FeedError> {
+        loop {
+            if *self.shutdown.borrow() {
+                return Err(FeedError::ShuttingDown);
+            }
+            if let Some(change) = self.backlog.pop_front() {
+                self.last = change.position;
+                return Ok(change);
+            }
+            if self.last < self.catch_up_to {
+                self.fill_backlog().await?;
+                continue;
+            }
+            tokio::select! {
+                biased;
+                _ = self.shutdown.wait_for(|s| *s) => return Err(FeedError::ShuttingDown),
+                _ = self.health.wait_for(|h| h.lost) => return Err(FeedError::Lost),
+                received = self.rx.recv() => match received {
+                    Ok(change) if change.position <= self.last => continue,
+                    Ok(change) if change.position == self.last + 1 => {
+                        self.last = change.position;
+                        return Ok(change);
+                    }
+                    Ok(change) => {
+                        return Err(FeedError::Store(StoreError::Corrupt(format!(
+                            "the feed skipped from position {} to {}",
+                            self.last, change.position
+                        ))))
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => return Err(FeedError::TooSlow),
+                    Err(broadcast::error::RecvError::Closed) => return Err(FeedError::ShuttingDown),
+                },
+            }
+        }
+    }
+
+    /// Reads the next stretch of `(last, catch_up_to]` from the store.
+    async fn fill_backlog(&mut self) -> Result<(), FeedError> {
+        let want = u32::try_from(self.catch_up_to - self.last).unwrap_or(BATCH);
+        let (changes, state) = self
+            .shared
+            .store
+            .changes_after(self.last, want.min(BATCH))
+            .await?;
+        for (expected, change) in (self.last + 1..).zip(changes) {
+            if change.position != expected {
+                break;
+            }
+            self.backlog.push_back(Arc::new(change));
+        }
+        if self.backlog.is_empty() {
+            return Err(if state.pruned_through > self.last {
+                FeedError::Expired(self.last)
+            } else {
+                FeedError::Store(StoreError::Corrupt(format!(
+                    "the change log has no position {} though {} were handed out",
+                    self.last + 1,
+                    state.last_position
+                )))
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Reads the log from `position` to its end, broadcasting each change; the
+/// start time of the read that reached the end.
+async fn read_to_end(shared: &Shared, position: &mut u64) -> Result<DateTime<Utc>, StoreError> {
+    loop {
+        let started = Utc::now();
+        let (changes, _) = shared.store.changes_after(*position, BATCH).await?;
+        let count = changes.len();
+        let mut contiguous = Vec::with_capacity(count);
+        for (next, change) in (*position + 1..).zip(changes) {
+            if change.position != next {
+                // Never skip: positions are dense, so a hole is an error
+                // (and stays one until someone looks), not a change to pass.
+                return Err(StoreError::Corrupt(format!(
+                    "the change log jumps from position {} to {}",
+                    next - 1,
+                    change.position
+                )));
+            }
+            contiguous.push(Arc::new(change));
+        }
+        if let Some(last) = contiguous.last() {
+            let new_position = last.position;
+            let mut broadcast_position = shared.position.lock().expect("feed position lock");
+            for change in contiguous {
+                // No receivers is fine: nobody is watching.
+                let _ = shared.tx.send(change);
+            }
+            *broadcast_position = new_position;
+            *position = new_position;
+        }
+        if count < BATCH as usize {
+            return Ok(started);
+        }
+    }
+}
+
+/// The tailer: read to the end, wait for a wake-up or the poll interval,
+/// repeat until shutdown.
+async fn tail(shared: Arc<Shared>, poll: Duration) {
+    // Start from the log's end, once it can be read.
+    let mut position = loop {
+        if *shared.shutdown.borrow() {
+            return;
+        }
+        if shared.store_id.get().is_some() {
+            break *shared.position.lock().expect("feed position lock");
+        }
+        match shared.store.log_state().await {
+            Ok(state) => break shared.init(state),
+            Err(e) => {
+                tracing::debug!(error = %e, "change feed: waiting for the change log");
+                tokio::time::sleep(poll).await;
+            }
+        }
+    };
+    let mut listener = shared.store.listen().await.ok();
+    let mut shutdown = shared.shutdown.subscribe();
+    let mut failing_since: Option<Instant> = None;
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        match read_to_end(&shared, &mut position).await {
+            Ok(started) => {
+                if failing_since.take().is_some() {
+                    tracing::info!(position, "change feed: the change log is readable again");
+                }
+                shared.health.send_modify(|h| {
+                    h.current_at = Some(started);
+                    h.lost = false;
+                });
+            }
+            Err(e) => {
+                let since = *failing_since.get_or_insert_with(|| {
+                    tracing::warn!(position, error = %e, "change feed: cannot read the change log");
+                    Instant::now()
+                });
+                if since.elapsed() >= LOST_AFTER && !shared.health.borrow().lost {
+                    tracing::error!(position, error = %e, "change feed: the change log is lost; ending subscriptions");
+                    shared.health.send_modify(|h| h.lost = true);
+                }
+            }
+        }
+        if listener.is_none() {
+            listener = shared.store.listen().await.ok();
+        }
+        let wait = if failing_since.is_some() {
+            poll.min(Duration::from_millis(250))
+        } else {
+            poll
+        };
+        tokio::select! {
+            _ = shutdown.changed() => {}
+            _ = tokio::time::sleep(wait) => {}
+            woken = wait_for(&mut listener) => {
+                if woken.is_err() {
+                    // Re-listen next round; polling covers the gap.
+                    listener = None;
+                }
+            }
+        }
+    }
+}
+
+async fn wait_for(listener: &mut Option<Box<dyn ChangeListener>>) -> Result<(), StoreError> {
+    match listener {
+        Some(l) => l.wait().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The pruning job: deletes changes older than `retention`, at start and
+/// then every quarter of it (at most hourly).
+async fn prune(shared: Arc<Shared>, retention: Duration) {
+    let mut shutdown = shared.shutdown.subscribe();
+    let every = (retention / 4).clamp(Duration::from_millis(100), Duration::from_secs(3600));
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let cutoff = chrono::Duration::from_std(retention)
+            .ok()
+            .and_then(|r| Utc::now().checked_sub_signed(r));
+        if let Some(cutoff) = cutoff {
+            match shared.store.prune_changes(cutoff).await {
+                Ok(through) => {
+                    tracing::debug!(pruned_through = through, "change log pruned")
+                }
+                Err(e) => tracing::warn!(error = %e, "change log: pruning failed; will retry"),
+            }
+        }
+        tokio::select! {
+            _ = shutdown.changed() => {}
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}

@@ -1,0 +1,369 @@
+//! `Watch`: the change stream, served from this replica's [`Feed`].
+//!
+//! A stream starts from now (opening with a progress message, so the consumer
+//! holds a cursor at once), after a cursor, or with a snapshot taken at one
+//! position. Each change becomes the Resolution at its revision, computed
+//! with the one [`resolve`]. Cursors encode the store's id and a log
+//! position, so they are valid on every replica of the same store and refused
+//! on any other.
+
+use std::{
+    collections::HashSet,
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use tokio::sync::{mpsc, oneshot};
+use tonic::Status;
+
+use crate::{
+    config::Config,
+    domain::{resolve, Record, Registry, WorkspaceId},
+    feed::{Feed, FeedError, Subscription},
+    proto::{self, watch_response::Event},
+};
+
+use super::{
+    convert,
+    error::{ApiError, ErrorReason},
+};
+
+/// The Watch side of the service: the feed and how streams are paced.
+#[derive(Clone)]
+pub struct Watcher {
+    feed: Feed,
+    buffer: usize,
+    progress_interval: Duration,
+}
+
+impl Watcher {
+    pub fn new(feed: Feed, config: &Config) -> Self {
+        Watcher {
+            feed,
+            buffer: config.watch_buffer.max(1),
+            progress_interval: config.watch_progress_interval,
+        }
+    }
+}
+
+/// Cursor format version 1: `01`, the store id (16 bytes), the position (8
+/// bytes, big-endian), hex-encoded. Hex rather than base64 because the crate
+/// already depends on `hex`, and a cursor's length does not matter.
+const CURSOR_VERSION: u8 = 1;
+
+pub fn encode_cursor(store_id: &str, position: u64) -> String {
+    let mut bytes = Vec::with_capacity(25);
+    bytes.push(CURSOR_VERSION);
+    bytes.extend(hex::decode(store_id).unwrap_or_default());
+    bytes.extend(position.to_be_bytes());
+    hex::encode(bytes)
+}
+
+/// The position a cursor names; INVALID_CURSOR unless this store made it.
+pub fn decode_cursor(cursor: &str, store_id: &str) -> Result<u64, ApiError> {
+    let invalid = || {
+        ApiError::new(
+            ErrorReason::InvalidCursor,
+            "cursor: not a cursor this service handed out for this store; \
+             resume from a cursor of an earlier WatchResponse, or start with include_snapshot",
+        )
+    };
+    let bytes = hex::decode(cursor).map_err(|_| invalid())?;
+    let store = hex::decode(store_id).map_err(|_| invalid())?;
+    if bytes.len() != 1 + store.len() + 8 || bytes[0] != CURSOR_VERSION {
+        return Err(invalid());
+    }
+    if bytes[1..1 + store.len()] != store[..] {
+        return Err(invalid());
+    }
+    let position: [u8; 8] = bytes[1 + store.len()..].try_into().map_err(|_| invalid())?;
+    Ok(u64::from_be_bytes(position))
+}
+
+impl From<FeedError> for ApiError {
+    fn from(e: FeedError) -> Self {
+        match e {
+            FeedError::UnknownPosition(_) => ApiError::new(
+                ErrorReason::InvalidCursor,
+                "cursor: this store never handed out that position; \
+                 resume from a cursor of an earlier WatchResponse",
+            ),
+            FeedError::Expired(_) => ApiError::new(
+                ErrorReason::CursorExpired,
+                "cursor: changes after it are older than the retained change log; \
+                 start again with include_snapshot",
+            ),
+            FeedError::TooSlow => ApiError::new(
+                ErrorReason::ConsumerTooSlow,
+                "the stream fell too far behind the changes; resume from your last cursor \
+                 and read faster",
+            ),
+            FeedError::ShuttingDown => ApiError::new(
+                ErrorReason::ShuttingDown,
+                "the server is shutting down; resume from your last cursor on another replica",
+            ),
+            FeedError::Lost => {
+                tracing::error!("change feed lost its store");
+                ApiError::new(
+                    ErrorReason::StoreUnavailable,
+                    "the change log cannot be read; resume from your last cursor later",
+                )
+            }
+            FeedError::Store(e) => e.into(),
+        }
+    }
+}
+
+/// The response stream: the queued messages, then the status that ended the
+/// stream, if one did. The error travels separately so that a full queue can
+/// never hold it back.
+pub struct WatchStream {
+    messages: mpsc::Receiver<proto::WatchResponse>,
+    end: Option<oneshot::Receiver<Status>>,
+}
+
+impl tokio_stream::Stream for WatchStream {
+    type Item = Result<proto::WatchResponse, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        match self.messages.poll_recv(cx) {
+            Poll::Ready(Some(m)) => Poll::Ready(Some(Ok(m))),
+            Poll::Pending => Poll::Pending,
+            // Every queued message was read and the producer has finished:
+            // the status that ended the stream, if any.
+            Poll::Ready(None) => match self.end.as_mut() {
+                None => Poll::Ready(None),
+                Some(end) => match Pin::new(end).poll(cx) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(status) => {
+                        self.end = None;
+                        Poll::Ready(status.ok().map(Err))
+                    }
+                },
+            },
+        }
+    }
+}
+
+/// Starts a stream for `req`; every error that can be known before the first
+/// message (role, arguments, cursor, store) is the call's status.
+pub async fn start(
+    watcher: &Watcher,
+    registry: Arc<Registry>,
+    req: &proto::WatchRequest,
+) -> Result<WatchStream, ApiError> {
+    let filter = req
+        .workspace_ids
+        .iter()
+        .map(|id| convert::workspace_id(id))
+        .collect::<Result<HashSet<WorkspaceId>, _>>()?;
+    if req.include_snapshot && !req.cursor.is_empty() {
+        return Err(ApiError::new(
+            ErrorReason::InvalidField,
+            "include_snapshot: a snapshot starts a new stream; give either a cursor or \
+             include_snapshot, not both",
+        ));
+    }
+    let feed = &watcher.feed;
+    let store_id = feed.store_id().ok_or(FeedError::Lost)?;
+    let from_cursor = if req.cursor.is_empty() {
+        None
+    } else {
+        Some(decode_cursor(&req.cursor, store_id)?)
+    };
+    let (opening, after) = if req.include_snapshot {
+        let snapshot = feed.snapshot().await?;
+        (Opening::Snapshot(snapshot.records), snapshot.position)
+    } else if let Some(position) = from_cursor {
+        (Opening::Nothing, position)
+    } else {
+        (Opening::Progress, feed.store_position().await?)
+    };
+    let subscription = feed.subscribe(after).await?;
+    let (tx, messages) = mpsc::channel(watcher.buffer);
+    let (end_tx, end) = oneshot::channel();
+    let stream = Stream {
+        feed: feed.clone(),
+        store_id: store_id.to_owned(),
+        registry,
+        filter,
+        tx,
+        progress_interval: watcher.progress_interval,
+    };
+    tokio::spawn(async move {
+        if let Err(End::Error(e)) = stream.run(opening, after, subscription).await {
+            tracing::info!(
+                target: "billing_mode::decision",
+                rpc = "Watch",
+                reason = e.reason.as_str(),
+                "stream ended"
+            );
+            let _ = end_tx.send(e.into());
+        }
+    });
+    Ok(WatchStream {
+        messages,
+        end: Some(end),
+    })
+}
+
+enum Opening {
+    Snapshot(Vec<Record>),
+    Progress,
+    Nothing,
+}
+
+enum End {
+    /// The consumer went away.
+    Gone,
+    Error(ApiError),
+}
+
+impl<E: Into<ApiError>> From<E> for End {
+    fn from(e: E) -> Self {
+        End::Error(e.into())
+    }
+}
+
+struct Stream {
+    feed: Feed,
+    store_id: String,
+    registry: Arc<Registry>,
+    filter: HashSet<WorkspaceId>,
+    tx: mpsc::Sender<proto::WatchResponse>,
+    progress_interval: Duration,
+}
+
+impl Stream {
+    async fn run(
+        &self,
+        opening: Opening,
+        after: u64,
+        mut subscription: Subscription,
+    ) -> Result<(), End> {
+        match opening {
+            Opening::Snapshot(records) => {
+                for record in records.iter().filter(|r| self.wanted(r)) {
+                    self.send(self.resolution(record, after)).await?;
+                }
+                self.send(self.progress(after, true)).await?;
+            }
+            Opening::Progress => self.send(self.progress(after, false)).await?,
+            Opening::Nothing => {}
+        }
+        let idle = tokio::time::sleep(self.progress_interval);
+        tokio::pin!(idle);
+        loop {
+            tokio::select! {
+                () = self.tx.closed() => return Err(End::Gone),
+                () = &mut idle => {
+                    self.send(self.progress(subscription.position(), false)).await?;
+                    idle.as_mut().reset(tokio::time::Instant::now() + self.progress_interval);
+                }
+                change = subscription.next() => {
+                    let change = change?;
+                    if !self.wanted(&change.record) {
+                        continue;
+                    }
+                    let message = self.resolution(&change.record, change.position);
+                    if subscription.is_live() {
+                        // Live: a consumer whose queue is full is cut off,
+                        // never waited for.
+                        match self.tx.try_send(message) {
+                            Ok(()) => {}
+                            Err(mpsc::error::TrySendError::Full(_)) => {
+                                return Err(FeedError::TooSlow.into())
+                            }
+                            Err(mpsc::error::TrySendError::Closed(_)) => return Err(End::Gone),
+                        }
+                    } else {
+                        // Catching up from the store: at the consumer's pace.
+                        self.send(message).await?;
+                    }
+                    idle.as_mut().reset(tokio::time::Instant::now() + self.progress_interval);
+                }
+            }
+        }
+    }
+
+    fn wanted(&self, record: &Record) -> bool {
+        self.filter.is_empty() || self.filter.contains(&record.workspace_id)
+    }
+
+    /// Queues a message at the consumer's pace; ends on shutdown.
+    async fn send(&self, message: proto::WatchResponse) -> Result<(), End> {
+        tokio::select! {
+            sent = self.tx.send(message) => sent.map_err(|_| End::Gone),
+            () = self.feed.stopped() => Err(FeedError::ShuttingDown.into()),
+        }
+    }
+
+    fn cursor(&self, position: u64) -> String {
+        encode_cursor(&self.store_id, position)
+    }
+
+    fn resolution(&self, record: &Record, position: u64) -> proto::WatchResponse {
+        proto::WatchResponse {
+            cursor: self.cursor(position),
+            event: Some(Event::Resolution(convert::resolution_to_wire(&resolve(
+                record,
+                &self.registry,
+            )))),
+        }
+    }
+
+    fn progress(&self, position: u64, snapshot_complete: bool) -> proto::WatchResponse {
+        let now = std::time::SystemTime::now();
+        proto::WatchResponse {
+            cursor: self.cursor(position),
+            event: Some(Event::Progress(proto::WatchProgress {
+                snapshot_complete,
+                time: Some(prost_types::Timestamp::from(now)),
+            })),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STORE: &str = "0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn a_cursor_round_trips_on_its_store_only() {
+        for position in [0, 1, 42, u64::MAX] {
+            let c = encode_cursor(STORE, position);
+            assert_eq!(decode_cursor(&c, STORE).unwrap(), position);
+            let other = "fedcba9876543210fedcba9876543210";
+            assert_eq!(
+                decode_cursor(&c, other).unwrap_err().reason,
+                ErrorReason::InvalidCursor
+            );
+        }
+    }
+
+    #[test]
+    fn malformed_cursors_are_invalid() {
+        let good = encode_cursor(STORE, 7);
+        let mut wrong_version = good.clone();
+        wrong_version.replace_range(0..2, "02");
+        for bad in [
+            "".to_owned(),
+            "zz".to_owned(),
+            "not a cursor".to_owned(),
+            good[..good.len() - 2].to_owned(),
+            format!("{good}00"),
+            wrong_version,
+        ] {
+            assert_eq!(
+                decode_cursor(&bad, STORE).unwrap_err().reason,
+                ErrorReason::InvalidCursor,
+                "{bad:?}"
+            );
+        }
+    }
+}
