@@ -226,7 +226,7 @@ where
     }
 }
 
-fn mode_name(v: i32) -> &'static str {
+pub(crate) fn mode_name(v: i32) -> &'static str {
     match proto::Mode::try_from(v) {
         Ok(proto::Mode::PlatformManaged) => "platform_managed",
         Ok(proto::Mode::Byok) => "byok",
@@ -235,7 +235,7 @@ fn mode_name(v: i32) -> &'static str {
     }
 }
 
-fn source_name(v: i32) -> &'static str {
+pub(crate) fn source_name(v: i32) -> &'static str {
     match proto::Source::try_from(v) {
         Ok(proto::Source::Override) => "OVERRIDE",
         Ok(proto::Source::DerivedProvider) => "DERIVED_PROVIDER",
@@ -597,7 +597,7 @@ pub struct DriftArgs {
     client: ClientArgs,
 }
 
-fn timestamp_text(t: &Option<prost_types::Timestamp>) -> String {
+pub(crate) fn timestamp_text(t: &Option<prost_types::Timestamp>) -> String {
     t.as_ref()
         .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32))
         .map(|t| t.to_rfc3339())

@@ -18,6 +18,7 @@ use clap::{Args, Parser, Subcommand};
 
 mod adopt_cli;
 mod client;
+mod watch_cli;
 
 #[derive(Parser)]
 #[command(
@@ -71,6 +72,9 @@ enum Command {
     /// List every reported instance whose applied mode differs from the
     /// current decision, oldest first (re-provision them).
     Drift(client::DriftArgs),
+    /// Follow the change stream: one line per committed change (JSON lines
+    /// with --json); on Ctrl-C, prints the cursor to resume from.
+    Watch(watch_cli::WatchArgs),
     /// List every workspace's decision, in workspace-id order.
     List(adopt_cli::ListArgs),
     /// Register existing workspaces from JSON Lines (create-only; --dry-run
@@ -216,6 +220,7 @@ fn main() -> ExitCode {
             Command::BuildEnv(a) => client::build_env(a).await,
             Command::History(a) => client::history(a).await,
             Command::Drift(a) => client::drift(a).await,
+            Command::Watch(a) => watch_cli::watch(a).await,
             Command::List(a) => adopt_cli::list(a).await,
             Command::Import(a) => adopt_cli::import(a).await,
         }

@@ -524,6 +524,83 @@ fn dry_run_set_and_clear_print_the_decision_and_write_nothing() {
     assert!(help.contains("--dry-run"), "{help}");
 }
 
+/// Lines of a running child's standard output, as they come.
+fn lines_of(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let out = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+#[test]
+fn watch_prints_each_change_and_the_cursor_to_resume_from_on_ctrl_c() {
+    let s = Server::start(&[]);
+    s.register_byok();
+    let mut watch = s.cmd(&["watch", "--snapshot", "--json"]);
+    watch.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = watch.spawn().expect("spawning billing-mode watch");
+    let lines = lines_of(&mut child);
+    let next = || {
+        let l = lines
+            .recv_timeout(STARTUP_TIMEOUT)
+            .expect("a line from billing-mode watch");
+        serde_json::from_str::<Value>(&l).unwrap_or_else(|e| panic!("{e}: {l}"))
+    };
+    // The snapshot: the one workspace, then its end.
+    let entry = next();
+    assert_eq!(entry["resolution"]["workspace_id"], WS, "{entry}");
+    assert_eq!(entry["resolution"]["revision"], 1, "{entry}");
+    let done = next();
+    assert_eq!(done["progress"]["snapshot_complete"], true, "{done}");
+    // A change arrives as one line.
+    ok(&s.run(&["set", WS, "--override", "disabled", "--reason", "watch it"]));
+    let change = next();
+    assert_eq!(change["resolution"]["mode"], "disabled", "{change}");
+    assert_eq!(change["resolution"]["revision"], 2, "{change}");
+    let cursor = change["cursor"].as_str().unwrap().to_owned();
+    // Ctrl-C: the cursor to resume from, on standard error.
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = wait_exit(&mut child, EXIT_TIMEOUT).expect("watch exits on SIGINT");
+    assert!(exit.success(), "{exit}");
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(
+        err.contains(&format!(
+            "resume with: billing-mode watch --cursor {cursor}"
+        )),
+        "{err}"
+    );
+    // Resuming from it gives the next change and nothing before it.
+    ok(&s.run(&["clear", WS, "--reason", "back"]));
+    let mut resumed = s.cmd(&["watch", "--cursor", &cursor, WS]);
+    resumed.stdout(Stdio::piped()).stderr(Stdio::null());
+    let mut child = resumed.spawn().unwrap();
+    let lines = lines_of(&mut child);
+    let l = lines
+        .recv_timeout(STARTUP_TIMEOUT)
+        .expect("the next change");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(l.contains(&format!("{WS} revision 3 mode byok")), "{l}");
+    // A malformed cursor is refused with its reason.
+    fails_with(&s.run(&["watch", "--cursor", "nope"]), "INVALID_CURSOR");
+    let help = ok(&s.run(&["watch", "--help"]));
+    for flag in ["--cursor", "--snapshot", "--json"] {
+        assert!(help.contains(flag), "{help}");
+    }
+}
+
 #[test]
 fn resolve_json_carries_every_field() {
     let s = Server::start(&[]);
