@@ -23,6 +23,10 @@
 //! - E: an echo RPC (a bench-only service on the same server builder) carrying
 //!   the same 50-entry env as BuildEnv;
 //! - Resolve, BuildEnv (50 entries), Set;
+//! - the change stream (Postgres): the delay from a committed Set on this
+//!   server to its event at a Watch client of a second server (a replica on
+//!   the same store), and Set latency with 100 idle Watch streams open
+//!   against none (see [`change_stream_lanes`]);
 //! - after the lanes, an import (`billing_mode::import`, one create-only Set
 //!   per new workspace) at its default concurrency and a wider one, with its
 //!   target of 2,000 workspaces per second on Postgres.
@@ -54,8 +58,8 @@ use billing_mode::{
     config::Config,
     domain::WorkspaceId,
     proto::{
-        billing_mode_client::BillingModeClient, BuildEnvRequest, EnvVar, Origin, ResolveRequest,
-        SetRequest,
+        billing_mode_client::BillingModeClient, watch_response, BuildEnvRequest, EnvVar, Origin,
+        ResolveRequest, SetRequest, WatchRequest,
     },
     service::codec::Codec,
     startup::Application,
@@ -938,11 +942,29 @@ async fn run_backend(backend: &Backend, opts: &Opts) -> anyhow::Result<()> {
         results.insert(lane.key, LaneResult { c1, cn });
     }
     let imported = import_throughput(&ctx, opts).await?;
+    let stream = if postgres {
+        Some(
+            change_stream_lanes(
+                &ctx,
+                server.addr,
+                &server_url,
+                &entry.line(),
+                dir.path(),
+                opts,
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
     let peak = server.peak_rss_kib();
     server.stop()?;
 
     print_table(backend, opts, &lanes, &results, seeded, peak);
     print_import(backend, &imported);
+    if let Some(stream) = &stream {
+        print_change_stream(stream, opts);
+    }
     if let Some((base, schema)) = &backend.pg_schema {
         use sqlx::Connection;
         let mut conn = sqlx::PgConnection::connect(base).await?;
@@ -1008,6 +1030,155 @@ async fn import_throughput(ctx: &Ctx, opts: &Opts) -> anyhow::Result<Vec<(usize,
         out.push((concurrency, n, rate));
     }
     Ok(out)
+}
+
+/// The change stream's figures (Postgres).
+struct StreamFigures {
+    /// Committed Set (its answer received) to the event at a Watch client
+    /// of the other replica, in ns; an event that came first counts 0.
+    delay: Histogram<u64>,
+    /// Sequential Sets on one connection with no Watch stream open, and
+    /// with 100 idle ones (filtered to a workspace nobody writes).
+    set_without: Histogram<u64>,
+    set_with_idle: Histogram<u64>,
+}
+
+/// The change-stream lanes: a second server (a replica on the same store)
+/// serves a Watch stream; each Set through the first is timed to its event
+/// there, one change at a time. Then Set latency, sequentially, without any
+/// Watch stream and with 100 idle ones open on the first server.
+async fn change_stream_lanes(
+    ctx: &Ctx,
+    addr: SocketAddr,
+    server_url: &str,
+    token_line: &str,
+    dir: &std::path::Path,
+    opts: &Opts,
+) -> anyhow::Result<StreamFigures> {
+    let changes = if opts.quick { 100 } else { 1_000 };
+    let replica_dir = dir.join("replica");
+    std::fs::create_dir_all(&replica_dir)?;
+    let replica = Server::spawn(server_url, token_line, &replica_dir)?;
+    let replica_channel = Endpoint::from_shared(format!("http://{}", replica.addr))?
+        .tcp_nodelay(true)
+        .connect()
+        .await?;
+    let mut stream = BillingModeClient::new(replica_channel)
+        .watch(ctx.authorized(WatchRequest::default()))
+        .await?
+        .into_inner();
+    // The opening progress message: the stream is live from here.
+    stream
+        .message()
+        .await?
+        .context("the opening progress message")?;
+    let (events, mut arrivals) = tokio::sync::mpsc::unbounded_channel();
+    let reader = tokio::spawn(async move {
+        while let Ok(Some(m)) = stream.message().await {
+            if let Some(watch_response::Event::Resolution(r)) = m.event {
+                let _ = events.send((r.workspace_id, r.revision, Instant::now()));
+            }
+        }
+    });
+    let mut client = ctx.client(0);
+    let set = |i: usize, tag: &str| {
+        ctx.authorized(SetRequest {
+            workspace_id: ctx.ids[i % ctx.ids.len()].clone(),
+            // A model never set before: every Set is a change.
+            model: Some(format!("stream-{tag}-{i}")),
+            reason: "lanes".into(),
+            ..SetRequest::default()
+        })
+    };
+    let mut delay = new_hist();
+    for i in 0..changes {
+        let answer = client.set(set(i, "delay")).await?.into_inner();
+        let committed = Instant::now();
+        let r = answer.resolution.context("Set answers a resolution")?;
+        loop {
+            let (ws, revision, at) = tokio::time::timeout(Duration::from_secs(10), arrivals.recv())
+                .await
+                .context("the event reached the other replica within 10 s")?
+                .context("the replica's stream ended")?;
+            if ws == r.workspace_id && revision == r.revision {
+                let ns = at.saturating_duration_since(committed).as_nanos();
+                delay.record(u64::try_from(ns).unwrap_or(u64::MAX).max(1))?;
+                break;
+            }
+        }
+    }
+    reader.abort();
+    replica.stop()?;
+
+    let sets = changes;
+    let timed_sets = |tag: &'static str| {
+        let mut client = ctx.client(0);
+        let reqs: Vec<_> = (0..sets).map(|i| set(i + 7, tag)).collect();
+        async move {
+            let mut h = new_hist();
+            for req in reqs {
+                let t = Instant::now();
+                client.set(req).await?;
+                h.record(u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX))?;
+            }
+            anyhow::Ok(h)
+        }
+    };
+    let set_without = timed_sets("without").await?;
+    // 100 idle streams, over two connections (64 streams per connection).
+    let quiet = WorkspaceId::new_random().to_string();
+    let mut idle = Vec::new();
+    for _ in 0..2 {
+        let channel = Endpoint::from_shared(format!("http://{addr}"))?
+            .connect()
+            .await?;
+        for _ in 0..50 {
+            let mut s = BillingModeClient::new(channel.clone())
+                .watch(ctx.authorized(WatchRequest {
+                    workspace_ids: vec![quiet.clone()],
+                    ..WatchRequest::default()
+                }))
+                .await?
+                .into_inner();
+            s.message().await?.context("the opening progress message")?;
+            idle.push(s);
+        }
+    }
+    let set_with_idle = timed_sets("idle").await?;
+    drop(idle);
+    Ok(StreamFigures {
+        delay,
+        set_without,
+        set_with_idle,
+    })
+}
+
+fn print_change_stream(f: &StreamFigures, opts: &Opts) {
+    let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1e6;
+    println!(
+        "change stream (postgres): {} changes, one at a time; Set -> event at a Watch client of another replica",
+        f.delay.len()
+    );
+    let p99 = ms(&f.delay, 0.99);
+    println!(
+        "  delay p50 {:.2} ms, p99 {p99:.2} ms   target p99 < 50 ms  {}",
+        ms(&f.delay, 0.5),
+        if p99 < 50.0 { "PASS" } else { "MISS" }
+    );
+    let (p50_0, p99_0) = (ms(&f.set_without, 0.5), ms(&f.set_without, 0.99));
+    let (p50_1, p99_1) = (ms(&f.set_with_idle, 0.5), ms(&f.set_with_idle, 0.99));
+    let ratio = p50_1 / p50_0;
+    println!(
+        "  Set c1 without Watch streams: p50 {p50_0:.2} ms p99 {p99_0:.2} ms; with 100 idle streams: \
+         p50 {p50_1:.2} ms p99 {p99_1:.2} ms"
+    );
+    println!(
+        "  Set p50 with 100 idle streams / without {ratio:.2}   target <= 1.10  {}",
+        if ratio <= 1.10 { "PASS" } else { "MISS" }
+    );
+    if opts.quick {
+        println!("  (quick run: figures are indicative only)");
+    }
 }
 
 fn print_import(backend: &Backend, figures: &[(usize, usize, f64)]) {
