@@ -360,13 +360,17 @@ fn targets(r: &HashMap<&str, LaneResult>) -> Vec<(String, f64, f64, bool)> {
 // ---------------------------------------------------------------------------
 // Measuring.
 
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Opts {
     quick: bool,
     warmup: Duration,
     measure: Duration,
     concurrency: usize,
     connections: usize,
+    /// `--only N,D,Resolve`: run just these lanes.
+    only: Option<Vec<String>>,
+    /// `--backend postgres|sqlite`: run just this backend.
+    backend: Option<String>,
 }
 
 /// One phase of one lane.
@@ -509,12 +513,18 @@ async fn phase(
     seq: &Arc<AtomicU64>,
 ) -> anyhow::Result<Phase> {
     // Warm-up: same callers, figures discarded.
-    drive(call, workers, conns, seq, Instant::now() + opts.warmup).await?;
+    let (_, warm) = drive(call, workers, conns, seq, Instant::now() + opts.warmup).await?;
     let before = cpu.snap().await;
     let start = Instant::now();
     let (hist, count) = drive(call, workers, conns, seq, start + opts.measure).await?;
     let elapsed = start.elapsed().as_secs_f64();
     let after = cpu.snap().await;
+    if std::env::var_os("LANES_VERBOSE").is_some() {
+        eprintln!(
+            "lane {} x{workers}: {warm} warm-up + {count} measured requests",
+            lane.key
+        );
+    }
     let per = |us: f64| us / count.max(1) as f64;
     let harness = per(after.harness - before.harness);
     let server = per(after.server - before.server);
@@ -817,9 +827,11 @@ struct Backend {
     _dir: Option<tempfile::TempDir>,
 }
 
-async fn backends() -> anyhow::Result<Vec<Backend>> {
+async fn backends(opts: &Opts) -> anyhow::Result<Vec<Backend>> {
+    let wanted = |name: &str| opts.backend.as_ref().is_none_or(|b| b == name);
     let mut out = Vec::new();
     match std::env::var("DATABASE_URL") {
+        _ if !wanted("postgres") => {}
         Ok(base) if base.starts_with("postgres") => {
             use sqlx::Connection;
             let schema = format!("lanes_{}", uuid::Uuid::new_v4().simple());
@@ -840,6 +852,9 @@ async fn backends() -> anyhow::Result<Vec<Backend>> {
         _ => println!(
             "Postgres: SKIPPED (set DATABASE_URL=postgres://… to measure the production backend)"
         ),
+    }
+    if !wanted("sqlite") {
+        return Ok(out);
     }
     let dir = tempfile::tempdir()?;
     out.push(Backend {
@@ -921,7 +936,14 @@ async fn run_backend(backend: &Backend, opts: &Opts) -> anyhow::Result<()> {
     };
 
     let mut results: HashMap<&str, LaneResult> = HashMap::new();
-    let lanes = lanes();
+    let lanes: Vec<Lane> = lanes()
+        .into_iter()
+        .filter(|l| {
+            opts.only
+                .as_ref()
+                .is_none_or(|only| only.iter().any(|k| k == l.key))
+        })
+        .collect();
     for lane in &lanes {
         let call = (lane.build)(&ctx);
         let seq = Arc::new(AtomicU64::new(0));
@@ -1297,10 +1319,11 @@ fn main() -> anyhow::Result<()> {
         );
     }
     let quick = args.iter().any(|a| a == "--quick");
-    let flag = |name: &str| -> Option<usize> {
+    let text_flag = |name: &str| -> Option<String> {
         let i = args.iter().position(|a| a == name)?;
-        args.get(i + 1)?.parse().ok()
+        args.get(i + 1).cloned()
     };
+    let flag = |name: &str| -> Option<usize> { text_flag(name)?.parse().ok() };
     let opts = Opts {
         quick,
         warmup: if quick {
@@ -1315,12 +1338,14 @@ fn main() -> anyhow::Result<()> {
         },
         concurrency: flag("--concurrency").unwrap_or(16),
         connections: flag("--connections").unwrap_or(4),
+        only: text_flag("--only").map(|s| s.split(',').map(str::to_owned).collect()),
+        backend: text_flag("--backend").map(|s| s.to_lowercase()),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        for backend in backends().await? {
+        for backend in backends(&opts).await? {
             run_backend(&backend, &opts)
                 .await
                 .with_context(|| format!("lanes on {}", backend.name))?;
