@@ -55,6 +55,10 @@ impl SqliteStore {
             .busy_timeout(Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
+            // No ping before each query (sqlx's default): a file connection
+            // does not drop like a network one, and the ping is a round trip
+            // to the connection's worker thread on every request.
+            .test_before_acquire(false)
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(opts)
             .await?;
