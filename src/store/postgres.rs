@@ -39,7 +39,7 @@ use crate::domain::{Record, WorkspaceId};
 
 /// A pooled connection idle this long is pinged before it is handed out (a
 /// dead one is replaced); one used more recently is handed out as it is.
-const CHECK_IDLE_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+const CHECK_IDLE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
