@@ -37,10 +37,6 @@ use super::{
 };
 use crate::domain::{Record, WorkspaceId};
 
-/// A pooled connection idle this long is pinged before it is handed out (a
-/// dead one is replaced); one used more recently is handed out as it is.
-const CHECK_IDLE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
-
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
 pub struct PostgresStore {
@@ -67,19 +63,6 @@ impl PostgresStore {
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(std::time::Duration::from_secs(5))
-            // sqlx pings every connection it hands out by default: a whole
-            // round trip to Postgres before each query, doubling what a
-            // Resolve waits on. Only a connection idle for a while is
-            // checked (sqlx's documented recipe); a busy one is in use.
-            .test_before_acquire(false)
-            .before_acquire(|conn, meta| {
-                Box::pin(async move {
-                    if meta.idle_for >= CHECK_IDLE_AFTER {
-                        sqlx::Connection::ping(conn).await?;
-                    }
-                    Ok(true)
-                })
-            })
             .connect_with(opts)
             .await?;
         Ok(PostgresStore { pool })
