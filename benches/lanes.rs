@@ -58,8 +58,8 @@ use billing_mode::{
     config::Config,
     domain::WorkspaceId,
     proto::{
-        billing_mode_client::BillingModeClient, watch_response, BuildEnvRequest, EnvVar, Origin,
-        ResolveRequest, SetRequest, WatchRequest,
+        billing_mode_client::BillingModeClient, watch_response, BuildEnvRequest, CheckSpendRequest,
+        EnvVar, Origin, ResolveRequest, SetRequest, WatchRequest,
     },
     service::codec::Codec,
     startup::Application,
@@ -137,6 +137,12 @@ fn lanes() -> Vec<Lane> {
             what: "BuildEnv, 50-entry env",
             side: Side::Server,
             build: lane_build_env,
+        },
+        Lane {
+            key: "CheckSpend",
+            what: "CheckSpend (in-memory spend snapshot)",
+            side: Side::Server,
+            build: lane_check_spend,
         },
         Lane {
             key: "Set",
@@ -272,6 +278,20 @@ fn lane_build_env(ctx: &Ctx) -> Call {
     })
 }
 
+fn lane_check_spend(ctx: &Ctx) -> Call {
+    let ctx = Arc::new(ctx.share());
+    Arc::new(move |conn, seq| {
+        let mut client = ctx.client(conn);
+        let req = ctx.authorized(CheckSpendRequest {
+            workspace_id: ctx.workspace(seq),
+        });
+        Box::pin(async move {
+            client.check_spend(req).await?;
+            Ok(None)
+        })
+    })
+}
+
 fn lane_set(ctx: &Ctx) -> Call {
     let ctx = Arc::new(ctx.share());
     Arc::new(move |conn, _| {
@@ -343,6 +363,20 @@ fn targets(r: &HashMap<&str, LaneResult>) -> Vec<(String, f64, f64, bool)> {
             res.cn.cpu_total() / floor,
             1.2,
             res.cn.cpu_total() <= 1.2 * floor,
+        ));
+    }
+    if let Some(c) = r.get("CheckSpend") {
+        out.push((
+            "CheckSpend p50 <= 1.20 x p50(N)".into(),
+            c.c1.p50 / n.c1.p50,
+            1.20,
+            c.c1.p50 <= 1.20 * n.c1.p50,
+        ));
+        out.push((
+            "CheckSpend throughput >= 0.70 x X(N)".into(),
+            c.cn.rate / n.cn.rate,
+            0.70,
+            c.cn.rate >= 0.70 * n.cn.rate,
         ));
     }
     if let (Some(b), Some(e)) = (r.get("BuildEnv"), r.get("E")) {

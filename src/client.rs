@@ -680,3 +680,42 @@ pub async fn drift(a: DriftArgs) -> ExitCode {
     })
     .await
 }
+
+#[derive(Args)]
+pub struct CheckSpendArgs {
+    /// The workspace id (UUID).
+    workspace: String,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+/// The metering proxy's question: may the platform pay for this workspace's
+/// LLM calls now?
+pub async fn check_spend(a: CheckSpendArgs) -> ExitCode {
+    run(a.client.json, async {
+        let mut c = connect(&a.client).await?;
+        let r = c
+            .check_spend(proto::CheckSpendRequest {
+                workspace_id: a.workspace.clone(),
+            })
+            .await?
+            .into_inner();
+        let as_of = timestamp_text(&r.as_of);
+        let j = json!({
+            "workspace_id": a.workspace.to_ascii_lowercase(),
+            "allowed": r.allowed,
+            "mode": mode_name(r.mode),
+            "revision": r.revision,
+            "as_of": as_of,
+        });
+        let text = format!(
+            "allowed:  {}\nmode:     {}\nrevision: {}\nas of:    {}\n",
+            if r.allowed { "yes" } else { "no" },
+            mode_name(r.mode),
+            r.revision,
+            as_of
+        );
+        Ok((j, text))
+    })
+    .await
+}

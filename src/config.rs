@@ -13,6 +13,8 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:50051";
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
 /// How long start-up waits for the store by default.
 pub const DEFAULT_STARTUP_TIMEOUT: &str = "60s";
+/// How recently a replica must have confirmed its spend snapshot current.
+pub const DEFAULT_MAX_STALENESS: Duration = Duration::from_secs(2);
 /// Largest request or response message.
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
@@ -64,6 +66,9 @@ pub struct Config {
     pub watch_progress_interval: Duration,
     /// How often the change feed reads the log without being woken.
     pub feed_poll_interval: Duration,
+    /// CheckSpend answers only while this replica's spend snapshot was
+    /// confirmed current this recently; UNAVAILABLE otherwise.
+    pub max_staleness: Duration,
 }
 
 impl Default for Config {
@@ -87,6 +92,7 @@ impl Default for Config {
             watch_buffer: DEFAULT_WATCH_BUFFER,
             watch_progress_interval: Duration::from_secs(10),
             feed_poll_interval: Duration::from_millis(500),
+            max_staleness: DEFAULT_MAX_STALENESS,
         }
     }
 }

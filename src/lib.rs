@@ -16,6 +16,7 @@ pub mod import;
 pub mod metrics;
 pub mod reload;
 pub mod service;
+pub mod snapshot;
 pub mod startup;
 pub mod store;
 pub mod telemetry;

@@ -80,6 +80,9 @@ enum Command {
     /// Register existing workspaces from JSON Lines (create-only; --dry-run
     /// shows the decisions and where they differ from legacy_mode).
     Import(adopt_cli::ImportArgs),
+    /// Ask whether the platform may pay for a workspace's LLM calls now (the
+    /// metering proxy's spend check).
+    CheckSpend(client::CheckSpendArgs),
 }
 
 #[derive(Subcommand)]
@@ -157,6 +160,11 @@ struct ServeArgs {
     /// Messages queued for one Watch stream before it is cut off as too slow.
     #[arg(long, env = "BILLING_MODE_WATCH_BUFFER", default_value_t = config::DEFAULT_WATCH_BUFFER)]
     watch_buffer: usize,
+    /// CheckSpend answers UNAVAILABLE (and health says NOT_SERVING) when this
+    /// replica cannot confirm its spend snapshot was current this recently
+    /// (e.g. 2s, 500ms).
+    #[arg(long, env = "BILLING_MODE_MAX_STALENESS", default_value = "2s", value_parser = config::parse_duration)]
+    max_staleness: Duration,
 }
 
 impl ServeArgs {
@@ -190,6 +198,7 @@ impl ServeArgs {
             migrate: !self.no_migrate,
             change_retention: Duration::from_secs(self.change_retention_secs.max(1)),
             watch_buffer: self.watch_buffer.max(1),
+            max_staleness: self.max_staleness,
             ..Config::default()
         })
     }
@@ -223,6 +232,7 @@ fn main() -> ExitCode {
             Command::Watch(a) => watch_cli::watch(a).await,
             Command::List(a) => adopt_cli::list(a).await,
             Command::Import(a) => adopt_cli::import(a).await,
+            Command::CheckSpend(a) => client::check_spend(a).await,
         }
     })
 }

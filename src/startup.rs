@@ -28,6 +28,7 @@ use crate::{
     proto::{self, billing_mode_server::BillingModeServer},
     reload::{self, SharedAuth},
     service::BillingModeService,
+    snapshot::SpendSnapshot,
     store::{self, metered::MeteredStore, Store, StoreError},
 };
 
@@ -44,6 +45,7 @@ pub struct Application {
     /// adds one (see [`Application::with_extra_service`]).
     extra_routes: Routes,
     feed: Feed,
+    spend: SpendSnapshot,
 }
 
 impl Application {
@@ -100,6 +102,18 @@ impl Application {
             },
         )
         .await;
+        if config.max_staleness < config.feed_poll_interval * 2 {
+            bail!(
+                "--max-staleness {:?} is too short: the change feed confirms it is current only every {:?}; \
+                 give at least twice that",
+                config.max_staleness,
+                config.feed_poll_interval
+            );
+        }
+        // Loads and follows in the background; CheckSpend answers (and the
+        // server is ready) once the snapshot is confirmed current.
+        let spend =
+            SpendSnapshot::start(feed.clone(), registry.clone(), config.max_staleness).await;
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;
@@ -138,6 +152,7 @@ impl Application {
             readiness,
             extra_routes: Routes::default(),
             feed,
+            spend,
         })
     }
 
@@ -195,6 +210,13 @@ impl Application {
             &[<BillingModeServer<BillingModeService> as tonic::server::NamedService>::NAME];
         let accepting = self.readiness.condition(health::ACCEPTING_CALLS);
         accepting.set(true);
+        // CheckSpend fails closed while the spend snapshot is not current; the
+        // server is not ready meanwhile.
+        let spend_current = self
+            .readiness
+            .condition(crate::snapshot::SPEND_SNAPSHOT_CURRENT);
+        spend_current.set(self.spend.publish());
+        tasks.spawn(follow_spend_currency(self.spend.current(), spend_current));
         health::set_grpc_health(&health, SERVICES, self.readiness.is_ready()).await;
         tasks.spawn(health::drive_grpc_health(
             self.readiness.clone(),
@@ -239,7 +261,8 @@ impl Application {
             self.store.clone(),
             self.registry.clone(),
             crate::service::watch::Watcher::new(self.feed.clone(), &self.config),
-        );
+        )
+        .with_spend(self.spend.clone());
         tasks.spawn(reload::on_sighup(reload::Reloader {
             auth: self.auth.clone(),
             tokens_file: self.config.tokens_file.clone(),
@@ -356,6 +379,21 @@ fn is_transient(e: &StoreError) -> bool {
             .code()
             .is_some_and(|c| c.starts_with("08") || c.starts_with("53") || c.starts_with("57")),
         _ => false,
+    }
+}
+
+/// Keeps the readiness condition `current` in step with the spend snapshot:
+/// holding while it is current, not while it is not (and once it stops).
+async fn follow_spend_currency(
+    mut current: tokio::sync::watch::Receiver<bool>,
+    condition: health::Condition,
+) {
+    loop {
+        condition.set(*current.borrow_and_update());
+        if current.changed().await.is_err() {
+            condition.set(false);
+            return;
+        }
     }
 }
 

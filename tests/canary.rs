@@ -16,8 +16,8 @@ use std::{
 use billing_mode::{
     auth::Role,
     proto::{
-        billing_mode_client::BillingModeClient, watch_response, BuildEnvRequest, ClearRequest,
-        CredentialKeys, EnvVar, HistoryRequest, ListDriftRequest, Mode, Origin,
+        billing_mode_client::BillingModeClient, watch_response, BuildEnvRequest, CheckSpendRequest,
+        ClearRequest, CredentialKeys, EnvVar, HistoryRequest, ListDriftRequest, Mode, Origin,
         ReportAppliedRequest, ResolveRequest, SetRequest, WatchRequest,
     },
 };
@@ -247,16 +247,18 @@ async fn drive(db: &TestDb, logs: &Logs) -> Secrets {
     let (prov_t, p) = make_token("canary-provisioner", &[Role::Provisioner]);
     let (reader_t, r) = make_token("canary-reader", &[Role::Reader]);
     let (writer_t, w) = make_token("canary-writer", &[Role::Writer]);
-    for t in [&admin_t, &prov_t, &reader_t, &writer_t] {
+    let (meter_t, m) = make_token("canary-meter", &[Role::Meter]);
+    for t in [&admin_t, &prov_t, &reader_t, &writer_t, &meter_t] {
         s.add(t);
         // The random part alone, in case a prefix is stripped.
         s.add(t.trim_start_matches("bmt_"));
     }
-    let app = TestApp::spawn_with(db, config_with_tokens(db, vec![a, p, r, w])).await;
+    let app = TestApp::spawn_with(db, config_with_tokens(db, vec![a, p, r, w, m])).await;
     let mut admin = client_with_header(&app, &format!("Bearer {admin_t}")).await;
     let mut prov = client_with_header(&app, &format!("Bearer {prov_t}")).await;
     let mut reader = client_with_header(&app, &format!("Bearer {reader_t}")).await;
     let mut writer = client_with_header(&app, &format!("Bearer {writer_t}")).await;
+    let mut meter = client_with_header(&app, &format!("Bearer {meter_t}")).await;
     let bad_token = s.canary();
     let mut stranger = client_with_header(&app, &format!("Bearer {bad_token}")).await;
     let bad_basic = s.canary();
@@ -924,6 +926,55 @@ async fn drive(db: &TestDb, logs: &Logs) -> Secrets {
         r,
         Code::PermissionDenied,
         "PERMISSION_DENIED",
+    );
+
+    // --- CheckSpend ---------------------------------------------------------------
+    let spend = meter
+        .check_spend(CheckSpendRequest {
+            workspace_id: ws_pm.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    s.check("CheckSpend response", &format!("{spend:?}"));
+    let r = meter
+        .check_spend(CheckSpendRequest {
+            workspace_id: s.canary(),
+        })
+        .await
+        .map(drop);
+    refused(
+        &mut s,
+        "CheckSpend canary id",
+        r,
+        Code::InvalidArgument,
+        "INVALID_WORKSPACE_ID",
+    );
+    let r = meter
+        .resolve(ResolveRequest {
+            workspace_id: ws_pm.clone(),
+        })
+        .await
+        .map(drop);
+    refused(
+        &mut s,
+        "meter Resolve",
+        r,
+        Code::PermissionDenied,
+        "PERMISSION_DENIED",
+    );
+    let r = stranger
+        .check_spend(CheckSpendRequest {
+            workspace_id: ws_pm.clone(),
+        })
+        .await
+        .map(drop);
+    refused(
+        &mut s,
+        "stranger CheckSpend",
+        r,
+        Code::Unauthenticated,
+        "UNAUTHENTICATED",
     );
 
     // Health with a canary bearer header (health does not check it).

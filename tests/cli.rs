@@ -1297,3 +1297,36 @@ fn drift_lists_instances_whose_applied_mode_is_no_longer_decided() {
     assert!(ok(&s.run(&["drift"])).starts_with("no drift"));
     assert!(ok(&s.run(&["drift", "--help"])).contains("--page-size"));
 }
+
+#[test]
+fn check_spend_prints_whether_the_platform_may_pay() {
+    let s = Server::start(&[]);
+    s.register_byok();
+    let j = json(&s.run(&["check-spend", WS, "--json"]));
+    assert_eq!(j["allowed"], false, "{j}");
+    assert_eq!(j["mode"], "byok");
+    assert_eq!(j["revision"], 1);
+    assert!(!j["as_of"].as_str().unwrap().is_empty());
+    ok(&s.run(&[
+        "set",
+        WS,
+        "--override",
+        "platform_managed",
+        "--reason",
+        "platform billing",
+    ]));
+    // The answer follows the change (generous bound; the benchmark measures it).
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let text = loop {
+        let text = ok(&s.run(&["check-spend", WS]));
+        if field(&text, "revision") == "2" || Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(POLL);
+    };
+    assert_eq!(field(&text, "allowed"), "yes", "{text}");
+    assert_eq!(field(&text, "mode"), "platform_managed");
+    fails_with(&s.run(&["check-spend", UNKNOWN_WS]), "WORKSPACE_NOT_FOUND");
+    assert!(ok(&s.run(&["check-spend", "--help"])).contains("WORKSPACE"));
+    assert!(ok(&s.run(&["serve", "--help"])).contains("--max-staleness"));
+}

@@ -1,14 +1,24 @@
-//! Closing the loop, black-box over gRPC on both backends: ReportApplied and
+//! Closing the loop, black-box over gRPC on both backends: CheckSpend from
+//! each replica's live snapshot (flips seen on another replica, no allowed
+//! answer for a revision that was not platform_managed, a replica started
+//! during writes, fail-closed while the store is down), ReportApplied and
 //! ListDrift (applied state and drift).
 mod common;
 
-use std::collections::HashMap;
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    process::Command,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use billing_mode::{
     auth::Role,
     proto::{
-        ClearRequest, CredentialKeys, Drift, HistoryRequest, ListDriftRequest, ListDriftResponse,
-        Mode, ReportAppliedRequest, ReportAppliedResponse, SetRequest,
+        CheckSpendRequest, CheckSpendResponse, ClearRequest, CredentialKeys, Drift, HistoryRequest,
+        ListDriftRequest, ListDriftResponse, Mode, ReportAppliedRequest, ReportAppliedResponse,
+        SetRequest,
     },
 };
 use common::*;
@@ -267,6 +277,22 @@ async fn report_applied_and_list_drift_follow_the_role_table() {
                 })
                 .await;
             let listed = c.list_drift(ListDriftRequest::default()).await;
+            let checked = c
+                .check_spend(CheckSpendRequest {
+                    workspace_id: ws.clone(),
+                })
+                .await;
+            let may_check = matches!(role, Role::Meter | Role::Admin);
+            match checked {
+                Ok(r) => assert!(
+                    may_check && !r.into_inner().allowed,
+                    "{role:?} checked spend"
+                ),
+                Err(e) => {
+                    assert!(!may_check, "{role:?} may check spend: {e:?}");
+                    assert_error(&e, Code::PermissionDenied, "PERMISSION_DENIED");
+                }
+            }
             let may_report = matches!(role, Role::Provisioner | Role::Admin);
             let may_list = matches!(role, Role::Reader | Role::Admin);
             match reported {
@@ -396,6 +422,504 @@ async fn list_drift_pages_oldest_first_and_a_current_report_ends_drift() {
         let after: Vec<_> = all_drift(&mut c, 0).await.iter().map(key).collect();
         assert!(after.iter().all(|(w, _)| w != ws));
         assert_eq!(after.len(), 2 * expected.len() - 3);
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------
+// CheckSpend
+
+/// The generous bound within which a committed change must be answered by
+/// every replica (the contract's figure is 100 ms; the benchmark measures it).
+const BOUND: Duration = Duration::from_secs(2);
+
+async fn check(c: &mut Client, ws: &str) -> Result<CheckSpendResponse, Status> {
+    c.check_spend(CheckSpendRequest {
+        workspace_id: ws.to_owned(),
+    })
+    .await
+    .map(|r| r.into_inner())
+}
+
+/// Polls CheckSpend on `c` until it answers `ws` at `revision` (or later);
+/// the answer, or a panic naming what was last seen after `bound`.
+async fn answered_at(
+    c: &mut Client,
+    ws: &str,
+    revision: u64,
+    bound: Duration,
+) -> CheckSpendResponse {
+    let start = Instant::now();
+    loop {
+        let last = check(c, ws).await;
+        if let Ok(a) = &last {
+            if a.revision >= revision {
+                return *a;
+            }
+        }
+        assert!(
+            start.elapsed() < bound,
+            "revision {revision} of {ws} not answered within {bound:?}; last: {last:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn health(app: &TestApp) -> i32 {
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+    HealthClient::new(app.channel().await)
+        .check(HealthCheckRequest {
+            service: "molecule.billing.v1.BillingMode".into(),
+        })
+        .await
+        .expect("health answers")
+        .into_inner()
+        .status
+}
+
+const SERVING: i32 = 1;
+const NOT_SERVING: i32 = 2;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flip_through_one_replica_is_answered_by_another() {
+    each_backend(|db| async move {
+        let a = TestApp::spawn(&db).await;
+        let b = TestApp::spawn(&db).await;
+        let mut ca = a.client().await;
+        let mut cb = b.client().await;
+        assert_eq!(health(&b).await, SERVING);
+        let ws = new_workspace();
+        let r1 = set_override(&mut ca, &ws, Mode::PlatformManaged, "start").await;
+        let answer = answered_at(&mut cb, &ws, r1.revision, BOUND).await;
+        assert!(answer.allowed, "{:?}", db.backend);
+        assert_eq!((answer.mode(), answer.revision), (Mode::PlatformManaged, 1));
+        let as_of = answer.as_of.expect("as_of");
+        let age = chrono::Utc::now().timestamp() - as_of.seconds;
+        assert!((0..=5).contains(&age), "as_of is recent: {as_of:?}");
+
+        // platform_managed → byok on A: B denies within the bound.
+        let r2 = set_override(&mut ca, &ws, Mode::Byok, "customer's own key").await;
+        let answer = answered_at(&mut cb, &ws, r2.revision, BOUND).await;
+        assert!(!answer.allowed);
+        assert_eq!((answer.mode(), answer.revision), (Mode::Byok, 2));
+        // Back: allowed again. Then disabled: denied.
+        let r3 = set_override(&mut ca, &ws, Mode::PlatformManaged, "back").await;
+        let answer = answered_at(&mut cb, &ws, r3.revision, BOUND).await;
+        assert!(answer.allowed && answer.revision == 3);
+        let r4 = set_override(&mut ca, &ws, Mode::Disabled, "suspended").await;
+        assert!(!answered_at(&mut cb, &ws, r4.revision, BOUND).await.allowed);
+        // A dry run changes nothing.
+        ca.set(SetRequest {
+            workspace_id: ws.clone(),
+            override_mode: Some(Mode::PlatformManaged.into()),
+            reason: "dry".into(),
+            dry_run: true,
+            ..SetRequest::default()
+        })
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let answer = check(&mut cb, &ws).await.unwrap();
+        assert!(!answer.allowed && answer.revision == 4);
+
+        let e = check(&mut cb, &new_workspace()).await.unwrap_err();
+        assert_error(&e, Code::NotFound, "WORKSPACE_NOT_FOUND");
+        let e = check(&mut cb, "not-a-workspace").await.unwrap_err();
+        assert_error(&e, Code::InvalidArgument, "INVALID_WORKSPACE_ID");
+    })
+    .await;
+}
+
+/// One CheckSpend answer, as received.
+#[derive(Debug, Clone)]
+struct Seen {
+    ws: String,
+    allowed: bool,
+    mode: Mode,
+    revision: u64,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_answer_allows_spend_at_a_revision_that_was_not_platform_managed() {
+    each_backend(|db| async move {
+        let a = TestApp::spawn(&db).await;
+        let b = TestApp::spawn(&db).await;
+        let mut ca = a.client().await;
+        let wss: Vec<String> = (0..12).map(|_| new_workspace()).collect();
+        for ws in &wss {
+            set_override(&mut ca, ws, Mode::PlatformManaged, "start").await;
+        }
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(Vec::<Seen>::new()));
+
+        // Checkers on both replicas, until the writers are done.
+        let mut checkers = Vec::new();
+        for k in 0..4 {
+            let mut c = if k % 2 == 0 {
+                b.client().await
+            } else {
+                a.client().await
+            };
+            let (wss, done, seen) = (wss.clone(), done.clone(), seen.clone());
+            checkers.push(tokio::spawn(async move {
+                let mut i = k;
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    let ws = &wss[i % wss.len()];
+                    i += 7;
+                    if let Ok(r) = check(&mut c, ws).await {
+                        seen.lock().unwrap().push(Seen {
+                            ws: ws.clone(),
+                            allowed: r.allowed,
+                            mode: r.mode(),
+                            revision: r.revision,
+                        });
+                    }
+                }
+            }));
+        }
+        // Writers on A: many flips, among all three modes.
+        let mut writers = Vec::new();
+        for w in 0..3 {
+            let mut c = a.client().await;
+            let wss = wss.clone();
+            writers.push(tokio::spawn(async move {
+                let modes = [Mode::Byok, Mode::PlatformManaged, Mode::Disabled];
+                for i in 0..40 {
+                    let ws = &wss[(i * 5 + w * 3) % wss.len()];
+                    set_override(&mut c, ws, modes[(i + w) % 3], "flip").await;
+                }
+            }));
+        }
+        for w in writers {
+            w.await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        for c in checkers {
+            c.await.unwrap();
+        }
+
+        // Every answer against the workspace's History: the decision at the
+        // answered revision (every write here is an override, so the
+        // override recorded at that revision is the decision).
+        let mut decided: HashMap<(String, u64), String> = HashMap::new();
+        for ws in &wss {
+            let h = ca
+                .history(HistoryRequest {
+                    workspace_id: ws.clone(),
+                    page_size: 500,
+                    page_token: String::new(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            for e in h.entries {
+                let after = e.after.unwrap();
+                assert!(after.runtime.is_empty() && after.model.is_empty());
+                decided.insert((ws.clone(), e.revision), after.override_mode);
+            }
+        }
+        let seen = seen.lock().unwrap().clone();
+        let (mut allowed, mut denied) = (0, 0);
+        for s in &seen {
+            let at = decided
+                .get(&(s.ws.clone(), s.revision))
+                .unwrap_or_else(|| panic!("{s:?}: a revision the workspace never had"));
+            let want = match at.as_str() {
+                "platform_managed" => Mode::PlatformManaged,
+                "byok" => Mode::Byok,
+                "disabled" => Mode::Disabled,
+                other => panic!("unexpected override {other:?}"),
+            };
+            assert_eq!(s.mode, want, "{s:?}: the mode decided at that revision");
+            assert_eq!(s.allowed, want == Mode::PlatformManaged, "{s:?}");
+            if s.allowed {
+                allowed += 1;
+            } else {
+                denied += 1;
+            }
+        }
+        assert!(
+            allowed > 20 && denied > 20,
+            "{:?}: the run saw both answers ({allowed} allowed, {denied} denied)",
+            db.backend
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_started_during_writes_misses_no_change() {
+    each_backend(|db| async move {
+        let a = TestApp::spawn(&db).await;
+        let mut ca = a.client().await;
+        let wss: Vec<String> = (0..60).map(|_| new_workspace()).collect();
+        for ws in &wss {
+            set_override(&mut ca, ws, Mode::PlatformManaged, "start").await;
+        }
+        // Each workspace changes exactly once, while replicas start: a change
+        // committed between a replica's load and its subscription would be
+        // lost for good, and show below.
+        let writer = {
+            let mut c = a.client().await;
+            let wss = wss.clone();
+            tokio::spawn(async move {
+                for ws in &wss {
+                    set_override(&mut c, ws, Mode::Byok, "flip").await;
+                    tokio::time::sleep(Duration::from_millis(3)).await;
+                }
+            })
+        };
+        let mut replicas = Vec::new();
+        for _ in 0..3 {
+            replicas.push(TestApp::spawn(&db).await);
+        }
+        writer.await.unwrap();
+        for (k, r) in replicas.iter().enumerate() {
+            let mut c = r.client().await;
+            for ws in &wss {
+                let answer = answered_at(&mut c, ws, 2, BOUND).await;
+                assert_eq!(
+                    (answer.mode(), answer.revision, answer.allowed),
+                    (Mode::Byok, 2, false),
+                    "{:?} replica {k}, {ws}",
+                    db.backend
+                );
+            }
+        }
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------
+// A private Postgres, stopped and started under a running server (the shared
+// test cluster is never touched).
+
+struct PrivatePostgres {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    port: u16,
+}
+
+impl PrivatePostgres {
+    /// `None` (after saying why) when no Postgres binaries are installed.
+    fn start() -> Option<PrivatePostgres> {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+            .filter(|b| b.join("pg_ctl").exists())
+            .max()?;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let status = Command::new("chown")
+            .args(["postgres:postgres"])
+            .arg(dir.path())
+            .status()
+            .expect("chown");
+        assert!(status.success(), "chown the private Postgres directory");
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let pg = PrivatePostgres { dir, bin, port };
+        pg.run(
+            "initdb",
+            &[
+                "-D",
+                &pg.data(),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+            ],
+        );
+        pg.up();
+        Some(pg)
+    }
+
+    fn data(&self) -> String {
+        self.dir.path().join("data").display().to_string()
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) {
+        let out = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join(tool))
+            .args(args)
+            .output()
+            .expect("run a Postgres tool");
+        assert!(
+            out.status.success(),
+            "{tool} {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn up(&self) {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.dir.path().display()
+        );
+        let log = self.dir.path().join("log").display().to_string();
+        self.run(
+            "pg_ctl",
+            &["-D", &self.data(), "-l", &log, "-o", &opts, "-w", "start"],
+        );
+    }
+
+    fn down(&self) {
+        self.run(
+            "pg_ctl",
+            &["-D", &self.data(), "-m", "immediate", "-w", "stop"],
+        );
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .args(["-D", &self.data(), "-m", "immediate", "-w", "stop"])
+            .output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn spend_checks_fail_closed_while_the_store_is_down_and_recover_without_restart() {
+    if !std::env::var("DATABASE_URL").is_ok_and(|u| u.starts_with("postgres")) {
+        eprintln!("SKIPPED: the store-outage test needs Postgres (DATABASE_URL=postgres://…)");
+        return;
+    }
+    let Some(pg) = PrivatePostgres::start() else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must run the store-outage test"
+        );
+        eprintln!("SKIPPED: no Postgres binaries under /usr/lib/postgresql");
+        return;
+    };
+    let db = TestDb::at(Backend::Postgres, pg.url());
+    let max_staleness = billing_mode::config::DEFAULT_MAX_STALENESS;
+    let app = TestApp::spawn(&db).await;
+    let mut c = app.client().await;
+    let ws = new_workspace();
+    set_override(&mut c, &ws, Mode::PlatformManaged, "start").await;
+    assert!(answered_at(&mut c, &ws, 1, BOUND).await.allowed);
+    assert_eq!(health(&app).await, SERVING);
+
+    // The store goes away. Every answer given later than the staleness bound
+    // after that is UNAVAILABLE; health turns NOT_SERVING.
+    pg.down();
+    let stopped = chrono::Utc::now();
+    let deadline = Instant::now() + max_staleness + Duration::from_secs(10);
+    loop {
+        let answer = check(&mut c, &ws).await;
+        let late = chrono::Utc::now() - stopped
+            > chrono::Duration::from_std(max_staleness + Duration::from_millis(50)).unwrap();
+        match &answer {
+            Ok(a) => assert!(!late, "fail open: answered {a:?} with the store down"),
+            Err(e) => {
+                assert_error(e, Code::Unavailable, "STORE_UNAVAILABLE");
+            }
+        }
+        if late && answer.is_err() && health(&app).await == NOT_SERVING {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not UNAVAILABLE and NOT_SERVING in time: {answer:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Still closed a while later (not a blip).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let e = check(&mut c, &ws).await.unwrap_err();
+    assert_error(&e, Code::Unavailable, "STORE_UNAVAILABLE");
+    assert_eq!(health(&app).await, NOT_SERVING);
+
+    // The store comes back: both recover, with no restart of the server.
+    pg.up();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if check(&mut c, &ws).await.is_ok() && health(&app).await == SERVING {
+            break;
+        }
+        assert!(Instant::now() < deadline, "did not recover");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(check(&mut c, &ws).await.unwrap().allowed);
+    // And it follows changes again.
+    let r = set_override(&mut c, &ws, Mode::Byok, "after the outage").await;
+    assert!(!answered_at(&mut c, &ws, r.revision, BOUND).await.allowed);
+    app.stop().await.unwrap();
+}
+
+/// Runs one statement on the test's database, behind the server's back.
+async fn execute(db: &TestDb, sql: &str) {
+    use sqlx::Connection;
+    match db.backend {
+        Backend::Sqlite => {
+            let mut c = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+            sqlx::query(sql).execute(&mut c).await.unwrap();
+        }
+        Backend::Postgres => {
+            let mut c = sqlx::PgConnection::connect(&db.url).await.unwrap();
+            sqlx::query(sql).execute(&mut c).await.unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stuck_change_feed_fails_closed_though_the_store_answers() {
+    each_backend(|db| async move {
+        let app = TestApp::spawn(&db).await;
+        let mut c = app.client().await;
+        let ws = new_workspace();
+        set_override(&mut c, &ws, Mode::PlatformManaged, "start").await;
+        assert!(answered_at(&mut c, &ws, 1, BOUND).await.allowed);
+        assert_eq!(health(&app).await, SERVING);
+
+        // The change log cannot be read; the store itself still answers
+        // (Resolve works), so only the spend snapshot knows it is stuck.
+        execute(
+            &db,
+            "ALTER TABLE billing_changes RENAME TO billing_changes_away",
+        )
+        .await;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let answer = check(&mut c, &ws).await;
+            if let Err(e) = &answer {
+                if health(&app).await == NOT_SERVING {
+                    assert_error(e, Code::Unavailable, "STORE_UNAVAILABLE");
+                    break;
+                }
+            }
+            assert!(Instant::now() < deadline, "still answering: {answer:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(resolve(&mut c, &ws).await.revision, 1, "{:?}", db.backend);
+
+        // Readable again: both recover without a restart.
+        execute(
+            &db,
+            "ALTER TABLE billing_changes_away RENAME TO billing_changes",
+        )
+        .await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !(check(&mut c, &ws).await.is_ok() && health(&app).await == SERVING) {
+            assert!(Instant::now() < deadline, "did not recover");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let r = set_override(&mut c, &ws, Mode::Byok, "after").await;
+        assert!(!answered_at(&mut c, &ws, r.revision, BOUND).await.allowed);
     })
     .await;
 }

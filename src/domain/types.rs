@@ -64,6 +64,15 @@ impl WorkspaceId {
     pub fn new_random() -> Self {
         WorkspaceId(uuid::Uuid::new_v4())
     }
+
+    /// The UUID as a number (compact keys for in-memory tables).
+    pub fn as_u128(&self) -> u128 {
+        self.0.as_u128()
+    }
+
+    pub fn from_u128(v: u128) -> Self {
+        WorkspaceId(uuid::Uuid::from_u128(v))
+    }
 }
 
 impl fmt::Display for WorkspaceId {

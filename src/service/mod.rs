@@ -21,6 +21,7 @@ pub mod drift;
 pub mod error;
 mod list;
 pub mod spans;
+pub mod spend;
 pub mod watch;
 
 use error::{ApiError, ErrorReason};
@@ -33,6 +34,7 @@ pub struct BillingModeService {
     store: Arc<dyn Store>,
     registry: Arc<Registry>,
     watcher: watch::Watcher,
+    spend: crate::snapshot::SpendSnapshot,
 }
 
 impl BillingModeService {
@@ -41,7 +43,14 @@ impl BillingModeService {
             store,
             registry,
             watcher,
+            // Never current until one is given: CheckSpend fails closed.
+            spend: crate::snapshot::SpendSnapshot::new(std::time::Duration::ZERO),
         }
+    }
+
+    /// Answers CheckSpend from `spend`.
+    pub fn with_spend(self, spend: crate::snapshot::SpendSnapshot) -> Self {
+        BillingModeService { spend, ..self }
     }
 
     /// The record, in one round trip; a workspace nobody registered is an error.
@@ -291,9 +300,16 @@ impl BillingMode for BillingModeService {
     // listing work; until then they answer UNIMPLEMENTED.
     async fn check_spend(
         &self,
-        _request: Request<proto::CheckSpendRequest>,
+        request: Request<proto::CheckSpendRequest>,
     ) -> Result<Response<proto::CheckSpendResponse>, Status> {
-        Err(Status::unimplemented("CheckSpend is not implemented yet"))
+        let run = async {
+            let who = principal(&request)?;
+            who.require(Action::CheckSpend)?;
+            spend::check_spend(&self.spend, &who, request.get_ref())
+        };
+        run.await
+            .map(Response::new)
+            .map_err(|e| refuse("CheckSpend", e))
     }
 
     async fn report_applied(

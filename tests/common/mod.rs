@@ -86,6 +86,17 @@ impl TestDb {
     }
 }
 
+impl TestDb {
+    /// A database the test set up itself (e.g. a private Postgres server).
+    pub fn at(backend: Backend, url: String) -> TestDb {
+        TestDb {
+            backend,
+            url,
+            _dir: None,
+        }
+    }
+}
+
 /// Runs `f` once per backend that is available.
 pub async fn each_backend<F, Fut>(f: F)
 where

@@ -1,0 +1,510 @@
+//! The spend snapshot: every workspace's current (mode, revision), in memory
+//! on each replica, kept current from the change feed. CheckSpend answers
+//! from it with no store round trip.
+//!
+//! Loaded at start-up at one position of the change log and then advanced by
+//! every change after that position (see [`crate::feed`]), so nothing between
+//! the load and the first change is missed. Fail closed: the snapshot knows
+//! when it last confirmed it was current (it had applied every change the
+//! feed had read by then); older than the staleness bound, it answers no
+//! question at all, and [`SpendSnapshot::current`] turns false, which takes
+//! the service's health to NOT_SERVING.
+//!
+//! Memory: one hash-table slot per workspace, a 16-byte key (the UUID as two
+//! `u64`, so the slot is 8-aligned: a `u128` key would be 16-aligned and the
+//! slot 32 bytes) and an 8-byte value packing the mode into the revision's two
+//! top bits. With hashbrown's control byte and its 7/8 load factor on
+//! power-of-two tables this is 25 bytes per slot and, at 10^6 workspaces,
+//! 2^21 slots: about 52 bytes per workspace (at most 57 just after a growth).
+//! The benchmark measures it.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicI64, AtomicU64, Ordering},
+        Arc, RwLock,
+    },
+    time::Duration,
+};
+
+use chrono::{DateTime, Utc};
+use tokio::sync::watch;
+
+use crate::{
+    domain::{resolve, Mode, Registry, WorkspaceId},
+    feed::{Feed, FeedError, Subscription},
+};
+
+/// The readiness condition that holds while the spend snapshot is current.
+pub const SPEND_SNAPSHOT_CURRENT: &str = "spend snapshot current";
+
+/// Revisions up to this fit beside the mode; a larger one (not reachable
+/// through the API) is kept as "undecidable" and answered with an error.
+const MAX_PACKED_REVISION: u64 = (1 << 62) - 1;
+
+/// (mode, revision) in one word: the mode in the top two bits (0 marks a
+/// workspace whose state cannot be represented), the revision below.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Packed(u64);
+
+impl Packed {
+    fn new(mode: Mode, revision: u64) -> Packed {
+        if revision > MAX_PACKED_REVISION {
+            return Packed(0);
+        }
+        let code: u64 = match mode {
+            Mode::PlatformManaged => 1,
+            Mode::Byok => 2,
+            Mode::Disabled => 3,
+        };
+        Packed(code << 62 | revision)
+    }
+
+    fn mode(self) -> Option<Mode> {
+        match self.0 >> 62 {
+            1 => Some(Mode::PlatformManaged),
+            2 => Some(Mode::Byok),
+            3 => Some(Mode::Disabled),
+            _ => None,
+        }
+    }
+
+    fn revision(self) -> u64 {
+        self.0 & MAX_PACKED_REVISION
+    }
+}
+
+fn key(id: &WorkspaceId) -> [u64; 2] {
+    let v = id.as_u128();
+    [(v >> 64) as u64, v as u64]
+}
+
+/// Workspace → (mode, revision).
+#[derive(Debug, Default)]
+pub struct Table {
+    map: HashMap<[u64; 2], Packed>,
+}
+
+impl Table {
+    pub fn with_capacity(n: usize) -> Table {
+        Table {
+            map: HashMap::with_capacity(n),
+        }
+    }
+
+    /// Records `workspace` at `revision` deciding `mode`, unless the table
+    /// already holds a later revision of it.
+    pub fn apply(&mut self, workspace: &WorkspaceId, mode: Mode, revision: u64) {
+        let new = Packed::new(mode, revision);
+        self.map
+            .entry(key(workspace))
+            .and_modify(|old| {
+                if old.mode().is_none() || revision >= old.revision() {
+                    *old = new;
+                }
+            })
+            .or_insert(new);
+    }
+
+    /// `None`: no such workspace. `Some(None)`: present but not decidable.
+    pub fn get(&self, workspace: &WorkspaceId) -> Option<Option<(Mode, u64)>> {
+        self.map
+            .get(&key(workspace))
+            .map(|p| p.mode().map(|m| (m, p.revision())))
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Bytes the table's slots take: hashbrown allocates a power-of-two
+    /// number of buckets (capacity / (7/8)), each the entry plus a control
+    /// byte, plus a group's width of trailing control bytes.
+    pub fn allocated_bytes(&self) -> usize {
+        let cap = self.map.capacity();
+        if cap == 0 {
+            return 0;
+        }
+        let buckets = if cap < 8 {
+            (cap + 1).next_power_of_two()
+        } else {
+            (cap * 8 / 7).next_power_of_two()
+        };
+        let entry = std::mem::size_of::<([u64; 2], Packed)>();
+        buckets * (entry + 1) + 16
+    }
+}
+
+/// Why the snapshot gives no answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpendError {
+    /// The snapshot could not confirm it is current within the bound.
+    Stale,
+    /// No such workspace (in a current snapshot).
+    NotFound,
+    /// The workspace's state could not be represented: no guess.
+    Undecidable,
+}
+
+/// A current answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpendAnswer {
+    pub mode: Mode,
+    pub revision: u64,
+    /// When the snapshot last confirmed it was current.
+    pub as_of: DateTime<Utc>,
+}
+
+impl SpendAnswer {
+    /// The platform pays only while the decision is platform_managed.
+    pub fn allowed(&self) -> bool {
+        self.mode == Mode::PlatformManaged
+    }
+}
+
+/// What the updater and the readers share.
+struct Shared {
+    table: RwLock<Table>,
+    /// The change-log position the table reflects.
+    position: AtomicU64,
+    /// When the table last confirmed it was current, in microseconds since
+    /// the epoch; `i64::MIN` until the first time.
+    as_of_micros: AtomicI64,
+    max_staleness: Duration,
+    current: watch::Sender<bool>,
+}
+
+/// A handle on this replica's spend snapshot; cheap to clone.
+#[derive(Clone)]
+pub struct SpendSnapshot {
+    shared: Arc<Shared>,
+}
+
+impl SpendSnapshot {
+    /// An empty snapshot that is not current (it answers nothing until
+    /// loaded and confirmed).
+    pub fn new(max_staleness: Duration) -> SpendSnapshot {
+        SpendSnapshot {
+            shared: Arc::new(Shared {
+                table: RwLock::new(Table::default()),
+                position: AtomicU64::new(0),
+                as_of_micros: AtomicI64::new(i64::MIN),
+                max_staleness,
+                current: watch::Sender::new(false),
+            }),
+        }
+    }
+
+    pub fn max_staleness(&self) -> Duration {
+        self.shared.max_staleness
+    }
+
+    /// The answer for `workspace`, from memory. Fails closed: when the
+    /// snapshot last confirmed it was current longer ago than the bound (or
+    /// never), no answer, whatever the table holds.
+    pub fn check(&self, workspace: &WorkspaceId) -> Result<SpendAnswer, SpendError> {
+        let as_of = self.as_of().ok_or(SpendError::Stale)?;
+        if !self.is_fresh(as_of, Utc::now()) {
+            return Err(SpendError::Stale);
+        }
+        let found = self
+            .shared
+            .table
+            .read()
+            .expect("spend snapshot lock")
+            .get(workspace);
+        match found {
+            None => Err(SpendError::NotFound),
+            Some(None) => Err(SpendError::Undecidable),
+            Some(Some((mode, revision))) => Ok(SpendAnswer {
+                mode,
+                revision,
+                as_of,
+            }),
+        }
+    }
+
+    /// When the snapshot last confirmed it was current.
+    pub fn as_of(&self) -> Option<DateTime<Utc>> {
+        match self.shared.as_of_micros.load(Ordering::Acquire) {
+            i64::MIN => None,
+            micros => DateTime::from_timestamp_micros(micros),
+        }
+    }
+
+    fn is_fresh(&self, as_of: DateTime<Utc>, now: DateTime<Utc>) -> bool {
+        match (now - as_of).to_std() {
+            Ok(age) => age <= self.shared.max_staleness,
+            // as_of in the future (clock steps): it was current just now.
+            Err(_) => true,
+        }
+    }
+
+    /// Whether the snapshot is current now (within the staleness bound).
+    pub fn is_current(&self) -> bool {
+        self.as_of().is_some_and(|t| self.is_fresh(t, Utc::now()))
+    }
+
+    /// Follows [`SpendSnapshot::is_current`] as [`SpendSnapshot::publish`]
+    /// observes it.
+    pub fn current(&self) -> watch::Receiver<bool> {
+        self.shared.current.subscribe()
+    }
+
+    /// Publishes [`SpendSnapshot::is_current`] to [`SpendSnapshot::current`]
+    /// followers (when it changed); returns it.
+    pub fn publish(&self) -> bool {
+        let now = self.is_current();
+        self.shared.current.send_if_modified(|c| {
+            let changed = *c != now;
+            *c = now;
+            changed
+        });
+        now
+    }
+
+    /// The change-log position the table reflects.
+    pub fn position(&self) -> u64 {
+        self.shared.position.load(Ordering::Acquire)
+    }
+
+    /// Replaces the whole table with one loaded at `position`.
+    pub fn replace(&self, table: Table, position: u64) {
+        *self.shared.table.write().expect("spend snapshot lock") = table;
+        self.shared.position.store(position, Ordering::Release);
+    }
+
+    /// Applies one change at `position` (the next after the table's).
+    pub fn apply(&self, position: u64, workspace: &WorkspaceId, mode: Mode, revision: u64) {
+        self.shared
+            .table
+            .write()
+            .expect("spend snapshot lock")
+            .apply(workspace, mode, revision);
+        self.shared.position.store(position, Ordering::Release);
+    }
+
+    /// Records that the table was current at `at` (it had applied every
+    /// change committed before then). Never moves backwards.
+    pub fn confirm(&self, at: DateTime<Utc>) {
+        self.shared
+            .as_of_micros
+            .fetch_max(at.timestamp_micros(), Ordering::AcqRel);
+    }
+
+    /// Workspaces in the table.
+    pub fn len(&self) -> usize {
+        self.shared.table.read().expect("spend snapshot lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// How often the updater confirms currency while no change arrives.
+const CONFIRM_EVERY: Duration = Duration::from_millis(50);
+/// How often currency is published to health followers.
+const PUBLISH_EVERY: Duration = Duration::from_millis(100);
+/// Pause before loading again after the feed or the store failed.
+const RELOAD_AFTER: Duration = Duration::from_millis(250);
+
+impl SpendSnapshot {
+    /// Starts keeping a snapshot current: loads every workspace's decision
+    /// at one position of the change log, follows the feed from there, and
+    /// keeps confirming currency, in the background until the feed shuts
+    /// down (a failed load is retried). Waits at most `max_staleness` for
+    /// the first confirmation, so a server usually starts current; until
+    /// then CheckSpend answers UNAVAILABLE.
+    pub async fn start(
+        feed: Feed,
+        registry: Arc<Registry>,
+        max_staleness: Duration,
+    ) -> SpendSnapshot {
+        let snapshot = SpendSnapshot::new(max_staleness);
+        tokio::spawn(snapshot.clone().run(feed.clone(), registry));
+        tokio::spawn(snapshot.clone().publish_every(feed));
+        let mut current = snapshot.current();
+        let _ = tokio::time::timeout(max_staleness, current.wait_for(|c| *c)).await;
+        snapshot
+    }
+
+    /// One consistent load at position P, and the subscription from P.
+    async fn load(&self, feed: &Feed, registry: &Registry) -> Result<Subscription, FeedError> {
+        let loaded = feed.snapshot().await?;
+        let mut table = Table::with_capacity(loaded.records.len());
+        for record in &loaded.records {
+            let mode = resolve(record, registry).mode;
+            table.apply(&record.workspace_id, mode, record.revision);
+        }
+        let subscription = feed.subscribe(loaded.position).await?;
+        tracing::info!(
+            position = loaded.position,
+            workspaces = table.len(),
+            "spend snapshot loaded"
+        );
+        self.replace(table, loaded.position);
+        Ok(subscription)
+    }
+
+    /// Applies every change from the feed; on a feed or store failure, loads
+    /// again (meanwhile nothing confirms currency, so the snapshot goes stale
+    /// and CheckSpend answers UNAVAILABLE).
+    async fn run(self, feed: Feed, registry: Arc<Registry>) {
+        let Some(mut sub) = self.load_until_done(&feed, &registry).await else {
+            return;
+        };
+        loop {
+            let failure = loop {
+                tokio::select! {
+                    biased;
+                    () = feed.stopped() => return,
+                    next = sub.next() => match next {
+                        Ok(change) => {
+                            let r = &change.record;
+                            let mode = resolve(r, &registry).mode;
+                            self.apply(change.position, &r.workspace_id, mode, r.revision);
+                        }
+                        Err(FeedError::ShuttingDown) => return,
+                        Err(e) => break e,
+                    },
+                    () = tokio::time::sleep(CONFIRM_EVERY) => {}
+                }
+                self.confirm_from(&feed, &sub);
+            };
+            tracing::warn!(error = %failure, "spend snapshot: the change feed failed; loading again");
+            match self.load_until_done(&feed, &registry).await {
+                Some(s) => sub = s,
+                None => return,
+            }
+        }
+    }
+
+    /// Loads (retrying after failures) until it succeeds; `None` once the
+    /// feed shuts down.
+    async fn load_until_done(&self, feed: &Feed, registry: &Registry) -> Option<Subscription> {
+        let mut first = true;
+        loop {
+            if !first {
+                tokio::select! {
+                    () = feed.stopped() => return None,
+                    () = tokio::time::sleep(RELOAD_AFTER) => {}
+                }
+            }
+            first = false;
+            match self.load(feed, registry).await {
+                Ok(s) => return Some(s),
+                Err(FeedError::ShuttingDown) => return None,
+                Err(e) => tracing::warn!(error = %e, "spend snapshot: cannot load; retrying"),
+            }
+        }
+    }
+
+    /// The table is current as of the feed's last confirmation `T` once it
+    /// has applied everything the feed had read by then. `T` is read before
+    /// the feed's position, and positions only grow, so the check can only
+    /// be stricter than needed, never looser.
+    fn confirm_from(&self, feed: &Feed, sub: &Subscription) {
+        let Some(at) = feed.current_at() else { return };
+        if sub.is_live() && sub.position() >= feed.position() {
+            self.confirm(at);
+        }
+    }
+
+    async fn publish_every(self, feed: Feed) {
+        loop {
+            self.publish();
+            tokio::select! {
+                () = feed.stopped() => {
+                    self.shared.current.send_replace(false);
+                    return;
+                }
+                () = tokio::time::sleep(PUBLISH_EVERY) => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mode_and_revision_pack_into_one_word() {
+        for mode in [Mode::PlatformManaged, Mode::Byok, Mode::Disabled] {
+            for revision in [1, 2, 1 << 40, MAX_PACKED_REVISION] {
+                let p = Packed::new(mode, revision);
+                assert_eq!((p.mode(), p.revision()), (Some(mode), revision));
+            }
+        }
+        assert_eq!(
+            Packed::new(Mode::Byok, MAX_PACKED_REVISION + 1).mode(),
+            None
+        );
+    }
+
+    #[test]
+    fn a_table_keeps_the_latest_revision_per_workspace() {
+        let mut t = Table::default();
+        let a = WorkspaceId::new_random();
+        let b = WorkspaceId::new_random();
+        t.apply(&a, Mode::PlatformManaged, 1);
+        t.apply(&a, Mode::Byok, 2);
+        t.apply(&a, Mode::PlatformManaged, 1); // an older revision never wins
+        t.apply(&b, Mode::Disabled, 7);
+        assert_eq!(t.get(&a), Some(Some((Mode::Byok, 2))));
+        assert_eq!(t.get(&b), Some(Some((Mode::Disabled, 7))));
+        assert_eq!(t.get(&WorkspaceId::new_random()), None);
+        t.apply(&b, Mode::Byok, MAX_PACKED_REVISION + 5);
+        assert_eq!(t.get(&b), Some(None), "unrepresentable: undecidable");
+        assert_eq!(t.len(), 2);
+    }
+
+    #[test]
+    fn the_snapshot_answers_only_while_confirmed_current() {
+        let s = SpendSnapshot::new(Duration::from_millis(200));
+        let a = WorkspaceId::new_random();
+        let mut t = Table::default();
+        t.apply(&a, Mode::PlatformManaged, 3);
+        s.replace(t, 10);
+        // Loaded but never confirmed: no answer.
+        assert_eq!(s.check(&a), Err(SpendError::Stale));
+        assert!(!s.publish());
+        s.confirm(Utc::now());
+        let answer = s.check(&a).unwrap();
+        assert!(answer.allowed());
+        assert_eq!((answer.mode, answer.revision), (Mode::PlatformManaged, 3));
+        assert!(s.publish() && *s.current().borrow());
+        assert_eq!(
+            s.check(&WorkspaceId::new_random()),
+            Err(SpendError::NotFound)
+        );
+        s.apply(11, &a, Mode::Byok, 4);
+        assert!(!s.check(&a).unwrap().allowed());
+        assert_eq!(s.position(), 11);
+        // Confirmation never moves backwards.
+        let before = s.as_of().unwrap();
+        s.confirm(before - chrono::Duration::seconds(10));
+        assert_eq!(s.as_of().unwrap(), before);
+        // Past the bound: stale, whatever the table holds.
+        s.confirm(Utc::now() - chrono::Duration::seconds(1));
+        std::thread::sleep(Duration::from_millis(250));
+        assert_eq!(s.check(&a), Err(SpendError::Stale));
+        assert!(!s.publish() && !*s.current().borrow());
+    }
+
+    #[test]
+    fn a_million_workspaces_take_at_most_64_bytes_each() {
+        let n = 1_000_000;
+        let mut t = Table::with_capacity(0);
+        for i in 0..n {
+            t.apply(&WorkspaceId::from_u128(i as u128 * 7919 + 1), Mode::Byok, 1);
+        }
+        let per = t.allocated_bytes() as f64 / n as f64;
+        assert!(per <= 64.0, "{per} bytes per workspace");
+    }
+}
