@@ -253,7 +253,6 @@ fn exit_for(code: i32) -> i32 {
     64 + code
 }
 const DEADLINE_EXCEEDED: i32 = 4;
-const UNIMPLEMENTED: i32 = 12;
 
 #[test]
 fn every_grpcurl_example_in_the_readme_works_as_documented() {
@@ -330,20 +329,6 @@ fn every_grpcurl_example_in_the_readme_works_as_documented() {
         let output = &outcome.output;
         let mut problems = Vec::new();
 
-        // A method the service declares but does not implement yet (its
-        // stub answers UNIMPLEMENTED "... is not implemented yet"), documented
-        // ahead of its implementation, is reported, not counted as a failure.
-        // A method the server does not know at all still fails.
-        if outcome.exit == Some(exit_for(UNIMPLEMENTED))
-            && output.contains("Code: Unimplemented")
-            && output.contains("is not implemented yet")
-        {
-            eprintln!(
-                "{at}: NOT IMPLEMENTED YET (answered UNIMPLEMENTED):\n{}",
-                example.command
-            );
-            continue;
-        }
         match outcome.exit {
             None => problems.push(format!(
                 "still running after {COMMAND_LIMIT:?} (a streaming example needs -max-time)"
