@@ -17,8 +17,9 @@ use billing_mode::{
     auth::Role,
     proto::{
         billing_mode_client::BillingModeClient, watch_response, BuildEnvRequest, CheckSpendRequest,
-        ClearRequest, CredentialKeys, EnvVar, HistoryRequest, ListDriftRequest, Mode, Origin,
-        ReportAppliedRequest, ResolveRequest, SetRequest, WatchRequest,
+        ClearRequest, CredentialKeys, EnvVar, HistoryRequest, ListDriftRequest,
+        ListWorkspacesRequest, Mode, Origin, ReportAppliedRequest, ResolveRequest, SetRequest,
+        WatchRequest,
     },
 };
 use common::*;
@@ -927,6 +928,52 @@ async fn drive(db: &TestDb, logs: &Logs) -> Secrets {
         Code::PermissionDenied,
         "PERMISSION_DENIED",
     );
+
+    // --- ListWorkspaces: every page, and the refusals -----------------------------
+    {
+        let mut page_token = String::new();
+        loop {
+            let page = reader
+                .list_workspaces(ListWorkspacesRequest {
+                    page_size: 2,
+                    page_token,
+                    ..ListWorkspacesRequest::default()
+                })
+                .await
+                .expect("ListWorkspaces")
+                .into_inner();
+            s.check("ListWorkspaces response", &format!("{page:?}"));
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            page_token = page.next_page_token;
+        }
+        let r = reader
+            .list_workspaces(ListWorkspacesRequest {
+                page_token: s.canary(),
+                ..ListWorkspacesRequest::default()
+            })
+            .await
+            .map(drop);
+        refused(
+            &mut s,
+            "ListWorkspaces foreign token",
+            r,
+            Code::InvalidArgument,
+            "INVALID_FIELD",
+        );
+        let r = prov
+            .list_workspaces(ListWorkspacesRequest::default())
+            .await
+            .map(drop);
+        refused(
+            &mut s,
+            "provisioner ListWorkspaces",
+            r,
+            Code::PermissionDenied,
+            "PERMISSION_DENIED",
+        );
+    }
 
     // --- CheckSpend ---------------------------------------------------------------
     let spend = meter
