@@ -300,15 +300,7 @@ impl Store for SqliteStore {
         tx.commit().await?;
         let records = rows
             .iter()
-            .map(|row| {
-                use sqlx::Row;
-                let id: String = row.try_get("workspace_id")?;
-                let id = WorkspaceId::parse(&id).map_err(|_| {
-                    StoreError::Corrupt("billing_records: workspace id is not a UUID".into())
-                })?;
-                let (fields, revision) = record_from_row(row)?;
-                Ok(fields.into_record(id, revision))
-            })
+            .map(listed_from_row)
             .collect::<Result<_, StoreError>>()?;
         Ok(Snapshot {
             position: state.last_position,
