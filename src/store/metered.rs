@@ -11,8 +11,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use super::{
-    AppliedReport, AuditEntry, ChangeListener, LogState, LoggedChange, PoolStatus, Snapshot, Store,
-    StoreError, Write,
+    AppliedReport, AuditEntry, ChangeListener, Create, CreateOutcome, LogState, LoggedChange,
+    PoolStatus, Snapshot, Store, StoreError, Write,
 };
 use crate::domain::{Record, WorkspaceId};
 
@@ -59,6 +59,19 @@ impl Store for MeteredStore {
 
     async fn write(&self, write: Write<'_>) -> Result<Record, StoreError> {
         timed("write", self.inner.write(write)).await
+    }
+
+    async fn create_batch(
+        &self,
+        creates: &[Create<'_>],
+        actor: &str,
+        reason: &str,
+    ) -> Result<Vec<CreateOutcome>, StoreError> {
+        timed(
+            "create_batch",
+            self.inner.create_batch(creates, actor, reason),
+        )
+        .await
     }
 
     async fn dry_run(&self, write: Write<'_>) -> Result<Record, StoreError> {

@@ -64,6 +64,28 @@ pub struct Write<'a> {
     pub reason: &'a str,
 }
 
+/// One record to create if it is missing ([`Store::create_batch`]): the
+/// workspace and the change that makes its first revision.
+#[derive(Debug, Clone, Copy)]
+pub struct Create<'a> {
+    pub workspace_id: WorkspaceId,
+    pub change: &'a Change,
+}
+
+/// What [`Store::create_batch`] did for one workspace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CreateOutcome {
+    /// Created at revision 1, with its audit row and change-log entry.
+    Created(Record),
+    /// Already registered: left untouched; the record as it is.
+    Existing(Record),
+}
+
+/// The most workspaces one [`Store::create_batch`] (and one
+/// `BatchCreateWorkspaces` call) may create: a bound on the transaction's
+/// size and on how long it holds the change log's counter.
+pub const MAX_BATCH_CREATE: usize = 1000;
+
 /// One audit row.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditEntry {
@@ -128,6 +150,22 @@ pub trait Store: Send + Sync + 'static {
     /// after it. A change that changes nothing returns the record unchanged
     /// and writes no audit row.
     async fn write(&self, write: Write<'_>) -> Result<Record, StoreError>;
+
+    /// Creates, create-only, every workspace of `creates` that has no record,
+    /// all in one transaction: one audit row (`actor`, `reason`) and one
+    /// change-log position per created workspace, positions in `creates`
+    /// order, one commit. A workspace that already has a record (created
+    /// concurrently, or earlier in the same batch) is left untouched and
+    /// answered as it is. Answers one outcome per item, in `creates` order.
+    /// Every change must be one that can create a record (a `Set`):
+    /// `ClearOverride` is `NotFound`, like [`Store::write`]'s, and nothing is
+    /// written.
+    async fn create_batch(
+        &self,
+        creates: &[Create<'_>],
+        actor: &str,
+        reason: &str,
+    ) -> Result<Vec<CreateOutcome>, StoreError>;
 
     /// What [`Store::write`] would return for `write`, with every check it
     /// makes (`NotFound`, compare-and-set, no-op detection) on the stored row,
@@ -282,6 +320,16 @@ pub fn plan_write(
                 })
             }
         }
+    }
+}
+
+/// The fields a create writes: [`plan_write`] on a missing record, create-only.
+pub fn plan_create(workspace_id: WorkspaceId, change: &Change) -> Result<Fields, StoreError> {
+    match plan_write(None, workspace_id, change, Some(0))? {
+        Plan::Insert { after } => Ok(after),
+        Plan::Unchanged(_) | Plan::Update { .. } => Err(StoreError::Corrupt(
+            "a create on a missing record planned as an update".into(),
+        )),
     }
 }
 

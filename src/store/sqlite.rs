@@ -24,10 +24,11 @@ use sqlx::{
 
 use super::{
     audit_from_row, change_from_row, fields_to_json, listed_from_row, log_state_from_row,
-    plan_write, position_from_db, position_to_db, record_from_row, revision_to_db, AuditEntry,
-    ChangeListener, LogState, LoggedChange, Plan, PoolStatus, Snapshot, Store, StoreError, Write,
+    plan_create, plan_write, position_from_db, position_to_db, record_from_row, revision_to_db,
+    AuditEntry, ChangeListener, Create, CreateOutcome, LogState, LoggedChange, Plan, PoolStatus,
+    Snapshot, Store, StoreError, Write,
 };
-use crate::domain::{Record, WorkspaceId};
+use crate::domain::{Fields, Record, WorkspaceId};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -76,17 +77,34 @@ impl SqliteStore {
 const SELECT_RECORD: &str = "SELECT runtime, model, credential_keys, override_mode, revision \
      FROM billing_records WHERE workspace_id = $1";
 
+/// The record's fields and revision as stored, `None` when it has none.
+async fn read_current(
+    tx: &mut Transaction<'_, Sqlite>,
+    id: &str,
+) -> Result<Option<(Fields, u64)>, StoreError> {
+    let row = sqlx::query(SELECT_RECORD)
+        .bind(id)
+        .fetch_optional(&mut **tx)
+        .await?;
+    row.as_ref().map(record_from_row).transpose()
+}
+
 /// The record after the write, and whether it changed (was logged).
 async fn write_in(
     tx: &mut Transaction<'_, Sqlite>,
     w: &Write<'_>,
 ) -> Result<(Record, bool), StoreError> {
+    let current = read_current(tx, &w.workspace_id.to_string()).await?;
+    write_planned(tx, w, current).await
+}
+
+/// [`write_in`] on the row read (`current`) in the same transaction.
+async fn write_planned(
+    tx: &mut Transaction<'_, Sqlite>,
+    w: &Write<'_>,
+    current: Option<(Fields, u64)>,
+) -> Result<(Record, bool), StoreError> {
     let id = w.workspace_id.to_string();
-    let row = sqlx::query(SELECT_RECORD)
-        .bind(&id)
-        .fetch_optional(&mut **tx)
-        .await?;
-    let current = row.as_ref().map(record_from_row).transpose()?;
     let now = Utc::now();
     let (before, after, revision) = match plan_write(
         current,
@@ -172,6 +190,40 @@ async fn write_in(
     Ok((after.into_record(w.workspace_id, revision), true))
 }
 
+/// [`Store::create_batch`] in `tx`, which holds the write lock: each
+/// workspace read, and created by the one write path when it has no record.
+async fn create_batch_in(
+    tx: &mut Transaction<'_, Sqlite>,
+    creates: &[Create<'_>],
+    actor: &str,
+    reason: &str,
+) -> Result<Vec<CreateOutcome>, StoreError> {
+    // Every change is checked before anything is written.
+    for c in creates {
+        plan_create(c.workspace_id, c.change)?;
+    }
+    let mut out = Vec::with_capacity(creates.len());
+    for c in creates {
+        let current = read_current(tx, &c.workspace_id.to_string()).await?;
+        out.push(match current {
+            Some((fields, revision)) => {
+                CreateOutcome::Existing(fields.into_record(c.workspace_id, revision))
+            }
+            None => {
+                let w = Write {
+                    workspace_id: c.workspace_id,
+                    change: c.change,
+                    expected_revision: Some(0),
+                    actor,
+                    reason,
+                };
+                CreateOutcome::Created(write_planned(tx, &w, None).await?.0)
+            }
+        });
+    }
+    Ok(out)
+}
+
 const SELECT_LOG_STATE: &str =
     "SELECT store_id, last_position, pruned_through FROM billing_change_log";
 
@@ -212,6 +264,25 @@ impl Store for SqliteStore {
             self.committed.send_modify(|n| *n = n.wrapping_add(1));
         }
         Ok(record)
+    }
+
+    #[tracing::instrument(name = "store.create_batch", skip_all, fields(otel.kind = "client", db.system.name = "sqlite", db.operation.name = "create_batch", items = creates.len()))]
+    async fn create_batch(
+        &self,
+        creates: &[Create<'_>],
+        actor: &str,
+        reason: &str,
+    ) -> Result<Vec<CreateOutcome>, StoreError> {
+        if creates.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let out = create_batch_in(&mut tx, creates, actor, reason).await?;
+        tx.commit().await?;
+        if out.iter().any(|o| matches!(o, CreateOutcome::Created(_))) {
+            self.committed.send_modify(|n| *n = n.wrapping_add(1));
+        }
+        Ok(out)
     }
 
     #[tracing::instrument(name = "store.dry_run", skip_all, fields(otel.kind = "client", db.system.name = "sqlite", db.operation.name = "dry_run"))]

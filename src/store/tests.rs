@@ -23,7 +23,10 @@ use sqlx::{
 };
 use tempfile::TempDir;
 
-use super::{postgres::PostgresStore, sqlite::SqliteStore, AuditEntry, Store, StoreError, Write};
+use super::{
+    postgres::PostgresStore, sqlite::SqliteStore, AuditEntry, Create, CreateOutcome, Store,
+    StoreError, Write,
+};
 use crate::domain::{
     resolve, Change, CredentialKeys, Fields, Mode, Model, Patch, Record, Registry, Runtime, Source,
     Stored, WorkspaceId,
@@ -346,6 +349,8 @@ store_tests!(
     applied_reports_keep_the_latest_per_instance_with_the_current_record,
     the_database_refuses_an_applied_report_it_cannot_interpret,
     list_after_pages_every_record_once_in_workspace_id_order,
+    a_batch_creates_the_missing_in_one_commit_and_leaves_the_existing_untouched,
+    batches_and_single_creates_of_the_same_workspaces_at_once_never_overwrite_each_other,
 );
 
 // ---------------------------------------------------------------------------
@@ -1585,4 +1590,225 @@ async fn list_after_pages_every_record_once_in_workspace_id_order(h: &mut Harnes
         .await
         .unwrap()
         .is_empty());
+}
+
+async fn a_batch_creates_the_missing_in_one_commit_and_leaves_the_existing_untouched(
+    h: &mut Harness,
+) {
+    let store = h.store();
+    let existing = WorkspaceId::new_random();
+    write(&*store, existing, &set_model("haiku"), None)
+        .await
+        .unwrap();
+    let before = store.log_state().await.unwrap();
+    let (a, b) = (WorkspaceId::new_random(), WorkspaceId::new_random());
+    let make_a = set(Patch {
+        runtime: Some(Some(runtime("claude-code"))),
+        model: Some(Some(model("opus"))),
+        credential_keys: Some(keys(&["CLAUDE_CODE_OAUTH_TOKEN"])),
+        ..Patch::default()
+    });
+    let (make_e, make_b) = (set_model("opus"), set_override(Mode::Byok));
+    let a_again = set_model("sonnet");
+    let creates = [
+        Create {
+            workspace_id: a,
+            change: &make_a,
+        },
+        Create {
+            workspace_id: existing,
+            change: &make_e,
+        },
+        Create {
+            workspace_id: b,
+            change: &make_b,
+        },
+        // The same workspace again: the first item created it.
+        Create {
+            workspace_id: a,
+            change: &a_again,
+        },
+    ];
+    let out = store
+        .create_batch(&creates, "importer", "adopt: day one")
+        .await
+        .expect("create_batch");
+    let a_record = make_a.apply(None).into_record(a, 1);
+    let b_record = make_b.apply(None).into_record(b, 1);
+    let e_record = load(&*store, existing).await;
+    assert_eq!(e_record.model, Stored::Valid(model("haiku")), "untouched");
+    assert_eq!(e_record.revision, 1);
+    assert_eq!(
+        out,
+        vec![
+            CreateOutcome::Created(a_record.clone()),
+            CreateOutcome::Existing(e_record.clone()),
+            CreateOutcome::Created(b_record.clone()),
+            CreateOutcome::Existing(a_record.clone()),
+        ],
+        "{}",
+        h.backend_name()
+    );
+    assert_eq!(load(&*store, a).await, a_record);
+    assert_eq!(load(&*store, b).await, b_record);
+    // One audit row per created workspace, with the actor and reason.
+    for (id, record) in [(a, &a_record), (b, &b_record)] {
+        let audit = history(&*store, id).await;
+        assert_eq!(audit.len(), 1);
+        assert_eq!(
+            (
+                audit[0].revision,
+                audit[0].actor.as_str(),
+                audit[0].reason.as_str()
+            ),
+            (1, "importer", "adopt: day one")
+        );
+        assert_eq!(audit[0].before, None);
+        assert_eq!(audit[0].after, record.fields());
+    }
+    assert_eq!(history(&*store, existing).await.len(), 1);
+    // One change-log position per created workspace, in batch order.
+    let (changes, state) = store
+        .changes_after(before.last_position, 100)
+        .await
+        .unwrap();
+    assert_eq!(state.last_position, before.last_position + 2);
+    let logged: Vec<(u64, Record)> = changes
+        .into_iter()
+        .map(|c| (c.position, c.record))
+        .collect();
+    assert_eq!(
+        logged,
+        vec![
+            (before.last_position + 1, a_record.clone()),
+            (before.last_position + 2, b_record.clone())
+        ]
+    );
+    let snapshot = store.snapshot().await.unwrap();
+    assert_eq!(snapshot.position, before.last_position + 2);
+    assert_eq!(snapshot.records.len(), 3);
+
+    // Nothing to create: nothing written, nothing logged.
+    let again = store
+        .create_batch(&creates[..2], "importer", "again")
+        .await
+        .unwrap();
+    assert!(again
+        .iter()
+        .all(|o| matches!(o, CreateOutcome::Existing(_))));
+    assert!(store
+        .create_batch(&[], "importer", "none")
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(store.log_state().await.unwrap(), state);
+
+    // A change that cannot create fails the whole batch before any write.
+    let c = WorkspaceId::new_random();
+    let make_c = set_model("opus");
+    let bad = [
+        Create {
+            workspace_id: c,
+            change: &make_c,
+        },
+        Create {
+            workspace_id: WorkspaceId::new_random(),
+            change: &Change::ClearOverride,
+        },
+    ];
+    assert!(matches!(
+        store.create_batch(&bad, "importer", "bad").await,
+        Err(StoreError::NotFound)
+    ));
+    assert_eq!(store.load(&c).await.unwrap(), None);
+    assert_eq!(store.log_state().await.unwrap(), state);
+}
+
+async fn batches_and_single_creates_of_the_same_workspaces_at_once_never_overwrite_each_other(
+    h: &mut Harness,
+) {
+    const N: usize = 200;
+    let store = h.store();
+    let ids: Arc<Vec<WorkspaceId>> = Arc::new((0..N).map(|_| WorkspaceId::new_random()).collect());
+    // Two batches of every workspace (one in reverse order) and a create-only
+    // Set of each, all at once; each names itself in the model it writes.
+    let batch = |name: &'static str, reverse: bool| {
+        let (store, ids) = (store.clone(), ids.clone());
+        tokio::spawn(async move {
+            let change = set_model(name);
+            let mut order: Vec<WorkspaceId> = ids.to_vec();
+            if reverse {
+                order.reverse();
+            }
+            let creates: Vec<Create<'_>> = order
+                .iter()
+                .map(|id| Create {
+                    workspace_id: *id,
+                    change: &change,
+                })
+                .collect();
+            let out = store
+                .create_batch(&creates, name, "race")
+                .await
+                .expect("a batch failed");
+            order.into_iter().zip(out).collect::<Vec<_>>()
+        })
+    };
+    let first = batch("batch-1", false);
+    let second = batch("batch-2", true);
+    let singles: Vec<_> = ids
+        .iter()
+        .rev()
+        .map(|id| {
+            let (store, id) = (store.clone(), *id);
+            tokio::spawn(async move {
+                let r =
+                    write_as(&*store, id, &set_model("single"), Some(0), "single", "race").await;
+                (id, r)
+            })
+        })
+        .collect();
+    let mut creator: std::collections::HashMap<WorkspaceId, Vec<&str>> = Default::default();
+    let mut answered: Vec<(WorkspaceId, Record)> = Vec::new();
+    for (name, task) in [("batch-1", first), ("batch-2", second)] {
+        for (id, outcome) in task.await.expect("task") {
+            match outcome {
+                CreateOutcome::Created(r) => {
+                    creator.entry(id).or_default().push(name);
+                    answered.push((id, r));
+                }
+                CreateOutcome::Existing(r) => answered.push((id, r)),
+            }
+        }
+    }
+    for task in singles {
+        match task.await.expect("task") {
+            (id, Ok(r)) => {
+                creator.entry(id).or_default().push("single");
+                answered.push((id, r));
+            }
+            (_, result) => assert_mismatch(result, 0, Some(1)),
+        }
+    }
+    assert_eq!(creator.len(), N);
+    for id in ids.iter() {
+        let who = &creator[id];
+        assert_eq!(who.len(), 1, "exactly one creator: {who:?}");
+        let record = load(&*store, *id).await;
+        assert_eq!(record.revision, 1, "never overwritten");
+        assert_eq!(record.model, Stored::Valid(model(who[0])));
+        let audit = history(&*store, *id).await;
+        assert_eq!(audit.len(), 1);
+        assert_eq!(audit[0].actor, who[0]);
+    }
+    for (id, r) in &answered {
+        assert_eq!(r, &load(&*store, *id).await, "every answer is the record");
+    }
+    // Each creation logged exactly once, at dense positions.
+    let (changes, state) = store.changes_after(0, 10 * N as u32).await.unwrap();
+    assert_eq!(state.last_position, N as u64);
+    let positions: Vec<u64> = changes.iter().map(|c| c.position).collect();
+    assert_eq!(positions, (1..=N as u64).collect::<Vec<_>>());
+    let logged: BTreeSet<WorkspaceId> = changes.iter().map(|c| c.record.workspace_id).collect();
+    assert_eq!(logged.len(), N);
 }
