@@ -87,9 +87,10 @@ pub enum Action {
     Resolve,
     History,
     BuildEnv,
-    /// Set without override_mode.
+    /// Set without override_mode; BatchCreateWorkspaces with no item that
+    /// sets it.
     SetFields,
-    /// Set with override_mode.
+    /// Set with override_mode; BatchCreateWorkspaces with an item that sets it.
     SetOverride,
     Clear,
     /// The change stream: whoever may Resolve.
@@ -106,8 +107,8 @@ impl Action {
             Action::Resolve => "Resolve (reader, provisioner or admin)",
             Action::History => "History (reader or admin)",
             Action::BuildEnv => "BuildEnv (provisioner or admin)",
-            Action::SetFields => "Set (writer or admin)",
-            Action::SetOverride => "Set with override_mode (admin)",
+            Action::SetFields => "Set or BatchCreateWorkspaces (writer or admin)",
+            Action::SetOverride => "Set or BatchCreateWorkspaces with override_mode (admin)",
             Action::Clear => "Clear (admin)",
             Action::Watch => "Watch (reader, provisioner or admin)",
             Action::CheckSpend => "CheckSpend (meter or admin)",
@@ -133,8 +134,13 @@ impl Principal {
         }
     }
 
+    /// Whether one of the caller's roles allows `action`.
+    pub fn may(&self, action: Action) -> bool {
+        self.roles.iter().any(|r| r.allows(action))
+    }
+
     pub fn require(&self, action: Action) -> Result<(), ApiError> {
-        if self.roles.iter().any(|r| r.allows(action)) {
+        if self.may(action) {
             Ok(())
         } else {
             Err(ApiError::new(

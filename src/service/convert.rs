@@ -164,6 +164,70 @@ pub fn set_request(req: &proto::SetRequest) -> Result<SetInput, ApiError> {
     })
 }
 
+/// A validated BatchCreateWorkspaces request: each item's workspace and the
+/// change that creates it, in request order, and the reason.
+#[derive(Debug)]
+pub struct BatchCreateInput {
+    pub items: Vec<(WorkspaceId, Change)>,
+    pub reason: Option<Reason>,
+}
+
+/// Each item is validated as the `SetRequest` it stands for (create-only),
+/// and an error names the item: `workspaces[3].model …`.
+pub fn batch_create_request(
+    req: &proto::BatchCreateWorkspacesRequest,
+) -> Result<BatchCreateInput, ApiError> {
+    let max = crate::store::MAX_BATCH_CREATE;
+    if req.workspaces.is_empty() {
+        return Err(ApiError::new(
+            ErrorReason::NothingToSet,
+            "nothing to create: give at least one workspace in workspaces",
+        ));
+    }
+    if req.workspaces.len() > max {
+        return Err(ApiError::new(
+            ErrorReason::LimitExceeded,
+            format!(
+                "workspaces has {} items; at most {max} are allowed in one call (send several)",
+                req.workspaces.len()
+            ),
+        ));
+    }
+    let reason = reason(&req.reason)?;
+    let mut items = Vec::with_capacity(req.workspaces.len());
+    let mut first = std::collections::HashMap::with_capacity(req.workspaces.len());
+    for (i, w) in req.workspaces.iter().enumerate() {
+        let set = proto::SetRequest {
+            workspace_id: w.workspace_id.clone(),
+            override_mode: (w.override_mode != i32::from(proto::Mode::Unspecified))
+                .then_some(w.override_mode),
+            runtime: Some(w.runtime.clone()),
+            model: Some(w.model.clone()),
+            credential_keys: Some(proto::CredentialKeys {
+                keys: w.credential_keys.clone(),
+            }),
+            expected_revision: Some(0),
+            reason: req.reason.clone(),
+            dry_run: false,
+        };
+        let input = set_request(&set).map_err(|e| match e.reason {
+            ErrorReason::ReasonRequired => ApiError::new(
+                e.reason,
+                format!("workspaces[{i}].override_mode: setting it needs a non-empty reason"),
+            ),
+            _ => ApiError::new(e.reason, format!("workspaces[{i}].{}", e.message)),
+        })?;
+        if let Some(j) = first.insert(input.workspace_id, i) {
+            return Err(ApiError::new(
+                ErrorReason::InvalidField,
+                format!("workspaces[{i}].workspace_id: the same workspace as workspaces[{j}]"),
+            ));
+        }
+        items.push((input.workspace_id, input.change));
+    }
+    Ok(BatchCreateInput { items, reason })
+}
+
 pub fn clear_request(req: &proto::ClearRequest) -> Result<SetInput, ApiError> {
     let workspace_id = workspace_id(&req.workspace_id)?;
     let reason = reason(&req.reason)?;

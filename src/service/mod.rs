@@ -12,7 +12,7 @@ use crate::{
     auth::{Action, Principal},
     domain::{BuiltEnv, Record, Registry, Resolution, WorkspaceId},
     proto::{self, billing_mode_server::BillingMode},
-    store::{Store, Write},
+    store::{Create, CreateOutcome, Store, Write},
 };
 
 pub mod codec;
@@ -93,9 +93,15 @@ fn principal<T>(req: &Request<T>) -> Result<Principal, ApiError> {
 
 /// The decision log: one INFO line per decision; names, never values.
 fn log_decision(rpc: &'static str, actor: &str, r: &Resolution, built: Option<&BuiltEnv>) {
-    crate::metrics::record_decision(rpc, r.mode.as_str(), r.source.as_str());
     // The call's server span carries the outcome too.
     crate::telemetry::rpc_span::record_decision(&tracing::Span::current(), r);
+    log_decision_line(rpc, actor, r, built);
+}
+
+/// The decision's log line and metric, without marking the call's span (a
+/// batch makes many decisions in one call).
+fn log_decision_line(rpc: &'static str, actor: &str, r: &Resolution, built: Option<&BuiltEnv>) {
+    crate::metrics::record_decision(rpc, r.mode.as_str(), r.source.as_str());
     let provider = r.provider.as_ref().map_or("", |p| p.id.as_str());
     match built {
         None => tracing::info!(
@@ -185,6 +191,81 @@ impl BillingMode for BillingModeService {
             })
         };
         run.await.map(Response::new).map_err(|e| refuse("Set", e))
+    }
+
+    async fn batch_create_workspaces(
+        &self,
+        request: Request<proto::BatchCreateWorkspacesRequest>,
+    ) -> Result<Response<proto::BatchCreateWorkspacesResponse>, Status> {
+        let run = async {
+            let who = principal(&request)?;
+            // As Set: authorize on what the request asks for before
+            // validating it.
+            let action = if request
+                .get_ref()
+                .workspaces
+                .iter()
+                .any(|w| w.override_mode != i32::from(proto::Mode::Unspecified))
+            {
+                Action::SetOverride
+            } else {
+                Action::SetFields
+            };
+            who.require(action)?;
+            let input = convert::batch_create_request(request.get_ref())?;
+            let creates: Vec<Create<'_>> = input
+                .items
+                .iter()
+                .map(|(workspace_id, change)| Create {
+                    workspace_id: *workspace_id,
+                    change,
+                })
+                .collect();
+            let reason = input.reason.as_ref().map_or("", |r| r.as_str());
+            let outcomes = self.store.create_batch(&creates, &who.name, reason).await?;
+            // An existing workspace's decision only for a caller who may
+            // read it: creating gives no read access.
+            let may_read = who.may(Action::Resolve);
+            let mut created = 0usize;
+            // The decisions in one `resolve` span, not one span each.
+            let results = tracing::info_span!("resolve", items = outcomes.len()).in_scope(|| {
+                outcomes
+                    .iter()
+                    .map(|outcome| match outcome {
+                        CreateOutcome::Created(record) => {
+                            created += 1;
+                            let r = crate::domain::resolve(record, &self.registry);
+                            log_decision_line("BatchCreateWorkspaces", &who.name, &r, None);
+                            proto::BatchCreateResult {
+                                created: true,
+                                resolution: Some(convert::resolution_to_wire(&r)),
+                            }
+                        }
+                        CreateOutcome::Existing(record) => proto::BatchCreateResult {
+                            created: false,
+                            resolution: may_read.then(|| {
+                                convert::resolution_to_wire(&crate::domain::resolve(
+                                    record,
+                                    &self.registry,
+                                ))
+                            }),
+                        },
+                    })
+                    .collect::<Vec<_>>()
+            });
+            tracing::info!(
+                target: "billing_mode::decision",
+                rpc = "BatchCreateWorkspaces",
+                actor = %who.name,
+                created,
+                existing = results.len() - created,
+                "batch created"
+            );
+            Ok(proto::BatchCreateWorkspacesResponse { results })
+        };
+        run.await
+            .map(Response::new)
+            .map_err(|e| refuse("BatchCreateWorkspaces", e))
     }
 
     async fn clear(
