@@ -2,6 +2,11 @@
 //!
 //!     DATABASE_URL=postgres://postgres@127.0.0.1:5432/test cargo bench --bench lanes
 //!     cargo bench --bench lanes -- --quick        # short run (CI): prints, never fails on timing
+//!     cargo bench --bench lanes -- --quick --only import --backend postgres
+//!
+//! `--only` takes lane keys (`N,D,Resolve`, see [`lanes`]) and `import` and
+//! `stream` for the import and the change-stream figures; without it,
+//! everything runs. `--backend postgres|sqlite` runs one backend.
 //!
 //! The real server (`startup::Application`, production layers, decision log
 //! at INFO to a file) runs as a child process of this binary, on Postgres
@@ -27,9 +32,10 @@
 //!   server to its event at a Watch client of a second server (a replica on
 //!   the same store), and Set latency with 100 idle Watch streams open
 //!   against none (see [`change_stream_lanes`]);
-//! - after the lanes, an import (`billing_mode::import`, one create-only Set
-//!   per new workspace) at its default concurrency and a wider one, with its
-//!   target of 2,000 workspaces per second on Postgres.
+//! - after the lanes, an import (`billing_mode::import`: new workspaces in
+//!   create-only `BatchCreateWorkspaces` calls of its default batch size) at
+//!   its default concurrency and a wider one, with its target of 2,000
+//!   workspaces per second on Postgres.
 //!
 //! The targets, each a ratio from the same run (see [`targets`]), are printed
 //! with PASS or MISS; timing is never asserted, here or in tests.
@@ -401,7 +407,8 @@ struct Opts {
     measure: Duration,
     concurrency: usize,
     connections: usize,
-    /// `--only N,D,Resolve`: run just these lanes.
+    /// `--only N,D,Resolve,import,stream`: run just these lanes (and the
+    /// import and change-stream figures when named).
     only: Option<Vec<String>>,
     /// `--backend postgres|sqlite`: run just this backend.
     backend: Option<String>,
@@ -997,8 +1004,17 @@ async fn run_backend(backend: &Backend, opts: &Opts) -> anyhow::Result<()> {
         .with_context(|| format!("lane {} at concurrency {}", lane.key, opts.concurrency))?;
         results.insert(lane.key, LaneResult { c1, cn });
     }
-    let imported = import_throughput(&ctx, opts).await?;
-    let stream = if postgres {
+    let wanted = |key: &str| {
+        opts.only
+            .as_ref()
+            .is_none_or(|only| only.iter().any(|k| k == key))
+    };
+    let imported = if wanted("import") {
+        import_throughput(&ctx, opts).await?
+    } else {
+        Vec::new()
+    };
+    let stream = if postgres && wanted("stream") {
         Some(
             change_stream_lanes(
                 &ctx,
@@ -1034,7 +1050,7 @@ async fn run_backend(backend: &Backend, opts: &Opts) -> anyhow::Result<()> {
 // ---------------------------------------------------------------------------
 // Import throughput: `billing_mode::import::run` (the library behind
 // `billing-mode import`) registering new workspaces through the same server,
-// one create-only Set each.
+// in create-only batches (`BatchCreateWorkspaces`, one commit each).
 
 /// Workspaces registered per second by one import at its default
 /// concurrency (8), against a local server on Postgres.
@@ -1064,6 +1080,7 @@ async fn import_throughput(ctx: &Ctx, opts: &Opts) -> anyhow::Result<Vec<(usize,
             dry_run: false,
             update: false,
             concurrency,
+            batch_size: import::DEFAULT_BATCH_SIZE,
             reason: "lanes: import".into(),
         };
         let start = Instant::now();
@@ -1252,7 +1269,9 @@ fn print_import(backend: &Backend, figures: &[(usize, usize, f64)]) {
             String::new()
         };
         println!(
-            "  import, {n} new workspaces, --concurrency {concurrency:>2}: {rate:>7.0} workspaces/s{verdict}"
+            "  import, {n} new workspaces, --concurrency {concurrency:>2} --batch-size {}: \
+             {rate:>7.0} workspaces/s{verdict}",
+            billing_mode::import::DEFAULT_BATCH_SIZE
         );
     }
 }

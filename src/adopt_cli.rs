@@ -129,6 +129,11 @@ pub struct ImportArgs {
     /// Calls in flight at once.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
     concurrency: u16,
+    /// Workspaces created per call (BatchCreateWorkspaces, one transaction
+    /// each; 1-1000). Not used by --dry-run, which sends one Set per line.
+    #[arg(long, default_value_t = import::DEFAULT_BATCH_SIZE as u16,
+          value_parser = clap::value_parser!(u16).range(1..=billing_mode::store::MAX_BATCH_CREATE as i64))]
+    batch_size: u16,
     #[command(flatten)]
     client: ClientArgs,
 }
@@ -188,6 +193,7 @@ pub async fn import(a: ImportArgs) -> ExitCode {
         dry_run: a.dry_run,
         update: a.update,
         concurrency: usize::from(a.concurrency),
+        batch_size: usize::from(a.batch_size),
         reason: a.reason.clone(),
     };
     let cancel = Arc::new(AtomicBool::new(false));

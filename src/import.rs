@@ -5,29 +5,37 @@
 //! platform's old resolver decided). [`parse`] validates every line before
 //! anything is sent, with the same domain validators the server uses; an
 //! error names the line and the field, never a value (a malformed line may
-//! hold a pasted secret). [`run`] then sends one `Set` per workspace through
-//! the real service, so every decision is the server's own:
+//! hold a pasted secret). [`run`] then registers them through the real
+//! service, so every decision is the server's own:
 //!
-//! - create-only (`expected_revision = 0`): a workspace that already exists
-//!   (`ABORTED`) is counted and left alone, so a second run changes nothing;
-//! - with `update`, an existing workspace is read and then compare-and-set on
-//!   the revision read, so a concurrent change is reported, never lost;
-//! - with `dry_run`, the same requests carry `dry_run`, and the report holds
-//!   the decisions they would produce, counted by mode and source, and every
-//!   workspace whose decision differs from its `legacy_mode`.
+//! - create-only, many at a time: `BatchCreateWorkspaces` calls of up to
+//!   [`Options::batch_size`] workspaces (and at most [`MAX_BATCH_BYTES`]),
+//!   each one transaction and one commit on the server. A workspace that
+//!   already exists is counted and left alone, so a second run changes
+//!   nothing;
+//! - with `update`, an existing workspace is then read (`Resolve`) and
+//!   compare-and-set on the revision read (`Set`), one at a time, so a
+//!   concurrent change is reported, never lost;
+//! - with `dry_run`, each line is sent as a `Set` with `dry_run` (which
+//!   commits nothing), and the report holds the decisions they would
+//!   produce, counted by mode and source, and every workspace whose decision
+//!   differs from its `legacy_mode`.
 //!
 //! Calls run `concurrency` at a time; setting the cancel flag stops taking new
-//! lines, lets the calls in flight finish, and reports what was done.
+//! batches (dry run: lines), lets the calls in flight finish, and reports what
+//! was done.
 
 use std::{
     collections::{BTreeMap, HashMap},
     io::{self, BufRead},
+    ops::Range,
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc,
     },
 };
 
+use prost::Message as _;
 use serde::Serialize;
 use serde_json::{Map, Value};
 use tonic::{
@@ -314,6 +322,15 @@ impl Connection {
     }
 }
 
+/// Workspaces per `BatchCreateWorkspaces` call by default: large enough that
+/// a commit serves many creates, small enough that the progress moves and a
+/// Ctrl-C waits little.
+pub const DEFAULT_BATCH_SIZE: usize = 250;
+
+/// The most bytes of workspaces one batch carries (the server takes requests
+/// of up to 4 MiB); a batch of unusually large lines is cut shorter.
+pub const MAX_BATCH_BYTES: usize = 1 << 20;
+
 /// How to import.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -323,6 +340,10 @@ pub struct Options {
     pub update: bool,
     /// Calls in flight at once (at least 1).
     pub concurrency: usize,
+    /// Workspaces per `BatchCreateWorkspaces` call (1 to
+    /// [`crate::store::MAX_BATCH_CREATE`]; [`DEFAULT_BATCH_SIZE`] is a good
+    /// choice).
+    pub batch_size: usize,
     /// Recorded in the audit rows of the workspaces written.
     pub reason: String,
 }
@@ -567,36 +588,50 @@ fn is_fatal(s: &Status) -> bool {
     )
 }
 
-/// One line: returns its result and whether the run should stop.
-async fn import_one(conn: &Connection, e: &Entry, opts: &Options) -> (Done, bool) {
-    let mut client = conn.client.clone();
-    let done = |outcome, resolution, error| Done {
+/// A line's result.
+fn done(
+    e: &Entry,
+    outcome: Outcome,
+    resolution: Option<proto::Resolution>,
+    error: Option<CallError>,
+) -> Done {
+    Done {
         line: e.line,
         workspace_id: e.workspace_id,
         outcome,
         legacy_mode: e.legacy_mode,
         resolution,
         error,
-    };
-    let failed = |s: Status| {
-        let fatal = is_fatal(&s);
-        (
-            done(Outcome::Failed, None, Some(CallError::from_status(&s))),
-            fatal,
-        )
-    };
+    }
+}
+
+/// A failed call's result for `e`, and whether the run should stop.
+fn failed(e: &Entry, s: &Status) -> (Done, bool) {
+    (
+        done(e, Outcome::Failed, None, Some(CallError::from_status(s))),
+        is_fatal(s),
+    )
+}
+
+/// One line, one create-only `Set` (dry run: what it would do): returns its
+/// result and whether the run should stop.
+async fn import_one(conn: &Connection, e: &Entry, opts: &Options) -> (Done, bool) {
+    let mut client = conn.client.clone();
     // Create-only: never overwrites a registration made meanwhile.
     match client.set(conn.request(set_request(e, opts, 0))).await {
-        Ok(r) => {
-            return (
-                done(Outcome::Created, r.into_inner().resolution, None),
-                false,
-            )
-        }
-        Err(s) if is_revision_mismatch(&s) => {}
-        Err(s) => return failed(s),
+        Ok(r) => (
+            done(e, Outcome::Created, r.into_inner().resolution, None),
+            false,
+        ),
+        Err(s) if is_revision_mismatch(&s) => existing_one(conn, e, opts).await,
+        Err(s) => failed(e, &s),
     }
-    // It exists. Read it: the decision it keeps, and the revision to update.
+}
+
+/// A line whose workspace exists: read it (the decision it keeps, and the
+/// revision to update), then, with `update`, compare-and-set on that revision.
+async fn existing_one(conn: &Connection, e: &Entry, opts: &Options) -> (Done, bool) {
+    let mut client = conn.client.clone();
     let current = match client
         .resolve(conn.request(proto::ResolveRequest {
             workspace_id: e.workspace_id.to_string(),
@@ -604,13 +639,13 @@ async fn import_one(conn: &Connection, e: &Entry, opts: &Options) -> (Done, bool
         .await
     {
         Ok(r) => r.into_inner().resolution,
-        Err(s) => return failed(s),
+        Err(s) => return failed(e, &s),
     };
     let Some(current) = current else {
-        return failed(Status::internal("the server returned no resolution"));
+        return failed(e, &Status::internal("the server returned no resolution"));
     };
     if !opts.update {
-        return (done(Outcome::Existing, Some(current), None), false);
+        return (done(e, Outcome::Existing, Some(current), None), false);
     }
     let revision = current.revision;
     match client
@@ -623,19 +658,107 @@ async fn import_one(conn: &Connection, e: &Entry, opts: &Options) -> (Done, bool
                 Some(r) if r.revision == revision => Outcome::Unchanged,
                 _ => Outcome::Updated,
             };
-            (done(outcome, r, None), false)
+            (done(e, outcome, r, None), false)
         }
         Err(s) if is_revision_mismatch(&s) => (
-            done(Outcome::Conflict, None, Some(CallError::from_status(&s))),
+            done(e, Outcome::Conflict, None, Some(CallError::from_status(&s))),
             false,
         ),
-        Err(s) => failed(s),
+        Err(s) => failed(e, &s),
     }
 }
 
-/// Imports `entries`, `opts.concurrency` calls at a time. `cancel` stops the
-/// run after the calls in flight; `progress` is called with the number of
-/// lines done after each one.
+/// The workspace a line stands for in a `BatchCreateWorkspaces` call: its
+/// runtime, model, credential names and override when it has one.
+fn new_workspace(e: &Entry) -> proto::NewWorkspace {
+    proto::NewWorkspace {
+        workspace_id: e.workspace_id.to_string(),
+        override_mode: e
+            .override_mode
+            .map_or(
+                proto::Mode::Unspecified,
+                crate::service::convert::mode_to_wire,
+            )
+            .into(),
+        runtime: e
+            .runtime
+            .as_ref()
+            .map(|r| r.as_str().to_owned())
+            .unwrap_or_default(),
+        model: e
+            .model
+            .as_ref()
+            .map(|m| m.as_str().to_owned())
+            .unwrap_or_default(),
+        credential_keys: e.credential_keys.to_strings(),
+    }
+}
+
+/// `entries` cut into batches of at most `batch_size` workspaces and
+/// [`MAX_BATCH_BYTES`] (a batch holds at least one).
+fn batches(entries: &[Entry], batch_size: usize) -> Vec<Range<usize>> {
+    let batch_size = batch_size.clamp(1, crate::store::MAX_BATCH_CREATE);
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, e) in entries.iter().enumerate() {
+        let size = new_workspace(e).encoded_len() + 8;
+        if i > start && (i - start == batch_size || bytes + size > MAX_BATCH_BYTES) {
+            out.push(start..i);
+            (start, bytes) = (i, 0);
+        }
+        bytes += size;
+    }
+    if start < entries.len() {
+        out.push(start..entries.len());
+    }
+    out
+}
+
+/// One batch, one `BatchCreateWorkspaces` call; with `update`, each existing
+/// workspace then as [`existing_one`]. Returns the results (those of a batch
+/// stopped by a fatal error are left out) and whether the run should stop.
+async fn import_batch(conn: &Connection, entries: &[Entry], opts: &Options) -> (Vec<Done>, bool) {
+    let mut client = conn.client.clone();
+    let request = proto::BatchCreateWorkspacesRequest {
+        workspaces: entries.iter().map(new_workspace).collect(),
+        reason: opts.reason.clone(),
+    };
+    let status = match client.batch_create_workspaces(conn.request(request)).await {
+        Ok(r) if r.get_ref().results.len() == entries.len() => {
+            let mut out = Vec::with_capacity(entries.len());
+            for (e, r) in entries.iter().zip(r.into_inner().results) {
+                if r.created {
+                    out.push(done(e, Outcome::Created, r.resolution, None));
+                } else if opts.update {
+                    let (d, fatal) = existing_one(conn, e, opts).await;
+                    out.push(d);
+                    if fatal {
+                        return (out, true);
+                    }
+                } else {
+                    // Left alone; its decision is known when the caller may
+                    // read it.
+                    out.push(done(e, Outcome::Existing, r.resolution, None));
+                }
+            }
+            return (out, false);
+        }
+        Ok(r) => Status::internal(format!(
+            "the server answered {} results for {} workspaces",
+            r.get_ref().results.len(),
+            entries.len()
+        )),
+        Err(s) => s,
+    };
+    // The call failed as a whole: every line of the batch with its status.
+    let out: Vec<Done> = entries.iter().map(|e| failed(e, &status).0).collect();
+    (out, is_fatal(&status))
+}
+
+/// Imports `entries`, `opts.concurrency` calls at a time, in batches
+/// (dry run: one line a call). `cancel` stops the run after the calls in
+/// flight; `progress` is called with the number of lines done after each
+/// call.
 pub async fn run(
     conn: &Connection,
     entries: Vec<Entry>,
@@ -644,15 +767,21 @@ pub async fn run(
     mut progress: impl FnMut(usize),
 ) -> Report {
     let total = entries.len();
+    let units = Arc::new(if opts.dry_run {
+        (0..total).map(|i| i..i + 1).collect()
+    } else {
+        batches(&entries, opts.batch_size)
+    });
     let entries = Arc::new(entries);
     let next = Arc::new(AtomicUsize::new(0));
-    let workers = opts.concurrency.clamp(1, 1024).min(total.max(1));
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Done, bool)>(workers * 4);
+    let workers = opts.concurrency.clamp(1, 1024).min(units.len().max(1));
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(Vec<Done>, bool)>(workers * 4);
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..workers {
-        let (conn, entries, next, cancel, tx, opts) = (
+        let (conn, entries, units, next, cancel, tx, opts) = (
             conn.clone(),
             entries.clone(),
+            units.clone(),
             next.clone(),
             cancel.clone(),
             tx.clone(),
@@ -661,8 +790,14 @@ pub async fn run(
         tasks.spawn(async move {
             while !cancel.load(Ordering::SeqCst) {
                 let i = next.fetch_add(1, Ordering::SeqCst);
-                let Some(e) = entries.get(i) else { break };
-                let result = import_one(&conn, e, &opts).await;
+                let Some(unit) = units.get(i) else { break };
+                let unit = &entries[unit.clone()];
+                let result = if opts.dry_run {
+                    let (d, fatal) = import_one(&conn, &unit[0], &opts).await;
+                    (vec![d], fatal)
+                } else {
+                    import_batch(&conn, unit, &opts).await
+                };
                 if tx.send(result).await.is_err() {
                     break;
                 }
@@ -681,7 +816,9 @@ pub async fn run(
             stopped = true;
             cancel.store(true, Ordering::SeqCst);
         }
-        report.add(done);
+        for d in done {
+            report.add(d);
+        }
         progress(report.done);
     }
     while tasks.join_next().await.is_some() {}
@@ -797,6 +934,46 @@ mod tests {
         assert_eq!(e.legacy_mode, Some(Mode::PlatformManaged));
         assert_eq!(p.entries[1].line, 3);
         assert_eq!(p.entries[1].model, None);
+    }
+
+    #[test]
+    fn batches_hold_at_most_the_batch_size_and_the_byte_bound() {
+        let line = |i: usize, keys: usize| {
+            let keys: Vec<String> = (0..keys)
+                .map(|k| format!("K{k}_{}", "X".repeat(250)))
+                .collect();
+            format!(
+                "{}\n",
+                serde_json::json!({"workspace_id": WorkspaceId::new_random().to_string(),
+                    "model": format!("m{i}"), "credential_keys": keys})
+            )
+        };
+        let small: String = (0..1001).map(|i| line(i, 0)).collect();
+        let p = parse_str(&small);
+        assert_eq!(
+            batches(&p.entries, 250),
+            vec![0..250, 250..500, 500..750, 750..1000, 1000..1001]
+        );
+        assert_eq!(
+            batches(&p.entries, 5000).len(),
+            2,
+            "at most MAX_BATCH_CREATE"
+        );
+        assert_eq!(batches(&p.entries, 0)[0], 0..1);
+        assert!(batches(&[], 250).is_empty());
+        // Lines of 64 long names (16 KiB each): cut by bytes, not count.
+        let large: String = (0..200).map(|i| line(i, 64)).collect();
+        let p = parse_str(&large);
+        let b = batches(&p.entries, 250);
+        assert!(b.len() >= 4, "{b:?}");
+        assert_eq!(b.iter().map(|r| r.len()).sum::<usize>(), 200);
+        for r in &b {
+            let bytes: usize = p.entries[r.clone()]
+                .iter()
+                .map(|e| new_workspace(e).encoded_len())
+                .sum();
+            assert!(bytes <= MAX_BATCH_BYTES, "{bytes}");
+        }
     }
 
     #[test]

@@ -22,7 +22,10 @@ use std::{
 use billing_mode::{
     auth::Role,
     import::{self, Connection, Options, Report, Transport},
-    proto::{ListWorkspacesRequest, Mode, Resolution, SetRequest, Source},
+    proto::{
+        watch_response, BatchCreateWorkspacesRequest, ListWorkspacesRequest, Mode, NewWorkspace,
+        Resolution, ResolveRequest, SetRequest, Source, WatchRequest,
+    },
 };
 use common::*;
 use serde_json::{json, Value};
@@ -275,6 +278,7 @@ fn options(dry_run: bool, update: bool, reason: &str) -> Options {
         dry_run,
         update,
         concurrency: 8,
+        batch_size: import::DEFAULT_BATCH_SIZE,
         reason: reason.to_owned(),
     }
 }
@@ -371,6 +375,89 @@ fn describe(o: &Output) -> String {
     )
 }
 
+/// When a [`Hooked`] transport's hook runs: before the call is sent, or
+/// after its answer came back and before the caller sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum When {
+    Before,
+    After,
+}
+
+type HookFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+type Hook = dyn Fn(When, &str, usize) -> Option<HookFuture> + Send + Sync;
+
+/// A transport that counts the calls of each method and, around the `n`-th
+/// call of a method (counting from 1), awaits what `hook(when, method, n)`
+/// returns: e.g. a concurrent write landing between two calls of an import.
+#[derive(Clone)]
+struct Hooked {
+    inner: tonic::transport::Channel,
+    calls: Arc<Mutex<BTreeMap<String, usize>>>,
+    hook: Arc<Hook>,
+}
+
+impl Hooked {
+    fn new(
+        inner: tonic::transport::Channel,
+        hook: impl Fn(When, &str, usize) -> Option<HookFuture> + Send + Sync + 'static,
+    ) -> Self {
+        Hooked {
+            inner,
+            calls: Arc::default(),
+            hook: Arc::new(hook),
+        }
+    }
+
+    fn counting(inner: tonic::transport::Channel) -> Self {
+        Self::new(inner, |_, _, _| None)
+    }
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for Hooked {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = tonic::transport::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let method = req.uri().path().rsplit('/').next().unwrap_or("").to_owned();
+        let n = {
+            let mut calls = self.calls.lock().unwrap();
+            let n = calls.entry(method.clone()).or_default();
+            *n += 1;
+            *n
+        };
+        let before = (self.hook)(When::Before, &method, n);
+        let after = (self.hook)(When::After, &method, n);
+        // The clone that poll_ready made ready takes the call.
+        let mut inner = self.inner.clone();
+        std::mem::swap(&mut inner, &mut self.inner);
+        Box::pin(async move {
+            if let Some(f) = before {
+                f.await;
+            }
+            let response = inner.call(req).await?;
+            if let Some(f) = after {
+                f.await;
+            }
+            Ok(response)
+        })
+    }
+}
+
+/// The calls counted so far, by method; resets the count.
+fn take_calls(calls: &Mutex<BTreeMap<String, usize>>) -> BTreeMap<String, usize> {
+    std::mem::take(&mut *calls.lock().unwrap())
+}
+
 // ---------------------------------------------------------------------------
 // Import of 5,000 workspaces, at the library level on both backends
 
@@ -378,7 +465,9 @@ fn describe(o: &Output) -> String {
 async fn importing_5000_workspaces_dry_run_then_apply_then_again_changes_nothing_the_second_time() {
     each_backend(|db| async move {
         let app = TestApp::spawn(&db).await;
-        let conn = Connection::new(app.channel().await, None);
+        let counting = Hooked::counting(app.channel().await);
+        let calls = counting.calls.clone();
+        let conn = Connection::with_transport(Transport::new(counting), None);
         let mut c = app.client().await;
         let (text, expected) = generate(5000);
         let by_id: HashMap<&str, &Expected> = expected.iter().map(|e| (e.id.as_str(), e)).collect();
@@ -412,6 +501,7 @@ async fn importing_5000_workspaces_dry_run_then_apply_then_again_changes_nothing
             raw_audit_rows(&db).await.is_empty(),
             "a dry run writes no audit row"
         );
+        assert_eq!(take_calls(&calls), [("Set".to_owned(), 5000)].into());
 
         // Apply: every workspace created, with the reason in its audit row.
         let applied = import_text(&conn, &text, &options(false, false, "adopt: day one")).await;
@@ -426,6 +516,11 @@ async fn importing_5000_workspaces_dry_run_then_apply_then_again_changes_nothing
         assert!(audit
             .iter()
             .all(|a| a.reason == "adopt: day one" && a.revision == "1"));
+        // Created in batches: 20 calls of 250, one transaction each.
+        assert_eq!(
+            take_calls(&calls),
+            [("BatchCreateWorkspaces".to_owned(), 20)].into()
+        );
 
         // Every workspace listed once, in id order, decided as expected.
         let listed = list_all(&mut c, 500, Mode::Unspecified, Source::Unspecified).await;
@@ -491,6 +586,12 @@ async fn importing_5000_workspaces_dry_run_then_apply_then_again_changes_nothing
         assert_eq!((again.created, again.existing, again.updated), (0, 5000, 0));
         assert!(!again.changed());
         assert!(import::report_text(&again, &[], 5000).contains("nothing changed"));
+        assert_eq!(again.decisions, expected_counts(&expected));
+        assert_eq!(got_disagreements(&again), want_disagreements);
+        assert_eq!(
+            take_calls(&calls),
+            [("BatchCreateWorkspaces".to_owned(), 20)].into()
+        );
         assert_eq!(raw_record_rows(&db).await, records, "no record touched");
         assert_eq!(raw_audit_rows(&db).await.len(), 5000, "no audit row added");
         app.stop().await.unwrap();
@@ -500,53 +601,6 @@ async fn importing_5000_workspaces_dry_run_then_apply_then_again_changes_nothing
 
 // ---------------------------------------------------------------------------
 // --update against a concurrent writer
-
-/// A transport that, on the `n`-th Resolve call (counting from 1), lets the
-/// call reach the server and then makes a concurrent Set on the workspace in
-/// `disturb[n]` before the caller sees the answer: a change landing between
-/// the import's read and its write, every time.
-#[derive(Clone)]
-struct SetAfterRead {
-    inner: tonic::transport::Channel,
-    side: Client,
-    resolves: Arc<AtomicUsize>,
-    disturb: Arc<HashMap<usize, String>>,
-    disturbed: Arc<Mutex<Vec<String>>>,
-}
-
-impl tower::Service<http::Request<tonic::body::Body>> for SetAfterRead {
-    type Response = http::Response<tonic::body::Body>;
-    type Error = tonic::transport::Error;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
-    >;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
-        let target = (req.uri().path() == "/molecule.billing.v1.BillingMode/Resolve")
-            .then(|| self.resolves.fetch_add(1, Ordering::SeqCst) + 1)
-            .and_then(|n| self.disturb.get(&n).cloned());
-        let fut = self.inner.call(req);
-        let mut side = self.side.clone();
-        let disturbed = self.disturbed.clone();
-        Box::pin(async move {
-            let response = fut.await?;
-            if let Some(ws) = target {
-                side.set(set_model(&ws, "claude-sonnet-4-6"))
-                    .await
-                    .expect("the concurrent Set succeeds");
-                disturbed.lock().unwrap().push(ws);
-            }
-            Ok(response)
-        })
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_concurrent_set_during_an_update_import_is_reported_and_not_lost() {
@@ -570,14 +624,24 @@ async fn a_concurrent_set_during_an_update_import_is_reported_and_not_lost() {
         let disturb: HashMap<usize, String> = [(2, ws[1].clone()), (5, ws[4].clone())]
             .into_iter()
             .collect();
-        let transport = SetAfterRead {
-            inner: app.channel().await,
-            side: app.client().await,
-            resolves: Arc::new(AtomicUsize::new(0)),
-            disturb: Arc::new(disturb),
-            disturbed: Arc::new(Mutex::new(Vec::new())),
-        };
-        let disturbed = transport.disturbed.clone();
+        // After the n-th Resolve reached the server, and before the import
+        // sees its answer, a concurrent Set on disturb[n]: a change landing
+        // between the import's read and its write, every time.
+        let disturbed = Arc::new(Mutex::new(Vec::new()));
+        let (side, log) = (app.client().await, disturbed.clone());
+        let transport = Hooked::new(app.channel().await, move |when, method, n| {
+            let ws = disturb
+                .get(&n)
+                .filter(|_| when == When::After && method == "Resolve")?
+                .clone();
+            let (mut side, log) = (side.clone(), log.clone());
+            Some(Box::pin(async move {
+                side.set(set_model(&ws, "claude-sonnet-4-6"))
+                    .await
+                    .expect("the concurrent Set succeeds");
+                log.lock().unwrap().push(ws);
+            }))
+        });
         let conn = Connection::with_transport(Transport::new(transport), None);
         let opts = Options {
             concurrency: 1,
@@ -624,6 +688,68 @@ async fn a_concurrent_set_during_an_update_import_is_reported_and_not_lost() {
 }
 
 // ---------------------------------------------------------------------------
+// A registration made while an import runs
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_import_never_overwrites_a_registration_made_while_it_runs() {
+    each_backend(|db| async move {
+        let app = TestApp::spawn(&db).await;
+        let ws: Vec<String> = (0..30).map(|_| new_workspace()).collect();
+        let text: String = ws
+            .iter()
+            .map(|w| {
+                format!(
+                    "{}\n",
+                    json!({"workspace_id": w, "runtime": "claude-code", "model": "haiku"})
+                )
+            })
+            .collect();
+        // Just before the first batch is sent, after the file was read, a
+        // registration of line 8's workspace with a model of its own.
+        let (side, target) = (app.client().await, ws[7].clone());
+        let transport = Hooked::new(app.channel().await, move |when, method, n| {
+            if (when, method, n) != (When::Before, "BatchCreateWorkspaces", 1) {
+                return None;
+            }
+            let (mut side, ws) = (side.clone(), target.clone());
+            Some(Box::pin(async move {
+                side.set(SetRequest {
+                    expected_revision: Some(0),
+                    ..set_model(&ws, "claude-sonnet-4-6")
+                })
+                .await
+                .expect("the concurrent registration succeeds");
+            }))
+        });
+        let conn = Connection::with_transport(Transport::new(transport), None);
+        let report = import_text(&conn, &text, &options(false, false, "adopt")).await;
+        assert!(report.failures.is_empty(), "{:?}", report.failures);
+        assert_eq!(
+            (report.created, report.existing),
+            (29, 1),
+            "{:?}",
+            db.backend
+        );
+        let mut c = app.client().await;
+        let kept = resolve(&mut c, &ws[7]).await;
+        assert_eq!(
+            (kept.model.as_str(), kept.revision),
+            ("claude-sonnet-4-6", 1),
+            "the registration made meanwhile is kept"
+        );
+        assert_eq!(resolve(&mut c, &ws[8]).await.model, "haiku");
+        let audit = raw_audit_rows(&db).await;
+        assert_eq!(audit.len(), 30);
+        assert_eq!(
+            audit.iter().filter(|a| a.reason == "adopt").count(),
+            29,
+            "the import wrote no row for it"
+        );
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------
 // Interrupting
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -637,14 +763,21 @@ async fn a_cancelled_import_stops_after_the_calls_in_flight_and_reports_what_it_
         let flag = cancel.clone();
         let opts = Options {
             concurrency: 4,
+            batch_size: 10,
             ..options(false, false, "adopt")
         };
+        let mut seen = Vec::new();
         let report = import::run(&conn, parsed.entries, &opts, cancel, |done| {
-            if done == 50 {
+            seen.push(done);
+            if done >= 50 {
                 flag.store(true, Ordering::SeqCst);
             }
         })
         .await;
+        assert!(
+            seen.iter().all(|n| n % 10 == 0),
+            "progress moves a batch at a time: {seen:?}"
+        );
         assert!(report.interrupted);
         assert!(report.done >= 50 && report.done < 400, "{}", report.done);
         assert_eq!(report.created, report.done);
@@ -897,6 +1030,342 @@ async fn readers_and_admins_may_list_workspaces_and_no_one_else() {
         .await
         .expect_err("no token");
     assert_eq!(e.code(), Code::Unauthenticated);
+}
+
+// ---------------------------------------------------------------------------
+// BatchCreateWorkspaces, the call behind the import
+
+fn new_ws(ws: &str, runtime: &str, model: &str, keys: &[&str]) -> NewWorkspace {
+    NewWorkspace {
+        workspace_id: ws.to_owned(),
+        runtime: runtime.to_owned(),
+        model: model.to_owned(),
+        credential_keys: keys.iter().map(|k| k.to_string()).collect(),
+        ..NewWorkspace::default()
+    }
+}
+
+fn batch(workspaces: Vec<NewWorkspace>, reason: &str) -> BatchCreateWorkspacesRequest {
+    BatchCreateWorkspacesRequest {
+        workspaces,
+        reason: reason.to_owned(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_creates_the_missing_workspaces_and_leaves_the_existing_untouched() {
+    each_backend(|db| async move {
+        let app = TestApp::spawn(&db).await;
+        let mut c = app.client().await;
+        let (a, b, d, sentinel) = (
+            new_workspace(),
+            new_workspace(),
+            new_workspace(),
+            new_workspace(),
+        );
+        set(&mut c, set_model(&a, "haiku")).await;
+        let mut watch = c
+            .watch(WatchRequest::default())
+            .await
+            .expect("Watch")
+            .into_inner();
+        let first = watch.message().await.unwrap().unwrap();
+        assert!(matches!(
+            first.event,
+            Some(watch_response::Event::Progress(_))
+        ));
+
+        let results = c
+            .batch_create_workspaces(batch(
+                vec![
+                    new_ws(&b, "claude-code", "opus", &["CLAUDE_CODE_OAUTH_TOKEN"]),
+                    new_ws(&a, "claude-code", "opus", &["CLAUDE_CODE_OAUTH_TOKEN"]),
+                    NewWorkspace {
+                        override_mode: Mode::Disabled.into(),
+                        ..new_ws(&d.to_uppercase(), "codex", "gpt-5", &[])
+                    },
+                ],
+                "adopt: batch",
+            ))
+            .await
+            .expect("BatchCreateWorkspaces")
+            .into_inner()
+            .results;
+        let got: Vec<(bool, String, String, u64, &str)> = results
+            .iter()
+            .map(|r| {
+                let res = r.resolution.as_ref().expect("a resolution for each");
+                (
+                    r.created,
+                    res.workspace_id.clone(),
+                    res.model.clone(),
+                    res.revision,
+                    mode_str(res.mode),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (true, b.clone(), "opus".into(), 1, BYOK),
+                (false, a.clone(), "haiku".into(), 1, BYOK),
+                (true, d.clone(), "gpt-5".into(), 1, DISABLED),
+            ],
+            "{:?}",
+            db.backend
+        );
+        // As Resolve answers, and the existing one untouched.
+        for r in &results {
+            let res = r.resolution.clone().unwrap();
+            assert_eq!(resolve(&mut c, &res.workspace_id).await, res);
+        }
+        let audit = raw_audit_rows(&db).await;
+        let of = |ws: &str| -> Vec<&RawAuditRow> {
+            audit.iter().filter(|r| r.workspace_id == ws).collect()
+        };
+        assert_eq!(of(&a).len(), 1, "no audit row for the existing one");
+        for ws in [&b, &d] {
+            let rows = of(ws);
+            assert_eq!(rows.len(), 1);
+            assert_eq!(
+                (
+                    rows[0].revision.as_str(),
+                    rows[0].reason.as_str(),
+                    rows[0].before.as_deref()
+                ),
+                ("1", "adopt: batch", None)
+            );
+        }
+
+        // The change stream: one event per created workspace, none for the
+        // existing one, then the sentinel's.
+        set(&mut c, set_model(&sentinel, "opus")).await;
+        let mut events = Vec::new();
+        loop {
+            let m = tokio::time::timeout(std::time::Duration::from_secs(10), watch.message())
+                .await
+                .expect("the events arrive")
+                .unwrap()
+                .unwrap();
+            if let Some(watch_response::Event::Resolution(r)) = m.event {
+                if r.workspace_id == sentinel {
+                    break;
+                }
+                events.push((r.workspace_id, r.revision));
+            }
+        }
+        events.sort();
+        let mut want = vec![(b.clone(), 1), (d.clone(), 1)];
+        want.sort();
+        assert_eq!(events, want);
+        app.stop().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_bad_item_fails_the_whole_batch_naming_its_index_and_field_and_never_its_value() {
+    each_backend(|db| async move {
+        let app = TestApp::spawn(&db).await;
+        let mut c = app.client().await;
+        let secret = "sk-ant-api03-SECRETVALUE";
+        let good = || new_ws(&new_workspace(), "claude-code", "opus", &[]);
+        let dup = new_workspace();
+        let cases: Vec<(NewWorkspace, Code, &str, &str)> = vec![
+            (
+                new_ws(secret, "", "", &[]),
+                Code::InvalidArgument,
+                "INVALID_WORKSPACE_ID",
+                "workspaces[2].workspace_id",
+            ),
+            (
+                new_ws(&new_workspace(), "claude-code", &format!("a {secret}"), &[]),
+                Code::InvalidArgument,
+                "INVALID_FIELD",
+                "workspaces[2].model",
+            ),
+            (
+                new_ws(&new_workspace(), &"x".repeat(300), "", &[]),
+                Code::InvalidArgument,
+                "INVALID_FIELD",
+                "workspaces[2].runtime",
+            ),
+            (
+                new_ws(&new_workspace(), "", "", &["OK", &format!("{secret}=x")]),
+                Code::InvalidArgument,
+                "INVALID_ENV_KEY",
+                "workspaces[2].credential_keys",
+            ),
+            (
+                NewWorkspace {
+                    override_mode: 9,
+                    ..good()
+                },
+                Code::InvalidArgument,
+                "INVALID_MODE",
+                "workspaces[2].override_mode",
+            ),
+            (
+                new_ws(&dup.to_uppercase(), "", "", &[]),
+                Code::InvalidArgument,
+                "INVALID_FIELD",
+                "workspaces[2].workspace_id",
+            ),
+        ];
+        for (bad, code, reason, names) in cases {
+            let items = vec![good(), new_ws(&dup, "", "", &[]), bad, good()];
+            let e = c
+                .batch_create_workspaces(batch(items, "adopt"))
+                .await
+                .expect_err(names);
+            let message = assert_error(&e, code, reason);
+            assert!(message.starts_with(names), "{names}: {message}");
+            assert!(!message.contains("SECRETVALUE"), "{message}");
+        }
+        // An override without a reason: named by its item too.
+        let e = c
+            .batch_create_workspaces(batch(
+                vec![
+                    good(),
+                    NewWorkspace {
+                        override_mode: Mode::Byok.into(),
+                        ..good()
+                    },
+                ],
+                " ",
+            ))
+            .await
+            .unwrap_err();
+        let message = assert_error(&e, Code::InvalidArgument, "REASON_REQUIRED");
+        assert!(
+            message.starts_with("workspaces[1].override_mode"),
+            "{message}"
+        );
+
+        // Size: none, and more than 1,000.
+        let e = c
+            .batch_create_workspaces(batch(vec![], "adopt"))
+            .await
+            .unwrap_err();
+        assert_error(&e, Code::InvalidArgument, "NOTHING_TO_SET");
+        let e = c
+            .batch_create_workspaces(batch((0..1001).map(|_| good()).collect(), "adopt"))
+            .await
+            .unwrap_err();
+        let message = assert_error(&e, Code::InvalidArgument, "LIMIT_EXCEEDED");
+        assert!(message.contains("1000"), "{message}");
+        assert!(raw_record_rows(&db).await.is_empty(), "nothing was written");
+        assert!(raw_audit_rows(&db).await.is_empty());
+
+        // Exactly 1,000 is allowed.
+        let results = c
+            .batch_create_workspaces(batch((0..1000).map(|_| good()).collect(), "adopt"))
+            .await
+            .expect("1,000 workspaces in one call")
+            .into_inner()
+            .results;
+        assert_eq!(results.iter().filter(|r| r.created).count(), 1000);
+        assert_eq!(raw_record_rows(&db).await.len(), 1000);
+        app.stop().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn batch_create_needs_the_roles_of_set_and_reading_an_existing_one_needs_reader() {
+    let Some(db) = TestDb::new(Backend::Sqlite).await else {
+        return;
+    };
+    let roles: [&[Role]; 6] = [
+        &[Role::Admin],
+        &[Role::Writer],
+        &[Role::Writer, Role::Reader],
+        &[Role::Reader],
+        &[Role::Provisioner],
+        &[Role::Meter],
+    ];
+    let tokens: Vec<_> = roles
+        .iter()
+        .enumerate()
+        .map(|(i, r)| make_token(&format!("t{i}"), r))
+        .collect();
+    let app = TestApp::spawn_with(
+        &db,
+        config_with_tokens(&db, tokens.iter().map(|(_, e)| e.clone()).collect()),
+    )
+    .await;
+    let existing = new_workspace();
+    let mut admin = app.client_with_token(&tokens[0].0).await;
+    admin
+        .set(set_model(&existing, "opus"))
+        .await
+        .expect("admin Set");
+    for (roles, (token, _)) in roles.iter().zip(&tokens) {
+        let mut c = app.client_with_token(token).await;
+        let writes = roles.contains(&Role::Writer) || roles.contains(&Role::Admin);
+        let reads = roles.contains(&Role::Reader) || roles.contains(&Role::Admin);
+        // Without override_mode: writer or admin.
+        let fresh = new_workspace();
+        let r = c
+            .batch_create_workspaces(batch(
+                vec![
+                    new_ws(&fresh, "claude-code", "opus", &[]),
+                    new_ws(&existing, "claude-code", "haiku", &[]),
+                ],
+                "adopt",
+            ))
+            .await;
+        match (writes, r) {
+            (true, Ok(r)) => {
+                let results = r.into_inner().results;
+                assert!(results[0].created && results[0].resolution.is_some());
+                assert!(!results[1].created);
+                assert_eq!(
+                    results[1].resolution.is_some(),
+                    reads,
+                    "{roles:?}: an existing workspace's decision only for a reader"
+                );
+            }
+            (false, Err(e)) => {
+                assert_error(&e, Code::PermissionDenied, "PERMISSION_DENIED");
+            }
+            (_, r) => panic!("{roles:?}: {r:?}"),
+        }
+        // With override_mode on one item: admin only, checked before the
+        // items are validated (the other item is invalid).
+        let r = c
+            .batch_create_workspaces(batch(
+                vec![
+                    new_ws("not-a-uuid", "", "", &[]),
+                    NewWorkspace {
+                        override_mode: Mode::Byok.into(),
+                        ..new_ws(&new_workspace(), "", "", &[])
+                    },
+                ],
+                "adopt",
+            ))
+            .await
+            .unwrap_err();
+        if roles.contains(&Role::Admin) {
+            assert_error(&r, Code::InvalidArgument, "INVALID_WORKSPACE_ID");
+        } else {
+            assert_error(&r, Code::PermissionDenied, "PERMISSION_DENIED");
+        }
+    }
+    let kept = admin
+        .resolve(ResolveRequest {
+            workspace_id: existing.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .resolution
+        .unwrap();
+    assert_eq!(
+        (kept.model.as_str(), kept.revision),
+        ("opus", 1),
+        "untouched"
+    );
 }
 
 // ---------------------------------------------------------------------------
