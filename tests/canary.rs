@@ -16,10 +16,10 @@ use std::{
 use billing_mode::{
     auth::Role,
     proto::{
-        billing_mode_client::BillingModeClient, watch_response, BuildEnvRequest, CheckSpendRequest,
-        ClearRequest, CredentialKeys, EnvVar, HistoryRequest, ListDriftRequest,
-        ListWorkspacesRequest, Mode, Origin, ReportAppliedRequest, ResolveRequest, SetRequest,
-        WatchRequest,
+        billing_mode_client::BillingModeClient, watch_response, BatchCreateWorkspacesRequest,
+        BuildEnvRequest, CheckSpendRequest, ClearRequest, CredentialKeys, EnvVar, HistoryRequest,
+        ListDriftRequest, ListWorkspacesRequest, Mode, NewWorkspace, Origin, ReportAppliedRequest,
+        ResolveRequest, SetRequest, WatchRequest,
     },
 };
 use common::*;
@@ -975,6 +975,108 @@ async fn drive(db: &TestDb, logs: &Logs) -> Secrets {
         );
     }
 
+    // --- BatchCreateWorkspaces: a success, and canaries in every field refused ----
+    {
+        let item = |ws: String, model: &str, keys: Vec<String>| NewWorkspace {
+            workspace_id: ws,
+            runtime: "claude-code".into(),
+            model: model.to_owned(),
+            credential_keys: keys,
+            ..NewWorkspace::default()
+        };
+        let created = writer
+            .batch_create_workspaces(BatchCreateWorkspacesRequest {
+                workspaces: vec![
+                    item(
+                        new_workspace(),
+                        "opus",
+                        vec!["CLAUDE_CODE_OAUTH_TOKEN".into()],
+                    ),
+                    item(ws_byok.clone(), "haiku", vec![]),
+                ],
+                reason: "canary: batch".into(),
+            })
+            .await
+            .expect("BatchCreateWorkspaces")
+            .into_inner();
+        assert!(created.results[0].created && !created.results[1].created);
+        s.check("BatchCreateWorkspaces response", &format!("{created:?}"));
+        let good = || item(new_workspace(), "opus", vec![]);
+        for (what, bad, reason) in [
+            (
+                "canary id",
+                item(s.canary(), "opus", vec![]),
+                "INVALID_WORKSPACE_ID",
+            ),
+            (
+                "canary model",
+                item(new_workspace(), &format!("a {}", s.canary()), vec![]),
+                "INVALID_FIELD",
+            ),
+            (
+                "canary runtime",
+                NewWorkspace {
+                    runtime: format!("{} {}", s.canary(), "x".repeat(300)),
+                    ..good()
+                },
+                "INVALID_FIELD",
+            ),
+            (
+                "canary key",
+                item(new_workspace(), "opus", vec![format!("{}=v", s.canary())]),
+                "INVALID_ENV_KEY",
+            ),
+            (
+                "canary duplicate",
+                item(ws_pm.to_uppercase(), "opus", vec![]),
+                "INVALID_FIELD",
+            ),
+        ] {
+            let r = admin
+                .batch_create_workspaces(BatchCreateWorkspacesRequest {
+                    workspaces: vec![item(ws_pm.clone(), "opus", vec![]), bad],
+                    reason: "canary".into(),
+                })
+                .await
+                .map(drop);
+            refused(
+                &mut s,
+                &format!("BatchCreateWorkspaces {what}"),
+                r,
+                Code::InvalidArgument,
+                reason,
+            );
+        }
+        let r = reader
+            .batch_create_workspaces(BatchCreateWorkspacesRequest {
+                workspaces: vec![item(s.canary(), &s.canary(), vec![s.canary()])],
+                reason: s.canary(),
+            })
+            .await
+            .map(drop);
+        refused(
+            &mut s,
+            "reader BatchCreateWorkspaces",
+            r,
+            Code::PermissionDenied,
+            "PERMISSION_DENIED",
+        );
+        let r = stranger
+            .batch_create_workspaces(BatchCreateWorkspacesRequest {
+                workspaces: vec![item(s.canary(), "opus", vec![])],
+                reason: String::new(),
+            })
+            .await
+            .map(drop);
+        refused(
+            &mut s,
+            "unauthenticated BatchCreateWorkspaces",
+            r,
+            Code::Unauthenticated,
+            "UNAUTHENTICATED",
+        );
+    }
+
     // --- CheckSpend ---------------------------------------------------------------
     let spend = meter
         .check_spend(CheckSpendRequest {
@@ -1187,6 +1289,12 @@ async fn drive(db: &TestDb, logs: &Logs) -> Secrets {
             .iter()
             .any(|l| l.contains("BuildEnv") && l.contains("canary-provisioner")),
         "the BuildEnv decision was logged with its actor: {decisions:#?}"
+    );
+    assert!(
+        decisions
+            .iter()
+            .any(|l| l.contains("BatchCreateWorkspaces") && l.contains("canary-writer")),
+        "the batch's decisions were logged with their actor: {decisions:#?}"
     );
     for reason in [
         "MISSING_BYOK_CREDENTIAL",
