@@ -6,10 +6,10 @@
 //! How to use it:
 //!
 //! - [`Feed::start`] once per server; [`Feed::shutdown`] on the way out.
-//! - For a state kept current from the log: [`Feed::snapshot`] loads every
-//!   record at one position `P` (one consistent read), then
-//!   [`Feed::subscribe`]`(P)` yields every change committed after `P`,
-//!   exactly once, in position order, with no gap.
+//! - For a state kept current from the log: [`Feed::snapshot`] reads every
+//!   record at one position `P` (one consistent read, handing them over one
+//!   at a time), then [`Feed::subscribe`]`(P)` yields every change committed
+//!   after `P`, exactly once, in position order, with no gap.
 //! - [`Feed::current_at`] is the wall-clock time at which the tailer last
 //!   confirmed it was current (the start of its last read that reached the
 //!   end of the log). A caller that must not act on stale state compares it
@@ -35,7 +35,7 @@ use std::{
 use chrono::{DateTime, Utc};
 use tokio::sync::{broadcast, watch};
 
-use crate::store::{ChangeListener, LoggedChange, Snapshot, Store, StoreError};
+use crate::store::{ChangeListener, LoggedChange, Store, StoreError, Visit};
 
 /// One committed change: position, commit time and the record after it (its
 /// workspace id and revision included), from which `resolve` gives the
@@ -190,10 +190,12 @@ impl Feed {
         Ok(self.shared.store.log_state().await?.last_position)
     }
 
-    /// Every record at one position `P` (one consistent read); follow with
-    /// [`Feed::subscribe`]`(P)` to miss nothing after it.
-    pub async fn snapshot(&self) -> Result<Snapshot, StoreError> {
-        self.shared.store.snapshot().await
+    /// Every record at one position `P` (one consistent read), each handed
+    /// to `visit` as it is read, never all held at once; returns `P`. Follow
+    /// with [`Feed::subscribe`]`(P)` to miss nothing after it. On an error,
+    /// discard what was visited.
+    pub async fn snapshot(&self, visit: Visit<'_>) -> Result<u64, StoreError> {
+        self.shared.store.snapshot(visit).await
     }
 
     /// Every change committed after position `after`, exactly once, in

@@ -334,20 +334,23 @@ impl SpendSnapshot {
     }
 
     /// One consistent load at position P, and the subscription from P.
+    ///
+    /// Each record is decided and packed as it is read, so the load holds one
+    /// record at a time besides the table: memory is the table's, whatever
+    /// the number of workspaces. A reload is sized from the table it
+    /// replaces; the first load grows the table as it goes (by doubling: the
+    /// final size is the same as sized up front).
     async fn load(&self, feed: &Feed, registry: &Registry) -> Result<Subscription, FeedError> {
-        let loaded = feed.snapshot().await?;
-        let mut table = Table::with_capacity(loaded.records.len());
-        for record in &loaded.records {
-            let mode = resolve(record, registry).mode;
-            table.apply(&record.workspace_id, mode, record.revision);
-        }
-        let subscription = feed.subscribe(loaded.position).await?;
-        tracing::info!(
-            position = loaded.position,
-            workspaces = table.len(),
-            "spend snapshot loaded"
-        );
-        self.replace(table, loaded.position);
+        let mut table = Table::with_capacity(self.len());
+        let position = feed
+            .snapshot(&mut |record| {
+                let mode = resolve(&record, registry).mode;
+                table.apply(&record.workspace_id, mode, record.revision);
+            })
+            .await?;
+        let subscription = feed.subscribe(position).await?;
+        tracing::info!(position, workspaces = table.len(), "spend snapshot loaded");
+        self.replace(table, position);
         Ok(subscription)
     }
 

@@ -175,8 +175,16 @@ pub async fn start(
         Some(decode_cursor(&req.cursor, store_id)?)
     };
     let (opening, after) = if req.include_snapshot {
-        let snapshot = feed.snapshot().await?;
-        (Opening::Snapshot(snapshot.records), snapshot.position)
+        // Only the records the stream will send are kept.
+        let mut records = Vec::new();
+        let position = feed
+            .snapshot(&mut |record| {
+                if wanted(&filter, &record) {
+                    records.push(record);
+                }
+            })
+            .await?;
+        (Opening::Snapshot(records), position)
     } else if let Some(position) = from_cursor {
         (Opening::Nothing, position)
     } else {
@@ -208,6 +216,12 @@ pub async fn start(
         messages,
         end: Some(end),
     })
+}
+
+/// Whether a stream filtered on `filter` (empty: every workspace) sends
+/// `record`'s changes.
+fn wanted(filter: &HashSet<WorkspaceId>, record: &Record) -> bool {
+    filter.is_empty() || filter.contains(&record.workspace_id)
 }
 
 enum Opening {
@@ -290,7 +304,7 @@ impl Stream {
     }
 
     fn wanted(&self, record: &Record) -> bool {
-        self.filter.is_empty() || self.filter.contains(&record.workspace_id)
+        wanted(&self.filter, record)
     }
 
     /// Queues a message at the consumer's pace; ends on shutdown.

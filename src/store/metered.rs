@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 
 use super::{
     AppliedReport, AuditEntry, ChangeListener, Create, CreateOutcome, LogState, LoggedChange,
-    PoolStatus, Snapshot, Store, StoreError, Write,
+    PoolStatus, Store, StoreError, Visit, Write,
 };
 use crate::domain::{Record, WorkspaceId};
 
@@ -119,8 +119,8 @@ impl Store for MeteredStore {
         timed("changes_after", self.inner.changes_after(after, limit)).await
     }
 
-    async fn snapshot(&self) -> Result<Snapshot, StoreError> {
-        timed("snapshot", self.inner.snapshot()).await
+    async fn snapshot(&self, visit: Visit<'_>) -> Result<u64, StoreError> {
+        timed("snapshot", self.inner.snapshot(visit)).await
     }
 
     async fn prune_changes(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {

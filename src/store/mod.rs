@@ -122,13 +122,8 @@ pub struct LogState {
     pub pruned_through: u64,
 }
 
-/// Every record, read at one position of the change log.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Snapshot {
-    /// Every change at or below it is reflected in `records`, none above.
-    pub position: u64,
-    pub records: Vec<Record>,
-}
+/// Receives the records of [`Store::snapshot`], one at a time.
+pub type Visit<'a> = &'a mut (dyn FnMut(Record) + Send);
 
 /// Wakes the change feed when a change may have been committed.
 #[async_trait]
@@ -200,8 +195,15 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> Result<(Vec<LoggedChange>, LogState), StoreError>;
 
-    /// Every record and the log position they reflect, read consistently.
-    async fn snapshot(&self) -> Result<Snapshot, StoreError>;
+    /// Every record and the log position they reflect, read consistently:
+    /// one read (one transaction) at one position `P`, handing each record
+    /// to `visit` as it arrives from the database, in workspace-id order, so
+    /// memory does not grow with the number of records. Returns `P`: every
+    /// change at or below it is reflected in the records visited, none above.
+    ///
+    /// On an error, the records already visited are part of no snapshot:
+    /// discard them.
+    async fn snapshot(&self, visit: Visit<'_>) -> Result<u64, StoreError>;
 
     /// Deletes logged changes committed before `before` (oldest first, so the
     /// log stays a contiguous range); returns the new `pruned_through`.

@@ -21,12 +21,13 @@ use sqlx::{
     },
     Sqlite, Transaction,
 };
+use tokio_stream::StreamExt as _;
 
 use super::{
     audit_from_row, change_from_row, fields_to_json, listed_from_row, log_state_from_row,
     plan_create, plan_write, position_from_db, position_to_db, record_from_row, revision_to_db,
     AuditEntry, ChangeListener, Create, CreateOutcome, LogState, LoggedChange, Plan, PoolStatus,
-    Snapshot, Store, StoreError, Write,
+    Store, StoreError, Visit, Write,
 };
 use crate::domain::{Fields, Record, WorkspaceId};
 
@@ -358,25 +359,26 @@ impl Store for SqliteStore {
         Ok((changes, self.log_state().await?))
     }
 
-    async fn snapshot(&self) -> Result<Snapshot, StoreError> {
-        // A read transaction in WAL mode sees one snapshot from its first read.
+    async fn snapshot(&self, visit: Visit<'_>) -> Result<u64, StoreError> {
+        // A read transaction in WAL mode sees one snapshot from its first
+        // read. The rows are streamed (the connection's worker hands them
+        // over through a bounded channel): each is decoded and handed over as
+        // it arrives, never all held at once.
         let mut tx = self.pool.begin().await?;
         let state = log_state_from_row(&sqlx::query(SELECT_LOG_STATE).fetch_one(&mut *tx).await?)?;
-        let rows = sqlx::query(
-            "SELECT workspace_id, runtime, model, credential_keys, override_mode, revision \
-             FROM billing_records ORDER BY workspace_id",
-        )
-        .fetch_all(&mut *tx)
-        .await?;
+        {
+            let mut rows = sqlx::query(
+                "SELECT workspace_id, runtime, model, credential_keys, override_mode, revision \
+                 FROM billing_records ORDER BY workspace_id",
+            )
+            .fetch(&mut *tx);
+            while let Some(row) = rows.next().await {
+                let row = row?;
+                visit(listed_from_row(&row)?);
+            }
+        }
         tx.commit().await?;
-        let records = rows
-            .iter()
-            .map(listed_from_row)
-            .collect::<Result<_, StoreError>>()?;
-        Ok(Snapshot {
-            position: state.last_position,
-            records,
-        })
+        Ok(state.last_position)
     }
 
     async fn prune_changes(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {

@@ -351,6 +351,7 @@ store_tests!(
     list_after_pages_every_record_once_in_workspace_id_order,
     a_batch_creates_the_missing_in_one_commit_and_leaves_the_existing_untouched,
     batches_and_single_creates_of_the_same_workspaces_at_once_never_overwrite_each_other,
+    the_snapshot_visits_every_record_once_as_of_its_position,
 );
 
 // ---------------------------------------------------------------------------
@@ -1684,9 +1685,10 @@ async fn a_batch_creates_the_missing_in_one_commit_and_leaves_the_existing_untou
             (before.last_position + 2, b_record.clone())
         ]
     );
-    let snapshot = store.snapshot().await.unwrap();
-    assert_eq!(snapshot.position, before.last_position + 2);
-    assert_eq!(snapshot.records.len(), 3);
+    let mut records = Vec::new();
+    let position = store.snapshot(&mut |r| records.push(r)).await.unwrap();
+    assert_eq!(position, before.last_position + 2);
+    assert_eq!(records.len(), 3);
 
     // Nothing to create: nothing written, nothing logged.
     let again = store
@@ -1811,4 +1813,102 @@ async fn batches_and_single_creates_of_the_same_workspaces_at_once_never_overwri
     assert_eq!(positions, (1..=N as u64).collect::<Vec<_>>());
     let logged: BTreeSet<WorkspaceId> = changes.iter().map(|c| c.record.workspace_id).collect();
     assert_eq!(logged.len(), N);
+}
+
+async fn the_snapshot_visits_every_record_once_as_of_its_position(h: &mut Harness) {
+    let store = h.store();
+    let position = store
+        .snapshot(&mut |r| panic!("an empty store has no record to visit: {r:?}"))
+        .await
+        .expect("snapshot of an empty store");
+    assert_eq!(position, 0, "no change was ever made");
+
+    // Records created, some changed again.
+    let ids: Vec<WorkspaceId> = (0..30).map(|_| WorkspaceId::new_random()).collect();
+    for (i, id) in ids.iter().enumerate() {
+        write(&*store, *id, &set_model(&format!("model-{i}")), None)
+            .await
+            .expect("create");
+        if i % 3 == 0 {
+            write(&*store, *id, &set_override(Mode::Byok), None)
+                .await
+                .expect("update");
+        }
+    }
+
+    // Once the first record has been handed over, other connections commit
+    // changes to ten of the records and create another: the snapshot, still
+    // being read, must show none of them.
+    let newcomer = WorkspaceId::new_random();
+    let runtime = tokio::runtime::Handle::current();
+    let writer = store.clone();
+    let changed = ids[..10].to_vec();
+    let mut wrote_meanwhile = false;
+    let mut visited: Vec<Record> = Vec::new();
+    let position = store
+        .snapshot(&mut |record| {
+            if !wrote_meanwhile {
+                wrote_meanwhile = true;
+                tokio::task::block_in_place(|| {
+                    runtime.block_on(async {
+                        for id in &changed {
+                            write(&*writer, *id, &set_override(Mode::Disabled), None)
+                                .await
+                                .expect("a change while the snapshot is read");
+                        }
+                        write(&*writer, newcomer, &set_model("late"), None)
+                            .await
+                            .expect("a creation while the snapshot is read");
+                    })
+                });
+            }
+            visited.push(record);
+        })
+        .await
+        .expect("snapshot");
+    assert!(wrote_meanwhile);
+
+    // The state at `position`, from the change log: the latest record of
+    // each workspace among the changes at or below it.
+    let (log, state) = store.changes_after(0, 1000).await.expect("the log");
+    assert_eq!(
+        state.last_position,
+        position + 11,
+        "the eleven changes made meanwhile come after the snapshot's position"
+    );
+    let mut at_position = std::collections::BTreeMap::new();
+    for change in log.iter().filter(|c| c.position <= position) {
+        at_position.insert(change.record.workspace_id, change.record.clone());
+    }
+    let expected: Vec<Record> = at_position.into_values().collect();
+    assert_eq!(expected.len(), ids.len());
+    assert_eq!(
+        visited, expected,
+        "every record once, in workspace-id order, as of the snapshot's position"
+    );
+    assert!(visited.iter().all(|r| r.workspace_id != newcomer));
+
+    // A snapshot taken now shows every change, at the log's end.
+    let mut now: Vec<Record> = Vec::new();
+    let position = store
+        .snapshot(&mut |r| now.push(r))
+        .await
+        .expect("second snapshot");
+    assert_eq!(position, state.last_position);
+    let mut expected_ids = ids.clone();
+    expected_ids.push(newcomer);
+    expected_ids.sort();
+    assert_eq!(
+        now.iter().map(|r| r.workspace_id).collect::<Vec<_>>(),
+        expected_ids
+    );
+    for r in &now {
+        assert_eq!(r, &load(&*store, r.workspace_id).await, "visited as loaded");
+    }
+    for id in &changed {
+        assert_eq!(
+            load(&*store, *id).await.override_mode,
+            Stored::Valid(Mode::Disabled)
+        );
+    }
 }
