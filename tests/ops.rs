@@ -872,3 +872,85 @@ async fn sighup_never_swaps_the_registry_a_change_needs_a_rolling_restart() {
     server.wait_for(&["the registry file is invalid", "ERROR"]);
     assert_eq!(keys(&build(&mut c, &ws, vec![]).await.unwrap()), before);
 }
+
+// ---------------------------------------------------------------------------
+// Lost store connections on the read path
+
+/// Resolve reads through connections that are not pinged before each use
+/// (docs/performance.md): when the database cuts them all (a failover, an
+/// idle cut, `pg_terminate_backend`), the next Resolve must still answer from
+/// the store, on a fresh connection, and never with an error a client would
+/// have to retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resolve_answers_from_a_fresh_connection_after_the_store_cut_them_all() {
+    let Some(db) = TestDb::new(Backend::Postgres).await else {
+        return;
+    };
+    let app_name = format!("reads_{}", uuid::Uuid::new_v4().simple());
+    let app = TestApp::spawn_with(
+        &db,
+        Config {
+            database_url: format!("{}&application_name={app_name}", db.url),
+            ..config(&db)
+        },
+    )
+    .await;
+    let mut c = app.client().await;
+    let ws = new_workspace();
+    c.set(billing_mode::proto::SetRequest {
+        workspace_id: ws.clone(),
+        runtime: Some("claude-code".into()),
+        model: Some("opus".into()),
+        reason: "register".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("registered");
+    let resolve = |c: &mut BillingModeClient<tonic::transport::Channel>| {
+        let mut c = c.clone();
+        let ws = ws.clone();
+        async move {
+            c.resolve(billing_mode::proto::ResolveRequest { workspace_id: ws })
+                .await
+                .map(|r| r.into_inner().resolution.unwrap())
+        }
+    };
+    let first = resolve(&mut c).await.expect("resolved");
+    for round in 0..3 {
+        // Several reads at once, so that several connections are pooled.
+        let warm: Vec<_> = (0..8).map(|_| resolve(&mut c)).collect();
+        for r in futures_join(warm).await {
+            assert_eq!(r.expect("resolved"), first);
+        }
+        use sqlx::Connection;
+        let mut admin = sqlx::PgConnection::connect(&db.url).await.unwrap();
+        let (killed,): (i64,) = sqlx::query_as(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE application_name = $1",
+        )
+        .bind(&app_name)
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+        assert!(
+            killed > 1,
+            "round {round}: the server's connections were found"
+        );
+        let after = resolve(&mut c)
+            .await
+            .unwrap_or_else(|s| panic!("round {round}: Resolve after the cut: {s:?}"));
+        assert_eq!(after, first, "round {round}");
+    }
+}
+
+async fn futures_join<F: std::future::Future + Send + 'static>(fs: Vec<F>) -> Vec<F::Output>
+where
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = fs.into_iter().map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}

@@ -16,6 +16,7 @@ use crate::domain::{Change, Fields, Record, WorkspaceId};
 
 pub mod applied;
 pub mod metered;
+mod pg_reads;
 pub mod postgres;
 pub mod sqlite;
 

@@ -38,6 +38,7 @@ use sqlx::{
 };
 use tokio_stream::StreamExt as _;
 
+use super::pg_reads::ReadPool;
 use super::{
     audit_from_row, change_from_row, fields_to_json, listed_from_row, log_state_from_row,
     plan_create, plan_write, position_to_db, record_from_row, revision_to_db, AuditEntry,
@@ -50,6 +51,8 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres
 
 pub struct PostgresStore {
     pool: PgPool,
+    /// `load`'s connections (see `store::pg_reads`).
+    reads: ReadPool,
 }
 
 impl PostgresStore {
@@ -69,12 +72,14 @@ impl PostgresStore {
             <sqlx::PgConnection as sqlx::Connection>::connect_with(&opts).await?,
         )
         .await?;
+        let acquire_timeout = std::time::Duration::from_secs(5);
+        let reads = ReadPool::new(opts.clone(), 16, acquire_timeout)?;
         let pool = PgPoolOptions::new()
             .max_connections(16)
-            .acquire_timeout(std::time::Duration::from_secs(5))
+            .acquire_timeout(acquire_timeout)
             .connect_with(opts)
             .await?;
-        Ok(PostgresStore { pool })
+        Ok(PostgresStore { pool, reads })
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -362,9 +367,10 @@ impl ChangeListener for PgChangeListener {
 impl Store for PostgresStore {
     #[tracing::instrument(name = "store.load", skip_all, fields(otel.kind = "client", db.system.name = "postgresql", db.operation.name = "load"))]
     async fn load(&self, workspace_id: &WorkspaceId) -> Result<Option<Record>, StoreError> {
-        let row = sqlx::query(SELECT_RECORD)
-            .bind(workspace_id.to_string())
-            .fetch_optional(&self.pool)
+        let id = workspace_id.to_string();
+        let row = self
+            .reads
+            .fetch_optional(|| sqlx::query(SELECT_RECORD).bind(id.clone()))
             .await?;
         Ok(row
             .as_ref()
@@ -581,6 +587,10 @@ impl Store for PostgresStore {
     }
 
     fn pool_status(&self) -> PoolStatus {
-        PoolStatus::of(self.pool.size(), self.pool.num_idle())
+        let (reads_open, reads_idle) = self.reads.status();
+        PoolStatus::of(
+            self.pool.size() + reads_open,
+            self.pool.num_idle() + reads_idle,
+        )
     }
 }
