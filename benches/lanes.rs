@@ -593,10 +593,10 @@ mod echo {
     use billing_mode::{proto::BuildEnvRequest, service::codec::Codec};
     use tonic::codegen::{http, Body, StdError};
 
-    pub const PATH: &str = "/molecule.billing.bench.v1.Echo/Echo";
+    pub(crate) const PATH: &str = "/molecule.billing.bench.v1.Echo/Echo";
 
     #[derive(Clone, Default)]
-    pub struct EchoServer;
+    pub(crate) struct EchoServer;
 
     impl tonic::server::NamedService for EchoServer {
         const NAME: &'static str = "molecule.billing.bench.v1.Echo";

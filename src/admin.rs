@@ -31,6 +31,15 @@ pub struct AdminState {
     pub store_reachable: Condition,
 }
 
+impl std::fmt::Debug for AdminState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminState")
+            .field("readiness", &self.readiness)
+            .field("store", &self.store.backend())
+            .finish_non_exhaustive()
+    }
+}
+
 /// Serves `listener` until the task is dropped or aborted.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
     let mut connections = JoinSet::new();

@@ -23,7 +23,7 @@ use serde_json::json;
 use crate::client::{self, ClientArgs};
 
 #[derive(Args)]
-pub struct ListArgs {
+pub(crate) struct ListArgs {
     /// Only workspaces decided with this mode: platform_managed, byok or disabled.
     #[arg(long)]
     mode: Option<String>,
@@ -55,7 +55,7 @@ fn source_filter(s: &str) -> anyhow::Result<proto::Source> {
     }
 }
 
-pub async fn list(a: ListArgs) -> ExitCode {
+pub(crate) async fn list(a: ListArgs) -> ExitCode {
     client::run(a.client.json, async {
         let mode = a.mode.as_deref().map(mode_filter).transpose()?;
         let source = a.source.as_deref().map(source_filter).transpose()?;
@@ -106,7 +106,7 @@ pub async fn list(a: ListArgs) -> ExitCode {
 }
 
 #[derive(Args)]
-pub struct ImportArgs {
+pub(crate) struct ImportArgs {
     /// JSON Lines, one workspace a line: workspace_id, and optionally runtime,
     /// model, credential_keys (names), override_mode, legacy_mode; `-` reads
     /// standard input.
@@ -147,7 +147,7 @@ fn read_file(path: &PathBuf) -> anyhow::Result<import::Parsed> {
     }
 }
 
-pub async fn import(a: ImportArgs) -> ExitCode {
+pub(crate) async fn import(a: ImportArgs) -> ExitCode {
     if !a.dry_run && a.reason.trim().is_empty() {
         eprintln!("error: --reason must say why (it is recorded in every audit row written)");
         return ExitCode::FAILURE;

@@ -19,7 +19,7 @@ use tonic::{
 use tonic_types::StatusExt;
 
 #[derive(Args, Clone)]
-pub struct ClientArgs {
+pub(crate) struct ClientArgs {
     /// The server, e.g. http://127.0.0.1:50051 or https://billing-mode:50051.
     #[arg(
         long,
@@ -48,7 +48,7 @@ pub struct ClientArgs {
 }
 
 #[derive(Args)]
-pub struct ResolveArgs {
+pub(crate) struct ResolveArgs {
     /// The workspace id (UUID).
     workspace: String,
     #[command(flatten)]
@@ -56,7 +56,7 @@ pub struct ResolveArgs {
 }
 
 #[derive(Args)]
-pub struct SetArgs {
+pub(crate) struct SetArgs {
     /// The workspace id (UUID).
     workspace: String,
     /// Operator override: platform_managed, byok or disabled (admin; needs --reason).
@@ -86,7 +86,7 @@ pub struct SetArgs {
 }
 
 #[derive(Args)]
-pub struct ClearArgs {
+pub(crate) struct ClearArgs {
     /// The workspace id (UUID).
     workspace: String,
     /// Why (required).
@@ -103,7 +103,7 @@ pub struct ClearArgs {
 }
 
 #[derive(Args)]
-pub struct BuildEnvArgs {
+pub(crate) struct BuildEnvArgs {
     /// The workspace id (UUID).
     workspace: String,
     /// Candidate env: lines `ORIGIN KEY=VALUE` (ORIGIN: workspace, global,
@@ -119,7 +119,7 @@ pub struct BuildEnvArgs {
 }
 
 #[derive(Args)]
-pub struct HistoryArgs {
+pub(crate) struct HistoryArgs {
     /// The workspace id (UUID).
     workspace: String,
     /// Entries per page (1-500; default 50).
@@ -325,7 +325,7 @@ fn decided_maybe_dry(
     Ok((json, format!("dry run: nothing was written\n{text}")))
 }
 
-pub async fn resolve(a: ResolveArgs) -> ExitCode {
+pub(crate) async fn resolve(a: ResolveArgs) -> ExitCode {
     run(a.client.json, async {
         let mut c = connect(&a.client).await?;
         let r = c
@@ -348,7 +348,7 @@ fn parse_mode(s: &str) -> anyhow::Result<proto::Mode> {
     }
 }
 
-pub async fn set(a: SetArgs) -> ExitCode {
+pub(crate) async fn set(a: SetArgs) -> ExitCode {
     run(a.client.json, async {
         let override_mode = a.override_mode.as_deref().map(parse_mode).transpose()?;
         let credential_keys = a.credential_keys.as_ref().map(|s| proto::CredentialKeys {
@@ -378,7 +378,7 @@ pub async fn set(a: SetArgs) -> ExitCode {
     .await
 }
 
-pub async fn clear(a: ClearArgs) -> ExitCode {
+pub(crate) async fn clear(a: ClearArgs) -> ExitCode {
     run(a.client.json, async {
         let mut c = connect(&a.client).await?;
         let r = c
@@ -406,7 +406,7 @@ fn parse_origin(s: &str) -> anyhow::Result<proto::Origin> {
 }
 
 /// Reads a candidate env file: `ORIGIN KEY=VALUE` lines or a JSON array.
-pub fn parse_env_file(text: &str) -> anyhow::Result<Vec<proto::EnvVar>> {
+pub(crate) fn parse_env_file(text: &str) -> anyhow::Result<Vec<proto::EnvVar>> {
     if text.trim_start().starts_with('[') {
         #[derive(serde::Deserialize)]
         struct Entry {
@@ -451,7 +451,7 @@ pub fn parse_env_file(text: &str) -> anyhow::Result<Vec<proto::EnvVar>> {
     Ok(out)
 }
 
-pub async fn build_env(a: BuildEnvArgs) -> ExitCode {
+pub(crate) async fn build_env(a: BuildEnvArgs) -> ExitCode {
     run(a.client.json, async {
         let text = if a.env_file.as_os_str() == "-" {
             std::io::read_to_string(std::io::stdin()).context("reading standard input")?
@@ -533,7 +533,7 @@ fn fields_text(f: &Option<proto::RecordFields>) -> String {
     }
 }
 
-pub async fn history(a: HistoryArgs) -> ExitCode {
+pub(crate) async fn history(a: HistoryArgs) -> ExitCode {
     run(a.client.json, async {
         let mut c = connect(&a.client).await?;
         let r = c
@@ -589,7 +589,7 @@ pub async fn history(a: HistoryArgs) -> ExitCode {
 }
 
 #[derive(Args)]
-pub struct DriftArgs {
+pub(crate) struct DriftArgs {
     /// Entries fetched per request (1-500); every page is fetched.
     #[arg(long, default_value_t = 500)]
     page_size: u32,
@@ -606,7 +606,7 @@ pub(crate) fn timestamp_text(t: &Option<prost_types::Timestamp>) -> String {
 
 /// Every instance whose applied mode differs from the current decision,
 /// oldest first, as a table (or JSON).
-pub async fn drift(a: DriftArgs) -> ExitCode {
+pub(crate) async fn drift(a: DriftArgs) -> ExitCode {
     run(a.client.json, async {
         let mut c = connect(&a.client).await?;
         let mut all = Vec::new();
@@ -682,7 +682,7 @@ pub async fn drift(a: DriftArgs) -> ExitCode {
 }
 
 #[derive(Args)]
-pub struct CheckSpendArgs {
+pub(crate) struct CheckSpendArgs {
     /// The workspace id (UUID).
     workspace: String,
     #[command(flatten)]
@@ -691,7 +691,7 @@ pub struct CheckSpendArgs {
 
 /// The metering proxy's question: may the platform pay for this workspace's
 /// LLM calls now?
-pub async fn check_spend(a: CheckSpendArgs) -> ExitCode {
+pub(crate) async fn check_spend(a: CheckSpendArgs) -> ExitCode {
     run(a.client.json, async {
         let mut c = connect(&a.client).await?;
         let r = c

@@ -132,6 +132,12 @@ pub struct Feed {
     _guard: Arc<StopOnDrop>,
 }
 
+impl std::fmt::Debug for Feed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Feed").finish_non_exhaustive()
+    }
+}
+
 struct StopOnDrop(watch::Sender<bool>);
 
 impl Drop for StopOnDrop {
@@ -254,6 +260,15 @@ pub struct Subscription {
     backlog: VecDeque<Arc<ChangeEvent>>,
     health: watch::Receiver<Health>,
     shutdown: watch::Receiver<bool>,
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription")
+            .field("last", &self.last)
+            .field("catch_up_to", &self.catch_up_to)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Subscription {

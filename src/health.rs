@@ -34,6 +34,14 @@ pub struct Readiness {
     inner: Arc<Inner>,
 }
 
+impl std::fmt::Debug for Readiness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Readiness")
+            .field("ready", &self.is_ready())
+            .finish_non_exhaustive()
+    }
+}
+
 struct Inner {
     conditions: Mutex<BTreeMap<&'static str, bool>>,
     ready: watch::Sender<bool>,
@@ -105,6 +113,15 @@ fn all_hold(map: &BTreeMap<&'static str, bool>) -> bool {
 pub struct Condition {
     name: &'static str,
     inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Condition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Condition")
+            .field("name", &self.name)
+            .field("holds", &self.holds())
+            .finish()
+    }
 }
 
 impl Condition {

@@ -298,6 +298,14 @@ pub struct Connection {
     authorization: Option<MetadataValue<Ascii>>,
 }
 
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("authenticated", &self.authorization.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Connection {
     pub fn new(channel: Channel, authorization: Option<MetadataValue<Ascii>>) -> Self {
         Self::with_transport(Transport::new(channel), authorization)

@@ -53,6 +53,12 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
 }
 
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
 impl Metrics {
     fn new() -> Self {
         let registry = Registry::new();
@@ -374,6 +380,12 @@ where
 pub struct MeteredBody<B> {
     inner: B,
     timer: Option<CallTimer>,
+}
+
+impl<B> std::fmt::Debug for MeteredBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeteredBody").finish_non_exhaustive()
+    }
 }
 
 impl<B> http_body::Body for MeteredBody<B>

@@ -25,6 +25,12 @@ use crate::{
 #[derive(Clone)]
 pub struct SharedAuth(Arc<RwLock<Arc<Authenticator>>>);
 
+impl std::fmt::Debug for SharedAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedAuth").finish_non_exhaustive()
+    }
+}
+
 impl SharedAuth {
     pub fn new(auth: Authenticator) -> Self {
         SharedAuth(Arc::new(RwLock::new(Arc::new(auth))))
@@ -76,6 +82,15 @@ pub struct Reloader {
     pub(crate) inline_tokens: Vec<TokenEntry>,
     pub(crate) registry: Arc<Registry>,
     pub(crate) registry_path: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Reloader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reloader")
+            .field("tokens_file", &self.tokens_file)
+            .field("registry_path", &self.registry_path)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Reloader {

@@ -184,6 +184,12 @@ pub struct SpendSnapshot {
     shared: Arc<Shared>,
 }
 
+impl std::fmt::Debug for SpendSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SpendSnapshot").finish_non_exhaustive()
+    }
+}
+
 impl SpendSnapshot {
     /// An empty snapshot that is not current (it answers nothing until
     /// loaded and confirmed).

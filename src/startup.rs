@@ -48,6 +48,15 @@ pub struct Application {
     spend: SpendSnapshot,
 }
 
+impl std::fmt::Debug for Application {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Application")
+            .field("addr", &self.addr)
+            .field("admin_addr", &self.admin_addr())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         let auth = Authenticator::new(reload::load_tokens(

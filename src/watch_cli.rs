@@ -12,7 +12,7 @@ use tonic_types::StatusExt;
 use crate::client::{self, ClientArgs};
 
 #[derive(Args)]
-pub struct WatchArgs {
+pub(crate) struct WatchArgs {
     /// Only these workspaces (UUIDs); none: every workspace.
     workspaces: Vec<String>,
     /// Resume after this cursor (printed on every line, and on exit).
@@ -69,7 +69,7 @@ fn resume_hint(cursor: &str) {
     }
 }
 
-pub async fn watch(a: WatchArgs) -> ExitCode {
+pub(crate) async fn watch(a: WatchArgs) -> ExitCode {
     let mut c = match client::connect(&a.client).await {
         Ok(c) => c,
         Err(e) => {

@@ -257,6 +257,7 @@ impl From<StoreError> for ApiError {
 }
 
 /// Displays an error with its whole cause chain, for logs.
+#[derive(Debug)]
 pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
 
 impl std::fmt::Display for ErrorChain<'_> {

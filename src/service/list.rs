@@ -25,7 +25,7 @@ use super::{
 };
 
 /// The most records one page reads before answering.
-pub const MAX_SCANNED_PER_PAGE: u32 = 2000;
+pub(super) const MAX_SCANNED_PER_PAGE: u32 = 2000;
 /// Records read from the store per round trip.
 const BATCH: u32 = 500;
 /// Versions the token format, so it can change without misreading old ones.
@@ -106,7 +106,7 @@ fn decode_token(token: &str) -> Result<Option<WorkspaceId>, ApiError> {
 }
 
 /// One page of decisions.
-pub async fn list_workspaces(
+pub(super) async fn list_workspaces(
     store: &dyn Store,
     registry: &Registry,
     req: &proto::ListWorkspacesRequest,

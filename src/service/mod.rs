@@ -37,6 +37,12 @@ pub struct BillingModeService {
     spend: crate::snapshot::SpendSnapshot,
 }
 
+impl std::fmt::Debug for BillingModeService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BillingModeService").finish_non_exhaustive()
+    }
+}
+
 impl BillingModeService {
     pub fn new(store: Arc<dyn Store>, registry: Arc<Registry>, watcher: watch::Watcher) -> Self {
         BillingModeService {

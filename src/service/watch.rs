@@ -39,6 +39,15 @@ pub struct Watcher {
     progress_interval: Duration,
 }
 
+impl std::fmt::Debug for Watcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watcher")
+            .field("buffer", &self.buffer)
+            .field("progress_interval", &self.progress_interval)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Watcher {
     pub fn new(feed: Feed, config: &Config) -> Self {
         Watcher {
@@ -123,6 +132,12 @@ impl From<FeedError> for ApiError {
 pub struct WatchStream {
     messages: mpsc::Receiver<proto::WatchResponse>,
     end: Option<oneshot::Receiver<Status>>,
+}
+
+impl std::fmt::Debug for WatchStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WatchStream").finish_non_exhaustive()
+    }
 }
 
 impl tokio_stream::Stream for WatchStream {

@@ -20,6 +20,14 @@ pub struct MeteredStore {
     inner: Arc<dyn Store>,
 }
 
+impl std::fmt::Debug for MeteredStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeteredStore")
+            .field("inner", &self.inner.backend())
+            .finish()
+    }
+}
+
 impl MeteredStore {
     pub fn wrap(inner: Arc<dyn Store>) -> Arc<dyn Store> {
         Arc::new(MeteredStore { inner })

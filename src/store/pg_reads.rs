@@ -34,7 +34,7 @@ const ATTEMPTS: u32 = 3;
 
 /// Creates and checks the read connections.
 #[derive(Debug)]
-pub struct Manager {
+pub(crate) struct Manager {
     opts: PgConnectOptions,
 }
 
@@ -56,12 +56,12 @@ impl managed::Manager for Manager {
 
 /// The read connections of one store.
 #[derive(Debug, Clone)]
-pub struct ReadPool {
+pub(crate) struct ReadPool {
     pool: managed::Pool<Manager>,
 }
 
 impl ReadPool {
-    pub fn new(
+    pub(crate) fn new(
         opts: PgConnectOptions,
         max_connections: usize,
         acquire_timeout: Duration,
@@ -81,7 +81,7 @@ impl ReadPool {
     /// connection the pool's idle connections are dropped too (a failover or
     /// a restart takes them all; one killed backend costs only reconnects)
     /// and the query runs again, on a connection checked first.
-    pub async fn fetch_optional<F>(&self, query: F) -> Result<Option<PgRow>, sqlx::Error>
+    pub(crate) async fn fetch_optional<F>(&self, query: F) -> Result<Option<PgRow>, sqlx::Error>
     where
         F: Fn() -> sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments>,
     {
@@ -123,7 +123,7 @@ impl ReadPool {
     }
 
     /// (connections open, connections idle).
-    pub fn status(&self) -> (u32, usize) {
+    pub(crate) fn status(&self) -> (u32, usize) {
         let s = self.pool.status();
         (u32::try_from(s.size).unwrap_or(u32::MAX), s.available)
     }

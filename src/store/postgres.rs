@@ -58,6 +58,12 @@ pub struct PostgresStore {
 impl PostgresStore {
     /// Connects and applies the embedded migrations.
     pub async fn connect(opts: PgConnectOptions) -> Result<Self, StoreError> {
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore").finish_non_exhaustive()
+    }
+}
+
         let store = Self::open(opts).await?;
         MIGRATOR.run(&store.pool).await?;
         Ok(store)

@@ -42,6 +42,12 @@ pub struct SqliteStore {
 impl SqliteStore {
     /// Opens (creating if missing) and applies the embedded migrations.
     pub async fn connect(opts: SqliteConnectOptions) -> Result<Self, StoreError> {
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").finish_non_exhaustive()
+    }
+}
+
         let store = Self::open(opts).await?;
         MIGRATOR.run(&store.pool).await?;
         Ok(store)

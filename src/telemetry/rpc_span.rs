@@ -145,6 +145,12 @@ pub struct SpanBody<B> {
     call: Call,
 }
 
+impl<B> std::fmt::Debug for SpanBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SpanBody").finish_non_exhaustive()
+    }
+}
+
 impl<B> Body for SpanBody<B>
 where
     B: Body + Unpin,

@@ -27,14 +27,14 @@ use tonic_types::StatusExt;
 
 /// Which store a test runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
+pub(crate) enum Backend {
     Sqlite,
     Postgres,
 }
 
 /// A fresh, empty database for one test. Dropping it removes the SQLite
 /// directory; Postgres schemas are uniquely named and left for inspection.
-pub struct TestDb {
+pub(crate) struct TestDb {
     pub backend: Backend,
     pub url: String,
     _dir: Option<tempfile::TempDir>,
@@ -43,7 +43,7 @@ pub struct TestDb {
 impl TestDb {
     /// `None` (after saying so loudly) when Postgres is wanted but
     /// `DATABASE_URL` is not set; under CI that is a failure instead.
-    pub async fn new(backend: Backend) -> Option<TestDb> {
+    pub(crate) async fn new(backend: Backend) -> Option<TestDb> {
         match backend {
             Backend::Sqlite => {
                 let dir = tempfile::tempdir().expect("temp dir");
@@ -88,7 +88,7 @@ impl TestDb {
 
 impl TestDb {
     /// A database the test set up itself (e.g. a private Postgres server).
-    pub fn at(backend: Backend, url: String) -> TestDb {
+    pub(crate) fn at(backend: Backend, url: String) -> TestDb {
         TestDb {
             backend,
             url,
@@ -98,7 +98,7 @@ impl TestDb {
 }
 
 /// Runs `f` once per backend that is available.
-pub async fn each_backend<F, Fut>(f: F)
+pub(crate) async fn each_backend<F, Fut>(f: F)
 where
     F: Fn(TestDb) -> Fut,
     Fut: Future<Output = ()>,
@@ -111,7 +111,7 @@ where
 }
 
 /// A running server.
-pub struct TestApp {
+pub(crate) struct TestApp {
     pub addr: SocketAddr,
     /// The admin HTTP listener, unless the configuration turned it off.
     pub admin_addr: Option<SocketAddr>,
@@ -123,7 +123,7 @@ pub struct TestApp {
 
 /// The default test configuration on `db`: port 0 on loopback (the admin
 /// listener too, so parallel tests never collide), no tokens.
-pub fn config(db: &TestDb) -> Config {
+pub(crate) fn config(db: &TestDb) -> Config {
     Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         admin_listen: Some("127.0.0.1:0".parse().unwrap()),
@@ -133,11 +133,11 @@ pub fn config(db: &TestDb) -> Config {
 }
 
 impl TestApp {
-    pub async fn spawn(db: &TestDb) -> TestApp {
+    pub(crate) async fn spawn(db: &TestDb) -> TestApp {
         Self::spawn_with(db, config(db)).await
     }
 
-    pub async fn spawn_with(db: &TestDb, config: Config) -> TestApp {
+    pub(crate) async fn spawn_with(db: &TestDb, config: Config) -> TestApp {
         let app = Application::build(config)
             .await
             .expect("application builds");
@@ -157,11 +157,11 @@ impl TestApp {
         }
     }
 
-    pub fn endpoint(&self) -> String {
+    pub(crate) fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
     }
 
-    pub async fn channel(&self) -> Channel {
+    pub(crate) async fn channel(&self) -> Channel {
         Endpoint::from_shared(self.endpoint())
             .unwrap()
             .connect_timeout(Duration::from_secs(5))
@@ -171,12 +171,12 @@ impl TestApp {
     }
 
     /// A client without a token.
-    pub async fn client(&self) -> BillingModeClient<Channel> {
+    pub(crate) async fn client(&self) -> BillingModeClient<Channel> {
         BillingModeClient::new(self.channel().await)
     }
 
     /// A client sending `authorization: Bearer <token>`.
-    pub async fn client_with_token(&self, token: &str) -> TokenClient {
+    pub(crate) async fn client_with_token(&self, token: &str) -> TokenClient {
         let header: MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
         let f: TokenFn = Box::new(move |mut req: Request<()>| {
             req.metadata_mut().insert("authorization", header.clone());
@@ -186,7 +186,7 @@ impl TestApp {
     }
 
     /// Graceful shutdown; returns the server's result.
-    pub async fn stop(mut self) -> anyhow::Result<()> {
+    pub(crate) async fn stop(mut self) -> anyhow::Result<()> {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
@@ -202,11 +202,11 @@ impl Drop for TestApp {
     }
 }
 
-pub type TokenFn = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send + Sync>;
-pub type TokenClient = BillingModeClient<InterceptedService<Channel, TokenFn>>;
+pub(crate) type TokenFn = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send + Sync>;
+pub(crate) type TokenClient = BillingModeClient<InterceptedService<Channel, TokenFn>>;
 
 /// Asserts a status's code and ErrorInfo reason/domain; returns the message.
-pub fn assert_error(status: &Status, code: Code, reason: &str) -> String {
+pub(crate) fn assert_error(status: &Status, code: Code, reason: &str) -> String {
     assert_eq!(status.code(), code, "code for {reason}: {status:?}");
     let info = status
         .get_details_error_info()
@@ -216,7 +216,7 @@ pub fn assert_error(status: &Status, code: Code, reason: &str) -> String {
     status.message().to_owned()
 }
 
-pub fn env(origin: Origin, key: &str, value: &str) -> EnvVar {
+pub(crate) fn env(origin: Origin, key: &str, value: &str) -> EnvVar {
     EnvVar {
         key: key.to_owned(),
         value: value.to_owned(),
@@ -224,7 +224,7 @@ pub fn env(origin: Origin, key: &str, value: &str) -> EnvVar {
     }
 }
 
-pub fn new_workspace() -> String {
+pub(crate) fn new_workspace() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
@@ -233,7 +233,7 @@ pub fn new_workspace() -> String {
 
 /// A fresh token named `name` with `roles`: the bearer text to send and the
 /// configuration entry (hash) to give the server.
-pub fn make_token(
+pub(crate) fn make_token(
     name: &str,
     roles: &[billing_mode::auth::Role],
 ) -> (String, billing_mode::auth::TokenEntry) {
@@ -242,7 +242,10 @@ pub fn make_token(
 }
 
 /// `config(db)` with `tokens` configured.
-pub fn config_with_tokens(db: &TestDb, tokens: Vec<billing_mode::auth::TokenEntry>) -> Config {
+pub(crate) fn config_with_tokens(
+    db: &TestDb,
+    tokens: Vec<billing_mode::auth::TokenEntry>,
+) -> Config {
     Config {
         tokens,
         ..config(db)
@@ -251,7 +254,7 @@ pub fn config_with_tokens(db: &TestDb, tokens: Vec<billing_mode::auth::TokenEntr
 
 /// One `billing_audit` row read straight from the database, every column as text.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RawAuditRow {
+pub(crate) struct RawAuditRow {
     pub workspace_id: String,
     pub revision: String,
     pub actor: String,
@@ -263,7 +266,7 @@ pub struct RawAuditRow {
 
 /// Every `billing_audit` row, by raw SQL (not through the service), ordered
 /// by workspace and revision.
-pub async fn raw_audit_rows(db: &TestDb) -> Vec<RawAuditRow> {
+pub(crate) async fn raw_audit_rows(db: &TestDb) -> Vec<RawAuditRow> {
     use sqlx::Connection;
     type Row = (
         String,
@@ -316,7 +319,7 @@ pub async fn raw_audit_rows(db: &TestDb) -> Vec<RawAuditRow> {
 }
 
 /// Every `billing_records` row, by raw SQL, as one line of text each.
-pub async fn raw_record_rows(db: &TestDb) -> Vec<String> {
+pub(crate) async fn raw_record_rows(db: &TestDb) -> Vec<String> {
     use sqlx::Connection;
     let sql_sqlite = "SELECT workspace_id || '|' || coalesce(runtime, '') || '|' || \
         coalesce(model, '') || '|' || credential_keys || '|' || coalesce(override_mode, '') \
@@ -351,9 +354,9 @@ pub async fn raw_record_rows(db: &TestDb) -> Vec<String> {
 // ---------------------------------------------------------------------------
 // RPC helpers shared by the black-box suites
 
-pub type Client = BillingModeClient<Channel>;
+pub(crate) type Client = BillingModeClient<Channel>;
 
-pub async fn set(c: &mut Client, req: SetRequest) -> Resolution {
+pub(crate) async fn set(c: &mut Client, req: SetRequest) -> Resolution {
     c.set(req)
         .await
         .expect("Set succeeds")
@@ -362,7 +365,7 @@ pub async fn set(c: &mut Client, req: SetRequest) -> Resolution {
         .expect("Set returns a resolution")
 }
 
-pub async fn set_override(c: &mut Client, ws: &str, mode: Mode, reason: &str) -> Resolution {
+pub(crate) async fn set_override(c: &mut Client, ws: &str, mode: Mode, reason: &str) -> Resolution {
     set(
         c,
         SetRequest {
@@ -375,7 +378,7 @@ pub async fn set_override(c: &mut Client, ws: &str, mode: Mode, reason: &str) ->
     .await
 }
 
-pub async fn try_resolve(c: &mut Client, ws: &str) -> Result<Resolution, Status> {
+pub(crate) async fn try_resolve(c: &mut Client, ws: &str) -> Result<Resolution, Status> {
     c.resolve(ResolveRequest {
         workspace_id: ws.to_owned(),
     })
@@ -387,11 +390,15 @@ pub async fn try_resolve(c: &mut Client, ws: &str) -> Result<Resolution, Status>
     })
 }
 
-pub async fn resolve(c: &mut Client, ws: &str) -> Resolution {
+pub(crate) async fn resolve(c: &mut Client, ws: &str) -> Resolution {
     try_resolve(c, ws).await.expect("Resolve succeeds")
 }
 
-pub async fn build(c: &mut Client, ws: &str, env: Vec<EnvVar>) -> Result<BuildEnvResponse, Status> {
+pub(crate) async fn build(
+    c: &mut Client,
+    ws: &str,
+    env: Vec<EnvVar>,
+) -> Result<BuildEnvResponse, Status> {
     c.build_env(BuildEnvRequest {
         workspace_id: ws.to_owned(),
         env,
@@ -400,7 +407,7 @@ pub async fn build(c: &mut Client, ws: &str, env: Vec<EnvVar>) -> Result<BuildEn
     .map(|r| r.into_inner())
 }
 
-pub fn env_map(resp: &BuildEnvResponse) -> BTreeMap<String, (String, Origin)> {
+pub(crate) fn env_map(resp: &BuildEnvResponse) -> BTreeMap<String, (String, Origin)> {
     resp.env
         .iter()
         .map(|e| (e.key.clone(), (e.value.clone(), e.origin())))

@@ -11,7 +11,7 @@ use std::{
 };
 
 /// A running `billing-mode serve`; killed on drop.
-pub struct ServerProcess {
+pub(crate) struct ServerProcess {
     child: Child,
     /// The bound gRPC address, `127.0.0.1:PORT`.
     pub addr: String,
@@ -25,7 +25,7 @@ impl ServerProcess {
     /// variable but those), and waits for its
     /// ready line. The admin listener, when the binary has one, also takes
     /// a free port, so that servers started side by side never collide.
-    pub fn start(database_url: &str, args: &[&str], envs: &[(&str, &str)]) -> ServerProcess {
+    pub(crate) fn start(database_url: &str, args: &[&str], envs: &[(&str, &str)]) -> ServerProcess {
         let mut command = Command::new(env!("CARGO_BIN_EXE_billing-mode"));
         // Only what the test gives: no exporter or sampler settings from
         // the environment the tests run in.
@@ -84,7 +84,7 @@ impl ServerProcess {
     }
 
     /// Stops it as an orchestrator would (SIGTERM) and waits for it to exit.
-    pub fn terminate(&mut self) -> ExitStatus {
+    pub(crate) fn terminate(&mut self) -> ExitStatus {
         let status = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status()
@@ -107,7 +107,7 @@ impl ServerProcess {
     }
 
     /// The log so far.
-    pub fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         self.log.lock().unwrap().clone()
     }
 }
