@@ -195,7 +195,7 @@ async fn over_grpc(quick: bool) {
     let dir = tempfile::tempdir().unwrap();
     let config = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
-        database_url: format!("sqlite:{}", dir.path().join("bench.db").display()),
+        database_url: format!("sqlite:{}", dir.path().join("bench.db").display()).into(),
         ..Config::default()
     };
     let app = Application::build(config).await.expect("server builds");
@@ -390,7 +390,7 @@ async fn spend_database() -> (
 async fn replica(url: &str) -> (String, tokio::sync::oneshot::Sender<()>) {
     let config = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
-        database_url: url.to_owned(),
+        database_url: url.into(),
         ..Config::default()
     };
     let app = Application::build(config).await.expect("server builds");

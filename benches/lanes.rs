@@ -643,12 +643,15 @@ fn serve_child(database_url: String, token_line: String) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let _guard = telemetry::init("info", LogFormat::Text)?;
+        let _guard = telemetry::init(
+            &LogLevel::from_flag(None),
+            vec![Sink::stderr(LogFormat::Text)],
+        )?;
         let config = Config {
             listen: "127.0.0.1:0".parse()?,
             // The admin port (metrics, health) is on in production.
             admin_listen: Some("127.0.0.1:0".parse()?),
-            database_url,
+            database_url: database_url.into(),
             tokens: billing_mode::auth::parse_token_lines(&token_line, "lanes")
                 .map_err(anyhow::Error::msg)?,
             ..Config::default()

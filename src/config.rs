@@ -1,7 +1,7 @@
 //! Typed configuration of the server, independent of how it was given
 //! (flags and environment variables are mapped onto it in `main.rs`).
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{fmt, net::SocketAddr, path::PathBuf, time::Duration};
 
 use crate::auth::TokenEntry;
 
@@ -18,10 +18,113 @@ pub const DEFAULT_MAX_STALENESS: Duration = Duration::from_secs(2);
 /// Largest request or response message.
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
+/// Requests served at once on one connection by default.
+pub const DEFAULT_MAX_CONCURRENT_PER_CONNECTION: usize = 64;
+
 /// How long the change log is kept by default: 7 days.
 pub const DEFAULT_CHANGE_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Messages queued for one Watch stream by default.
 pub const DEFAULT_WATCH_BUFFER: usize = 1024;
+
+/// A database URL. It may carry a password (`postgres://user:PASSWORD@…` or
+/// a `password=` query parameter), so it is a secret: `Debug` and `Display`
+/// show it redacted ([`redact_url`]); [`DatabaseUrl::expose`] gives the URL
+/// itself, to connect with.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        DatabaseUrl(url.into())
+    }
+
+    /// The URL with its password: only to connect with, never to show.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for DatabaseUrl {
+    fn default() -> Self {
+        DatabaseUrl::new(DEFAULT_DATABASE_URL)
+    }
+}
+
+impl From<String> for DatabaseUrl {
+    fn from(url: String) -> Self {
+        DatabaseUrl(url)
+    }
+}
+
+impl From<&str> for DatabaseUrl {
+    fn from(url: &str) -> Self {
+        DatabaseUrl(url.to_owned())
+    }
+}
+
+impl std::str::FromStr for DatabaseUrl {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(DatabaseUrl::new(s))
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("DatabaseUrl")
+            .field(&redact_url(&self.0))
+            .finish()
+    }
+}
+
+impl fmt::Display for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact_url(&self.0))
+    }
+}
+
+/// A database URL without its password, for messages: the password of the
+/// user info (`user:PASSWORD@`) and the value of every `password=` query
+/// parameter become `***`.
+pub fn redact_url(url: &str) -> String {
+    let rest_at = url.find("://").map_or(0, |i| i + 3);
+    let (head, rest) = url.split_at(rest_at);
+    // The user info ends at the last `@` before the query: a password may
+    // hold an `@` or a `/` (badly encoded), and an `@` in the path only
+    // hides more than needed.
+    let before_query = rest.find('?').unwrap_or(rest.len());
+    let (userinfo_end, mut out) = match rest[..before_query].rfind('@') {
+        Some(at) if rest_at > 0 => {
+            let userinfo = &rest[..at];
+            let shown = match userinfo.find(':') {
+                Some(colon) => format!("{}:***", &userinfo[..colon]),
+                None => userinfo.to_owned(),
+            };
+            (at, format!("{head}{shown}"))
+        }
+        _ => (0, head.to_owned()),
+    };
+    let rest = &rest[userinfo_end..];
+    match rest.split_once('?') {
+        None => out.push_str(rest),
+        Some((path, query)) => {
+            out.push_str(path);
+            out.push('?');
+            let params: Vec<String> = query
+                .split('&')
+                .map(|param| match param.split_once('=') {
+                    Some((key, _)) if key.eq_ignore_ascii_case("password") => {
+                        format!("{key}=***")
+                    }
+                    _ => param.to_owned(),
+                })
+                .collect();
+            out.push_str(&params.join("&"));
+        }
+    }
+    out
+}
 
 /// Server TLS material (PEM files).
 #[derive(Debug, Clone)]
@@ -35,7 +138,7 @@ pub struct TlsFiles {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
-    pub database_url: String,
+    pub database_url: DatabaseUrl,
     /// A registry file replacing the built-in one.
     pub registry_path: Option<PathBuf>,
     /// A tokens file (re-read on SIGHUP); its entries come before `tokens`.
@@ -50,6 +153,12 @@ pub struct Config {
     pub request_timeout: Duration,
     /// Requests served at once, across all connections; more wait.
     pub concurrency_limit: usize,
+    /// Requests served at once on one connection; more wait.
+    pub max_concurrent_per_connection: usize,
+    /// The store's connection pool size (on Postgres, of each of its two
+    /// pools: `load`'s reads and the rest); `None`: the backend's default
+    /// (16 on Postgres, 4 on SQLite).
+    pub db_max_connections: Option<u32>,
     /// The admin HTTP listener; `None` disables it. (`serve` defaults to
     /// [`DEFAULT_ADMIN_LISTEN`].)
     pub admin_listen: Option<SocketAddr>,
@@ -75,7 +184,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: DEFAULT_LISTEN.parse().expect("valid default address"),
-            database_url: DEFAULT_DATABASE_URL.to_owned(),
+            database_url: DatabaseUrl::default(),
             registry_path: None,
             tokens_file: None,
             tokens: Vec::new(),
@@ -83,6 +192,8 @@ impl Default for Config {
             tls: None,
             request_timeout: Duration::from_secs(10),
             concurrency_limit: 256,
+            max_concurrent_per_connection: DEFAULT_MAX_CONCURRENT_PER_CONNECTION,
+            db_max_connections: None,
             // Off for servers embedded in tests and benchmarks, which start
             // many at once; the command line defaults to DEFAULT_ADMIN_LISTEN.
             admin_listen: None,
@@ -144,5 +255,74 @@ mod tests {
             Ok(Some("0.0.0.0:9090".parse().unwrap()))
         );
         assert!(parse_admin_listen("localhost").is_err());
+    }
+
+    #[test]
+    fn database_passwords_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://app:s3cret@db:5432/x"),
+            "postgres://app:***@db:5432/x"
+        );
+        assert_eq!(redact_url("postgres://app@db/x"), "postgres://app@db/x");
+        assert_eq!(
+            redact_url("sqlite:billing-mode.db"),
+            "sqlite:billing-mode.db"
+        );
+    }
+
+    #[test]
+    fn a_password_query_parameter_is_redacted() {
+        assert_eq!(
+            redact_url("postgres://app@db/x?sslmode=require&password=s3cret"),
+            "postgres://app@db/x?sslmode=require&password=***"
+        );
+        assert_eq!(
+            redact_url("postgres://db/x?PASSWORD=s3cret&application_name=bm"),
+            "postgres://db/x?PASSWORD=***&application_name=bm"
+        );
+        assert_eq!(
+            redact_url("postgres://db/x?passwordless=1&user=app"),
+            "postgres://db/x?passwordless=1&user=app"
+        );
+    }
+
+    #[test]
+    fn a_password_in_both_places_is_redacted_twice() {
+        let url = "postgresql://app:s3cret@db:5432/x?password=0ther%40pw&sslmode=verify-full";
+        assert_eq!(
+            redact_url(url),
+            "postgresql://app:***@db:5432/x?password=***&sslmode=verify-full"
+        );
+        // An `@` in the password itself (unencoded) does not end the user info early.
+        assert_eq!(
+            redact_url("postgres://app:p@ss@db/x"),
+            "postgres://app:***@db/x"
+        );
+    }
+
+    #[test]
+    fn a_database_url_never_shows_its_password() {
+        let url = DatabaseUrl::new("postgres://app:s3cret@db/x?password=0ther");
+        for shown in [
+            format!("{url:?}"),
+            format!("{url:#?}"),
+            url.to_string(),
+            format!(
+                "{:?}",
+                Config {
+                    database_url: url.clone(),
+                    ..Config::default()
+                }
+            ),
+        ] {
+            assert!(!shown.contains("s3cret"), "{shown}");
+            assert!(!shown.contains("0ther"), "{shown}");
+            assert!(shown.contains("app:***@db/x?password=***"), "{shown}");
+        }
+        assert_eq!(url.expose(), "postgres://app:s3cret@db/x?password=0ther");
+        assert_eq!(
+            "sqlite:x.db".parse::<DatabaseUrl>().unwrap().expose(),
+            "sqlite:x.db"
+        );
     }
 }

@@ -9,7 +9,7 @@ use std::{
 use anyhow::Context;
 use billing_mode::{
     auth::{self, Role},
-    config::{self, Config, TlsFiles},
+    config::{self, Config, DatabaseUrl, TlsFiles},
     startup::{self, Application},
     store,
     telemetry::{self, LogFormat},
@@ -46,8 +46,9 @@ struct Cli {
 #[derive(Args, Clone)]
 struct DatabaseArgs {
     /// `sqlite:PATH` (created if missing) or `postgres://…`.
-    #[arg(long, env = "DATABASE_URL", default_value = config::DEFAULT_DATABASE_URL)]
-    database_url: String,
+    #[arg(long, env = "DATABASE_URL", default_value = config::DEFAULT_DATABASE_URL,
+          hide_env_values = true)]
+    database_url: DatabaseUrl,
 }
 
 #[derive(Subcommand)]
@@ -142,6 +143,14 @@ struct ServeArgs {
     #[arg(long, env = "BILLING_MODE_CONCURRENCY_LIMIT", default_value_t = 256)]
     concurrency_limit: usize,
     /// Admin HTTP listener (/healthz, /readyz, /metrics), or `off`.
+    /// Requests served at once on one connection.
+    #[arg(long, env = "BILLING_MODE_MAX_CONCURRENT_PER_CONNECTION",
+          default_value_t = config::DEFAULT_MAX_CONCURRENT_PER_CONNECTION)]
+    max_concurrent_per_connection: usize,
+    /// Connections the store's pool opens at most (default: 16 on Postgres,
+    /// for each of its two pools, reads and the rest; 4 on SQLite).
+    #[arg(long, env = "BILLING_MODE_DB_MAX_CONNECTIONS")]
+    db_max_connections: Option<u32>,
     #[arg(long, env = "BILLING_MODE_ADMIN_LISTEN", default_value = config::DEFAULT_ADMIN_LISTEN,
           value_parser = config::parse_admin_listen)]
     admin_listen: MaybeAddr,
@@ -194,6 +203,8 @@ impl ServeArgs {
             request_timeout: Duration::from_millis(self.request_timeout_ms.max(1)),
             concurrency_limit: self.concurrency_limit.max(1),
             admin_listen: self.admin_listen,
+            max_concurrent_per_connection: self.max_concurrent_per_connection.max(1),
+            db_max_connections: self.db_max_connections.map(|n| n.max(1)),
             startup_timeout: self.startup_timeout,
             migrate: !self.no_migrate,
             change_retention: Duration::from_secs(self.change_retention_secs.max(1)),
@@ -268,9 +279,9 @@ async fn run_server(level: &str, format: LogFormat, args: ServeArgs) -> ExitCode
 
 async fn migrate(level: &str, format: LogFormat, db: DatabaseArgs) -> anyhow::Result<()> {
     let _guard = telemetry::init(level, format)?;
-    let store = store::connect(&db.database_url)
+    let store = store::connect(db.database_url.expose())
         .await
-        .with_context(|| format!("migrating {}", startup::redact_url(&db.database_url)))?;
+        .with_context(|| format!("migrating {}", db.database_url))?;
     println!("migrations applied ({})", store.backend());
     Ok(())
 }

@@ -20,7 +20,7 @@ use tower::limit::GlobalConcurrencyLimitLayer;
 use crate::{
     admin,
     auth::Authenticator,
-    config::{Config, MAX_MESSAGE_BYTES},
+    config::{Config, DatabaseUrl, MAX_MESSAGE_BYTES},
     domain::Registry,
     feed::{Feed, FeedConfig},
     health::{self, Readiness},
@@ -79,7 +79,13 @@ impl Application {
         }
         let registry = Arc::new(Registry::load(config.registry_path.as_deref())?);
         let store = MeteredStore::wrap(
-            open_store(&config.database_url, config.migrate, config.startup_timeout).await?,
+            open_store(
+                &config.database_url,
+                config.migrate,
+                config.db_max_connections,
+                config.startup_timeout,
+            )
+            .await?,
         );
         let readiness = Readiness::new();
         readiness.condition(health::STORE_REACHABLE).set(true);
@@ -301,7 +307,7 @@ impl Application {
         // BillingMode service.
         let router = server
             .timeout(self.config.request_timeout)
-            .concurrency_limit_per_connection(64)
+            .concurrency_limit_per_connection(self.config.max_concurrent_per_connection)
             .layer(crate::telemetry::rpc_span::RpcSpanLayer::new(
                 self.config.request_timeout,
             ))
@@ -336,14 +342,25 @@ impl Application {
 
 /// Opens the store, retrying with backoff while it is unreachable, for up to
 /// `timeout`; each failed attempt is logged once.
-async fn open_store(url: &str, migrate: bool, timeout: Duration) -> anyhow::Result<Arc<dyn Store>> {
-    let shown = redact_url(url);
+async fn open_store(
+    url: &DatabaseUrl,
+    migrate: bool,
+    max_connections: Option<u32>,
+    timeout: Duration,
+) -> anyhow::Result<Arc<dyn Store>> {
+    // Shown redacted (its Display).
+    let shown = url;
     let deadline = Instant::now() + timeout;
     let mut backoff = Duration::from_millis(250);
     let mut attempt = 1u32;
     loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
-        let error = match tokio::time::timeout(remaining, store::open(url, migrate)).await {
+        let error = match tokio::time::timeout(
+            remaining,
+            store::open(url.expose(), migrate, max_connections),
+        )
+        .await
+        {
             Ok(Ok(store)) => return Ok(store),
             Ok(Err(e)) if !is_transient(&e) => {
                 return Err(e).with_context(|| format!("opening the store ({shown})"))
@@ -419,25 +436,6 @@ fn tls_config(files: &crate::config::TlsFiles) -> anyhow::Result<ServerTlsConfig
     Ok(cfg)
 }
 
-/// A database URL without its password, for messages.
-pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            match userinfo.find(':') {
-                Some(colon) => format!(
-                    "{}{}:***{}",
-                    &url[..scheme + 3],
-                    &userinfo[..colon],
-                    &url[at..]
-                ),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
-}
-
 /// Completes on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {
@@ -457,23 +455,5 @@ pub async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {},
         () = term => {},
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redact_url;
-
-    #[test]
-    fn database_passwords_are_redacted() {
-        assert_eq!(
-            redact_url("postgres://app:s3cret@db:5432/x"),
-            "postgres://app:***@db:5432/x"
-        );
-        assert_eq!(redact_url("postgres://app@db/x"), "postgres://app@db/x");
-        assert_eq!(
-            redact_url("sqlite:billing-mode.db"),
-            "sqlite:billing-mode.db"
-        );
     }
 }

@@ -450,7 +450,7 @@ async fn health_says_not_serving_while_the_store_is_down_and_serving_once_it_is_
     let app = Application::build(Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         admin_listen: Some("127.0.0.1:0".parse().unwrap()),
-        database_url: pg.url(),
+        database_url: pg.url().into(),
         ..Config::default()
     })
     .await
@@ -890,7 +890,7 @@ async fn resolve_answers_from_a_fresh_connection_after_the_store_cut_them_all() 
     let app = TestApp::spawn_with(
         &db,
         Config {
-            database_url: format!("{}&application_name={app_name}", db.url),
+            database_url: format!("{}&application_name={app_name}", db.url).into(),
             ..config(&db)
         },
     )

@@ -593,7 +593,7 @@ async fn a_killed_store_connection_under_a_live_stream_loses_and_repeats_nothing
     let app = TestApp::spawn_with(
         &db,
         Config {
-            database_url: format!("{}&application_name={app_name}", db.url),
+            database_url: format!("{}&application_name={app_name}", db.url).into(),
             ..config(&db)
         },
     )

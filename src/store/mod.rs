@@ -472,28 +472,36 @@ pub(crate) fn fields_to_json(f: &Fields) -> String {
     serde_json::to_string(f).expect("fields serialize")
 }
 
-/// Connects to `database_url` (`postgres://…` or `sqlite:…`) and applies the
-/// embedded migrations.
+/// Connects to `database_url` (`postgres://…` or `sqlite:…`) with the
+/// backend's default pool size and applies the embedded migrations.
 pub async fn connect(database_url: &str) -> Result<Arc<dyn Store>, StoreError> {
-    open(database_url, true).await
+    open(database_url, true, None).await
 }
 
 /// Connects to `database_url`, applying the embedded migrations when
-/// `migrate` is true (otherwise see [`Store::pending_migrations`]).
-pub async fn open(database_url: &str, migrate: bool) -> Result<Arc<dyn Store>, StoreError> {
+/// `migrate` is true (otherwise see [`Store::pending_migrations`]), with a
+/// pool of up to `max_connections` (`None`: the backend's default,
+/// [`postgres::DEFAULT_MAX_CONNECTIONS`] or [`sqlite::DEFAULT_MAX_CONNECTIONS`]).
+pub async fn open(
+    database_url: &str,
+    migrate: bool,
+    max_connections: Option<u32>,
+) -> Result<Arc<dyn Store>, StoreError> {
     if database_url.starts_with("postgres:") || database_url.starts_with("postgresql:") {
         let opts = sqlx::postgres::PgConnectOptions::from_str(database_url)?;
+        let size = max_connections.unwrap_or(postgres::DEFAULT_MAX_CONNECTIONS);
         Ok(Arc::new(if migrate {
-            postgres::PostgresStore::connect(opts).await?
+            postgres::PostgresStore::connect(opts, size).await?
         } else {
-            postgres::PostgresStore::open(opts).await?
+            postgres::PostgresStore::open(opts, size).await?
         }))
     } else if database_url.starts_with("sqlite:") {
         let opts = sqlx::sqlite::SqliteConnectOptions::from_str(database_url)?;
+        let size = max_connections.unwrap_or(sqlite::DEFAULT_MAX_CONNECTIONS);
         Ok(Arc::new(if migrate {
-            sqlite::SqliteStore::connect(opts).await?
+            sqlite::SqliteStore::connect(opts, size).await?
         } else {
-            sqlite::SqliteStore::open(opts).await?
+            sqlite::SqliteStore::open(opts, size).await?
         }))
     } else {
         Err(StoreError::Unavailable(sqlx::Error::Configuration(

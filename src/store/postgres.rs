@@ -49,28 +49,34 @@ use crate::domain::{Fields, Record, WorkspaceId};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
+/// The size of each of the two pools (`load`'s reads, and the rest) unless
+/// configured (`--db-max-connections`).
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 16;
+
 pub struct PostgresStore {
     pool: PgPool,
     /// `load`'s connections (see `store::pg_reads`).
     reads: ReadPool,
 }
 
-impl PostgresStore {
-    /// Connects and applies the embedded migrations.
-    pub async fn connect(opts: PgConnectOptions) -> Result<Self, StoreError> {
 impl std::fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PostgresStore").finish_non_exhaustive()
     }
 }
 
-        let store = Self::open(opts).await?;
+impl PostgresStore {
+    /// Connects, with pools of up to `max_connections` each, and applies
+    /// the embedded migrations.
+    pub async fn connect(opts: PgConnectOptions, max_connections: u32) -> Result<Self, StoreError> {
+        let store = Self::open(opts, max_connections).await?;
         MIGRATOR.run(&store.pool).await?;
         Ok(store)
     }
 
-    /// Connects without applying migrations.
-    pub async fn open(opts: PgConnectOptions) -> Result<Self, StoreError> {
+    /// Connects, with pools of up to `max_connections` each (`load`'s
+    /// reads, and everything else), without applying migrations.
+    pub async fn open(opts: PgConnectOptions, max_connections: u32) -> Result<Self, StoreError> {
         // One plain connection first: it fails at once with the real cause
         // (refused, unknown host, bad login), where the pool would keep
         // retrying until its acquire timeout and report only that.
@@ -78,10 +84,12 @@ impl std::fmt::Debug for PostgresStore {
             <sqlx::PgConnection as sqlx::Connection>::connect_with(&opts).await?,
         )
         .await?;
+        // Two pools of `max_connections` each: `load`'s reads and the rest.
+        let max_connections = max_connections.max(1);
         let acquire_timeout = std::time::Duration::from_secs(5);
-        let reads = ReadPool::new(opts.clone(), 16, acquire_timeout)?;
+        let reads = ReadPool::new(opts.clone(), max_connections as usize, acquire_timeout)?;
         let pool = PgPoolOptions::new()
-            .max_connections(16)
+            .max_connections(max_connections)
             .acquire_timeout(acquire_timeout)
             .connect_with(opts)
             .await?;

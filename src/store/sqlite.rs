@@ -33,28 +33,39 @@ use crate::domain::{Fields, Record, WorkspaceId};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
+/// The pool's size unless configured (`--db-max-connections`).
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 4;
+
 pub struct SqliteStore {
     pool: SqlitePool,
     /// Bumped after every committed change; listeners wait for it to move.
     committed: tokio::sync::watch::Sender<u64>,
 }
 
-impl SqliteStore {
-    /// Opens (creating if missing) and applies the embedded migrations.
-    pub async fn connect(opts: SqliteConnectOptions) -> Result<Self, StoreError> {
 impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SqliteStore").finish_non_exhaustive()
     }
 }
 
-        let store = Self::open(opts).await?;
+impl SqliteStore {
+    /// Opens (creating if missing), with a pool of up to `max_connections`,
+    /// and applies the embedded migrations.
+    pub async fn connect(
+        opts: SqliteConnectOptions,
+        max_connections: u32,
+    ) -> Result<Self, StoreError> {
+        let store = Self::open(opts, max_connections).await?;
         MIGRATOR.run(&store.pool).await?;
         Ok(store)
     }
 
-    /// Opens (creating if missing) without applying migrations.
-    pub async fn open(opts: SqliteConnectOptions) -> Result<Self, StoreError> {
+    /// Opens (creating if missing), with a pool of up to `max_connections`,
+    /// without applying migrations.
+    pub async fn open(
+        opts: SqliteConnectOptions,
+        max_connections: u32,
+    ) -> Result<Self, StoreError> {
         let opts = opts
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
@@ -62,7 +73,7 @@ impl std::fmt::Debug for SqliteStore {
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
-            .max_connections(4)
+            .max_connections(max_connections.max(1))
             // No ping before each query (sqlx's default): a file connection
             // does not drop like a network one, and the ping is a round trip
             // to the connection's worker thread on every request.

@@ -127,7 +127,7 @@ pub(crate) fn config(db: &TestDb) -> Config {
     Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         admin_listen: Some("127.0.0.1:0".parse().unwrap()),
-        database_url: db.url.clone(),
+        database_url: db.url.clone().into(),
         ..Config::default()
     }
 }
