@@ -70,7 +70,7 @@ use billing_mode::{
     service::codec::Codec,
     startup::Application,
     store::{self, Store},
-    telemetry::{self, LogFormat},
+    telemetry::{self, LogFormat, LogLevel, Sink},
 };
 use hdrhistogram::Histogram;
 use tonic::{

@@ -12,7 +12,7 @@ use billing_mode::{
     config::{self, Config, DatabaseUrl, TlsFiles},
     startup::{self, Application},
     store,
-    telemetry::{self, LogFormat},
+    telemetry::{self, LogFormat, LogLevel, Sink},
 };
 use clap::{Args, Parser, Subcommand};
 
@@ -27,9 +27,10 @@ mod watch_cli;
     about = "The billing-mode authority: who pays for a workspace's LLM usage, and the env its container gets"
 )]
 struct Cli {
-    /// Log filter, e.g. `info` or `billing_mode=debug,info` (RUST_LOG overrides).
-    #[arg(long, env = "BILLING_MODE_LOG", default_value = "info", global = true)]
-    log_level: String,
+    /// Log filter, e.g. `info` or `billing_mode=debug,info`. Given, it wins
+    /// over RUST_LOG; not given, RUST_LOG applies if set, else `info`.
+    #[arg(long, env = "BILLING_MODE_LOG", global = true)]
+    log_level: Option<String>,
     /// Log output format.
     #[arg(
         long,
@@ -142,7 +143,6 @@ struct ServeArgs {
     /// Requests served at once across all connections.
     #[arg(long, env = "BILLING_MODE_CONCURRENCY_LIMIT", default_value_t = 256)]
     concurrency_limit: usize,
-    /// Admin HTTP listener (/healthz, /readyz, /metrics), or `off`.
     /// Requests served at once on one connection.
     #[arg(long, env = "BILLING_MODE_MAX_CONCURRENT_PER_CONNECTION",
           default_value_t = config::DEFAULT_MAX_CONCURRENT_PER_CONNECTION)]
@@ -151,6 +151,7 @@ struct ServeArgs {
     /// for each of its two pools, reads and the rest; 4 on SQLite).
     #[arg(long, env = "BILLING_MODE_DB_MAX_CONNECTIONS")]
     db_max_connections: Option<u32>,
+    /// Admin HTTP listener (/healthz, /readyz, /metrics), or `off`.
     #[arg(long, env = "BILLING_MODE_ADMIN_LISTEN", default_value = config::DEFAULT_ADMIN_LISTEN,
           value_parser = config::parse_admin_listen)]
     admin_listen: MaybeAddr,
@@ -202,9 +203,9 @@ impl ServeArgs {
             },
             request_timeout: Duration::from_millis(self.request_timeout_ms.max(1)),
             concurrency_limit: self.concurrency_limit.max(1),
-            admin_listen: self.admin_listen,
             max_concurrent_per_connection: self.max_concurrent_per_connection.max(1),
             db_max_connections: self.db_max_connections.map(|n| n.max(1)),
+            admin_listen: self.admin_listen,
             startup_timeout: self.startup_timeout,
             migrate: !self.no_migrate,
             change_retention: Duration::from_secs(self.change_retention_secs.max(1)),
@@ -227,10 +228,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let level = LogLevel::from_flag(cli.log_level);
     runtime.block_on(async move {
         match cli.command {
-            Command::Serve(args) => run_server(&cli.log_level, cli.log_format, args).await,
-            Command::Migrate(db) => report(migrate(&cli.log_level, cli.log_format, db).await),
+            Command::Serve(args) => run_server(&level, cli.log_format, args).await,
+            Command::Migrate(db) => report(migrate(&level, cli.log_format, db).await),
             Command::Token(TokenCommand::Create { name, roles }) => {
                 report(create_token(&name, &roles))
             }
@@ -258,8 +260,8 @@ fn report(r: anyhow::Result<()>) -> ExitCode {
     }
 }
 
-async fn run_server(level: &str, format: LogFormat, args: ServeArgs) -> ExitCode {
-    let _guard = match telemetry::init(level, format) {
+async fn run_server(level: &LogLevel, format: LogFormat, args: ServeArgs) -> ExitCode {
+    let _guard = match telemetry::init(level, vec![Sink::stderr(format)]) {
         Ok(g) => g,
         Err(e) => return report(Err(e)),
     };
@@ -277,8 +279,9 @@ async fn run_server(level: &str, format: LogFormat, args: ServeArgs) -> ExitCode
     report(result)
 }
 
-async fn migrate(level: &str, format: LogFormat, db: DatabaseArgs) -> anyhow::Result<()> {
-    let _guard = telemetry::init(level, format)?;
+async fn migrate(level: &LogLevel, format: LogFormat, db: DatabaseArgs) -> anyhow::Result<()> {
+    let _guard = telemetry::init(level, vec![Sink::stderr(format)])?;
+    // The URL's Display is redacted.
     let store = store::connect(db.database_url.expose())
         .await
         .with_context(|| format!("migrating {}", db.database_url))?;

@@ -15,7 +15,11 @@
 
 use opentelemetry::trace::TracerProvider as _;
 use tracing_subscriber::{
-    filter::Targets, layer::SubscriberExt, util::SubscriberInitExt, EnvFilter, Layer,
+    filter::Targets,
+    fmt::{format::FmtSpan, writer::BoxMakeWriter, MakeWriter},
+    layer::SubscriberExt,
+    util::SubscriberInitExt,
+    EnvFilter, Layer, Registry,
 };
 
 pub mod rpc_span;
@@ -24,6 +28,116 @@ pub mod rpc_span;
 pub enum LogFormat {
     Text,
     Json,
+}
+
+/// The log filter, an `EnvFilter` directive (e.g. `info` or
+/// `billing_mode=debug,info`), and whether it was asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogLevel {
+    /// Given explicitly (`--log-level` or `BILLING_MODE_LOG`): used whatever
+    /// `RUST_LOG` says.
+    Explicit(String),
+    /// Not given: `RUST_LOG` when it is set (and valid), else this default.
+    Default(String),
+}
+
+impl LogLevel {
+    /// The level when none is given and `RUST_LOG` is not set.
+    pub const DEFAULT: &'static str = "info";
+
+    /// From `--log-level`'s value: `Some` when the flag (or its variable)
+    /// was given.
+    pub fn from_flag(flag: Option<String>) -> LogLevel {
+        match flag {
+            Some(level) => LogLevel::Explicit(level),
+            None => LogLevel::Default(Self::DEFAULT.to_owned()),
+        }
+    }
+
+    /// The directive in force, given `RUST_LOG`'s value (if set): an
+    /// explicit level, else `RUST_LOG` when it is a valid filter, else the
+    /// default.
+    fn directive<'a>(&'a self, rust_log: Option<&'a str>) -> &'a str {
+        match self {
+            LogLevel::Explicit(level) => level,
+            LogLevel::Default(level) => rust_log
+                .filter(|v| !v.trim().is_empty() && EnvFilter::try_new(v).is_ok())
+                .unwrap_or(level),
+        }
+    }
+}
+
+/// Where log lines go, and in which format.
+pub struct Sink {
+    format: LogFormat,
+    writer: BoxMakeWriter,
+    ansi: bool,
+    span_events: bool,
+}
+
+impl std::fmt::Debug for Sink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sink")
+            .field("format", &self.format)
+            .field("ansi", &self.ansi)
+            .field("span_events", &self.span_events)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Sink {
+    /// Standard error, the server's: text in colour when it is a terminal.
+    pub fn stderr(format: LogFormat) -> Sink {
+        Sink {
+            format,
+            writer: BoxMakeWriter::new(std::io::stderr),
+            ansi: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            span_events: false,
+        }
+    }
+
+    /// Any writer (a file, or a buffer a test reads back), without colour.
+    pub fn writer<W>(format: LogFormat, writer: W) -> Sink
+    where
+        W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
+    {
+        Sink {
+            format,
+            writer: BoxMakeWriter::new(writer),
+            ansi: false,
+            span_events: false,
+        }
+    }
+
+    /// Also writes a line when each span opens, is entered, is exited and
+    /// closes, with its fields (so a span's fields are written even when no
+    /// event happens inside it).
+    pub fn with_span_events(mut self) -> Sink {
+        self.span_events = true;
+        self
+    }
+
+    fn into_layer(self) -> Box<dyn Layer<Registry> + Send + Sync> {
+        let span_events = if self.span_events {
+            FmtSpan::FULL
+        } else {
+            FmtSpan::NONE
+        };
+        match self.format {
+            LogFormat::Text => tracing_subscriber::fmt::layer()
+                .with_ansi(self.ansi)
+                .with_span_events(span_events)
+                .with_writer(self.writer)
+                .boxed(),
+            LogFormat::Json => tracing_subscriber::fmt::layer()
+                .json()
+                .with_current_span(true)
+                .with_span_list(true)
+                .with_span_events(span_events)
+                .with_writer(self.writer)
+                .boxed(),
+        }
+    }
 }
 
 /// Keeps the OpenTelemetry pipeline alive; flushes it on drop.
@@ -47,20 +161,14 @@ impl Drop for TelemetryGuard {
     }
 }
 
-/// Installs the global subscriber. `level` is an `EnvFilter` directive
-/// (e.g. `info` or `billing_mode=debug,info`); `RUST_LOG` overrides it.
-pub fn init(level: &str, format: LogFormat) -> anyhow::Result<TelemetryGuard> {
-    let filter = EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new(level))?;
-    let fmt = match format {
-        LogFormat::Text => tracing_subscriber::fmt::layer()
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .with_writer(std::io::stderr)
-            .boxed(),
-        LogFormat::Json => tracing_subscriber::fmt::layer()
-            .json()
-            .with_writer(std::io::stderr)
-            .boxed(),
-    };
+/// Installs the global subscriber: log lines, filtered by `level` (see
+/// [`LogLevel`]), to each of `sinks` (the server's: [`Sink::stderr`]); and
+/// traces, exported when the `OTEL_*` variables ask for it.
+pub fn init(level: &LogLevel, sinks: Vec<Sink>) -> anyhow::Result<TelemetryGuard> {
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let filter = EnvFilter::try_new(level.directive(rust_log.as_deref()))?;
+    let logs: Vec<Box<dyn Layer<Registry> + Send + Sync>> =
+        sinks.into_iter().map(Sink::into_layer).collect();
     opentelemetry::global::set_text_map_propagator(
         opentelemetry_sdk::propagation::TraceContextPropagator::new(),
     );
@@ -95,7 +203,7 @@ pub fn init(level: &str, format: LogFormat) -> anyhow::Result<TelemetryGuard> {
             )
     });
     tracing_subscriber::registry()
-        .with(fmt.with_filter(filter))
+        .with(logs.with_filter(filter))
         .with(otel)
         .try_init()?;
     Ok(TelemetryGuard { provider })
@@ -155,6 +263,24 @@ mod tests {
             endpoint,
             ("OTEL_TRACES_EXPORTER", "otlp")
         ])));
+    }
+
+    #[test]
+    fn an_explicit_log_level_beats_rust_log_which_beats_the_default() {
+        let explicit = LogLevel::from_flag(Some("warn".to_owned()));
+        assert_eq!(explicit.directive(None), "warn");
+        assert_eq!(explicit.directive(Some("debug")), "warn");
+        let default = LogLevel::from_flag(None);
+        assert_eq!(default, LogLevel::Default("info".to_owned()));
+        assert_eq!(default.directive(None), "info");
+        assert_eq!(default.directive(Some("debug")), "debug");
+        assert_eq!(
+            default.directive(Some("billing_mode=trace,warn")),
+            "billing_mode=trace,warn"
+        );
+        // An empty or invalid RUST_LOG is ignored, as before.
+        assert_eq!(default.directive(Some(" ")), "info");
+        assert_eq!(default.directive(Some("billing_mode=loud")), "info");
     }
 
     #[test]

@@ -21,12 +21,10 @@ use billing_mode::{
         ListDriftRequest, ListWorkspacesRequest, Mode, NewWorkspace, Origin, ReportAppliedRequest,
         ResolveRequest, SetRequest, WatchRequest,
     },
+    telemetry::{self, LogFormat, LogLevel, Sink, TelemetryGuard},
 };
 use common::*;
 use tonic::{metadata::MetadataValue, Code, Request, Status};
-use tracing_subscriber::{
-    filter::LevelFilter, fmt::format::FmtSpan, layer::SubscriberExt, util::SubscriberInitExt,
-};
 
 /// Appends everything written to a shared buffer.
 #[derive(Clone)]
@@ -45,33 +43,31 @@ impl std::io::Write for Capture {
 struct Logs {
     text: Arc<Mutex<Vec<u8>>>,
     json: Arc<Mutex<Vec<u8>>>,
+    _telemetry: TelemetryGuard,
 }
 
 impl Logs {
-    /// Installs the global subscriber: everything, at TRACE, as text and as
-    /// JSON (with span fields), plus `log` records through tracing-log.
+    /// Installs the global subscriber with the server's own
+    /// `telemetry::init`: everything, at TRACE, as text and as JSON (with
+    /// span fields), each span's opening and closing lines included, plus
+    /// `log` records through tracing-log.
     fn install() -> Logs {
         let text = Arc::new(Mutex::new(Vec::new()));
         let json = Arc::new(Mutex::new(Vec::new()));
         let (t, j) = (text.clone(), json.clone());
-        tracing_subscriber::registry()
-            .with(LevelFilter::TRACE)
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .with_ansi(false)
-                    .with_span_events(FmtSpan::FULL)
-                    .with_writer(move || Capture(t.clone())),
-            )
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .with_current_span(true)
-                    .with_span_list(true)
-                    .with_span_events(FmtSpan::FULL)
-                    .with_writer(move || Capture(j.clone())),
-            )
-            .init();
-        Logs { text, json }
+        let telemetry = telemetry::init(
+            &LogLevel::Explicit("trace".to_owned()),
+            vec![
+                Sink::writer(LogFormat::Text, move || Capture(t.clone())).with_span_events(),
+                Sink::writer(LogFormat::Json, move || Capture(j.clone())).with_span_events(),
+            ],
+        )
+        .expect("the subscriber installs");
+        Logs {
+            text,
+            json,
+            _telemetry: telemetry,
+        }
     }
 
     /// The captured text and JSON output so far, emptying the buffers.
