@@ -148,8 +148,18 @@ fn refuse(rpc: &'static str, e: ApiError) -> Status {
     e.into()
 }
 
+/// Names the (validated) workspace on the handler's span. Only a parsed id:
+/// what a caller sent is never recorded as it came.
+fn record_workspace(id: &WorkspaceId) {
+    tracing::Span::current().record("workspace", tracing::field::display(id));
+}
+
+// Each handler runs in its own DEBUG span (`handler.<rpc>`), inside the
+// call's server span; traces (INFO) show the server span and, under it, the
+// store's spans (`store.<operation>`) and the decision's.
 #[tonic::async_trait]
 impl BillingMode for BillingModeService {
+    #[tracing::instrument(level = "debug", name = "handler.resolve", skip_all, fields(workspace = tracing::field::Empty))]
     async fn resolve(
         &self,
         request: Request<proto::ResolveRequest>,
@@ -158,6 +168,7 @@ impl BillingMode for BillingModeService {
             let who = principal(&request)?;
             who.require(Action::Resolve)?;
             let id = convert::workspace_id(&request.get_ref().workspace_id)?;
+            record_workspace(&id);
             let record = self.load(&id).await?;
             let resolution = resolve(&record, &self.registry);
             log_decision("Resolve", &who.name, &resolution, None);
@@ -170,6 +181,7 @@ impl BillingMode for BillingModeService {
             .map_err(|e| refuse("Resolve", e))
     }
 
+    #[tracing::instrument(level = "debug", name = "handler.set", skip_all, fields(workspace = tracing::field::Empty))]
     async fn set(
         &self,
         request: Request<proto::SetRequest>,
@@ -184,6 +196,7 @@ impl BillingMode for BillingModeService {
             };
             who.require(action)?;
             let input = convert::set_request(request.get_ref())?;
+            record_workspace(&input.workspace_id);
             debug_assert_eq!(input.sets_override(), action == Action::SetOverride);
             let rpc = if input.dry_run {
                 "Set (dry run)"
@@ -199,6 +212,7 @@ impl BillingMode for BillingModeService {
         run.await.map(Response::new).map_err(|e| refuse("Set", e))
     }
 
+    #[tracing::instrument(level = "debug", name = "handler.batch_create_workspaces", skip_all, fields(items = request.get_ref().workspaces.len()))]
     async fn batch_create_workspaces(
         &self,
         request: Request<proto::BatchCreateWorkspacesRequest>,
@@ -274,6 +288,7 @@ impl BillingMode for BillingModeService {
             .map_err(|e| refuse("BatchCreateWorkspaces", e))
     }
 
+    #[tracing::instrument(level = "debug", name = "handler.clear", skip_all, fields(workspace = tracing::field::Empty))]
     async fn clear(
         &self,
         request: Request<proto::ClearRequest>,
@@ -282,6 +297,7 @@ impl BillingMode for BillingModeService {
             let who = principal(&request)?;
             who.require(Action::Clear)?;
             let input = convert::clear_request(request.get_ref())?;
+            record_workspace(&input.workspace_id);
             let rpc = if input.dry_run {
                 "Clear (dry run)"
             } else {
@@ -296,6 +312,7 @@ impl BillingMode for BillingModeService {
         run.await.map(Response::new).map_err(|e| refuse("Clear", e))
     }
 
+    #[tracing::instrument(level = "debug", name = "handler.build_env", skip_all, fields(workspace = tracing::field::Empty))]
     async fn build_env(
         &self,
         request: Request<proto::BuildEnvRequest>,
@@ -305,6 +322,7 @@ impl BillingMode for BillingModeService {
             who.require(Action::BuildEnv)?;
             let req = request.get_ref();
             let id = convert::workspace_id(&req.workspace_id)?;
+            record_workspace(&id);
             let candidate = convert::candidate_env(&req.env)?;
             let record = self.load(&id).await?;
             // The same decision Resolve makes, on the same record.
@@ -323,6 +341,7 @@ impl BillingMode for BillingModeService {
             .map_err(|e| refuse("BuildEnv", e))
     }
 
+    #[tracing::instrument(level = "debug", name = "handler.history", skip_all, fields(workspace = tracing::field::Empty))]
     async fn history(
         &self,
         request: Request<proto::HistoryRequest>,
@@ -332,6 +351,7 @@ impl BillingMode for BillingModeService {
             who.require(Action::History)?;
             let req = request.get_ref();
             let id = convert::workspace_id(&req.workspace_id)?;
+            record_workspace(&id);
             let size = convert::page_size(req.page_size);
             let before = convert::page_token(&req.page_token)?;
             let mut entries = self.store.history(&id, before, size + 1).await?;
@@ -368,6 +388,7 @@ impl BillingMode for BillingModeService {
 
     type WatchStream = watch::WatchStream;
 
+    #[tracing::instrument(level = "debug", name = "handler.watch", skip_all)]
     async fn watch(
         &self,
         request: Request<proto::WatchRequest>,
@@ -385,6 +406,7 @@ impl BillingMode for BillingModeService {
 
     // Part two of the contract: implemented by the spend check, drift and
     // listing work; until then they answer UNIMPLEMENTED.
+    #[tracing::instrument(level = "debug", name = "handler.check_spend", skip_all)]
     async fn check_spend(
         &self,
         request: Request<proto::CheckSpendRequest>,
@@ -399,6 +421,7 @@ impl BillingMode for BillingModeService {
             .map_err(|e| refuse("CheckSpend", e))
     }
 
+    #[tracing::instrument(level = "debug", name = "handler.report_applied", skip_all)]
     async fn report_applied(
         &self,
         request: Request<proto::ReportAppliedRequest>,
@@ -414,6 +437,7 @@ impl BillingMode for BillingModeService {
             .map_err(|e| refuse("ReportApplied", e))
     }
 
+    #[tracing::instrument(level = "debug", name = "handler.list_drift", skip_all)]
     async fn list_drift(
         &self,
         request: Request<proto::ListDriftRequest>,
@@ -428,6 +452,7 @@ impl BillingMode for BillingModeService {
             .map_err(|e| refuse("ListDrift", e))
     }
 
+    #[tracing::instrument(level = "debug", name = "handler.list_workspaces", skip_all)]
     async fn list_workspaces(
         &self,
         request: Request<proto::ListWorkspacesRequest>,

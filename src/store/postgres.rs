@@ -478,11 +478,13 @@ impl Store for PostgresStore {
         super::applied::list_pg(&self.pool).await
     }
 
+    #[tracing::instrument(level = "debug", name = "store.log_state", skip_all, fields(otel.kind = "client", db.system.name = "postgresql", db.operation.name = "log_state"))]
     async fn log_state(&self) -> Result<LogState, StoreError> {
         let row = sqlx::query(SELECT_LOG_STATE).fetch_one(&self.pool).await?;
         log_state_from_row(&row)
     }
 
+    #[tracing::instrument(level = "debug", name = "store.changes_after", skip_all, fields(otel.kind = "client", db.system.name = "postgresql", db.operation.name = "changes_after", after = after, limit = limit))]
     async fn changes_after(
         &self,
         after: u64,
@@ -504,6 +506,7 @@ impl Store for PostgresStore {
         Ok((changes, self.log_state().await?))
     }
 
+    #[tracing::instrument(name = "store.snapshot", skip_all, fields(otel.kind = "client", db.system.name = "postgresql", db.operation.name = "snapshot"))]
     async fn snapshot(&self, visit: Visit<'_>) -> Result<u64, StoreError> {
         // One REPEATABLE READ transaction: the records and the last position
         // as of the same instant. The rows are streamed: each is decoded and
@@ -529,6 +532,7 @@ impl Store for PostgresStore {
         Ok(state.last_position)
     }
 
+    #[tracing::instrument(name = "store.prune_changes", skip_all, fields(otel.kind = "client", db.system.name = "postgresql", db.operation.name = "prune_changes"))]
     async fn prune_changes(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
         let mut tx = self.pool.begin().await?;
         let (pruned_through,): (i64,) = sqlx::query_as(
@@ -547,6 +551,7 @@ impl Store for PostgresStore {
         super::position_from_db(pruned_through)
     }
 
+    #[tracing::instrument(level = "debug", name = "store.listen", skip_all, fields(otel.kind = "client", db.system.name = "postgresql", db.operation.name = "listen"))]
     async fn listen(&self) -> Result<Box<dyn ChangeListener>, StoreError> {
         let state = self.log_state().await?;
         let mut listener = PgListener::connect_with(&self.pool).await?;
@@ -560,6 +565,7 @@ impl Store for PostgresStore {
         "postgres"
     }
 
+    #[tracing::instrument(name = "store.list_after", skip_all, fields(otel.kind = "client", db.system.name = "postgresql", db.operation.name = "list_after", limit = limit))]
     async fn list_after(
         &self,
         after: Option<WorkspaceId>,
@@ -581,11 +587,13 @@ impl Store for PostgresStore {
         rows.iter().map(listed_from_row).collect()
     }
 
+    #[tracing::instrument(level = "debug", name = "store.ping", skip_all, fields(otel.kind = "client", db.system.name = "postgresql", db.operation.name = "ping"))]
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
     }
 
+    #[tracing::instrument(level = "debug", name = "store.pending_migrations", skip_all, fields(otel.kind = "client", db.system.name = "postgresql", db.operation.name = "pending_migrations"))]
     async fn pending_migrations(&self) -> Result<usize, StoreError> {
         let exists: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
             .fetch_one(&self.pool)

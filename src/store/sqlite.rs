@@ -352,11 +352,13 @@ impl Store for SqliteStore {
         super::applied::list_sqlite(&self.pool).await
     }
 
+    #[tracing::instrument(level = "debug", name = "store.log_state", skip_all, fields(otel.kind = "client", db.system.name = "sqlite", db.operation.name = "log_state"))]
     async fn log_state(&self) -> Result<LogState, StoreError> {
         let row = sqlx::query(SELECT_LOG_STATE).fetch_one(&self.pool).await?;
         log_state_from_row(&row)
     }
 
+    #[tracing::instrument(level = "debug", name = "store.changes_after", skip_all, fields(otel.kind = "client", db.system.name = "sqlite", db.operation.name = "changes_after", after = after, limit = limit))]
     async fn changes_after(
         &self,
         after: u64,
@@ -376,6 +378,7 @@ impl Store for SqliteStore {
         Ok((changes, self.log_state().await?))
     }
 
+    #[tracing::instrument(name = "store.snapshot", skip_all, fields(otel.kind = "client", db.system.name = "sqlite", db.operation.name = "snapshot"))]
     async fn snapshot(&self, visit: Visit<'_>) -> Result<u64, StoreError> {
         // A read transaction in WAL mode sees one snapshot from its first
         // read. The rows are streamed (the connection's worker hands them
@@ -398,6 +401,7 @@ impl Store for SqliteStore {
         Ok(state.last_position)
     }
 
+    #[tracing::instrument(name = "store.prune_changes", skip_all, fields(otel.kind = "client", db.system.name = "sqlite", db.operation.name = "prune_changes"))]
     async fn prune_changes(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let (pruned_through,): (i64,) = sqlx::query_as(
@@ -416,6 +420,7 @@ impl Store for SqliteStore {
         position_from_db(pruned_through)
     }
 
+    #[tracing::instrument(level = "debug", name = "store.listen", skip_all, fields(otel.kind = "client", db.system.name = "sqlite", db.operation.name = "listen"))]
     async fn listen(&self) -> Result<Box<dyn ChangeListener>, StoreError> {
         Ok(Box::new(SqliteChangeListener(self.committed.subscribe())))
     }
@@ -424,6 +429,7 @@ impl Store for SqliteStore {
         "sqlite"
     }
 
+    #[tracing::instrument(name = "store.list_after", skip_all, fields(otel.kind = "client", db.system.name = "sqlite", db.operation.name = "list_after", limit = limit))]
     async fn list_after(
         &self,
         after: Option<WorkspaceId>,
@@ -446,11 +452,13 @@ impl Store for SqliteStore {
         rows.iter().map(listed_from_row).collect()
     }
 
+    #[tracing::instrument(level = "debug", name = "store.ping", skip_all, fields(otel.kind = "client", db.system.name = "sqlite", db.operation.name = "ping"))]
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
     }
 
+    #[tracing::instrument(level = "debug", name = "store.pending_migrations", skip_all, fields(otel.kind = "client", db.system.name = "sqlite", db.operation.name = "pending_migrations"))]
     async fn pending_migrations(&self) -> Result<usize, StoreError> {
         let exists: bool = sqlx::query_scalar(
             "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations')",
