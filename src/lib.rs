@@ -21,6 +21,9 @@ pub mod startup;
 pub mod store;
 pub mod telemetry;
 
+#[cfg(test)]
+mod registry_doc;
+
 /// Generated protobuf and gRPC code for `molecule.billing.v1`.
 pub mod proto {
     #![allow(clippy::all, missing_docs)]

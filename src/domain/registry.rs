@@ -405,6 +405,12 @@ impl Registry {
         &self.forbidden_secret_keys
     }
 
+    /// The extra model variables of particular runtimes, by runtime.
+    #[cfg(test)]
+    pub(crate) fn runtime_model_vars(&self) -> &BTreeMap<String, Vec<String>> {
+        &self.runtime_model_vars
+    }
+
     /// The variables that carry the model to a container of this runtime.
     pub fn model_vars(&self, runtime: Option<&Runtime>) -> Vec<&str> {
         let mut vars: Vec<&str> = self.model_vars.iter().map(String::as_str).collect();
