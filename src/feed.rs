@@ -308,7 +308,7 @@ impl Subscription {
                         return Ok(change);
                     }
                     Ok(change) => {
-                        return Err(FeedError::Store(StoreError::Corrupt(format!(
+                        return Err(FeedError::Store(StoreError::corrupt(format!(
                             "the feed skipped from position {} to {}",
                             self.last, change.position
                         ))))
@@ -338,7 +338,7 @@ impl Subscription {
             return Err(if state.pruned_through > self.last {
                 FeedError::Expired(self.last)
             } else {
-                FeedError::Store(StoreError::Corrupt(format!(
+                FeedError::Store(StoreError::corrupt(format!(
                     "the change log has no position {} though {} were handed out",
                     self.last + 1,
                     state.last_position
@@ -361,7 +361,7 @@ async fn read_to_end(shared: &Shared, position: &mut u64) -> Result<DateTime<Utc
             if change.position != next {
                 // Never skip: positions are dense, so a hole is an error
                 // (and stays one until someone looks), not a change to pass.
-                return Err(StoreError::Corrupt(format!(
+                return Err(StoreError::corrupt(format!(
                     "the change log jumps from position {} to {}",
                     next - 1,
                     change.position

@@ -1718,6 +1718,79 @@ async fn a_store_that_cannot_be_read_gives_unavailable_and_no_decision_without_l
     .await;
 }
 
+/// Runs one statement against the test database, behind the server's back.
+async fn hand_edit(db: &TestDb, sql: &str) {
+    use sqlx::Connection;
+    match db.backend {
+        Backend::Sqlite => {
+            let mut conn = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+            sqlx::query(sql).execute(&mut conn).await.unwrap();
+            conn.close().await.unwrap();
+        }
+        Backend::Postgres => {
+            let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+            sqlx::query(sql).execute(&mut conn).await.unwrap();
+            conn.close().await.unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_stored_entry_the_service_cannot_read_gives_data_loss_without_its_cause() {
+    each_backend(|db| async move {
+        let app = TestApp::spawn(&db).await;
+        let mut c = app.client().await;
+        let ws = new_workspace();
+        register(
+            &mut c,
+            &ws,
+            "claude-code",
+            "opus",
+            &["CLAUDE_CODE_OAUTH_TOKEN"],
+        )
+        .await;
+        assert_eq!(history_revisions(&mut c, &ws).await, vec![1]);
+
+        // Valid JSON (Postgres checks that), but not a record's fields.
+        hand_edit(
+            &db,
+            &format!(
+                "UPDATE billing_audit SET after = '{{\"runtime\": 5}}' \
+                 WHERE workspace_id = '{ws}'"
+            ),
+        )
+        .await;
+
+        let e = history(&mut c, &ws, 0, "").await.unwrap_err();
+        let msg = assert_error(&e, Code::DataLoss, "STORE_CORRUPT");
+        // Retrying reads the same bytes: no RetryInfo.
+        assert!(tonic_types::StatusExt::get_details_retry_info(&e).is_none());
+        let lower = msg.to_lowercase();
+        for leak in [
+            "runtime",
+            "invalid type",
+            "expected",
+            "audit",
+            "json",
+            "column",
+            "sqlx",
+            "sqlite",
+            "postgres",
+            "database",
+        ] {
+            assert!(!lower.contains(leak), "message leaks {leak:?}: {msg}");
+        }
+        assert!(
+            lower.contains("operator"),
+            "tells the caller what to do: {msg}"
+        );
+        // The record itself is still read.
+        assert_eq!(resolve(&mut c, &ws).await.mode(), Mode::Byok);
+        app.stop().await.unwrap();
+    })
+    .await;
+}
+
 // ---------------------------------------------------------------------------
 // Idempotent retries
 

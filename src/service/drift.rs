@@ -83,7 +83,7 @@ async fn decided_at(
         )),
         // Every revision up to the current one has its audit row; a gap is
         // data the service cannot interpret: no answer rather than a guess.
-        _ => Err(StoreError::Corrupt(format!("no audit row for revision {revision}")).into()),
+        _ => Err(StoreError::corrupt(format!("no audit row for revision {revision}")).into()),
     }
 }
 
@@ -323,7 +323,7 @@ pub async fn list_drift(
         let Some(since) = since else {
             // The current decision differs, so the audit log must show when it
             // started to; without a row there is nothing safe to say.
-            return Err(StoreError::Corrupt("drifted workspace has no audit rows".into()).into());
+            return Err(StoreError::corrupt("drifted workspace has no audit rows").into());
         };
         drift.push(Drift {
             report,

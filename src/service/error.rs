@@ -46,10 +46,13 @@ pub enum ErrorReason {
     CursorExpired,
     /// Watch: the consumer fell too far behind.
     ConsumerTooSlow,
+    /// A failure that means a bug in the service (e.g. a constraint the
+    /// database enforced); the cause is logged, never returned.
+    Internal,
 }
 
 impl ErrorReason {
-    pub const ALL: [ErrorReason; 21] = [
+    pub const ALL: [ErrorReason; 22] = [
         ErrorReason::InvalidWorkspaceId,
         ErrorReason::InvalidMode,
         ErrorReason::InvalidField,
@@ -71,6 +74,7 @@ impl ErrorReason {
         ErrorReason::StoreCorrupt,
         ErrorReason::CursorExpired,
         ErrorReason::ConsumerTooSlow,
+        ErrorReason::Internal,
     ];
 
     pub fn code(self) -> Code {
@@ -95,6 +99,7 @@ impl ErrorReason {
             ErrorReason::StoreCorrupt => Code::DataLoss,
             ErrorReason::CursorExpired => Code::OutOfRange,
             ErrorReason::ConsumerTooSlow => Code::ResourceExhausted,
+            ErrorReason::Internal => Code::Internal,
         }
     }
 
@@ -128,7 +133,8 @@ impl ErrorReason {
             | ErrorReason::InvalidCursor
             | ErrorReason::StoreCorrupt
             | ErrorReason::CursorExpired
-            | ErrorReason::ConsumerTooSlow => None,
+            | ErrorReason::ConsumerTooSlow
+            | ErrorReason::Internal => None,
         }
     }
 
@@ -156,6 +162,7 @@ impl ErrorReason {
             ErrorReason::StoreCorrupt => "STORE_CORRUPT",
             ErrorReason::CursorExpired => "CURSOR_EXPIRED",
             ErrorReason::ConsumerTooSlow => "CONSUMER_TOO_SLOW",
+            ErrorReason::Internal => "INTERNAL",
         }
     }
 }
@@ -245,11 +252,26 @@ impl From<StoreError> for ApiError {
                     ),
                 },
             ),
-            StoreError::Unavailable(_) | StoreError::Corrupt(_) => {
+            StoreError::Unavailable(_) => {
                 tracing::error!(error = %ErrorChain(&e), "store failure");
                 ApiError::new(
                     ErrorReason::StoreUnavailable,
                     "the billing-mode store is unavailable; no decision was made, retry later",
+                )
+            }
+            StoreError::Corrupt { .. } => {
+                tracing::error!(error = %ErrorChain(&e), "stored data is unreadable");
+                ApiError::new(
+                    ErrorReason::StoreCorrupt,
+                    "the billing-mode store holds data the service cannot read; no decision \
+                     was made, and retrying will not help: an operator must repair the store",
+                )
+            }
+            StoreError::Internal { .. } => {
+                tracing::error!(error = %ErrorChain(&e), "store failure that indicates a bug");
+                ApiError::new(
+                    ErrorReason::Internal,
+                    "internal error in the billing-mode service; no decision was made",
                 )
             }
         }
@@ -300,6 +322,7 @@ mod tests {
             ("STORE_CORRUPT", Code::DataLoss),
             ("CURSOR_EXPIRED", Code::OutOfRange),
             ("CONSUMER_TOO_SLOW", Code::ResourceExhausted),
+            ("INTERNAL", Code::Internal),
         ];
         assert_eq!(ErrorReason::ALL.len(), expected.len());
         for (reason, (name, code)) in ErrorReason::ALL.iter().zip(expected) {
@@ -345,5 +368,50 @@ mod tests {
         let api: ApiError = e.into();
         assert_eq!(api.reason, ErrorReason::StoreUnavailable);
         assert!(!api.message.contains("hunter2") && !api.message.contains("db-host"));
+    }
+
+    fn database_error(backend_error: sqlx::Error) -> ApiError {
+        crate::store::classify(backend_error).into()
+    }
+
+    #[test]
+    fn a_corrupt_row_is_data_loss_and_its_cause_stays_in_the_log() {
+        let json = serde_json::from_str::<serde_json::Value>("{\"runtime\": hunter2").unwrap_err();
+        let e = StoreError::corrupt_because("audit fields", json);
+        assert!(ErrorChain(&e).to_string().contains("audit fields: "));
+        let api: ApiError = e.into();
+        assert_eq!(api.reason, ErrorReason::StoreCorrupt);
+        assert_eq!(api.reason.code(), Code::DataLoss);
+        assert!(
+            api.reason.retry_delay().is_none(),
+            "no retry for a corrupt row"
+        );
+        assert!(!api.message.contains("audit") && !api.message.contains("hunter2"));
+        let decode = sqlx::Error::ColumnDecode {
+            index: "\"revision\"".into(),
+            source: "db-host".into(),
+        };
+        let api = database_error(decode);
+        assert_eq!(api.reason, ErrorReason::StoreCorrupt);
+        assert!(!api.message.contains("revision") && !api.message.contains("db-host"));
+    }
+
+    #[test]
+    fn a_failure_that_means_a_bug_is_internal_with_a_generic_message() {
+        let api: ApiError = StoreError::internal("record creation raced twice").into();
+        assert_eq!(api.reason, ErrorReason::Internal);
+        assert_eq!(api.reason.code(), Code::Internal);
+        assert!(!api.message.contains("raced"));
+        let api = database_error(sqlx::Error::RowNotFound);
+        assert_eq!(api.reason, ErrorReason::Internal);
+    }
+
+    #[test]
+    fn an_unreachable_store_is_unavailable_with_retry_info() {
+        let api = database_error(sqlx::Error::PoolTimedOut);
+        assert_eq!(api.reason, ErrorReason::StoreUnavailable);
+        let status: Status = api.into();
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(status.get_details_retry_info().is_some());
     }
 }

@@ -91,15 +91,15 @@ where
     DateTime<Utc>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
 {
     let id: String = row.try_get("workspace_id")?;
-    let workspace_id = WorkspaceId::parse(&id)
-        .map_err(|_| StoreError::Corrupt("applied report: workspace id".into()))?;
+    let workspace_id =
+        WorkspaceId::parse(&id).map_err(|_| StoreError::corrupt("applied report: workspace id"))?;
     let instance: String = row.try_get("instance")?;
-    let instance = Instance::parse(&instance)
-        .map_err(|_| StoreError::Corrupt("applied report: instance".into()))?;
+    let instance =
+        Instance::parse(&instance).map_err(|_| StoreError::corrupt("applied report: instance"))?;
     let mode: String = row.try_get("mode")?;
     let mode = mode
         .parse::<Mode>()
-        .map_err(|_| StoreError::Corrupt("applied report: mode".into()))?;
+        .map_err(|_| StoreError::corrupt("applied report: mode"))?;
     let report = AppliedReport {
         workspace_id,
         instance,

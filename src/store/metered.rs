@@ -40,7 +40,8 @@ pub fn outcome<T>(r: &Result<T, StoreError>) -> &'static str {
         Ok(_) => "ok",
         Err(StoreError::NotFound) => "not_found",
         Err(StoreError::RevisionMismatch { .. }) => "revision_mismatch",
-        Err(StoreError::Corrupt(_)) => "corrupt",
+        Err(StoreError::Corrupt { .. }) => "corrupt",
+        Err(StoreError::Internal { .. }) => "internal",
         Err(StoreError::Unavailable(_)) => "unavailable",
     }
 }

@@ -25,15 +25,42 @@ pub use applied::AppliedReport;
 #[cfg(test)]
 mod tests;
 
+/// A cause carried by [`StoreError::Corrupt`]: whatever failed to read the
+/// stored value (a decode error, a JSON error), kept for the logs.
+pub type CorruptCause = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 /// Why the store could not do what was asked.
+///
+/// Each variant is a class a caller acts on differently: retry
+/// ([`Unavailable`](StoreError::Unavailable)), stop and call an operator
+/// ([`Corrupt`](StoreError::Corrupt)), or report a bug
+/// ([`Internal`](StoreError::Internal)). [`classify`] decides the class of a
+/// `sqlx::Error`; every cause stays the error's source, for the logs.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The database could not be reached or refused the operation.
+    /// The database could not be reached or could not do the work now
+    /// (connection, timeout, pool, resources, serialization or deadlock,
+    /// a busy SQLite file, a missing table): retrying may succeed.
     #[error("store unavailable: {0}")]
     Unavailable(#[source] sqlx::Error),
-    /// A stored row could not be interpreted (e.g. a hand-edited revision).
-    #[error("stored data is unreadable: {0}")]
-    Corrupt(String),
+    /// A stored row or log entry could not be interpreted (e.g. a hand-edited
+    /// revision, an audit entry that is not the fields' JSON): retrying reads
+    /// the same bytes again.
+    #[error("stored data is unreadable: {what}")]
+    Corrupt {
+        what: String,
+        #[source]
+        source: Option<CorruptCause>,
+    },
+    /// The database refused the operation in a way that means a bug (a
+    /// constraint violation, a syntax error) or the store broke an invariant
+    /// it keeps itself (a lost race that cannot happen).
+    #[error("store failure: {what}")]
+    Internal {
+        what: String,
+        #[source]
+        source: Option<sqlx::Error>,
+    },
     /// No record for the workspace.
     #[error("no record for the workspace")]
     NotFound,
@@ -43,15 +70,145 @@ pub enum StoreError {
     RevisionMismatch { expected: u64, actual: Option<u64> },
 }
 
+impl StoreError {
+    /// Stored data that cannot be interpreted, with no further cause.
+    pub fn corrupt(what: impl Into<String>) -> Self {
+        StoreError::Corrupt {
+            what: what.into(),
+            source: None,
+        }
+    }
+
+    /// Stored data that cannot be interpreted, and what failed to read it.
+    pub fn corrupt_because(what: impl Into<String>, source: impl Into<CorruptCause>) -> Self {
+        StoreError::Corrupt {
+            what: what.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    /// A broken invariant of the store itself, with no further cause.
+    pub fn internal(what: impl Into<String>) -> Self {
+        StoreError::Internal {
+            what: what.into(),
+            source: None,
+        }
+    }
+}
+
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
-        StoreError::Unavailable(e)
+        classify(e)
     }
 }
 
 impl From<sqlx::migrate::MigrateError> for StoreError {
     fn from(e: sqlx::migrate::MigrateError) -> Self {
         StoreError::Unavailable(sqlx::Error::Migrate(Box::new(e)))
+    }
+}
+
+/// The class of a database error: [`StoreError::Unavailable`],
+/// [`StoreError::Corrupt`] or [`StoreError::Internal`].
+pub fn classify(e: sqlx::Error) -> StoreError {
+    use sqlx::Error as E;
+    match e {
+        // The database is not there, or not reachable now. A malformed URL
+        // and a failed migration only happen at startup, which reports them
+        // as it always did (and does not wait for them).
+        E::Io(_)
+        | E::Tls(_)
+        | E::Protocol(_)
+        | E::PoolTimedOut
+        | E::PoolClosed
+        | E::WorkerCrashed
+        | E::Configuration(_)
+        | E::Migrate(_) => StoreError::Unavailable(e),
+        // A stored value that cannot be read as what the schema says it is.
+        E::ColumnDecode { .. }
+        | E::Decode(_)
+        | E::ColumnNotFound(_)
+        | E::ColumnIndexOutOfBounds { .. }
+        | E::TypeNotFound { .. } => StoreError::corrupt_because("a stored value cannot be read", e),
+        E::Database(ref db) => match database_class(db.as_ref()) {
+            DbClass::Unavailable => StoreError::Unavailable(e),
+            DbClass::Corrupt => StoreError::corrupt_because("the database reports damaged data", e),
+            DbClass::Internal => StoreError::Internal {
+                what: "the database refused the operation".into(),
+                source: Some(e),
+            },
+        },
+        // Everything else (a row a query requires is missing, an encode
+        // failure, a savepoint misuse) is a mistake in this code.
+        _ => StoreError::Internal {
+            what: "the database call failed".into(),
+            source: Some(e),
+        },
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DbClass {
+    Unavailable,
+    Corrupt,
+    Internal,
+}
+
+/// The class of an error the database itself reported.
+fn database_class(db: &(dyn sqlx::error::DatabaseError + 'static)) -> DbClass {
+    if let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+        return postgres_class(pg.code());
+    }
+    if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+        let code = db.code().and_then(|c| c.parse::<i32>().ok());
+        return sqlite_class(code, db.message());
+    }
+    DbClass::Internal
+}
+
+/// A Postgres SQLSTATE's class.
+fn postgres_class(code: &str) -> DbClass {
+    match code {
+        // 08: connection exception; 53: insufficient resources (disk, memory,
+        // too many connections); 57P0x: the server is shutting down or
+        // restarting; 57014: a statement timeout; 55P03: a lock timeout;
+        // 40001 / 40P01: a serialization failure or a deadlock (the
+        // transaction may simply be run again); 58: an I/O error of the
+        // server; 28 / 3D000: the login or the database is refused (an
+        // operator restores it).
+        c if c.starts_with("08")
+            || c.starts_with("53")
+            || c.starts_with("57P0")
+            || c.starts_with("58")
+            || c.starts_with("28") =>
+        {
+            DbClass::Unavailable
+        }
+        "57014" | "55P03" | "40001" | "40P01" | "3D000" => DbClass::Unavailable,
+        // A table or schema that is not there: the store is being restored
+        // or was dropped, not a statement of ours that is wrong.
+        "42P01" | "3F000" => DbClass::Unavailable,
+        // XX001 / XX002: the server found a damaged page or index.
+        "XX001" | "XX002" => DbClass::Corrupt,
+        // 23: a constraint violation; 42: a syntax error or an undefined
+        // column or function (a bug, or a missing migration); 22: a value
+        // the statement should never have sent; anything else: a bug.
+        _ => DbClass::Internal,
+    }
+}
+
+/// A SQLite (extended) result code's class; its primary code is the low byte.
+fn sqlite_class(code: Option<i32>, message: &str) -> DbClass {
+    match code.map(|c| c & 0xff) {
+        // BUSY, LOCKED: another connection holds the file; IOERR, FULL,
+        // CANTOPEN, PROTOCOL: the file cannot be used now.
+        Some(5 | 6 | 10 | 13 | 14 | 15) => DbClass::Unavailable,
+        // CORRUPT, NOTADB: the file is damaged.
+        Some(11 | 26) => DbClass::Corrupt,
+        // A table that is not there (SQLITE_ERROR names it only in text).
+        Some(1) if message.starts_with("no such table") => DbClass::Unavailable,
+        // CONSTRAINT, a syntax error, anything else: a bug.
+        _ => DbClass::Internal,
     }
 }
 
@@ -330,8 +487,8 @@ pub fn plan_write(
 pub fn plan_create(workspace_id: WorkspaceId, change: &Change) -> Result<Fields, StoreError> {
     match plan_write(None, workspace_id, change, Some(0))? {
         Plan::Insert { after } => Ok(after),
-        Plan::Unchanged(_) | Plan::Update { .. } => Err(StoreError::Corrupt(
-            "a create on a missing record planned as an update".into(),
+        Plan::Unchanged(_) | Plan::Update { .. } => Err(StoreError::internal(
+            "a create on a missing record planned as an update",
         )),
     }
 }
@@ -341,11 +498,11 @@ pub(crate) fn revision_from_db(r: i64) -> Result<u64, StoreError> {
     u64::try_from(r)
         .ok()
         .filter(|r| *r >= 1)
-        .ok_or_else(|| StoreError::Corrupt(format!("revision {r} is not positive")))
+        .ok_or_else(|| StoreError::corrupt(format!("revision {r} is not positive")))
 }
 
 pub(crate) fn revision_to_db(r: u64) -> Result<i64, StoreError> {
-    i64::try_from(r).map_err(|_| StoreError::Corrupt(format!("revision {r} is too large")))
+    i64::try_from(r).map_err(|_| StoreError::internal(format!("revision {r} is too large")))
 }
 
 /// The columns every backend selects for a record, interpreted once.
@@ -383,7 +540,7 @@ where
 {
     let id: String = row.try_get("workspace_id")?;
     let id = WorkspaceId::parse(&id)
-        .map_err(|_| StoreError::Corrupt("a stored workspace id is not a UUID".into()))?;
+        .map_err(|_| StoreError::corrupt("a stored workspace id is not a UUID"))?;
     let (fields, revision) = record_from_row(row)?;
     Ok(fields.into_record(id, revision))
 }
@@ -427,7 +584,7 @@ where
 {
     let id: String = row.try_get("workspace_id")?;
     let workspace_id = WorkspaceId::parse(&id)
-        .map_err(|_| StoreError::Corrupt("change log: workspace id is not a UUID".into()))?;
+        .map_err(|_| StoreError::corrupt("change log: workspace id is not a UUID"))?;
     let after: String = row.try_get("after")?;
     let position: i64 = row.try_get("position")?;
     Ok(LoggedChange {
@@ -455,7 +612,7 @@ where
 
 pub(crate) fn position_from_db(p: i64) -> Result<u64, StoreError> {
     u64::try_from(p)
-        .map_err(|_| StoreError::Corrupt(format!("change log position {p} is negative")))
+        .map_err(|_| StoreError::corrupt(format!("change log position {p} is negative")))
 }
 
 pub(crate) fn position_to_db(p: u64) -> i64 {
@@ -465,7 +622,7 @@ pub(crate) fn position_to_db(p: u64) -> i64 {
 }
 
 pub(crate) fn fields_from_json(text: &str) -> Result<Fields, StoreError> {
-    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("audit fields: {e}")))
+    serde_json::from_str(text).map_err(|e| StoreError::corrupt_because("audit fields", e))
 }
 
 pub(crate) fn fields_to_json(f: &Fields) -> String {
@@ -507,6 +664,116 @@ pub async fn open(
         Err(StoreError::Unavailable(sqlx::Error::Configuration(
             "database URL must start with postgres://, postgresql:// or sqlite:".into(),
         )))
+    }
+}
+
+#[cfg(test)]
+mod classify_tests {
+    use super::*;
+
+    #[test]
+    fn connection_pool_and_timeout_failures_are_unavailable() {
+        let io = sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        for e in [
+            io,
+            sqlx::Error::Tls("handshake".into()),
+            sqlx::Error::Protocol("unexpected eof".into()),
+            sqlx::Error::PoolTimedOut,
+            sqlx::Error::PoolClosed,
+            sqlx::Error::WorkerCrashed,
+        ] {
+            let class = classify(e);
+            assert!(matches!(class, StoreError::Unavailable(_)), "{class:?}");
+        }
+    }
+
+    #[test]
+    fn values_that_cannot_be_decoded_are_corrupt() {
+        for e in [
+            sqlx::Error::ColumnDecode {
+                index: "\"revision\"".into(),
+                source: "not an integer".into(),
+            },
+            sqlx::Error::Decode("bad text".into()),
+            sqlx::Error::ColumnNotFound("after".into()),
+            sqlx::Error::TypeNotFound {
+                type_name: "jsonb".into(),
+            },
+        ] {
+            let class = classify(e);
+            assert!(
+                matches!(
+                    &class,
+                    StoreError::Corrupt {
+                        source: Some(_),
+                        ..
+                    }
+                ),
+                "{class:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_row_a_query_requires_that_is_missing_is_internal() {
+        let class = classify(sqlx::Error::RowNotFound);
+        assert!(
+            matches!(
+                class,
+                StoreError::Internal {
+                    source: Some(_),
+                    ..
+                }
+            ),
+            "{class:?}"
+        );
+    }
+
+    #[test]
+    fn postgres_sqlstates_have_their_class() {
+        for code in [
+            "08006", "08001", "57P01", "57P02", "57P03", "53300", "53100", "40001", "40P01",
+            "57014", "55P03", "58030", "28P01", "3D000", "42P01", "3F000",
+        ] {
+            assert_eq!(postgres_class(code), DbClass::Unavailable, "{code}");
+        }
+        for code in ["XX001", "XX002"] {
+            assert_eq!(postgres_class(code), DbClass::Corrupt, "{code}");
+        }
+        for code in [
+            "23505", "23503", "23514", "23502", "42601", "42703", "42883", "22P02", "XX000",
+        ] {
+            assert_eq!(postgres_class(code), DbClass::Internal, "{code}");
+        }
+    }
+
+    #[test]
+    fn sqlite_result_codes_have_their_class() {
+        // BUSY, BUSY_SNAPSHOT, LOCKED, LOCKED_SHAREDCACHE, IOERR_READ, FULL, CANTOPEN.
+        for code in [5, 517, 6, 262, 266, 13, 14] {
+            assert_eq!(sqlite_class(Some(code), ""), DbClass::Unavailable, "{code}");
+        }
+        assert_eq!(
+            sqlite_class(Some(1), "no such table: x"),
+            DbClass::Unavailable
+        );
+        for code in [11, 26] {
+            assert_eq!(sqlite_class(Some(code), ""), DbClass::Corrupt, "{code}");
+        }
+        // CONSTRAINT_CHECK, CONSTRAINT_UNIQUE, CONSTRAINT_FOREIGNKEY, a syntax error.
+        for (code, message) in [
+            (275, ""),
+            (2067, ""),
+            (787, ""),
+            (1, "near \"SELEC\": syntax error"),
+        ] {
+            assert_eq!(
+                sqlite_class(Some(code), message),
+                DbClass::Internal,
+                "{code}"
+            );
+        }
+        assert_eq!(sqlite_class(None, ""), DbClass::Internal);
     }
 }
 

@@ -348,7 +348,7 @@ async fn create_batch_in(
             ));
         } else {
             let record = existing.get(&c.workspace_id).cloned().ok_or_else(|| {
-                StoreError::Corrupt("a record that refused a create is not there".into())
+                StoreError::internal("a record that refused a create is not there")
             })?;
             out.push(CreateOutcome::Existing(record));
         }
@@ -407,8 +407,8 @@ impl Store for PostgresStore {
                 None => tx.rollback().await?,
             }
         }
-        Err(StoreError::Corrupt(
-            "record creation raced twice; refusing to guess".into(),
+        Err(StoreError::internal(
+            "record creation raced twice; refusing to guess",
         ))
     }
 

@@ -352,6 +352,8 @@ store_tests!(
     a_batch_creates_the_missing_in_one_commit_and_leaves_the_existing_untouched,
     batches_and_single_creates_of_the_same_workspaces_at_once_never_overwrite_each_other,
     the_snapshot_visits_every_record_once_as_of_its_position,
+    database_errors_keep_their_class,
+    an_audit_entry_that_is_not_the_fields_json_is_corrupt,
 );
 
 // ---------------------------------------------------------------------------
@@ -1521,8 +1523,10 @@ async fn the_database_refuses_an_applied_report_it_cannot_interpret(h: &mut Harn
             reported_at: Utc::now(),
         })
         .await;
+    // The foreign key refuses it: a constraint violation is a bug (the
+    // service checks the record first), not an outage to retry.
     assert!(
-        matches!(orphan, Err(StoreError::Unavailable(_))),
+        matches!(orphan, Err(StoreError::Internal { .. })),
         "{orphan:?}"
     );
     write(&*store, id, &set_override(Mode::Byok), None)
@@ -1911,4 +1915,60 @@ async fn the_snapshot_visits_every_record_once_as_of_its_position(h: &mut Harnes
             Stored::Valid(Mode::Disabled)
         );
     }
+}
+
+async fn database_errors_keep_their_class(h: &mut Harness) {
+    let store = h.store();
+    let id = WorkspaceId::new_random();
+    write(&*store, id, &set_override(Mode::Byok), None)
+        .await
+        .unwrap();
+    // A constraint violation: a bug, not an outage.
+    let err = h
+        .execute(&format!(
+            "UPDATE billing_records SET override_mode = 'bogus' WHERE workspace_id = '{id}'"
+        ))
+        .await
+        .expect_err("the CHECK refuses it");
+    let class = super::classify(err);
+    assert!(matches!(class, StoreError::Internal { .. }), "{class:?}");
+    // A statement the database cannot parse: a bug.
+    let err = h.execute("SELEC 1").await.expect_err("a syntax error");
+    let class = super::classify(err);
+    assert!(matches!(class, StoreError::Internal { .. }), "{class:?}");
+    // A table that is not there (dropped, being restored): retry later.
+    let err = h
+        .execute("SELECT 1 FROM billing_no_such_table")
+        .await
+        .expect_err("no such table");
+    let class = super::classify(err);
+    assert!(matches!(class, StoreError::Unavailable(_)), "{class:?}");
+    // The cause stays the source, for the logs.
+    let chain = crate::service::error::ErrorChain(&class).to_string();
+    assert!(chain.contains("billing_no_such_table"), "{chain}");
+}
+
+async fn an_audit_entry_that_is_not_the_fields_json_is_corrupt(h: &mut Harness) {
+    let store = h.store();
+    let id = WorkspaceId::new_random();
+    write(&*store, id, &set_override(Mode::Byok), None)
+        .await
+        .unwrap();
+    // Valid JSON (Postgres checks that) but not the fields' shape.
+    h.execute(&format!(
+        "UPDATE billing_audit SET after = '{{\"runtime\": 5}}' WHERE workspace_id = '{id}'"
+    ))
+    .await
+    .expect("a raw UPDATE");
+    let err = store
+        .history(&id, None, 10)
+        .await
+        .expect_err("the entry cannot be read");
+    let StoreError::Corrupt { what, source } = &err else {
+        panic!("expected Corrupt, got {err:?}");
+    };
+    assert_eq!(what, "audit fields");
+    assert!(source.is_some(), "the JSON error is kept as the source");
+    // The record itself still loads.
+    assert_eq!(load(&*store, id).await.revision, 1);
 }
