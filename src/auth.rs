@@ -65,8 +65,13 @@ impl Role {
     }
 }
 
+/// A role name that is not one of the roles.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown role {0:?} (known: reader, provisioner, writer, admin, meter)")]
+pub struct UnknownRole(pub String);
+
 impl FromStr for Role {
-    type Err = String;
+    type Err = UnknownRole;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "reader" => Ok(Role::Reader),
@@ -74,9 +79,7 @@ impl FromStr for Role {
             "writer" => Ok(Role::Writer),
             "admin" => Ok(Role::Admin),
             "meter" => Ok(Role::Meter),
-            other => Err(format!(
-                "unknown role {other:?} (known: reader, provisioner, writer, admin, meter)"
-            )),
+            other => Err(UnknownRole(other.to_owned())),
         }
     }
 }
@@ -181,13 +184,46 @@ impl TokenEntry {
     }
 }
 
-/// A token configuration that could not be read.
+/// A token configuration that could not be read: where, and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("tokens {source_name} line {line}: {message}")]
+#[error("tokens {source_name} line {line}: {problem}")]
 pub struct TokenConfigError {
     pub source_name: String,
     pub line: usize,
-    pub message: String,
+    pub problem: TokenLineError,
+}
+
+/// What is wrong with one line of a token configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenLineError {
+    #[error("expected `NAME sha256:HEX ROLE[,ROLE...]`")]
+    Shape,
+    #[error(transparent)]
+    Name(#[from] TokenNameError),
+    #[error("the hash must start with sha256:")]
+    HashPrefix,
+    #[error("the hash must be 64 hex digits after sha256:")]
+    HashDigits,
+    #[error(transparent)]
+    Role(#[from] UnknownRole),
+    #[error("duplicate token name {0:?}")]
+    DuplicateName(String),
+    #[error("the same token hash appears twice")]
+    DuplicateHash,
+}
+
+/// A token name outside `[A-Za-z0-9-_.@]{1,128}`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("name {0:?} must be 1-128 characters of letters, digits, - _ . @")]
+pub struct TokenNameError(pub String);
+
+/// Why [`generate_token`] refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GenerateTokenError {
+    #[error(transparent)]
+    Name(#[from] TokenNameError),
+    #[error("a token needs at least one role")]
+    NoRole,
 }
 
 fn valid_name(name: &str) -> bool {
@@ -206,10 +242,10 @@ pub fn parse_token_lines(
 ) -> Result<Vec<TokenEntry>, TokenConfigError> {
     let mut out: Vec<TokenEntry> = Vec::new();
     for (i, raw) in text.lines().enumerate() {
-        let err = |message: String| TokenConfigError {
+        let err = |problem: TokenLineError| TokenConfigError {
             source_name: source_name.to_owned(),
             line: i + 1,
-            message,
+            problem,
         };
         let line = raw.trim();
         if line.is_empty() || line.starts_with('#') {
@@ -217,32 +253,30 @@ pub fn parse_token_lines(
         }
         let parts: Vec<&str> = line.split_whitespace().collect();
         let [name, hash, roles] = parts[..] else {
-            return Err(err("expected `NAME sha256:HEX ROLE[,ROLE...]`".into()));
+            return Err(err(TokenLineError::Shape));
         };
         if !valid_name(name) {
-            return Err(err(format!(
-                "name {name:?} must be 1-128 characters of letters, digits, - _ . @"
-            )));
+            return Err(err(TokenNameError(name.to_owned()).into()));
         }
         let hex_part = hash
             .strip_prefix("sha256:")
-            .ok_or_else(|| err("the hash must start with sha256:".into()))?;
+            .ok_or_else(|| err(TokenLineError::HashPrefix))?;
         let bytes = hex::decode(hex_part)
             .ok()
             .filter(|b| b.len() == 32)
-            .ok_or_else(|| err("the hash must be 64 hex digits after sha256:".into()))?;
+            .ok_or_else(|| err(TokenLineError::HashDigits))?;
         let roles = roles
             .split(',')
             .map(Role::from_str)
             .collect::<Result<BTreeSet<_>, _>>()
-            .map_err(err)?;
+            .map_err(|e| err(e.into()))?;
         if out.iter().any(|e| e.name == name) {
-            return Err(err(format!("duplicate token name {name:?}")));
+            return Err(err(TokenLineError::DuplicateName(name.to_owned())));
         }
         let mut h = [0u8; 32];
         h.copy_from_slice(&bytes);
         if out.iter().any(|e| e.hash == h) {
-            return Err(err("the same token hash appears twice".into()));
+            return Err(err(TokenLineError::DuplicateHash));
         }
         out.push(TokenEntry {
             name: name.to_owned(),
@@ -254,14 +288,15 @@ pub fn parse_token_lines(
 }
 
 /// A new random token and its configuration entry.
-pub fn generate_token(name: &str, roles: BTreeSet<Role>) -> Result<(String, TokenEntry), String> {
+pub fn generate_token(
+    name: &str,
+    roles: BTreeSet<Role>,
+) -> Result<(String, TokenEntry), GenerateTokenError> {
     if !valid_name(name) {
-        return Err(format!(
-            "name {name:?} must be 1-128 characters of letters, digits, - _ . @"
-        ));
+        return Err(TokenNameError(name.to_owned()).into());
     }
     if roles.is_empty() {
-        return Err("a token needs at least one role".into());
+        return Err(GenerateTokenError::NoRole);
     }
     let mut bytes = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut bytes);
@@ -421,17 +456,47 @@ mod tests {
     }
 
     #[test]
+    fn generate_token_refuses_a_bad_name_and_no_role() {
+        assert!(matches!(
+            generate_token("a b", [Role::Admin].into()),
+            Err(GenerateTokenError::Name(TokenNameError(n))) if n == "a b"
+        ));
+        assert_eq!(
+            generate_token("ops", BTreeSet::new()).unwrap_err(),
+            GenerateTokenError::NoRole
+        );
+        assert_eq!("root".parse::<Role>(), Err(UnknownRole("root".to_owned())));
+    }
+
+    #[test]
     fn bad_token_lines_name_the_line() {
         let e = parse_token_lines("# c\n\nops sha256:abc admin\n", "tokens.txt").unwrap_err();
         assert_eq!(e.line, 3);
+        assert_eq!(e.problem, TokenLineError::HashDigits);
         assert!(e.to_string().contains("tokens.txt line 3"));
         let h = "0".repeat(64);
-        assert!(parse_token_lines(&format!("a sha256:{h} root"), "t").is_err());
-        assert!(parse_token_lines(
-            &format!("a sha256:{h} admin\na sha256:{} reader", "1".repeat(64)),
-            "t"
-        )
-        .is_err());
+        let problem = |text: &str| parse_token_lines(text, "t").unwrap_err().problem;
+        assert!(matches!(
+            problem(&format!("a sha256:{h} root")),
+            TokenLineError::Role(UnknownRole(r)) if r == "root"
+        ));
+        assert!(matches!(
+            problem(&format!("a sha256:{h} admin\na sha256:{} reader", "1".repeat(64))),
+            TokenLineError::DuplicateName(n) if n == "a"
+        ));
+        assert_eq!(
+            problem(&format!("a sha256:{h} admin\nb sha256:{h} reader")),
+            TokenLineError::DuplicateHash
+        );
+        assert_eq!(problem("a b"), TokenLineError::Shape);
+        assert_eq!(
+            problem(&format!("a md5:{h} admin")),
+            TokenLineError::HashPrefix
+        );
+        assert!(matches!(
+            problem(&format!("a/b sha256:{h} admin")),
+            TokenLineError::Name(TokenNameError(n)) if n == "a/b"
+        ));
         assert_eq!(
             parse_token_lines(&format!("a sha256:{h} admin,reader"), "t")
                 .unwrap()

@@ -13,7 +13,7 @@ pub mod types;
 
 pub use env::{build_env, BuiltEnv, CandidateEnv, EnvError, EnvInput};
 pub use record::{Change, Fields, Patch, Record, Stored};
-pub use registry::{Registry, RegistryError};
+pub use registry::{Registry, RegistryError, RegistryProblem};
 pub use resolver::{resolve, Resolution, Source};
 pub use types::{
     CredentialKeys, EnvKey, Instance, Mode, Model, Origin, Reason, Runtime, ValidationError,

@@ -15,7 +15,7 @@ use std::{
 use regex::Regex;
 use serde::Deserialize;
 
-use super::types::{EnvKey, Runtime};
+use super::types::{EnvKey, Runtime, ValidationError};
 
 /// The registry compiled into the binary.
 pub const BUILTIN_TOML: &str = include_str!("default_registry.toml");
@@ -29,11 +29,67 @@ pub const BILLING_MODE_VARS: [&str; 2] = [
 
 /// A registry that failed to load: where, and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("provider registry {source_name}: {entry}: {message}")]
+#[error("provider registry {source_name}: {entry}: {problem}")]
 pub struct RegistryError {
     pub source_name: String,
+    /// The place: `syntax`, `usage_token`, `rules[3] (pattern "...")`, ...
     pub entry: String,
-    pub message: String,
+    pub problem: RegistryProblem,
+}
+
+/// What is wrong with a registry entry (docs/registry.md lists each).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryProblem {
+    /// The file could not be read (the I/O error's text).
+    #[error("cannot read: {0}")]
+    CannotRead(String),
+    /// Not valid TOML, or not the registry's shape (the parser's message).
+    #[error("{0}")]
+    Syntax(String),
+    #[error("must start with {PROXY_PREFIX}")]
+    UsageTokenPrefix,
+    #[error("{field}: {key:?} is not a valid env key")]
+    InvalidEnvKey { field: String, key: String },
+    #[error("must name at least one variable")]
+    NoModelVar,
+    #[error("runtime: {0}")]
+    InvalidRuntime(ValidationError),
+    #[error("id must not be empty")]
+    EmptyId,
+    #[error("duplicate family id")]
+    DuplicateFamily,
+    #[error("proxy_base_url must start with {PROXY_PREFIX}")]
+    ProxyBaseUrlPrefix,
+    #[error("endpoints and credentials must each name a variable")]
+    FamilyWithoutVariables,
+    #[error("{0:?} is not a declared family")]
+    UndeclaredDefaultFamily(String),
+    #[error("duplicate provider id")]
+    DuplicateProvider,
+    #[error("a provider needs at least one credential variable")]
+    ProviderWithoutCredential,
+    #[error("family {0:?} is not a declared family")]
+    UndeclaredFamily(String),
+    #[error("a platform provider needs a proxy mapping: set family to a declared family")]
+    PlatformWithoutFamily,
+    #[error("pattern must not be empty")]
+    EmptyPattern,
+    #[error("runtimes must name at least one runtime")]
+    RuleWithoutRuntime,
+    #[error("runtime {runtime:?}: {error}")]
+    InvalidRuleRuntime {
+        runtime: String,
+        error: ValidationError,
+    },
+    #[error("duplicate rule: runtime {0:?} with this pattern appears earlier")]
+    DuplicateRule(String),
+    #[error("candidates must name at least one provider")]
+    RuleWithoutCandidate,
+    #[error("unknown provider id {0:?}")]
+    UnknownProvider(String),
+    /// The pattern is not a regular expression (the regex parser's message).
+    #[error("invalid pattern: {0}")]
+    InvalidPattern(String),
 }
 
 #[derive(Debug, Deserialize)]
@@ -144,18 +200,25 @@ struct Checker<'a> {
 }
 
 impl Checker<'_> {
-    fn err(&self, entry: impl Into<String>, message: impl Into<String>) -> RegistryError {
+    fn err(&self, entry: impl Into<String>, problem: RegistryProblem) -> RegistryError {
         RegistryError {
             source_name: self.source_name.to_owned(),
             entry: entry.into(),
-            message: message.into(),
+            problem,
         }
     }
 
     fn keys(&self, entry: &str, field: &str, keys: &[String]) -> Result<(), RegistryError> {
         for k in keys {
-            EnvKey::parse(k)
-                .map_err(|_| self.err(entry, format!("{field}: {k:?} is not a valid env key")))?;
+            EnvKey::parse(k).map_err(|_| {
+                self.err(
+                    entry,
+                    RegistryProblem::InvalidEnvKey {
+                        field: field.to_owned(),
+                        key: k.clone(),
+                    },
+                )
+            })?;
         }
         Ok(())
     }
@@ -176,7 +239,7 @@ impl Registry {
                 let text = std::fs::read_to_string(p).map_err(|e| RegistryError {
                     source_name: name.clone(),
                     entry: "file".into(),
-                    message: format!("cannot read: {e}"),
+                    problem: RegistryProblem::CannotRead(e.to_string()),
                 })?;
                 Self::from_toml(&text, &name)
             }
@@ -186,11 +249,15 @@ impl Registry {
     /// Parses and validates a registry; `source_name` names it in errors.
     pub fn from_toml(text: &str, source_name: &str) -> Result<Self, RegistryError> {
         let c = Checker { source_name };
-        let raw: RawRegistry =
-            toml::from_str(text).map_err(|e| c.err("syntax", e.to_string().trim().to_owned()))?;
+        let raw: RawRegistry = toml::from_str(text).map_err(|e| {
+            c.err(
+                "syntax",
+                RegistryProblem::Syntax(e.to_string().trim().to_owned()),
+            )
+        })?;
 
         if !raw.usage_token.starts_with(PROXY_PREFIX) {
-            return Err(c.err("usage_token", format!("must start with {PROXY_PREFIX}")));
+            return Err(c.err("usage_token", RegistryProblem::UsageTokenPrefix));
         }
         c.keys(
             "usage_token",
@@ -198,12 +265,12 @@ impl Registry {
             std::slice::from_ref(&raw.usage_token),
         )?;
         if raw.model_vars.is_empty() {
-            return Err(c.err("model_vars", "must name at least one variable"));
+            return Err(c.err("model_vars", RegistryProblem::NoModelVar));
         }
         c.keys("model_vars", "model_vars", &raw.model_vars)?;
         for (rt, vars) in &raw.runtime_model_vars {
             let entry = format!("runtime_model_vars.{rt}");
-            Runtime::parse(rt).map_err(|e| c.err(&entry, format!("runtime: {e}")))?;
+            Runtime::parse(rt).map_err(|e| c.err(&entry, RegistryProblem::InvalidRuntime(e)))?;
             c.keys(&entry, "variables", vars)?;
         }
 
@@ -212,16 +279,13 @@ impl Registry {
         for (i, f) in raw.families.into_iter().enumerate() {
             let entry = format!("families[{i}] (id {:?})", f.id);
             if f.id.is_empty() {
-                return Err(c.err(entry, "id must not be empty"));
+                return Err(c.err(entry, RegistryProblem::EmptyId));
             }
             if !family_ids.insert(f.id.clone()) {
-                return Err(c.err(entry, "duplicate family id"));
+                return Err(c.err(entry, RegistryProblem::DuplicateFamily));
             }
             if !f.proxy_base_url.starts_with(PROXY_PREFIX) {
-                return Err(c.err(
-                    entry,
-                    format!("proxy_base_url must start with {PROXY_PREFIX}"),
-                ));
+                return Err(c.err(entry, RegistryProblem::ProxyBaseUrlPrefix));
             }
             c.keys(
                 &entry,
@@ -229,7 +293,7 @@ impl Registry {
                 std::slice::from_ref(&f.proxy_base_url),
             )?;
             if f.endpoints.is_empty() || f.credentials.is_empty() {
-                return Err(c.err(entry, "endpoints and credentials must each name a variable"));
+                return Err(c.err(entry, RegistryProblem::FamilyWithoutVariables));
             }
             c.keys(&entry, "endpoints", &f.endpoints)?;
             c.keys(&entry, "credentials", &f.credentials)?;
@@ -243,7 +307,7 @@ impl Registry {
         if !family_ids.contains(&raw.default_family) {
             return Err(c.err(
                 "default_family",
-                format!("{:?} is not a declared family", raw.default_family),
+                RegistryProblem::UndeclaredDefaultFamily(raw.default_family),
             ));
         }
 
@@ -252,25 +316,22 @@ impl Registry {
         for (i, p) in raw.providers.into_iter().enumerate() {
             let entry = format!("providers[{i}] (id {:?})", p.id);
             if p.id.is_empty() {
-                return Err(c.err(entry, "id must not be empty"));
+                return Err(c.err(entry, RegistryProblem::EmptyId));
             }
             if !provider_ids.insert(p.id.clone()) {
-                return Err(c.err(entry, "duplicate provider id"));
+                return Err(c.err(entry, RegistryProblem::DuplicateProvider));
             }
             if p.credentials.is_empty() {
-                return Err(c.err(entry, "a provider needs at least one credential variable"));
+                return Err(c.err(entry, RegistryProblem::ProviderWithoutCredential));
             }
             c.keys(&entry, "credentials", &p.credentials)?;
             c.keys(&entry, "endpoints", &p.endpoints)?;
             match &p.family {
                 Some(f) if !family_ids.contains(f) => {
-                    return Err(c.err(entry, format!("family {f:?} is not a declared family")));
+                    return Err(c.err(entry, RegistryProblem::UndeclaredFamily(f.clone())));
                 }
                 None if p.platform => {
-                    return Err(c.err(
-                        entry,
-                        "a platform provider needs a proxy mapping: set family to a declared family",
-                    ));
+                    return Err(c.err(entry, RegistryProblem::PlatformWithoutFamily));
                 }
                 _ => {}
             }
@@ -288,30 +349,35 @@ impl Registry {
         for (i, r) in raw.rules.into_iter().enumerate() {
             let entry = format!("rules[{i}] (pattern {:?})", r.pattern);
             if r.pattern.is_empty() {
-                return Err(c.err(entry, "pattern must not be empty"));
+                return Err(c.err(entry, RegistryProblem::EmptyPattern));
             }
             if r.runtimes.is_empty() {
-                return Err(c.err(entry, "runtimes must name at least one runtime"));
+                return Err(c.err(entry, RegistryProblem::RuleWithoutRuntime));
             }
             for rt in &r.runtimes {
-                Runtime::parse(rt).map_err(|e| c.err(&entry, format!("runtime {rt:?}: {e}")))?;
+                Runtime::parse(rt).map_err(|error| {
+                    c.err(
+                        &entry,
+                        RegistryProblem::InvalidRuleRuntime {
+                            runtime: rt.clone(),
+                            error,
+                        },
+                    )
+                })?;
                 if !seen.insert((rt.clone(), r.pattern.clone())) {
-                    return Err(c.err(
-                        entry,
-                        format!("duplicate rule: runtime {rt:?} with this pattern appears earlier"),
-                    ));
+                    return Err(c.err(entry, RegistryProblem::DuplicateRule(rt.clone())));
                 }
             }
             if r.candidates.is_empty() {
-                return Err(c.err(entry, "candidates must name at least one provider"));
+                return Err(c.err(entry, RegistryProblem::RuleWithoutCandidate));
             }
             for cand in &r.candidates {
                 if !provider_ids.contains(cand) {
-                    return Err(c.err(entry, format!("unknown provider id {cand:?}")));
+                    return Err(c.err(entry, RegistryProblem::UnknownProvider(cand.clone())));
                 }
             }
             let regex = Regex::new(&format!("^(?:{})$", r.pattern))
-                .map_err(|e| c.err(&entry, format!("invalid pattern: {e}")))?;
+                .map_err(|e| c.err(&entry, RegistryProblem::InvalidPattern(e.to_string())))?;
             rules.push(Rule {
                 number: i + 1,
                 runtimes: r.runtimes,
@@ -477,81 +543,85 @@ candidates = ["anthropic", "platform-anthropic"]
 
     #[test]
     fn each_invalid_registry_is_refused_naming_file_and_entry() {
-        let cases: &[(&str, String, &str, &str)] = &[
+        type Problem = fn(&RegistryProblem) -> bool;
+        let cases: &[(&str, String, &str, Problem)] = &[
             (
                 "a rule naming an unknown provider",
                 MINIMAL.replace(r#"candidates = ["anthropic", "platform-anthropic"]"#, r#"candidates = ["nope"]"#),
                 "rules[0]",
-                "unknown provider id \"nope\"",
+                |p| matches!(p, RegistryProblem::UnknownProvider(id) if id == "nope"),
             ),
             (
                 "two rules with the same runtime and pattern",
                 format!("{MINIMAL}\n[[rules]]\nruntimes = [\"hermes\", \"langgraph\"]\npattern = \"anthropic:.*\"\ncandidates = [\"anthropic\"]\n"),
                 "rules[1]",
-                "duplicate rule",
+                |p| matches!(p, RegistryProblem::DuplicateRule(rt) if rt == "langgraph"),
             ),
             (
                 "an empty pattern",
                 MINIMAL.replace(r#"pattern = "anthropic:.*""#, r#"pattern = """#),
                 "rules[0]",
-                "pattern must not be empty",
+                |p| matches!(p, RegistryProblem::EmptyPattern),
             ),
             (
                 "a pattern that is not a regular expression",
                 MINIMAL.replace(r#"pattern = "anthropic:.*""#, r#"pattern = "anthropic:(""#),
                 "rules[0]",
-                "invalid pattern",
+                |p| matches!(p, RegistryProblem::InvalidPattern(_)),
             ),
             (
                 "a provider with no credential variable",
                 MINIMAL.replace("id = \"anthropic\"\nplatform = false\ncredentials = [\"ANTHROPIC_API_KEY\"]", "id = \"anthropic\"\nplatform = false\ncredentials = []"),
                 "providers[1]",
-                "at least one credential variable",
+                |p| matches!(p, RegistryProblem::ProviderWithoutCredential),
             ),
             (
                 "a platform provider with no proxy mapping",
                 MINIMAL.replace("platform = true\nfamily = \"anthropic\"\n", "platform = true\n"),
                 "providers[0]",
-                "needs a proxy mapping",
+                |p| matches!(p, RegistryProblem::PlatformWithoutFamily),
             ),
             (
                 "a provider naming an undeclared family",
                 MINIMAL.replace("platform = true\nfamily = \"anthropic\"\n", "platform = true\nfamily = \"openai\"\n"),
                 "providers[0]",
-                "not a declared family",
+                |p| matches!(p, RegistryProblem::UndeclaredFamily(f) if f == "openai"),
             ),
             (
                 "a duplicate provider id",
                 format!("{MINIMAL}\n[[providers]]\nid = \"anthropic\"\nplatform = false\ncredentials = [\"X_KEY\"]\n"),
                 "providers[2]",
-                "duplicate provider id",
+                |p| matches!(p, RegistryProblem::DuplicateProvider),
             ),
             (
                 "an invalid credential variable name",
                 MINIMAL.replace("credentials = [\"ANTHROPIC_API_KEY\"]\n\n[[rules]]", "credentials = [\"ANTHROPIC-API-KEY\"]\n\n[[rules]]"),
                 "providers[1]",
-                "not a valid env key",
+                |p| {
+                    matches!(p, RegistryProblem::InvalidEnvKey { field, key }
+                        if field == "credentials" && key == "ANTHROPIC-API-KEY")
+                },
             ),
             (
                 "an unknown default family",
                 MINIMAL.replace(r#"default_family = "anthropic""#, r#"default_family = "openai""#),
                 "default_family",
-                "not a declared family",
+                |p| matches!(p, RegistryProblem::UndeclaredDefaultFamily(f) if f == "openai"),
             ),
             (
                 "a proxy base URL outside MOLECULE_LLM_",
                 MINIMAL.replace(r#"proxy_base_url = "MOLECULE_LLM_ANTHROPIC_BASE_URL""#, r#"proxy_base_url = "PROXY_URL""#),
                 "families[0]",
-                "must start with MOLECULE_LLM_",
+                |p| matches!(p, RegistryProblem::ProxyBaseUrlPrefix),
             ),
             (
                 "an unknown field (a typo)",
                 MINIMAL.replace("platform = false", "platfrom = false"),
                 "syntax",
-                "unknown field",
+                |p| matches!(p, RegistryProblem::Syntax(m) if m.contains("unknown field")),
             ),
         ];
-        for (what, text, entry, message) in cases {
+        for (what, text, entry, problem) in cases {
             let e = load_err(text);
             assert_eq!(e.source_name, "test.toml", "{what}");
             assert!(
@@ -559,11 +629,7 @@ candidates = ["anthropic", "platform-anthropic"]
                 "{what}: entry {:?}, wanted {entry:?}",
                 e.entry
             );
-            assert!(
-                e.message.contains(message),
-                "{what}: message {:?}, wanted {message:?}",
-                e.message
-            );
+            assert!(problem(&e.problem), "{what}: problem {:?}", e.problem);
             let shown = e.to_string();
             assert!(
                 shown.contains("test.toml") && shown.contains(entry),
@@ -575,6 +641,9 @@ candidates = ["anthropic", "platform-anthropic"]
     #[test]
     fn a_missing_file_is_an_error_naming_it() {
         let e = Registry::load(Some(Path::new("/nonexistent/registry.toml"))).unwrap_err();
+        assert_eq!(e.source_name, "/nonexistent/registry.toml");
+        assert_eq!(e.entry, "file");
+        assert!(matches!(e.problem, RegistryProblem::CannotRead(_)), "{e:?}");
         assert!(e.to_string().contains("/nonexistent/registry.toml"));
     }
 
