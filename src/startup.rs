@@ -299,15 +299,18 @@ impl Application {
         if let Some(tls) = &self.config.tls {
             server = server.tls_config(tls_config(tls)?)?;
         }
-        // The stack, outermost first: the per-request timeout (tonic puts
-        // its own settings outside the layers), the call's server span
+        // The stack, outermost first: the per-request deadline, answered
+        // with an ErrorInfo, which also gives tonic's own errors (a message
+        // over the size limit) theirs; the call's server span
         // (OpenTelemetry RPC conventions, continuing the caller's trace),
         // the call-duration metric (waiting for a slot included),
         // then the concurrency limits; authentication runs inside the
         // BillingMode service.
         let router = server
-            .timeout(self.config.request_timeout)
             .concurrency_limit_per_connection(self.config.max_concurrent_per_connection)
+            .layer(crate::service::transport_errors::TransportErrorsLayer::new(
+                self.config.request_timeout,
+            ))
             .layer(crate::telemetry::rpc_span::RpcSpanLayer::new(
                 self.config.request_timeout,
             ))

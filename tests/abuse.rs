@@ -8,6 +8,8 @@ mod common;
 
 use std::time::Duration;
 
+use tokio::sync::oneshot;
+
 use billing_mode::{
     domain::{build_env, resolve, Fields, Registry, WorkspaceId},
     proto::{
@@ -281,6 +283,7 @@ async fn oversized_messages_are_refused_and_other_callers_are_served() {
             "{:?}: 4 MiB + 1 raw bytes: {status:?}",
             db.backend
         );
+        assert_reason(&status, "MESSAGE_TOO_LARGE");
         // Far over the limit.
         let status = raw_call(attacker.clone(), METHODS[3], vec![0x41u8; 16 * MIB])
             .await
@@ -289,6 +292,7 @@ async fn oversized_messages_are_refused_and_other_callers_are_served() {
             matches!(status.code(), Code::ResourceExhausted | Code::OutOfRange),
             "16 MiB raw bytes: {status:?}"
         );
+        assert_reason(&status, "MESSAGE_TOO_LARGE");
 
         // A well-formed BuildEnvRequest over 4 MiB (every value within its
         // own 64 KiB limit), through the generated client.
@@ -309,6 +313,7 @@ async fn oversized_messages_are_refused_and_other_callers_are_served() {
             matches!(status.code(), Code::ResourceExhausted | Code::OutOfRange),
             "a 4.7 MiB BuildEnvRequest: {status:?}"
         );
+        assert_reason(&status, "MESSAGE_TOO_LARGE");
 
         other
             .await
@@ -320,6 +325,83 @@ async fn oversized_messages_are_refused_and_other_callers_are_served() {
         probe(attacker, &ws)
             .await
             .expect("the attacker's connection still serves a valid call");
+        app.stop().await.unwrap();
+    })
+    .await;
+}
+
+/// The status's ErrorInfo has `reason`, in the service's domain.
+fn assert_reason(status: &Status, reason: &str) {
+    let info = tonic_types::StatusExt::get_details_error_info(status)
+        .unwrap_or_else(|| panic!("no ErrorInfo: {status:?}"));
+    assert_eq!(info.reason, reason, "{status:?}");
+    assert_eq!(info.domain, "billing-mode.molecule", "{status:?}");
+}
+
+/// Holds the write lock on `ws`'s record (Postgres: its row; SQLite: the
+/// database) for `hold`, so that a write of it waits that long.
+async fn hold_write_lock(db: &TestDb, ws: &str, hold: Duration, locked: oneshot::Sender<()>) {
+    use sqlx::Connection;
+    match db.backend {
+        Backend::Sqlite => {
+            let mut c = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+            sqlx::query("BEGIN IMMEDIATE")
+                .execute(&mut c)
+                .await
+                .unwrap();
+            let _ = locked.send(());
+            tokio::time::sleep(hold).await;
+            sqlx::query("ROLLBACK").execute(&mut c).await.unwrap();
+        }
+        Backend::Postgres => {
+            let mut c = sqlx::PgConnection::connect(&db.url).await.unwrap();
+            let mut tx = c.begin().await.unwrap();
+            sqlx::query("SELECT 1 FROM billing_records WHERE workspace_id = $1::uuid FOR UPDATE")
+                .bind(ws)
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            let _ = locked.send(());
+            tokio::time::sleep(hold).await;
+            tx.rollback().await.unwrap();
+        }
+    }
+}
+
+fn new_model(ws: &str, model: &str) -> SetRequest {
+    SetRequest {
+        workspace_id: ws.to_owned(),
+        model: Some(model.into()),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_call_past_its_deadline_carries_error_info() {
+    each_backend(|db| async move {
+        let mut config = config(&db);
+        config.request_timeout = Duration::from_millis(300);
+        let app = TestApp::spawn_with(&db, config).await;
+        let mut c = app.client().await;
+        let ws = register(&mut c).await;
+
+        // The server's deadline (--request-timeout).
+        let (locked, is_locked) = oneshot::channel();
+        let holder = {
+            let (db, ws) = (TestDb::at(db.backend, db.url.clone()), ws.clone());
+            tokio::spawn(
+                async move { hold_write_lock(&db, &ws, Duration::from_secs(2), locked).await },
+            )
+        };
+        is_locked.await.unwrap();
+        let status = c.set(new_model(&ws, "sonnet")).await.unwrap_err();
+        assert_eq!(status.code(), Code::Cancelled, "{status:?}");
+        assert_eq!(status.message(), "Timeout expired");
+        assert_reason(&status, "DEADLINE_EXCEEDED");
+        holder.await.unwrap();
+
+        // A call within its deadline is answered as always.
+        c.set(new_model(&ws, "opus-2")).await.unwrap();
         app.stop().await.unwrap();
     })
     .await;

@@ -49,10 +49,16 @@ pub enum ErrorReason {
     /// A failure that means a bug in the service (e.g. a constraint the
     /// database enforced); the cause is logged, never returned.
     Internal,
+    /// A request over the message size limit (raised by tonic's codec; its
+    /// code is tonic's, `OUT_OF_RANGE`).
+    MessageTooLarge,
+    /// The call ran past its deadline (the server's request timeout, or the
+    /// caller's `grpc-timeout`); answered as tonic does, `CANCELLED`.
+    DeadlineExceeded,
 }
 
 impl ErrorReason {
-    pub const ALL: [ErrorReason; 22] = [
+    pub const ALL: [ErrorReason; 24] = [
         ErrorReason::InvalidWorkspaceId,
         ErrorReason::InvalidMode,
         ErrorReason::InvalidField,
@@ -75,6 +81,8 @@ impl ErrorReason {
         ErrorReason::CursorExpired,
         ErrorReason::ConsumerTooSlow,
         ErrorReason::Internal,
+        ErrorReason::MessageTooLarge,
+        ErrorReason::DeadlineExceeded,
     ];
 
     pub fn code(self) -> Code {
@@ -100,6 +108,8 @@ impl ErrorReason {
             ErrorReason::CursorExpired => Code::OutOfRange,
             ErrorReason::ConsumerTooSlow => Code::ResourceExhausted,
             ErrorReason::Internal => Code::Internal,
+            ErrorReason::MessageTooLarge => Code::OutOfRange,
+            ErrorReason::DeadlineExceeded => Code::Cancelled,
         }
     }
 
@@ -134,7 +144,9 @@ impl ErrorReason {
             | ErrorReason::StoreCorrupt
             | ErrorReason::CursorExpired
             | ErrorReason::ConsumerTooSlow
-            | ErrorReason::Internal => None,
+            | ErrorReason::Internal
+            | ErrorReason::MessageTooLarge
+            | ErrorReason::DeadlineExceeded => None,
         }
     }
 
@@ -163,6 +175,8 @@ impl ErrorReason {
             ErrorReason::CursorExpired => "CURSOR_EXPIRED",
             ErrorReason::ConsumerTooSlow => "CONSUMER_TOO_SLOW",
             ErrorReason::Internal => "INTERNAL",
+            ErrorReason::MessageTooLarge => "MESSAGE_TOO_LARGE",
+            ErrorReason::DeadlineExceeded => "DEADLINE_EXCEEDED",
         }
     }
 }
@@ -323,6 +337,8 @@ mod tests {
             ("CURSOR_EXPIRED", Code::OutOfRange),
             ("CONSUMER_TOO_SLOW", Code::ResourceExhausted),
             ("INTERNAL", Code::Internal),
+            ("MESSAGE_TOO_LARGE", Code::OutOfRange),
+            ("DEADLINE_EXCEEDED", Code::Cancelled),
         ];
         assert_eq!(ErrorReason::ALL.len(), expected.len());
         for (reason, (name, code)) in ErrorReason::ALL.iter().zip(expected) {

@@ -22,6 +22,7 @@ pub mod error;
 mod list;
 pub mod spans;
 pub mod spend;
+pub mod transport_errors;
 pub mod watch;
 
 use error::{ApiError, ErrorReason};
