@@ -887,14 +887,7 @@ async fn resolve_answers_from_a_fresh_connection_after_the_store_cut_them_all() 
         return;
     };
     let app_name = format!("reads_{}", uuid::Uuid::new_v4().simple());
-    let app = TestApp::spawn_with(
-        &db,
-        Config {
-            database_url: format!("{}&application_name={app_name}", db.url).into(),
-            ..config(&db)
-        },
-    )
-    .await;
+    let app = TestApp::spawn_with(&db, db.config_named(&app_name)).await;
     let mut c = app.client().await;
     let ws = new_workspace();
     c.set(billing_mode::proto::SetRequest {
@@ -922,16 +915,7 @@ async fn resolve_answers_from_a_fresh_connection_after_the_store_cut_them_all() 
         for r in futures_join(warm).await {
             assert_eq!(r.expect("resolved"), first);
         }
-        use sqlx::Connection;
-        let mut admin = sqlx::PgConnection::connect(&db.url).await.unwrap();
-        let (killed,): (i64,) = sqlx::query_as(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-             WHERE application_name = $1",
-        )
-        .bind(&app_name)
-        .fetch_one(&mut admin)
-        .await
-        .unwrap();
+        let killed = db.cut_connections(&app_name).await;
         assert!(
             killed > 1,
             "round {round}: the server's connections were found"

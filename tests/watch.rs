@@ -590,28 +590,12 @@ async fn a_killed_store_connection_under_a_live_stream_loses_and_repeats_nothing
     };
     // Name this server's connections, to cut exactly them.
     let app_name = format!("watch_{}", uuid::Uuid::new_v4().simple());
-    let app = TestApp::spawn_with(
-        &db,
-        Config {
-            database_url: format!("{}&application_name={app_name}", db.url).into(),
-            ..config(&db)
-        },
-    )
-    .await;
+    let app = TestApp::spawn_with(&db, db.config_named(&app_name)).await;
     let mut c = app.client().await;
     let workspaces: Vec<String> = (0..3).map(|_| new_workspace()).collect();
     let (_, start) = watch_from_now(&mut c, &[]).await;
     let kill = || async {
-        use sqlx::Connection;
-        let mut admin = sqlx::PgConnection::connect(&db.url).await.unwrap();
-        let (killed,): (i64,) = sqlx::query_as(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-             WHERE application_name = $1",
-        )
-        .bind(&app_name)
-        .fetch_one(&mut admin)
-        .await
-        .unwrap();
+        let killed = db.cut_connections(&app_name).await;
         assert!(killed > 0, "the server's connections were found");
     };
     let mut writes = 0;

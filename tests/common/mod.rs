@@ -95,6 +95,31 @@ impl TestDb {
             _dir: None,
         }
     }
+
+    /// `config(self)` whose Postgres connections are named `app_name`, so
+    /// that [`TestDb::cut_connections`] cuts exactly them.
+    pub(crate) fn config_named(&self, app_name: &str) -> Config {
+        Config {
+            database_url: format!("{}&application_name={app_name}", self.url).into(),
+            ..config(self)
+        }
+    }
+
+    /// Terminates every Postgres connection named `app_name` (a failover or
+    /// an idle cut, as the server sees it); returns how many there were.
+    pub(crate) async fn cut_connections(&self, app_name: &str) -> i64 {
+        use sqlx::Connection;
+        let mut admin = sqlx::PgConnection::connect(&self.url).await.unwrap();
+        let (killed,): (i64,) = sqlx::query_as(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE application_name = $1",
+        )
+        .bind(app_name)
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+        killed
+    }
 }
 
 /// Runs `f` once per backend that is available.
