@@ -556,7 +556,7 @@ fn set_request(e: &Entry, opts: &Options, expected_revision: u64) -> proto::SetR
         workspace_id: e.workspace_id.to_string(),
         override_mode: e
             .override_mode
-            .map(|m| i32::from(crate::service::convert::mode_to_wire(m))),
+            .map(|m| i32::from(crate::wire::convert::mode_to_wire(m))),
         runtime: Some(
             e.runtime
                 .as_ref()
@@ -683,10 +683,7 @@ fn new_workspace(e: &Entry) -> proto::NewWorkspace {
         workspace_id: e.workspace_id.to_string(),
         override_mode: e
             .override_mode
-            .map_or(
-                proto::Mode::Unspecified,
-                crate::service::convert::mode_to_wire,
-            )
+            .map_or(proto::Mode::Unspecified, crate::wire::convert::mode_to_wire)
             .into(),
         runtime: e
             .runtime

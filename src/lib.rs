@@ -20,6 +20,7 @@ pub mod snapshot;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
+pub mod wire;
 
 #[cfg(test)]
 mod registry_doc;

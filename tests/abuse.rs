@@ -16,10 +16,8 @@ use billing_mode::{
         self, billing_mode_client::BillingModeClient, BuildEnvRequest, ClearRequest,
         CredentialKeys, EnvVar, HistoryRequest, Origin, ResolveRequest, SetRequest,
     },
-    service::{
-        convert,
-        error::{ApiError, ErrorReason},
-    },
+    service::error::{ApiError, ErrorReason},
+    wire::convert,
 };
 use common::*;
 use proptest::prelude::*;

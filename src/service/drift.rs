@@ -17,10 +17,8 @@ use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 
-use super::{
-    convert,
-    error::{ApiError, ErrorReason},
-};
+use super::error::{ApiError, ErrorReason};
+use crate::wire::convert;
 use crate::{
     auth::Principal,
     domain::{resolve, Instance, Mode, Record, Registry, Resolution, WorkspaceId},

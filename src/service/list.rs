@@ -19,10 +19,8 @@ use crate::{
     store::Store,
 };
 
-use super::{
-    convert,
-    error::{ApiError, ErrorReason},
-};
+use super::error::{ApiError, ErrorReason};
+use crate::wire::convert;
 
 /// The most records one page reads before answering.
 pub(super) const MAX_SCANNED_PER_PAGE: u32 = 2000;

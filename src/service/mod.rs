@@ -16,7 +16,6 @@ use crate::{
 };
 
 pub mod codec;
-pub mod convert;
 pub mod drift;
 pub mod error;
 mod list;
@@ -25,6 +24,7 @@ pub mod spend;
 pub mod transport_errors;
 pub mod watch;
 
+use crate::wire::convert;
 use error::{ApiError, ErrorReason};
 // The core's decision functions, each in its own child span.
 use spans::{build_env, resolve};

@@ -1,10 +1,8 @@
 //! CheckSpend: the metering proxy's question, answered from this replica's
 //! in-memory spend snapshot (no store round trip), or not at all.
 
-use super::{
-    convert,
-    error::{ApiError, ErrorReason},
-};
+use super::error::{ApiError, ErrorReason};
+use crate::wire::convert;
 use crate::{
     auth::Principal,
     proto,

@@ -26,10 +26,8 @@ use crate::{
     proto::{self, watch_response::Event},
 };
 
-use super::{
-    convert,
-    error::{ApiError, ErrorReason},
-};
+use super::error::{ApiError, ErrorReason};
+use crate::wire::convert;
 
 /// The Watch side of the service: the feed and how streams are paced.
 #[derive(Clone)]

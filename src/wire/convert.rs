@@ -12,7 +12,7 @@ use crate::{
     store::AuditEntry,
 };
 
-use super::error::{ApiError, ErrorReason};
+use crate::service::error::{ApiError, ErrorReason};
 
 pub fn workspace_id(s: &str) -> Result<WorkspaceId, ApiError> {
     WorkspaceId::parse(s).map_err(|e| ApiError::field("workspace_id", &e))
