@@ -1,9 +1,17 @@
 //! Typed configuration of the server, independent of how it was given
 //! (flags and environment variables are mapped onto it in `main.rs`).
 
-use std::{fmt, net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
-use crate::auth::TokenEntry;
+use crate::{
+    auth::TokenEntry,
+    domain::registry::{Registry, RegistryError, RegistryProblem},
+};
 
 /// The default database: an SQLite file in the working directory.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite:billing-mode.db";
@@ -236,9 +244,35 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// The registry file at `path`, or the built-in registry when there is none.
+/// The file is read here, at the edge; the domain parses its text.
+pub fn load_registry(path: Option<&Path>) -> Result<Registry, RegistryError> {
+    match path {
+        None => Registry::builtin(),
+        Some(p) => {
+            let name = p.display().to_string();
+            let text = std::fs::read_to_string(p).map_err(|e| RegistryError {
+                source_name: name.clone(),
+                entry: "file".into(),
+                problem: RegistryProblem::CannotRead(e.to_string()),
+            })?;
+            Registry::from_toml(&text, &name)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_registry_file_is_an_error_naming_it() {
+        let e = load_registry(Some(Path::new("/nonexistent/registry.toml"))).unwrap_err();
+        assert_eq!(e.source_name, "/nonexistent/registry.toml");
+        assert_eq!(e.entry, "file");
+        assert!(matches!(e.problem, RegistryProblem::CannotRead(_)), "{e:?}");
+        assert!(e.to_string().contains("/nonexistent/registry.toml"));
+    }
 
     #[test]
     fn durations_and_admin_addresses_parse() {

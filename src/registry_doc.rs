@@ -136,7 +136,7 @@ fn the_providers_table_is_the_built_in_registry_s() {
     let named = |id: &str| {
         r.rules()
             .iter()
-            .any(|rule| rule.candidates.iter().any(|c| c == id))
+            .any(|rule| rule.candidate_ids().any(|c| c == id))
     };
     let rendered: Vec<String> = r
         .providers()
@@ -210,7 +210,7 @@ fn the_rules_table_is_the_built_in_registry_s() {
                 rule.number.to_string(),
                 runtimes,
                 format!("`{}`", rule.pattern.replace('|', "\\|")),
-                rule.candidates.join(", "),
+                rule.candidate_ids().collect::<Vec<_>>().join(", "),
             ])
         })
         .collect();

@@ -133,7 +133,7 @@ impl Reloader {
             return;
         };
         let shown = path.display().to_string();
-        match Registry::load(Some(path)) {
+        match crate::config::load_registry(Some(path)) {
             Err(e) => tracing::error!(
                 file = %shown,
                 error = %e,

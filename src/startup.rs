@@ -77,7 +77,9 @@ impl Application {
                 "no tokens configured: every caller is an anonymous admin; serving without authentication"
             );
         }
-        let registry = Arc::new(Registry::load(config.registry_path.as_deref())?);
+        let registry = Arc::new(crate::config::load_registry(
+            config.registry_path.as_deref(),
+        )?);
         let store = MeteredStore::wrap(
             open_store(
                 &config.database_url,

@@ -20,6 +20,10 @@ pub const MAX_ENV_ENTRIES: usize = 1024;
 pub const MAX_ENV_VALUE_BYTES: usize = 64 * 1024;
 
 /// Why an environment could not be built. Messages name keys, never values.
+///
+/// The `Display` text is in the domain's words; the API's message for each
+/// variant, which spells origins and RPCs by their wire names, is written in
+/// [`crate::wire`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum EnvError {
     #[error("env[{index}]: {source}")]
@@ -27,9 +31,10 @@ pub enum EnvError {
         index: usize,
         source: ValidationError,
     },
-    #[error("env[{index}] ({key}): origin must be WORKSPACE, GLOBAL or PLATFORM")]
+    /// An entry claims the authority's own origin, which no candidate may.
+    #[error("env[{index}] ({key}): the origin must be workspace, global or platform")]
     InvalidOrigin { index: usize, key: String },
-    #[error("env key {key} appears twice with origin {}", origin_name(*origin))]
+    #[error("env key {key} appears twice with origin {origin:?}")]
     DuplicateKey { key: String, origin: Origin },
     #[error("the candidate env has {count} entries; at most {MAX_ENV_ENTRIES} are allowed")]
     TooManyEntries { count: usize },
@@ -39,30 +44,19 @@ pub enum EnvError {
     ValueTooLong { key: String, len: usize },
     /// The candidate's value is not repeated: env values never leave the request.
     #[error(
-        "the candidate env's {found_in} names a model other than the recorded model ({recorded}); \
-         record the model with Set, or provision the recorded one"
+        "the candidate env's {found_in} names a model other than the recorded model ({recorded})"
     )]
     ModelMismatch { found_in: String, recorded: String },
     #[error(
-        "the workspace resolves byok but the candidate env has no WORKSPACE-origin credential \
-         of {provider} (one of: {wanted}); the platform's credentials are never used instead"
+        "the workspace resolves byok but the candidate env has no workspace-origin credential \
+         of {provider} (one of: {wanted})"
     )]
     MissingByokCredential { provider: String, wanted: String },
     #[error(
-        "the workspace resolves platform_managed but the candidate env lacks the PLATFORM-origin \
+        "the workspace resolves platform_managed but the candidate env lacks the platform-origin \
          proxy input(s): {missing}"
     )]
     MissingPlatformProxy { missing: String },
-}
-
-/// The wire name of an origin, for messages.
-fn origin_name(o: Origin) -> &'static str {
-    match o {
-        Origin::Workspace => "ORIGIN_WORKSPACE",
-        Origin::Global => "ORIGIN_GLOBAL",
-        Origin::Platform => "ORIGIN_PLATFORM",
-        Origin::Authority => "ORIGIN_AUTHORITY",
-    }
 }
 
 /// One raw candidate entry, as received.

@@ -5,12 +5,10 @@
 //! Data, not code: a TOML file (format documented in `docs/registry.md`),
 //! with a built-in default compiled into the binary that an operator can
 //! replace. Everything is validated at load; a bad registry stops start-up
-//! with a message naming the file and the entry.
+//! with a message naming the file and the entry. The file is read at the
+//! edge ([`crate::config::load_registry`]); the domain parses its text.
 
-use std::{
-    collections::{BTreeMap, BTreeSet, HashSet},
-    path::Path,
-};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use regex::Regex;
 use serde::Deserialize;
@@ -170,10 +168,16 @@ pub struct Rule {
     pub runtimes: Vec<String>,
     pub pattern: String,
     regex: Regex,
-    pub candidates: Vec<String>,
+    /// The providers the rule names, resolved at load: never an unknown id.
+    pub candidates: Vec<Provider>,
 }
 
 impl Rule {
+    /// The candidates' ids, in order, as the file names them.
+    pub fn candidate_ids(&self) -> impl Iterator<Item = &str> {
+        self.candidates.iter().map(|p| p.id.as_str())
+    }
+
     pub fn matches(&self, runtime: &str, model: &str) -> bool {
         self.runtimes.iter().any(|r| r == runtime) && self.regex.is_match(model)
     }
@@ -184,7 +188,7 @@ impl Rule {
 pub struct Registry {
     source_name: String,
     usage_token: String,
-    default_family: String,
+    default_family: Family,
     model_vars: Vec<String>,
     runtime_model_vars: BTreeMap<String, Vec<String>>,
     families: Vec<Family>,
@@ -228,22 +232,6 @@ impl Registry {
     /// The registry compiled into the binary.
     pub fn builtin() -> Result<Self, RegistryError> {
         Self::from_toml(BUILTIN_TOML, "(built-in)")
-    }
-
-    /// The file at `path`, or the built-in registry when there is none.
-    pub fn load(path: Option<&Path>) -> Result<Self, RegistryError> {
-        match path {
-            None => Self::builtin(),
-            Some(p) => {
-                let name = p.display().to_string();
-                let text = std::fs::read_to_string(p).map_err(|e| RegistryError {
-                    source_name: name.clone(),
-                    entry: "file".into(),
-                    problem: RegistryProblem::CannotRead(e.to_string()),
-                })?;
-                Self::from_toml(&text, &name)
-            }
-        }
     }
 
     /// Parses and validates a registry; `source_name` names it in errors.
@@ -304,21 +292,26 @@ impl Registry {
                 credentials: f.credentials,
             });
         }
-        if !family_ids.contains(&raw.default_family) {
+        let Some(default_family) = families
+            .iter()
+            .find(|f| f.id == raw.default_family)
+            .cloned()
+        else {
             return Err(c.err(
                 "default_family",
                 RegistryProblem::UndeclaredDefaultFamily(raw.default_family),
             ));
-        }
+        };
 
-        let mut providers = Vec::new();
-        let mut provider_ids = HashSet::new();
+        let mut providers: Vec<Provider> = Vec::new();
+        // Provider id → its index in `providers`.
+        let mut provider_ids = HashMap::new();
         for (i, p) in raw.providers.into_iter().enumerate() {
             let entry = format!("providers[{i}] (id {:?})", p.id);
             if p.id.is_empty() {
                 return Err(c.err(entry, RegistryProblem::EmptyId));
             }
-            if !provider_ids.insert(p.id.clone()) {
+            if provider_ids.insert(p.id.clone(), providers.len()).is_some() {
                 return Err(c.err(entry, RegistryProblem::DuplicateProvider));
             }
             if p.credentials.is_empty() {
@@ -371,9 +364,13 @@ impl Registry {
             if r.candidates.is_empty() {
                 return Err(c.err(entry, RegistryProblem::RuleWithoutCandidate));
             }
+            let mut candidates = Vec::with_capacity(r.candidates.len());
             for cand in &r.candidates {
-                if !provider_ids.contains(cand) {
-                    return Err(c.err(entry, RegistryProblem::UnknownProvider(cand.clone())));
+                match provider_ids.get(cand).and_then(|&i| providers.get(i)) {
+                    Some(p) => candidates.push(p.clone()),
+                    None => {
+                        return Err(c.err(entry, RegistryProblem::UnknownProvider(cand.clone())))
+                    }
                 }
             }
             let regex = Regex::new(&format!("^(?:{})$", r.pattern))
@@ -383,7 +380,7 @@ impl Registry {
                 runtimes: r.runtimes,
                 pattern: r.pattern,
                 regex,
-                candidates: r.candidates,
+                candidates,
             });
         }
 
@@ -404,7 +401,7 @@ impl Registry {
         Ok(Registry {
             source_name: source_name.to_owned(),
             usage_token: raw.usage_token,
-            default_family: raw.default_family,
+            default_family,
             model_vars: raw.model_vars,
             runtime_model_vars: raw.runtime_model_vars,
             families,
@@ -437,8 +434,7 @@ impl Registry {
     }
 
     pub fn default_family(&self) -> &Family {
-        self.family(&self.default_family)
-            .expect("validated at load: default_family is declared")
+        &self.default_family
     }
 
     pub fn rules(&self) -> &[Rule] {
@@ -636,15 +632,6 @@ candidates = ["anthropic", "platform-anthropic"]
                 "{what}: {shown}"
             );
         }
-    }
-
-    #[test]
-    fn a_missing_file_is_an_error_naming_it() {
-        let e = Registry::load(Some(Path::new("/nonexistent/registry.toml"))).unwrap_err();
-        assert_eq!(e.source_name, "/nonexistent/registry.toml");
-        assert_eq!(e.entry, "file");
-        assert!(matches!(e.problem, RegistryProblem::CannotRead(_)), "{e:?}");
-        assert!(e.to_string().contains("/nonexistent/registry.toml"));
     }
 
     #[test]

@@ -19,16 +19,6 @@ pub enum Source {
     Default,
 }
 
-impl Source {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Source::Override => "OVERRIDE",
-            Source::DerivedProvider => "DERIVED_PROVIDER",
-            Source::Default => "DEFAULT",
-        }
-    }
-}
-
 /// The provider the registry derived for a record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DerivedProvider {
@@ -62,7 +52,8 @@ pub struct Resolution {
     /// The valid stored override, if any.
     pub override_mode: Option<Mode>,
     pub revision: u64,
-    /// The rungs evaluated, in order, in words.
+    /// The rungs evaluated, in order, in words (the decision itself is
+    /// `mode` and `source`).
     pub trace: Vec<String>,
     /// For `platform_managed`: the keys the platform must refuse to store as
     /// the workspace's own secrets. Empty otherwise.
@@ -107,7 +98,8 @@ pub fn resolve(record: &Record, registry: &Registry) -> Resolution {
         (None, Some(_)) => (Mode::Byok, Source::DerivedProvider),
         (None, None) => (Mode::PlatformManaged, Source::Default),
     };
-    trace.push(format!("decision: {mode} (source {})", source.as_str()));
+    // The closing `decision:` line names the source as the API does, so the
+    // wire writes it (`wire::convert::trace`).
 
     let forbidden_secret_keys = if mode == Mode::PlatformManaged {
         registry.forbidden_secret_keys().to_vec()
@@ -173,17 +165,9 @@ fn derive_provider(
         "derive: rule {} (runtime {runtime}, pattern {}) matches model {model}; candidates {}",
         rule.number,
         quoted(&rule.pattern),
-        rule.candidates.join(", ")
+        rule.candidate_ids().collect::<Vec<_>>().join(", ")
     ));
-    let candidates: Vec<&Provider> = rule
-        .candidates
-        .iter()
-        .map(|id| {
-            registry
-                .provider(id)
-                .expect("validated at load: rule candidates name known providers")
-        })
-        .collect();
+    let candidates: Vec<&Provider> = rule.candidates.iter().collect();
 
     let chosen = if candidates.len() == 1 {
         candidates[0]

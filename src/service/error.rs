@@ -242,7 +242,7 @@ impl From<EnvError> for ApiError {
             EnvError::MissingByokCredential { .. } => ErrorReason::MissingByokCredential,
             EnvError::MissingPlatformProxy { .. } => ErrorReason::MissingPlatformProxy,
         };
-        ApiError::new(reason, e.to_string())
+        ApiError::new(reason, crate::wire::convert::env_error_message(&e))
     }
 }
 

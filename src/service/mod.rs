@@ -108,7 +108,11 @@ fn log_decision(rpc: &'static str, actor: &str, r: &Resolution, built: Option<&B
 /// The decision's log line and metric, without marking the call's span (a
 /// batch makes many decisions in one call).
 fn log_decision_line(rpc: &'static str, actor: &str, r: &Resolution, built: Option<&BuiltEnv>) {
-    crate::metrics::record_decision(rpc, r.mode.as_str(), r.source.as_str());
+    crate::metrics::record_decision(
+        rpc,
+        r.mode.as_str(),
+        crate::wire::convert::source_name(r.source),
+    );
     let provider = r.provider.as_ref().map_or("", |p| p.id.as_str());
     match built {
         None => tracing::info!(
@@ -117,7 +121,7 @@ fn log_decision_line(rpc: &'static str, actor: &str, r: &Resolution, built: Opti
             actor,
             workspace = %r.workspace_id,
             mode = r.mode.as_str(),
-            source = r.source.as_str(),
+            source = crate::wire::convert::source_name(r.source),
             provider,
             revision = r.revision,
             "decision"
@@ -128,7 +132,7 @@ fn log_decision_line(rpc: &'static str, actor: &str, r: &Resolution, built: Opti
             actor,
             workspace = %r.workspace_id,
             mode = r.mode.as_str(),
-            source = r.source.as_str(),
+            source = crate::wire::convert::source_name(r.source),
             provider,
             revision = r.revision,
             removed_keys = %b.removed_keys.join(","),

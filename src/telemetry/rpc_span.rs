@@ -238,7 +238,7 @@ pub fn record_decision(span: &Span, resolution: &Resolution) {
 fn decision_attributes(r: &Resolution) -> [KeyValue; 3] {
     [
         KeyValue::new(MODE, r.mode.as_str()),
-        KeyValue::new(SOURCE, r.source.as_str()),
+        KeyValue::new(SOURCE, crate::wire::convert::source_name(r.source)),
         KeyValue::new(REVISION, i64::try_from(r.revision).unwrap_or(i64::MAX)),
     ]
 }

@@ -3,7 +3,7 @@
 
 use crate::{
     domain::{
-        env::{EnvEntry, MAX_ENV_ENTRIES},
+        env::{EnvEntry, EnvError, MAX_ENV_ENTRIES},
         resolver::Source,
         CandidateEnv, Change, CredentialKeys, EnvInput, Fields, Mode, Model, Origin, Patch, Reason,
         Resolution, Runtime, WorkspaceId,
@@ -60,6 +60,56 @@ fn origin_to_wire(o: Origin) -> proto::Origin {
     }
 }
 
+/// A source as traces, logs and metrics name it: the proto name without its
+/// `SOURCE_` prefix (`DERIVED_PROVIDER`).
+pub fn source_name(s: Source) -> &'static str {
+    let name = source_to_wire(s).as_str_name();
+    name.strip_prefix("SOURCE_").unwrap_or(name)
+}
+
+/// The resolver's trace as the API shows it: the rungs evaluated, then the
+/// decision and the source that made it.
+pub fn trace(r: &Resolution) -> Vec<String> {
+    let mut trace = Vec::with_capacity(r.trace.len() + 1);
+    trace.extend(r.trace.iter().cloned());
+    trace.push(format!(
+        "decision: {} (source {})",
+        r.mode,
+        source_name(r.source)
+    ));
+    trace
+}
+
+/// The API's message for an env that could not be built: it names origins
+/// (`ORIGIN_WORKSPACE`) and RPCs as a caller knows them.
+pub fn env_error_message(e: &EnvError) -> String {
+    match e {
+        EnvError::InvalidOrigin { index, key } => {
+            format!("env[{index}] ({key}): origin must be WORKSPACE, GLOBAL or PLATFORM")
+        }
+        EnvError::DuplicateKey { key, origin } => format!(
+            "env key {key} appears twice with origin {}",
+            origin_to_wire(*origin).as_str_name()
+        ),
+        EnvError::ModelMismatch { found_in, recorded } => format!(
+            "the candidate env's {found_in} names a model other than the recorded model \
+             ({recorded}); record the model with Set, or provision the recorded one"
+        ),
+        EnvError::MissingByokCredential { provider, wanted } => format!(
+            "the workspace resolves byok but the candidate env has no WORKSPACE-origin \
+             credential of {provider} (one of: {wanted}); the platform's credentials are never \
+             used instead"
+        ),
+        EnvError::MissingPlatformProxy { missing } => format!(
+            "the workspace resolves platform_managed but the candidate env lacks the \
+             PLATFORM-origin proxy input(s): {missing}"
+        ),
+        EnvError::InvalidKey { .. }
+        | EnvError::TooManyEntries { .. }
+        | EnvError::ValueTooLong { .. } => e.to_string(),
+    }
+}
+
 pub fn resolution_to_wire(r: &Resolution) -> proto::Resolution {
     proto::Resolution {
         workspace_id: r.workspace_id.to_string(),
@@ -82,7 +132,7 @@ pub fn resolution_to_wire(r: &Resolution) -> proto::Resolution {
             .map_or(proto::Mode::Unspecified, mode_to_wire)
             .into(),
         revision: r.revision,
-        trace: r.trace.clone(),
+        trace: trace(r),
         forbidden_secret_keys: r.forbidden_secret_keys.clone(),
         credential_keys: r.credential_keys.clone(),
     }

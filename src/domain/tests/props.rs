@@ -267,8 +267,13 @@ fn check_resolution(rec: &Record, res: &Resolution) -> Result<(), TestCaseError>
             .any(|l| l.starts_with(&format!("{field}: stored value")));
         prop_assert_eq!(named, is_garbled, "{} in {:?}", field, res.trace);
     }
-    let decision = format!("decision: {} (source {})", res.mode, res.source.as_str());
-    prop_assert_eq!(res.trace.last(), Some(&decision));
+    let decision = format!(
+        "decision: {} (source {})",
+        res.mode,
+        crate::wire::convert::source_name(res.source)
+    );
+    let trace = crate::wire::convert::trace(res);
+    prop_assert_eq!(trace.last(), Some(&decision));
     Ok(())
 }
 

@@ -6,6 +6,7 @@ use crate::domain::{
     registry::BUILTIN_TOML, resolve, resolver::DerivedProvider, CredentialKeys, Mode, Model,
     Registry, Runtime, Source,
 };
+use crate::wire::convert;
 
 use Mode::{Byok, Disabled, PlatformManaged as Pm};
 use Source::{Default as Dflt, DerivedProvider as Derived, Override};
@@ -42,20 +43,25 @@ fn check(cases: &[Case]) {
                 .map(|id| registry().provider(id).expect("a known provider").platform),
             "provider_is_platform: {description}"
         );
+        // The trace as the API shows it, the decision line included.
+        let trace = convert::trace(&r);
         let mut from = 0;
         for fragment in c.trace {
-            let found = r.trace[from..].iter().position(|l| l.contains(fragment));
+            let found = trace[from..].iter().position(|l| l.contains(fragment));
             let Some(at) = found else {
                 panic!(
-                    "{description}: trace lacks {fragment:?} at or after line {from}: {:#?}",
-                    r.trace
+                    "{description}: trace lacks {fragment:?} at or after line {from}: {trace:#?}"
                 );
             };
             from += at + 1;
         }
-        let decision = format!("decision: {} (source {})", c.mode, c.source.as_str());
+        let decision = format!(
+            "decision: {} (source {})",
+            c.mode,
+            convert::source_name(c.source)
+        );
         assert_eq!(
-            r.trace.last(),
+            trace.last(),
             Some(&decision),
             "the trace ends with the decision: {description}"
         );
@@ -838,7 +844,7 @@ fn the_trace_lists_every_rung_evaluated_in_order() {
         registry(),
     );
     assert_eq!(
-        r.trace,
+        convert::trace(&r),
         strings(&[
             "override: none",
             "derive: rule 2 (runtime claude-code, pattern \"claude-(sonnet|opus|haiku)-.*\") matches model claude-opus-4-7; candidates anthropic, platform-anthropic",
@@ -850,7 +856,7 @@ fn the_trace_lists_every_rung_evaluated_in_order() {
 
     let r = resolve(&record(None, None, &[], Some("byok ")), registry());
     assert_eq!(
-        r.trace,
+        convert::trace(&r),
         strings(&[
             "override: stored value \"byok \" is not a valid mode; ignored",
             "derive: no runtime and no model recorded",
