@@ -29,7 +29,7 @@ use crate::{
     reload::{self, SharedAuth},
     service::BillingModeService,
     snapshot::SpendSnapshot,
-    store::{self, metered::MeteredStore, Store, StoreError},
+    store::{self, Store, StoreError},
 };
 
 pub struct Application {
@@ -80,15 +80,13 @@ impl Application {
         let registry = Arc::new(crate::config::load_registry(
             config.registry_path.as_deref(),
         )?);
-        let store = MeteredStore::wrap(
-            open_store(
-                &config.database_url,
-                config.migrate,
-                config.db_max_connections,
-                config.startup_timeout,
-            )
-            .await?,
-        );
+        let store = open_store(
+            &config.database_url,
+            config.migrate,
+            config.db_max_connections,
+            config.startup_timeout,
+        )
+        .await?;
         let readiness = Readiness::new();
         readiness.condition(health::STORE_REACHABLE).set(true);
         let migrated = readiness.condition(health::MIGRATIONS_APPLIED);

@@ -15,9 +15,11 @@ use chrono::{DateTime, Utc};
 use crate::domain::{Change, Fields, Record, WorkspaceId};
 
 pub mod applied;
+pub mod dialect;
 pub mod metered;
 mod pg_reads;
 pub mod postgres;
+pub mod sql;
 pub mod sqlite;
 
 pub use applied::AppliedReport;

@@ -81,9 +81,9 @@ impl ReadPool {
     /// connection the pool's idle connections are dropped too (a failover or
     /// a restart takes them all; one killed backend costs only reconnects)
     /// and the query runs again, on a connection checked first.
-    pub(crate) async fn fetch_optional<F>(&self, query: F) -> Result<Option<PgRow>, sqlx::Error>
+    pub(crate) async fn fetch_optional<'q, F>(&self, query: F) -> Result<Option<PgRow>, sqlx::Error>
     where
-        F: Fn() -> sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments>,
+        F: Fn() -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
     {
         let mut attempt = 0;
         loop {

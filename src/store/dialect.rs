@@ -1,0 +1,149 @@
+//! What differs between the SQL backends, and nothing else: the casts in
+//! their SQL text, how a write takes its lock, how many rows one statement
+//! writes, how `load` reaches the database and how the change feed is woken.
+//!
+//! [`super::sql::SqlStore`] is the one implementation of the store, generic
+//! over a [`Dialect`]; `postgres.rs` and `sqlite.rs` each implement it.
+
+use std::future::Future;
+
+use chrono::{DateTime, Utc};
+use sqlx::{Database, Pool};
+
+use super::{ChangeListener, StoreError};
+use crate::domain::{Fields, Record};
+
+/// A backend's connection (what a transaction dereferences to).
+pub type Conn<D> = <<D as Dialect>::Db as Database>::Connection;
+
+/// A backend's row.
+pub type DbRow<D> = <<D as Dialect>::Db as Database>::Row;
+
+/// One audit row to insert: the workspace (text), the revision the change
+/// made and the fields before (`None`: created) and after it.
+#[derive(Debug)]
+pub struct AuditRow<'a> {
+    pub id: &'a str,
+    pub revision: u64,
+    pub before: Option<&'a Fields>,
+    pub after: &'a Fields,
+}
+
+/// What one SQL backend does its own way.
+pub trait Dialect: Send + Sync + Sized + 'static {
+    /// The sqlx database.
+    type Db: Database;
+    /// What [`Dialect::open`] connects with.
+    type Options: Send;
+
+    /// The backend's name, for logs ([`super::Store::backend`]).
+    const BACKEND: &'static str;
+    /// The span attribute `db.system.name` (OpenTelemetry's name for it).
+    const SYSTEM: &'static str;
+    /// Appended to a parameter compared with or stored as a workspace id.
+    const UUID: &'static str;
+    /// Appended to a text parameter stored in a JSON column.
+    const JSON: &'static str;
+    /// Appended to a workspace-id or JSON column read as text.
+    const TEXT: &'static str;
+    /// How a write keeps other writers out between its read and its commit.
+    const WRITE_LOCK: WriteLock;
+    /// Starts the snapshot's read-only transaction, one view of the data
+    /// from its first read (`None`: the pool's plain `BEGIN`).
+    const BEGIN_SNAPSHOT: Option<&'static str>;
+    /// One boolean: whether sqlx's migrations table exists.
+    const MIGRATIONS_TABLE_EXISTS: &'static str;
+
+    /// The embedded migrations.
+    fn migrator() -> &'static sqlx::migrate::Migrator;
+
+    /// Connects: the pool, with up to `max_connections`, and the dialect's
+    /// own state.
+    fn open(
+        options: Self::Options,
+        max_connections: u32,
+    ) -> impl Future<Output = Result<(Pool<Self::Db>, Self), StoreError>> + Send;
+
+    /// Runs `load`'s one statement (`sql`, the workspace id bound as `$1`).
+    fn load<'a>(
+        &'a self,
+        pool: &'a Pool<Self::Db>,
+        sql: &'a str,
+        id: String,
+    ) -> impl Future<Output = Result<Option<<Self::Db as Database>::Row>, sqlx::Error>> + Send + 'a;
+
+    /// Inserts new records (workspace as text, fields) at revision 1 in the
+    /// order given; a workspace that has a record, or one another
+    /// transaction is inserting, is skipped. Returns the workspaces inserted.
+    fn insert_records(
+        &self,
+        conn: &mut Conn<Self>,
+        records: &[(&str, &Fields)],
+        now: DateTime<Utc>,
+    ) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
+
+    /// The records of `ids` (workspaces as text) that exist, in any order.
+    fn select_records(
+        &self,
+        conn: &mut Conn<Self>,
+        ids: &[&str],
+    ) -> impl Future<Output = Result<Vec<Record>, StoreError>> + Send;
+
+    /// The audit rows of the changes a transaction makes, every row with the
+    /// same actor, reason and time, and their change-log entries at the next
+    /// positions, in order. The last statements of every writing transaction
+    /// (see `postgres.rs` for why).
+    fn log_changes(
+        &self,
+        conn: &mut Conn<Self>,
+        rows: &[AuditRow<'_>],
+        actor: &str,
+        reason: &str,
+        at: DateTime<Utc>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Called after a transaction that logged a change has committed.
+    fn committed(&self) {}
+
+    /// A listener woken by committed changes.
+    fn listen<'a>(
+        &'a self,
+        pool: &'a Pool<Self::Db>,
+    ) -> impl Future<Output = Result<Box<dyn ChangeListener>, StoreError>> + Send + 'a;
+
+    /// Connections the backend holds outside the pool: (open, idle).
+    fn other_connections(&self) -> (u32, usize) {
+        (0, 0)
+    }
+}
+
+/// How a write keeps other writers out between reading a record and
+/// committing its change: the write's read and its transaction's start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteLock {
+    /// Lock the rows read (`SELECT … FOR UPDATE`) in a plain transaction.
+    /// Another create of the same record can still race the insert, and the
+    /// loser retries as an update.
+    Rows,
+    /// Take the database's write lock when the transaction starts (`BEGIN
+    /// IMMEDIATE`): writers queue; nothing can race.
+    Database,
+}
+
+impl WriteLock {
+    /// The statement that starts a writing transaction (`None`: `BEGIN`).
+    pub fn begin(self) -> Option<&'static str> {
+        match self {
+            WriteLock::Rows => None,
+            WriteLock::Database => Some("BEGIN IMMEDIATE"),
+        }
+    }
+
+    /// Appended to the read of the row a write is about to change.
+    pub fn read_suffix(self) -> &'static str {
+        match self {
+            WriteLock::Rows => " FOR UPDATE",
+            WriteLock::Database => "",
+        }
+    }
+}
