@@ -5,7 +5,9 @@
 //! then the captured logs, every error (message, details, metadata), every
 //! History page and every raw audit and record row are searched for them.
 //! Values returned in a successful BuildEnv env are the only allowed place.
-mod common;
+#[path = "api/helpers.rs"]
+#[allow(dead_code)] // the black-box binary uses the rest
+mod helpers;
 
 use std::{
     collections::HashSet,
@@ -23,7 +25,7 @@ use billing_mode::{
     },
     telemetry::{self, LogFormat, LogLevel, Sink, TelemetryGuard},
 };
-use common::*;
+use helpers::*;
 use tonic::{metadata::MetadataValue, Code, Request, Status};
 
 /// Appends everything written to a shared buffer.
@@ -250,7 +252,7 @@ async fn drive(db: &TestDb, logs: &Logs) -> Secrets {
         // The random part alone, in case a prefix is stripped.
         s.add(t.trim_start_matches("bmt_"));
     }
-    let app = TestApp::spawn_with(db, config_with_tokens(db, vec![a, p, r, w, m])).await;
+    let app = TestApp::spawn_with(config_with_tokens(db, vec![a, p, r, w, m])).await;
     let mut admin = client_with_header(&app, &format!("Bearer {admin_t}")).await;
     let mut prov = client_with_header(&app, &format!("Bearer {prov_t}")).await;
     let mut reader = client_with_header(&app, &format!("Bearer {reader_t}")).await;

@@ -22,10 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-#[path = "common/server_process.rs"]
-mod server_process;
-
-use server_process::ServerProcess;
+use crate::server_process::ServerProcess;
 
 /// The address the README's examples use (the server's default).
 const README_ADDR: &str = "127.0.0.1:50051";

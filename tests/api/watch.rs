@@ -5,13 +5,13 @@
 //! transactions commit in the opposite order of their start), across replicas
 //! of one Postgres store, through a dropped store connection, with snapshots,
 //! every error reason, and the roles.
-mod common;
 
 use std::{
     collections::{BTreeMap, HashMap},
     time::Duration,
 };
 
+use crate::helpers::*;
 use billing_mode::{
     auth::Role,
     config::Config,
@@ -20,7 +20,6 @@ use billing_mode::{
         WatchRequest, WatchResponse,
     },
 };
-use common::*;
 use rand::{Rng, SeedableRng};
 use tonic::{Code, Status, Streaming};
 
@@ -201,10 +200,10 @@ async fn a_dry_run_needs_the_role_of_the_real_write() {
             .iter()
             .map(|r| make_token(&format!("{r:?}").to_lowercase(), &[*r]))
             .collect();
-        let app = TestApp::spawn_with(
+        let app = TestApp::spawn_with(config_with_tokens(
             &db,
-            config_with_tokens(&db, tokens.iter().map(|(_, e)| e.clone()).collect()),
-        )
+            tokens.iter().map(|(_, e)| e.clone()).collect(),
+        ))
         .await;
         let ws = new_workspace();
         let mut admin = app.client_with_token(&tokens[0].0).await;
@@ -590,7 +589,7 @@ async fn a_killed_store_connection_under_a_live_stream_loses_and_repeats_nothing
     };
     // Name this server's connections, to cut exactly them.
     let app_name = format!("watch_{}", uuid::Uuid::new_v4().simple());
-    let app = TestApp::spawn_with(&db, db.config_named(&app_name)).await;
+    let app = TestApp::spawn_with(db.config_named(&app_name)).await;
     let mut c = app.client().await;
     let workspaces: Vec<String> = (0..3).map(|_| new_workspace()).collect();
     let (_, start) = watch_from_now(&mut c, &[]).await;
@@ -731,9 +730,7 @@ async fn a_snapshot_gives_every_workspace_once_then_every_change_after_it() {
 #[tokio::test]
 async fn an_idle_stream_sends_progress_with_its_cursor() {
     each_backend(|db| async move {
-        let app = TestApp::spawn_with(
-            &db,
-            Config {
+        let app = TestApp::spawn_with(Config {
                 watch_progress_interval: Duration::from_millis(200),
                 ..config(&db)
             },
@@ -853,13 +850,10 @@ async fn malformed_foreign_and_unknown_cursors_are_invalid() {
 #[tokio::test]
 async fn a_cursor_older_than_the_retained_log_has_expired() {
     each_backend(|db| async move {
-        let app = TestApp::spawn_with(
-            &db,
-            Config {
-                change_retention: Duration::from_secs(1),
-                ..config(&db)
-            },
-        )
+        let app = TestApp::spawn_with(Config {
+            change_retention: Duration::from_secs(1),
+            ..config(&db)
+        })
         .await;
         let mut c = app.client().await;
         let (_, old) = watch_from_now(&mut c, &[]).await;
@@ -945,13 +939,10 @@ async fn a_lost_change_log_ends_streams_with_store_unavailable() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_slow_consumer_is_cut_off_while_writers_and_other_streams_keep_going() {
     each_backend(|db| async move {
-        let app = TestApp::spawn_with(
-            &db,
-            Config {
-                watch_buffer: 100,
-                ..config(&db)
-            },
-        )
+        let app = TestApp::spawn_with(Config {
+            watch_buffer: 100,
+            ..config(&db)
+        })
         .await;
         let mut c = app.client().await;
         // The slow consumer: opens, then reads nothing for a while; its
@@ -1007,10 +998,10 @@ async fn watch_is_for_whoever_may_resolve() {
             .iter()
             .map(|r| make_token(&format!("{r:?}").to_lowercase(), &[*r]))
             .collect();
-        let app = TestApp::spawn_with(
+        let app = TestApp::spawn_with(config_with_tokens(
             &db,
-            config_with_tokens(&db, tokens.iter().map(|(_, e)| e.clone()).collect()),
-        )
+            tokens.iter().map(|(_, e)| e.clone()).collect(),
+        ))
         .await;
         for (role, (token, _)) in roles.iter().zip(&tokens) {
             let mut c = app.client_with_token(token).await;

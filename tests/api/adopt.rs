@@ -7,8 +7,6 @@
 //! registry's documented rules (docs/registry.md), not a call to the
 //! resolver the server uses.
 
-mod common;
-
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     io::Cursor,
@@ -19,6 +17,7 @@ use std::{
     },
 };
 
+use crate::helpers::*;
 use billing_mode::{
     auth::Role,
     import::{self, Connection, Options, Report, Transport},
@@ -27,7 +26,6 @@ use billing_mode::{
         Resolution, ResolveRequest, SetRequest, Source, WatchRequest,
     },
 };
-use common::*;
 use serde_json::{json, Value};
 use tonic::{codegen::http, Code};
 
@@ -1007,10 +1005,10 @@ async fn readers_and_admins_may_list_workspaces_and_no_one_else() {
         .iter()
         .map(|(r, _)| make_token(&format!("{r:?}").to_lowercase(), &[*r]))
         .collect();
-    let app = TestApp::spawn_with(
+    let app = TestApp::spawn_with(config_with_tokens(
         &db,
-        config_with_tokens(&db, tokens.iter().map(|(_, e)| e.clone()).collect()),
-    )
+        tokens.iter().map(|(_, e)| e.clone()).collect(),
+    ))
     .await;
     for ((role, allowed), (token, _)) in roles.iter().zip(&tokens) {
         let mut c = app.client_with_token(token).await;
@@ -1289,10 +1287,10 @@ async fn batch_create_needs_the_roles_of_set_and_reading_an_existing_one_needs_r
         .enumerate()
         .map(|(i, r)| make_token(&format!("t{i}"), r))
         .collect();
-    let app = TestApp::spawn_with(
+    let app = TestApp::spawn_with(config_with_tokens(
         &db,
-        config_with_tokens(&db, tokens.iter().map(|(_, e)| e.clone()).collect()),
-    )
+        tokens.iter().map(|(_, e)| e.clone()).collect(),
+    ))
     .await;
     let existing = new_workspace();
     let mut admin = app.client_with_token(&tokens[0].0).await;

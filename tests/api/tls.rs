@@ -2,7 +2,6 @@
 //! (a CA, a server certificate for localhost/127.0.0.1, client certificates),
 //! the real server is started with `Config.tls`, and both the Rust client and
 //! the CLI binary connect to it.
-mod common;
 
 use std::{
     net::SocketAddr,
@@ -11,6 +10,7 @@ use std::{
     time::Duration,
 };
 
+use crate::helpers::*;
 use billing_mode::{
     auth::Role,
     config::{Config, TlsFiles},
@@ -19,7 +19,6 @@ use billing_mode::{
         Mode, Origin, ResolveRequest, SetRequest,
     },
 };
-use common::*;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose,
@@ -238,7 +237,7 @@ async fn tls_serves_verified_clients_and_refuses_plaintext() {
     each_backend(|db| {
         let pki = &pki;
         async move {
-            let app = TestApp::spawn_with(&db, tls_config(&db, pki, false)).await;
+            let app = TestApp::spawn_with(tls_config(&db, pki, false)).await;
             tls_flow(app.addr, Some(&pki.ca_pem), "localhost", None, None)
                 .await
                 .unwrap_or_else(|e| panic!("{:?}: a TLS client must succeed: {e}", db.backend));
@@ -278,7 +277,7 @@ async fn mtls_requires_a_client_certificate_from_the_ca() {
     each_backend(|db| {
         let pki = &pki;
         async move {
-            let app = TestApp::spawn_with(&db, tls_config(&db, pki, true)).await;
+            let app = TestApp::spawn_with(tls_config(&db, pki, true)).await;
             tls_flow(
                 app.addr,
                 Some(&pki.ca_pem),
@@ -334,7 +333,7 @@ async fn mtls_and_tokens_together() {
             let (admin, e) = make_token("tls-admin", &[Role::Admin]);
             let mut cfg = tls_config(&db, pki, true);
             cfg.tokens = vec![e];
-            let app = TestApp::spawn_with(&db, cfg).await;
+            let app = TestApp::spawn_with(cfg).await;
             tls_flow(
                 app.addr,
                 Some(&pki.ca_pem),
@@ -394,7 +393,7 @@ async fn the_cli_speaks_mtls_with_a_token() {
             let (admin, e) = make_token("cli-admin", &[Role::Admin]);
             let mut cfg = tls_config(&db, pki, true);
             cfg.tokens = vec![e];
-            let app = TestApp::spawn_with(&db, cfg).await;
+            let app = TestApp::spawn_with(cfg).await;
             let server = format!("https://localhost:{}", app.addr.port());
 
             let ws = new_workspace();

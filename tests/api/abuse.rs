@@ -4,12 +4,12 @@
 //! invalid get INVALID_ARGUMENT with a reason. Property tests feed arbitrary
 //! bytes and arbitrary env maps into the decoders, the edge conversions and
 //! the env builder.
-mod common;
 
 use std::time::Duration;
 
 use tokio::sync::oneshot;
 
+use crate::helpers::*;
 use billing_mode::{
     domain::{build_env, resolve, Fields, Registry, WorkspaceId},
     proto::{
@@ -19,7 +19,6 @@ use billing_mode::{
     service::error::{ApiError, ErrorReason},
     wire::convert,
 };
-use common::*;
 use proptest::prelude::*;
 use prost::{
     bytes::{Buf, BufMut},
@@ -379,7 +378,7 @@ async fn a_call_past_its_deadline_carries_error_info() {
     each_backend(|db| async move {
         let mut config = config(&db);
         config.request_timeout = Duration::from_millis(300);
-        let app = TestApp::spawn_with(&db, config).await;
+        let app = TestApp::spawn_with(config).await;
         let mut c = app.client().await;
         let ws = register(&mut c).await;
 

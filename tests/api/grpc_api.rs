@@ -3,13 +3,12 @@
 //! its code and precedence), idempotent retries, health, reflection, restart
 //! and shutdown. Every test runs on SQLite and, when `DATABASE_URL` points at
 //! Postgres, on Postgres too.
-mod common;
 
+use crate::helpers::*;
 use billing_mode::proto::{
     BuildEnvResponse, ClearRequest, CredentialKeys, EnvVar, HistoryRequest, HistoryResponse, Mode,
     Origin, RecordFields, Resolution, SetRequest, Source,
 };
-use common::*;
 use tonic::{Code, Status};
 
 // ---------------------------------------------------------------------------

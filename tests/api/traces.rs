@@ -9,20 +9,17 @@
 //! `tracestate` continued, and that no credential value sent in a BuildEnv
 //! reaches any exported span, attribute or event.
 
-mod common;
-#[path = "common/server_process.rs"]
-mod server_process;
-
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
 };
 
+use crate::helpers::{each_backend, env, new_workspace, Backend, TestDb};
+use crate::server_process::ServerProcess;
 use billing_mode::proto::{
     billing_mode_client::BillingModeClient, BuildEnvRequest, CredentialKeys, Origin,
     ResolveRequest, SetRequest,
 };
-use common::{each_backend, env, new_workspace, Backend, TestDb};
 use opentelemetry_proto::tonic::{
     collector::trace::v1::{
         trace_service_server::{TraceService, TraceServiceServer},
@@ -31,7 +28,6 @@ use opentelemetry_proto::tonic::{
     common::v1::{any_value::Value, AnyValue, KeyValue},
     trace::v1::{span::SpanKind, Span},
 };
-use server_process::ServerProcess;
 use tonic::{transport::server::TcpIncoming, Code, Request, Response, Status};
 
 /// The receiver: keeps every export request it is sent.

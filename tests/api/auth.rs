@@ -2,8 +2,8 @@
 //! against each RPC, missing and unknown tokens, open health and reflection,
 //! the actor in audit rows, History paging, and the safe default that refuses
 //! a non-loopback listener without tokens.
-mod common;
 
+use crate::helpers::*;
 use billing_mode::{
     auth::Role,
     proto::{
@@ -12,7 +12,6 @@ use billing_mode::{
     },
     startup::Application,
 };
-use common::*;
 use tonic::{Code, Request, Status};
 
 /// The RPCs (and the two kinds of Set) that roles are checked against.
@@ -180,7 +179,7 @@ async fn spawn_with_roles(db: &TestDb) -> (TestApp, Tokens) {
     let (writer, e3) = make_token("writer-bot", &[Role::Writer]);
     let (admin, e4) = make_token("admin-bot", &[Role::Admin]);
     let (meter, e5) = make_token("meter-bot", &[Role::Meter]);
-    let app = TestApp::spawn_with(db, config_with_tokens(db, vec![e1, e2, e3, e4, e5])).await;
+    let app = TestApp::spawn_with(config_with_tokens(db, vec![e1, e2, e3, e4, e5])).await;
     (
         app,
         Tokens {
@@ -252,7 +251,7 @@ async fn a_token_with_several_roles_has_the_union_of_their_rights() {
     each_backend(|db| async move {
         let (both, e1) = make_token("reader-writer", &[Role::Reader, Role::Writer]);
         let (admin, e2) = make_token("root", &[Role::Admin]);
-        let app = TestApp::spawn_with(&db, config_with_tokens(&db, vec![e1, e2])).await;
+        let app = TestApp::spawn_with(config_with_tokens(&db, vec![e1, e2])).await;
         let mut admin = app.client_with_token(&admin).await;
         let mut c = app.client_with_token(&both).await;
         for rpc in ALL_RPCS {
@@ -616,7 +615,7 @@ async fn a_token_made_by_the_cli_authenticates_as_its_name() {
     let (admin, e) = make_token("root", &[Role::Admin]);
     let mut tokens = entries;
     tokens.push(e);
-    let app = TestApp::spawn_with(&db, config_with_tokens(&db, tokens)).await;
+    let app = TestApp::spawn_with(config_with_tokens(&db, tokens)).await;
     let mut admin = app.client_with_token(&admin).await;
     let ws = register(&mut admin).await;
     let mut c = app.client_with_token(&token).await;

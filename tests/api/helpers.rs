@@ -2,7 +2,6 @@
 //! file, or a fresh Postgres schema when `DATABASE_URL` points at Postgres),
 //! the real server started through `Application::build` on port 0, and the
 //! generated gRPC client.
-#![allow(dead_code)]
 
 use std::{future::Future, net::SocketAddr, time::Duration};
 
@@ -140,8 +139,6 @@ pub(crate) struct TestApp {
     pub addr: SocketAddr,
     /// The admin HTTP listener, unless the configuration turned it off.
     pub admin_addr: Option<SocketAddr>,
-    pub backend: Backend,
-    pub url: String,
     shutdown: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -159,10 +156,10 @@ pub(crate) fn config(db: &TestDb) -> Config {
 
 impl TestApp {
     pub(crate) async fn spawn(db: &TestDb) -> TestApp {
-        Self::spawn_with(db, config(db)).await
+        Self::spawn_with(config(db)).await
     }
 
-    pub(crate) async fn spawn_with(db: &TestDb, config: Config) -> TestApp {
+    pub(crate) async fn spawn_with(config: Config) -> TestApp {
         let app = Application::build(config)
             .await
             .expect("application builds");
@@ -175,8 +172,6 @@ impl TestApp {
         TestApp {
             addr,
             admin_addr,
-            backend: db.backend,
-            url: db.url.clone(),
             shutdown: Some(tx),
             handle: Some(handle),
         }

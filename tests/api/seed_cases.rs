@@ -1,14 +1,13 @@
 //! The contract's four seed cases, end to end over gRPC, and the parity test
 //! between Resolve and BuildEnv. Each runs on SQLite and, when `DATABASE_URL`
 //! points at Postgres, on Postgres too.
-mod common;
 
 use std::collections::BTreeMap;
 
+use crate::helpers::*;
 use billing_mode::proto::{
     ClearRequest, CredentialKeys, EnvVar, Mode, Origin, Resolution, SetRequest, Source,
 };
-use common::*;
 use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
 use tonic::Code;
 

@@ -1,7 +1,6 @@
 //! `billing-mode serve` as a child process: the real binary, on a free port,
-//! its address read from its ready line. Included by path by the tests that
-//! need the process itself (its exit, its environment, its exporter).
-#![allow(dead_code)] // each test binary uses part of it
+//! its address read from its ready line, for the tests that need the process
+//! itself (its exit, its environment, its exporter).
 
 use std::{
     io::{BufRead, BufReader},

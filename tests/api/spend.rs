@@ -3,7 +3,6 @@
 //! answer for a revision that was not platform_managed, a replica started
 //! during writes, fail-closed while the store is down), ReportApplied and
 //! ListDrift (applied state and drift).
-mod common;
 
 use std::{
     collections::HashMap,
@@ -13,6 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::helpers::*;
 use billing_mode::{
     auth::Role,
     proto::{
@@ -21,7 +21,6 @@ use billing_mode::{
         SetRequest,
     },
 };
-use common::*;
 use tonic::{Code, Status};
 
 // ---------------------------------------------------------------------------
@@ -254,7 +253,7 @@ async fn report_applied_and_list_drift_follow_the_role_table() {
             tokens.push((role, token));
             entries.push(entry);
         }
-        let app = TestApp::spawn_with(&db, config_with_tokens(&db, entries)).await;
+        let app = TestApp::spawn_with(config_with_tokens(&db, entries)).await;
         let admin = &tokens.iter().find(|(r, _)| *r == Role::Admin).unwrap().1;
         let mut a = app.client_with_token(admin).await;
         let ws = new_workspace();

@@ -3,8 +3,6 @@
 //! output, migrations left to a separate step, token rotation on SIGHUP, and
 //! giving up on an unreachable store at start-up.
 
-mod common;
-
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpStream},
@@ -13,12 +11,12 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::helpers::*;
 use billing_mode::{
     config::Config,
     proto::{billing_mode_client::BillingModeClient, Mode, Origin},
     startup::Application,
 };
-use common::*;
 use tonic::Code;
 use tonic_health::pb::{
     health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
@@ -222,13 +220,10 @@ async fn the_admin_port_answers_probes_and_serves_metrics_promtool_accepts() {
 #[tokio::test]
 async fn with_migrations_left_to_the_migrate_step_the_server_waits_not_ready() {
     each_backend(|db| async move {
-        let app = TestApp::spawn_with(
-            &db,
-            Config {
-                migrate: false,
-                ..config(&db)
-            },
-        )
+        let app = TestApp::spawn_with(Config {
+            migrate: false,
+            ..config(&db)
+        })
         .await;
         let admin = app.admin_addr.unwrap();
         let (code, body) = get(admin, "/readyz").await;
@@ -267,13 +262,10 @@ async fn probes_work_on_the_admin_port_with_mtls_on_the_grpc_port() {
         key: write("server.key", server.key_pair.serialize_pem()),
         client_ca: Some(write("ca.pem", ca.cert.pem())),
     };
-    let app = TestApp::spawn_with(
-        &db,
-        Config {
-            tls: Some(tls),
-            ..config(&db)
-        },
-    )
+    let app = TestApp::spawn_with(Config {
+        tls: Some(tls),
+        ..config(&db)
+    })
     .await;
     let admin = app.admin_addr.unwrap();
     assert_eq!(get(admin, "/healthz").await.0, 200);
@@ -803,7 +795,7 @@ async fn sighup_rotates_the_tokens_file_and_keeps_the_old_set_when_the_new_one_i
 async fn sighup_never_swaps_the_registry_a_change_needs_a_rolling_restart() {
     let dir = tempfile::tempdir().unwrap();
     let registry = dir.path().join("registry.toml");
-    let builtin = include_str!("../src/domain/default_registry.toml");
+    let builtin = include_str!("../../src/domain/default_registry.toml");
     std::fs::write(&registry, builtin).unwrap();
     let db = format!("sqlite:{}", dir.path().join("b.db").display());
     let mut server = Child::serve(
@@ -887,7 +879,7 @@ async fn resolve_answers_from_a_fresh_connection_after_the_store_cut_them_all() 
         return;
     };
     let app_name = format!("reads_{}", uuid::Uuid::new_v4().simple());
-    let app = TestApp::spawn_with(&db, db.config_named(&app_name)).await;
+    let app = TestApp::spawn_with(db.config_named(&app_name)).await;
     let mut c = app.client().await;
     let ws = new_workspace();
     c.set(billing_mode::proto::SetRequest {
