@@ -1,9 +1,7 @@
 //! The black-box tests: one binary, one module per part of the service.
 //! Each test starts the real server (in process through
 //! `Application::build` on port 0, or as the `billing-mode` binary) on a
-//! fresh database and talks to it as a client would. Tests that run on both
-//! backends are declared once with [`helpers::backends!`] and appear as
-//! `<name>::sqlite` and `<name>::postgres`.
+//! fresh database and talks to it as a client would.
 //!
 //! `tests/canary.rs` stays a binary of its own: it installs the process's
 //! global tracing subscriber, which would capture every other test's logs.

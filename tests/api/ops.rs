@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::helpers::*;
+use crate::{helpers::*, server_process::ServerProcess};
 use billing_mode::{
     config::Config,
     proto::{billing_mode_client::BillingModeClient, Mode, Origin},
@@ -137,9 +137,14 @@ fn promtool_check(text: &str) -> Option<()> {
 #[tokio::test]
 async fn the_admin_port_answers_probes_and_serves_metrics_promtool_accepts() {
     each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
+        // A server process of its own: the metrics registry is the
+        // process's, and the other tests of this binary make decisions too.
+        let app = ServerProcess::start(&db.url, &[], &[]);
         let admin = app.admin_addr.expect("the harness turns the admin port on");
-        let mut c = app.client().await;
+        let addr: SocketAddr = app.addr.parse().unwrap();
+        let mut c = BillingModeClient::connect(format!("http://{addr}"))
+            .await
+            .expect("connect to the server");
 
         assert_eq!(get(admin, "/healthz").await, (200, "ok\n".to_owned()));
         let (code, body) = get(admin, "/readyz").await;
@@ -151,8 +156,8 @@ async fn the_admin_port_answers_probes_and_serves_metrics_promtool_accepts() {
             );
         }
         assert_eq!(get(admin, "/nope").await.0, 404);
-        assert_eq!(health(app.addr, "").await, ServingStatus::Serving);
-        assert_eq!(health(app.addr, SERVICE).await, ServingStatus::Serving);
+        assert_eq!(health(addr, "").await, ServingStatus::Serving);
+        assert_eq!(health(addr, SERVICE).await, ServingStatus::Serving);
 
         let before = get(admin, "/metrics").await.1;
         // A decision with labels no other test here produces, a refusal, and
@@ -212,7 +217,17 @@ async fn the_admin_port_answers_probes_and_serves_metrics_promtool_accepts() {
             assert!(!after.contains(secret), "{secret} in /metrics");
         }
         promtool_check(&after);
-        app.stop().await.unwrap();
+        // The server finishes its open connections before it exits: the
+        // client's is closed by this runtime while the wait blocks elsewhere.
+        drop(c);
+        let (status, log) = tokio::task::spawn_blocking(move || {
+            let mut app = app;
+            (app.terminate(), app.log())
+        })
+            .await
+            .unwrap();
+        assert!(status.success(), "{status}:\n{log}");
+        drop(db); // it owns the SQLite file: kept until the server is gone
     })
     .await;
 }

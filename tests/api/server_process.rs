@@ -14,6 +14,8 @@ pub(crate) struct ServerProcess {
     child: Child,
     /// The bound gRPC address, `127.0.0.1:PORT`.
     pub addr: String,
+    /// The admin listener's bound address, unless it is off.
+    pub admin_addr: Option<std::net::SocketAddr>,
     /// Everything it logged so far (stderr).
     pub log: Arc<Mutex<String>>,
 }
@@ -60,11 +62,13 @@ impl ServerProcess {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if line.contains("ready:") {
-                    if let Some(addr) = line
-                        .split_whitespace()
-                        .find_map(|w| w.strip_prefix("addr="))
-                    {
-                        let _ = tx.send(addr.to_owned());
+                    let field = |name: &str| {
+                        line.split_whitespace()
+                            .find_map(|w| w.strip_prefix(name))
+                            .map(str::to_owned)
+                    };
+                    if let Some(addr) = field("addr=") {
+                        let _ = tx.send((addr, field("admin=")));
                     }
                 }
                 let mut log = sink.lock().unwrap();
@@ -72,14 +76,21 @@ impl ServerProcess {
                 log.push('\n');
             }
         });
-        let addr = match rx.recv_timeout(Duration::from_secs(120)) {
-            Ok(addr) => addr,
+        let (addr, admin) = match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(ready) => ready,
             Err(_) => {
                 let _ = child.kill();
                 panic!("the server did not start:\n{}", log.lock().unwrap())
             }
         };
-        ServerProcess { child, addr, log }
+        // `admin=off` when the listener is off.
+        let admin_addr = admin.and_then(|a| a.parse().ok());
+        ServerProcess {
+            child,
+            addr,
+            admin_addr,
+            log,
+        }
     }
 
     /// Stops it as an orchestrator would (SIGTERM) and waits for it to exit.
