@@ -1066,7 +1066,7 @@ const IMPORT_DEFAULT_CONCURRENCY: usize = 8;
 async fn import_throughput(ctx: &Ctx, opts: &Opts) -> anyhow::Result<Vec<(usize, usize, f64)>> {
     use billing_mode::import;
     let n = if opts.quick { 2_000 } else { 20_000 };
-    let conn = import::Connection::new(ctx.channels[0].clone(), Some(ctx.token.clone()));
+    let conn = import::Connection::new(ctx.channels[0].clone(), Some(ctx.token.clone().into()));
     let mut out = Vec::new();
     for concurrency in [IMPORT_DEFAULT_CONCURRENCY, 32] {
         let text: String = (0..n)

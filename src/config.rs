@@ -244,6 +244,12 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     }
 }
 
+/// A PEM file (certificate, key or CA) for TLS, server or client side.
+pub fn read_pem(path: &Path) -> anyhow::Result<Vec<u8>> {
+    use anyhow::Context;
+    std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+}
+
 /// The registry file at `path`, or the built-in registry when there is none.
 /// The file is read here, at the edge; the domain parses its text.
 pub fn load_registry(path: Option<&Path>) -> Result<Registry, RegistryError> {

@@ -38,15 +38,11 @@ use std::{
 use prost::Message as _;
 use serde::Serialize;
 use serde_json::{Map, Value};
-use tonic::{
-    codegen::http,
-    metadata::{Ascii, MetadataValue},
-    transport::Channel,
-    Code, Request, Status,
-};
+use tonic::{codegen::http, transport::Channel, Code, Request, Status};
 use tonic_types::StatusExt;
 
 use crate::{
+    client::Bearer,
     domain::{CredentialKeys, Mode, Model, Runtime, WorkspaceId},
     proto::{self, billing_mode_client::BillingModeClient},
 };
@@ -295,37 +291,32 @@ pub type Transport = tower::util::BoxCloneSyncService<
 #[derive(Clone)]
 pub struct Connection {
     client: BillingModeClient<Transport>,
-    authorization: Option<MetadataValue<Ascii>>,
+    bearer: Bearer,
 }
 
 impl std::fmt::Debug for Connection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Connection")
-            .field("authenticated", &self.authorization.is_some())
+            .field("bearer", &self.bearer)
             .finish_non_exhaustive()
     }
 }
 
 impl Connection {
-    pub fn new(channel: Channel, authorization: Option<MetadataValue<Ascii>>) -> Self {
-        Self::with_transport(Transport::new(channel), authorization)
+    pub fn new(channel: Channel, bearer: Option<Bearer>) -> Self {
+        Self::with_transport(Transport::new(channel), bearer)
     }
 
-    pub fn with_transport(
-        transport: Transport,
-        authorization: Option<MetadataValue<Ascii>>,
-    ) -> Self {
+    pub fn with_transport(transport: Transport, bearer: Option<Bearer>) -> Self {
         Connection {
             client: BillingModeClient::new(transport),
-            authorization,
+            bearer: bearer.unwrap_or_default(),
         }
     }
 
     fn request<T>(&self, message: T) -> Request<T> {
         let mut request = Request::new(message);
-        if let Some(h) = &self.authorization {
-            request.metadata_mut().insert("authorization", h.clone());
-        }
+        self.bearer.apply(&mut request);
         request
     }
 }
@@ -514,22 +505,14 @@ impl Report {
     }
 }
 
+/// A mode's name; `unspecified` when it has none.
 pub fn mode_name(v: i32) -> &'static str {
-    match proto::Mode::try_from(v) {
-        Ok(proto::Mode::PlatformManaged) => "platform_managed",
-        Ok(proto::Mode::Byok) => "byok",
-        Ok(proto::Mode::Disabled) => "disabled",
-        _ => "unspecified",
-    }
+    crate::wire::names::mode_name(v).unwrap_or("unspecified")
 }
 
+/// A source's name; `UNSPECIFIED` when it has none.
 pub fn source_name(v: i32) -> &'static str {
-    match proto::Source::try_from(v) {
-        Ok(proto::Source::Override) => "OVERRIDE",
-        Ok(proto::Source::DerivedProvider) => "DERIVED_PROVIDER",
-        Ok(proto::Source::Default) => "DEFAULT",
-        _ => "UNSPECIFIED",
-    }
+    crate::wire::names::source_name(v).unwrap_or("UNSPECIFIED")
 }
 
 /// The trace line that decided: the override, or the last derivation step.

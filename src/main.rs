@@ -9,16 +9,13 @@ use std::{
 use anyhow::Context;
 use billing_mode::{
     auth::{self, Role},
+    client::{self, adopt, watch},
     config::{self, Config, DatabaseUrl, TlsFiles},
     startup::{self, Application},
     store,
     telemetry::{self, LogFormat, LogLevel, Sink},
 };
 use clap::{Args, Parser, Subcommand};
-
-mod adopt_cli;
-mod client;
-mod watch_cli;
 
 #[derive(Parser)]
 #[command(
@@ -76,12 +73,12 @@ enum Command {
     Drift(client::DriftArgs),
     /// Follow the change stream: one line per committed change (JSON lines
     /// with --json); on Ctrl-C, prints the cursor to resume from.
-    Watch(watch_cli::WatchArgs),
+    Watch(watch::WatchArgs),
     /// List every workspace's decision, in workspace-id order.
-    List(adopt_cli::ListArgs),
+    List(adopt::ListArgs),
     /// Register existing workspaces from JSON Lines (create-only; --dry-run
     /// shows the decisions and where they differ from legacy_mode).
-    Import(adopt_cli::ImportArgs),
+    Import(adopt::ImportArgs),
     /// Ask whether the platform may pay for a workspace's LLM calls now (the
     /// metering proxy's spend check).
     CheckSpend(client::CheckSpendArgs),
@@ -242,9 +239,9 @@ fn main() -> ExitCode {
             Command::BuildEnv(a) => client::build_env(a).await,
             Command::History(a) => client::history(a).await,
             Command::Drift(a) => client::drift(a).await,
-            Command::Watch(a) => watch_cli::watch(a).await,
-            Command::List(a) => adopt_cli::list(a).await,
-            Command::Import(a) => adopt_cli::import(a).await,
+            Command::Watch(a) => watch::watch(a).await,
+            Command::List(a) => adopt::list(a).await,
+            Command::Import(a) => adopt::import(a).await,
             Command::CheckSpend(a) => client::check_spend(a).await,
         }
     })

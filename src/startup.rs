@@ -427,8 +427,7 @@ async fn follow_spend_currency(
 }
 
 fn tls_config(files: &crate::config::TlsFiles) -> anyhow::Result<ServerTlsConfig> {
-    let read =
-        |p: &std::path::Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    let read = crate::config::read_pem;
     let mut cfg =
         ServerTlsConfig::new().identity(Identity::from_pem(read(&files.cert)?, read(&files.key)?));
     if let Some(ca) = &files.client_ca {

@@ -43,6 +43,18 @@ pub fn mode_from_wire(v: i32) -> Result<Mode, ApiError> {
     }
 }
 
+/// An origin number as the domain's origin; `None` for unspecified and
+/// unknown numbers.
+pub fn origin_from_wire(v: i32) -> Option<Origin> {
+    match proto::Origin::try_from(v) {
+        Ok(proto::Origin::Workspace) => Some(Origin::Workspace),
+        Ok(proto::Origin::Global) => Some(Origin::Global),
+        Ok(proto::Origin::Platform) => Some(Origin::Platform),
+        Ok(proto::Origin::Authority) => Some(Origin::Authority),
+        Ok(proto::Origin::Unspecified) | Err(_) => None,
+    }
+}
+
 fn source_to_wire(s: Source) -> proto::Source {
     match s {
         Source::Override => proto::Source::Override,
@@ -312,12 +324,7 @@ pub fn candidate_env(env: &[proto::EnvVar]) -> Result<CandidateEnv, ApiError> {
         value: e.value.clone(),
         // UNSPECIFIED, AUTHORITY and unknown numbers are all refused by the
         // domain as an invalid origin for a candidate entry.
-        origin: match proto::Origin::try_from(e.origin) {
-            Ok(proto::Origin::Workspace) => Origin::Workspace,
-            Ok(proto::Origin::Global) => Origin::Global,
-            Ok(proto::Origin::Platform) => Origin::Platform,
-            _ => Origin::Authority,
-        },
+        origin: origin_from_wire(e.origin).unwrap_or(Origin::Authority),
     });
     Ok(CandidateEnv::parse(inputs)?)
 }

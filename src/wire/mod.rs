@@ -1,4 +1,5 @@
-//! The wire: where proto names meet domain values. The server's handlers
-//! convert requests and answers here.
+//! The wire: the one place proto names meet domain values. The server's
+//! handlers and the operator CLI both convert through it.
 
 pub mod convert;
+pub mod names;

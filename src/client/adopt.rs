@@ -1,6 +1,6 @@
 //! The adoption commands: `list` (every workspace's decision) and `import`
 //! (register a platform's existing workspaces from JSON Lines; the logic is
-//! in `billing_mode::import`).
+//! in `crate::import`).
 
 use std::{
     io::{BufReader, IsTerminal},
@@ -12,18 +12,18 @@ use std::{
     },
 };
 
-use anyhow::{bail, Context};
-use billing_mode::{
+use crate::{
     import::{self, Connection, Options},
     proto,
 };
+use anyhow::Context;
 use clap::Args;
 use serde_json::json;
 
 use crate::client::{self, ClientArgs};
 
-#[derive(Args)]
-pub(crate) struct ListArgs {
+#[derive(Args, Debug)]
+pub struct ListArgs {
     /// Only workspaces decided with this mode: platform_managed, byok or disabled.
     #[arg(long)]
     mode: Option<String>,
@@ -38,24 +38,16 @@ pub(crate) struct ListArgs {
 }
 
 fn mode_filter(s: &str) -> anyhow::Result<proto::Mode> {
-    match s {
-        "platform_managed" => Ok(proto::Mode::PlatformManaged),
-        "byok" => Ok(proto::Mode::Byok),
-        "disabled" => Ok(proto::Mode::Disabled),
-        other => bail!("--mode {other:?}: use platform_managed, byok or disabled"),
-    }
+    crate::wire::names::parse_mode(s)
+        .with_context(|| format!("--mode {s:?}: use platform_managed, byok or disabled"))
 }
 
 fn source_filter(s: &str) -> anyhow::Result<proto::Source> {
-    match s.to_ascii_lowercase().as_str() {
-        "override" => Ok(proto::Source::Override),
-        "derived_provider" => Ok(proto::Source::DerivedProvider),
-        "default" => Ok(proto::Source::Default),
-        other => bail!("--source {other:?}: use override, derived_provider or default"),
-    }
+    crate::wire::names::parse_source(s)
+        .with_context(|| format!("--source {s:?}: use override, derived_provider or default"))
 }
 
-pub(crate) async fn list(a: ListArgs) -> ExitCode {
+pub async fn list(a: ListArgs) -> ExitCode {
     client::run(a.client.json, async {
         let mode = a.mode.as_deref().map(mode_filter).transpose()?;
         let source = a.source.as_deref().map(source_filter).transpose()?;
@@ -105,8 +97,8 @@ pub(crate) async fn list(a: ListArgs) -> ExitCode {
     .await
 }
 
-#[derive(Args)]
-pub(crate) struct ImportArgs {
+#[derive(Args, Debug)]
+pub struct ImportArgs {
     /// JSON Lines, one workspace a line: workspace_id, and optionally runtime,
     /// model, credential_keys (names), override_mode, legacy_mode; `-` reads
     /// standard input.
@@ -132,7 +124,7 @@ pub(crate) struct ImportArgs {
     /// Workspaces created per call (BatchCreateWorkspaces, one transaction
     /// each; 1-1000). Not used by --dry-run, which sends one Set per line.
     #[arg(long, default_value_t = import::DEFAULT_BATCH_SIZE as u16,
-          value_parser = clap::value_parser!(u16).range(1..=billing_mode::store::MAX_BATCH_CREATE as i64))]
+          value_parser = clap::value_parser!(u16).range(1..=crate::store::MAX_BATCH_CREATE as i64))]
     batch_size: u16,
     #[command(flatten)]
     client: ClientArgs,
@@ -147,7 +139,7 @@ fn read_file(path: &PathBuf) -> anyhow::Result<import::Parsed> {
     }
 }
 
-pub(crate) async fn import(a: ImportArgs) -> ExitCode {
+pub async fn import(a: ImportArgs) -> ExitCode {
     if !a.dry_run && a.reason.trim().is_empty() {
         eprintln!("error: --reason must say why (it is recorded in every audit row written)");
         return ExitCode::FAILURE;
@@ -181,14 +173,14 @@ pub(crate) async fn import(a: ImportArgs) -> ExitCode {
         );
         return ExitCode::FAILURE;
     }
-    let (channel, authorization) = match client::channel(&a.client).await {
+    let (channel, bearer) = match client::channel(&a.client).await {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e:#}");
             return ExitCode::FAILURE;
         }
     };
-    let conn = Connection::new(channel, authorization);
+    let conn = Connection::new(channel, Some(bearer));
     let opts = Options {
         dry_run: a.dry_run,
         update: a.update,

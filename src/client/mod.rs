@@ -1,4 +1,6 @@
-//! Client commands: the RPCs for operators without grpcurl.
+//! The operator CLI's commands: the RPCs for operators without grpcurl.
+//! `main.rs` parses the command line and calls in here; names of modes,
+//! sources and origins come from [`crate::wire::names`], as the server's do.
 //!
 //! Output is plain text, or JSON with `--json`. Env values are redacted
 //! unless `--show-values` is given. Errors print the status code, the
@@ -6,20 +8,27 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
-use anyhow::{bail, Context};
-use billing_mode::proto::{self, billing_mode_client::BillingModeClient};
+use anyhow::Context;
 use clap::Args;
 use serde_json::{json, Value};
 use tonic::{
-    metadata::MetadataValue,
-    service::interceptor::InterceptedService,
+    metadata::{Ascii, MetadataValue},
+    service::{interceptor::InterceptedService, Interceptor},
     transport::{Certificate, Channel, ClientTlsConfig, Identity},
     Request, Status,
 };
 use tonic_types::StatusExt;
 
+use crate::{
+    proto::{self, billing_mode_client::BillingModeClient},
+    wire::names,
+};
+
+pub mod adopt;
+pub mod watch;
+
 #[derive(Args, Clone)]
-pub(crate) struct ClientArgs {
+pub struct ClientArgs {
     /// The server, e.g. http://127.0.0.1:50051 or https://billing-mode:50051.
     #[arg(
         long,
@@ -44,19 +53,34 @@ pub(crate) struct ClientArgs {
     tls_server_name: Option<String>,
     /// Print JSON instead of text.
     #[arg(long)]
-    pub(crate) json: bool,
+    pub json: bool,
 }
 
-#[derive(Args)]
-pub(crate) struct ResolveArgs {
+/// The token is not shown.
+impl std::fmt::Debug for ClientArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientArgs")
+            .field("server", &self.server)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("ca_cert", &self.ca_cert)
+            .field("client_cert", &self.client_cert)
+            .field("client_key", &self.client_key)
+            .field("tls_server_name", &self.tls_server_name)
+            .field("json", &self.json)
+            .finish()
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct ResolveArgs {
     /// The workspace id (UUID).
     workspace: String,
     #[command(flatten)]
     client: ClientArgs,
 }
 
-#[derive(Args)]
-pub(crate) struct SetArgs {
+#[derive(Args, Debug)]
+pub struct SetArgs {
     /// The workspace id (UUID).
     workspace: String,
     /// Operator override: platform_managed, byok or disabled (admin; needs --reason).
@@ -85,8 +109,8 @@ pub(crate) struct SetArgs {
     client: ClientArgs,
 }
 
-#[derive(Args)]
-pub(crate) struct ClearArgs {
+#[derive(Args, Debug)]
+pub struct ClearArgs {
     /// The workspace id (UUID).
     workspace: String,
     /// Why (required).
@@ -102,8 +126,8 @@ pub(crate) struct ClearArgs {
     client: ClientArgs,
 }
 
-#[derive(Args)]
-pub(crate) struct BuildEnvArgs {
+#[derive(Args, Debug)]
+pub struct BuildEnvArgs {
     /// The workspace id (UUID).
     workspace: String,
     /// Candidate env: lines `ORIGIN KEY=VALUE` (ORIGIN: workspace, global,
@@ -118,8 +142,8 @@ pub(crate) struct BuildEnvArgs {
     client: ClientArgs,
 }
 
-#[derive(Args)]
-pub(crate) struct HistoryArgs {
+#[derive(Args, Debug)]
+pub struct HistoryArgs {
     /// The workspace id (UUID).
     workspace: String,
     /// Entries per page (1-500; default 50).
@@ -132,13 +156,57 @@ pub(crate) struct HistoryArgs {
     client: ClientArgs,
 }
 
-type AddToken = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send>;
-type Client = BillingModeClient<InterceptedService<Channel, AddToken>>;
+/// The `authorization: Bearer <token>` metadata every call carries, when a
+/// token is given: the one interceptor of the CLI and the importer.
+#[derive(Clone, Default)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
 
-/// The channel to `--server` and the bearer header to send, if any.
-pub(crate) async fn channel(
-    args: &ClientArgs,
-) -> anyhow::Result<(Channel, Option<MetadataValue<tonic::metadata::Ascii>>)> {
+/// The token is not shown.
+impl std::fmt::Debug for Bearer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Bearer")
+            .field(&self.0.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl Bearer {
+    /// The header for `token`; none without one.
+    pub fn new(token: Option<&str>) -> anyhow::Result<Self> {
+        let header = token
+            .map(|t| format!("Bearer {t}").parse())
+            .transpose()
+            .context("the token is not valid header text")?;
+        Ok(Bearer(header))
+    }
+
+    /// Adds the header to `request`.
+    pub fn apply<T>(&self, request: &mut Request<T>) {
+        if let Some(h) = &self.0 {
+            request.metadata_mut().insert("authorization", h.clone());
+        }
+    }
+}
+
+/// A ready `authorization` value (`Bearer <token>`), sent as is.
+impl From<MetadataValue<Ascii>> for Bearer {
+    fn from(header: MetadataValue<Ascii>) -> Self {
+        Bearer(Some(header))
+    }
+}
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        self.apply(&mut request);
+        Ok(request)
+    }
+}
+
+/// The generated client, every call with the bearer header.
+pub type Client = BillingModeClient<InterceptedService<Channel, Bearer>>;
+
+/// The channel to `--server` and the bearer header to send.
+pub async fn channel(args: &ClientArgs) -> anyhow::Result<(Channel, Bearer)> {
     let mut endpoint = Channel::from_shared(args.server.clone())
         .with_context(|| format!("--server {:?} is not a URL", args.server))?
         .connect_timeout(std::time::Duration::from_secs(5));
@@ -146,12 +214,11 @@ pub(crate) async fn channel(
     if tls_wanted {
         let mut tls = ClientTlsConfig::new().with_native_roots();
         if let Some(ca) = &args.ca_cert {
-            let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
-            tls = tls.ca_certificate(Certificate::from_pem(pem));
+            tls = tls.ca_certificate(Certificate::from_pem(crate::config::read_pem(ca)?));
         }
         if let (Some(c), Some(k)) = (&args.client_cert, &args.client_key) {
-            let cert = std::fs::read(c).with_context(|| format!("reading {}", c.display()))?;
-            let key = std::fs::read(k).with_context(|| format!("reading {}", k.display()))?;
+            let cert = crate::config::read_pem(c)?;
+            let key = crate::config::read_pem(k)?;
             tls = tls.identity(Identity::from_pem(cert, key));
         }
         if let Some(name) = &args.tls_server_name {
@@ -163,30 +230,16 @@ pub(crate) async fn channel(
         .connect()
         .await
         .with_context(|| format!("connecting to {}", args.server))?;
-    let header: Option<MetadataValue<_>> = match &args.token {
-        Some(t) => Some(
-            format!("Bearer {t}")
-                .parse()
-                .context("the token is not valid header text")?,
-        ),
-        None => None,
-    };
-    Ok((channel, header))
+    Ok((channel, Bearer::new(args.token.as_deref())?))
 }
 
-pub(crate) async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
-    let (channel, header) = channel(args).await?;
-    let interceptor: AddToken = Box::new(move |mut req: Request<()>| {
-        if let Some(h) = &header {
-            req.metadata_mut().insert("authorization", h.clone());
-        }
-        Ok(req)
-    });
-    Ok(BillingModeClient::with_interceptor(channel, interceptor))
+pub async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
+    let (channel, bearer) = channel(args).await?;
+    Ok(BillingModeClient::with_interceptor(channel, bearer))
 }
 
 /// Runs a client command: prints the result, or the error and exits 1.
-pub(crate) async fn run<F>(json_out: bool, f: F) -> ExitCode
+pub async fn run<F>(json_out: bool, f: F) -> ExitCode
 where
     F: std::future::Future<Output = anyhow::Result<(Value, String)>>,
 {
@@ -226,35 +279,21 @@ where
     }
 }
 
-pub(crate) fn mode_name(v: i32) -> &'static str {
-    match proto::Mode::try_from(v) {
-        Ok(proto::Mode::PlatformManaged) => "platform_managed",
-        Ok(proto::Mode::Byok) => "byok",
-        Ok(proto::Mode::Disabled) => "disabled",
-        _ => "",
-    }
+/// A mode's name; "" when unspecified.
+pub fn mode_name(v: i32) -> &'static str {
+    names::mode_name(v).unwrap_or("")
 }
 
-pub(crate) fn source_name(v: i32) -> &'static str {
-    match proto::Source::try_from(v) {
-        Ok(proto::Source::Override) => "OVERRIDE",
-        Ok(proto::Source::DerivedProvider) => "DERIVED_PROVIDER",
-        Ok(proto::Source::Default) => "DEFAULT",
-        _ => "",
-    }
+/// A source's name; "" when unspecified.
+pub fn source_name(v: i32) -> &'static str {
+    names::source_name(v).unwrap_or("")
 }
 
 fn origin_name(v: i32) -> &'static str {
-    match proto::Origin::try_from(v) {
-        Ok(proto::Origin::Workspace) => "workspace",
-        Ok(proto::Origin::Global) => "global",
-        Ok(proto::Origin::Platform) => "platform",
-        Ok(proto::Origin::Authority) => "authority",
-        _ => "unspecified",
-    }
+    names::origin_name(v).unwrap_or("unspecified")
 }
 
-pub(crate) fn resolution_json(r: &proto::Resolution) -> Value {
+pub fn resolution_json(r: &proto::Resolution) -> Value {
     json!({
         "workspace_id": r.workspace_id,
         "mode": mode_name(r.mode),
@@ -325,7 +364,7 @@ fn decided_maybe_dry(
     Ok((json, format!("dry run: nothing was written\n{text}")))
 }
 
-pub(crate) async fn resolve(a: ResolveArgs) -> ExitCode {
+pub async fn resolve(a: ResolveArgs) -> ExitCode {
     run(a.client.json, async {
         let mut c = connect(&a.client).await?;
         let r = c
@@ -340,15 +379,11 @@ pub(crate) async fn resolve(a: ResolveArgs) -> ExitCode {
 }
 
 fn parse_mode(s: &str) -> anyhow::Result<proto::Mode> {
-    match s {
-        "platform_managed" => Ok(proto::Mode::PlatformManaged),
-        "byok" => Ok(proto::Mode::Byok),
-        "disabled" => Ok(proto::Mode::Disabled),
-        other => bail!("--override {other:?}: use platform_managed, byok or disabled"),
-    }
+    names::parse_mode(s)
+        .with_context(|| format!("--override {s:?}: use platform_managed, byok or disabled"))
 }
 
-pub(crate) async fn set(a: SetArgs) -> ExitCode {
+pub async fn set(a: SetArgs) -> ExitCode {
     run(a.client.json, async {
         let override_mode = a.override_mode.as_deref().map(parse_mode).transpose()?;
         let credential_keys = a.credential_keys.as_ref().map(|s| proto::CredentialKeys {
@@ -378,7 +413,7 @@ pub(crate) async fn set(a: SetArgs) -> ExitCode {
     .await
 }
 
-pub(crate) async fn clear(a: ClearArgs) -> ExitCode {
+pub async fn clear(a: ClearArgs) -> ExitCode {
     run(a.client.json, async {
         let mut c = connect(&a.client).await?;
         let r = c
@@ -396,17 +431,12 @@ pub(crate) async fn clear(a: ClearArgs) -> ExitCode {
 }
 
 fn parse_origin(s: &str) -> anyhow::Result<proto::Origin> {
-    match s.to_ascii_lowercase().as_str() {
-        "workspace" => Ok(proto::Origin::Workspace),
-        "global" => Ok(proto::Origin::Global),
-        "platform" => Ok(proto::Origin::Platform),
-        // The text is not echoed: a malformed line may hold a secret value.
-        _ => bail!("the origin must be workspace, global or platform"),
-    }
+    // The text is not echoed: a malformed line may hold a secret value.
+    names::parse_origin(s).context("the origin must be workspace, global or platform")
 }
 
 /// Reads a candidate env file: `ORIGIN KEY=VALUE` lines or a JSON array.
-pub(crate) fn parse_env_file(text: &str) -> anyhow::Result<Vec<proto::EnvVar>> {
+pub fn parse_env_file(text: &str) -> anyhow::Result<Vec<proto::EnvVar>> {
     if text.trim_start().starts_with('[') {
         #[derive(serde::Deserialize)]
         struct Entry {
@@ -451,7 +481,7 @@ pub(crate) fn parse_env_file(text: &str) -> anyhow::Result<Vec<proto::EnvVar>> {
     Ok(out)
 }
 
-pub(crate) async fn build_env(a: BuildEnvArgs) -> ExitCode {
+pub async fn build_env(a: BuildEnvArgs) -> ExitCode {
     run(a.client.json, async {
         let text = if a.env_file.as_os_str() == "-" {
             std::io::read_to_string(std::io::stdin()).context("reading standard input")?
@@ -533,7 +563,7 @@ fn fields_text(f: &Option<proto::RecordFields>) -> String {
     }
 }
 
-pub(crate) async fn history(a: HistoryArgs) -> ExitCode {
+pub async fn history(a: HistoryArgs) -> ExitCode {
     run(a.client.json, async {
         let mut c = connect(&a.client).await?;
         let r = c
@@ -588,8 +618,8 @@ pub(crate) async fn history(a: HistoryArgs) -> ExitCode {
     .await
 }
 
-#[derive(Args)]
-pub(crate) struct DriftArgs {
+#[derive(Args, Debug)]
+pub struct DriftArgs {
     /// Entries fetched per request (1-500); every page is fetched.
     #[arg(long, default_value_t = 500)]
     page_size: u32,
@@ -597,7 +627,7 @@ pub(crate) struct DriftArgs {
     client: ClientArgs,
 }
 
-pub(crate) fn timestamp_text(t: &Option<prost_types::Timestamp>) -> String {
+pub fn timestamp_text(t: &Option<prost_types::Timestamp>) -> String {
     t.as_ref()
         .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32))
         .map(|t| t.to_rfc3339())
@@ -606,7 +636,7 @@ pub(crate) fn timestamp_text(t: &Option<prost_types::Timestamp>) -> String {
 
 /// Every instance whose applied mode differs from the current decision,
 /// oldest first, as a table (or JSON).
-pub(crate) async fn drift(a: DriftArgs) -> ExitCode {
+pub async fn drift(a: DriftArgs) -> ExitCode {
     run(a.client.json, async {
         let mut c = connect(&a.client).await?;
         let mut all = Vec::new();
@@ -681,8 +711,8 @@ pub(crate) async fn drift(a: DriftArgs) -> ExitCode {
     .await
 }
 
-#[derive(Args)]
-pub(crate) struct CheckSpendArgs {
+#[derive(Args, Debug)]
+pub struct CheckSpendArgs {
     /// The workspace id (UUID).
     workspace: String,
     #[command(flatten)]
@@ -691,7 +721,7 @@ pub(crate) struct CheckSpendArgs {
 
 /// The metering proxy's question: may the platform pay for this workspace's
 /// LLM calls now?
-pub(crate) async fn check_spend(a: CheckSpendArgs) -> ExitCode {
+pub async fn check_spend(a: CheckSpendArgs) -> ExitCode {
     run(a.client.json, async {
         let mut c = connect(&a.client).await?;
         let r = c

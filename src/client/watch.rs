@@ -4,15 +4,15 @@
 
 use std::process::ExitCode;
 
-use billing_mode::proto::{self, watch_response::Event};
+use crate::proto::{self, watch_response::Event};
 use clap::Args;
 use serde_json::json;
 use tonic_types::StatusExt;
 
 use crate::client::{self, ClientArgs};
 
-#[derive(Args)]
-pub(crate) struct WatchArgs {
+#[derive(Args, Debug)]
+pub struct WatchArgs {
     /// Only these workspaces (UUIDs); none: every workspace.
     workspaces: Vec<String>,
     /// Resume after this cursor (printed on every line, and on exit).
@@ -69,7 +69,7 @@ fn resume_hint(cursor: &str) {
     }
 }
 
-pub(crate) async fn watch(a: WatchArgs) -> ExitCode {
+pub async fn watch(a: WatchArgs) -> ExitCode {
     let mut c = match client::connect(&a.client).await {
         Ok(c) => c,
         Err(e) => {
