@@ -163,168 +163,159 @@ fn undecodable() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
-#[tokio::test]
-async fn undecodable_bytes_are_invalid_argument_and_the_server_keeps_serving() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
-        let mut admin = app.client().await;
-        let ws = register(&mut admin).await;
-        let attacker = connect(&app).await;
-        let bystander = connect(&app).await;
+backends!(undecodable_bytes_are_invalid_argument_and_the_server_keeps_serving);
+async fn undecodable_bytes_are_invalid_argument_and_the_server_keeps_serving(db: TestDb) {
+    let app = TestApp::spawn(&db).await;
+    let mut admin = app.client().await;
+    let ws = register(&mut admin).await;
+    let attacker = connect(&app).await;
+    let bystander = connect(&app).await;
 
-        // Another caller on another connection, concurrently.
-        let other = {
-            let ch = bystander.clone();
-            let ws = ws.clone();
-            tokio::spawn(async move {
-                for _ in 0..30 {
-                    probe(ch.clone(), &ws).await?;
-                }
-                Ok::<_, Status>(())
-            })
-        };
-        for (what, bytes) in undecodable() {
-            for path in METHODS {
-                let status = raw_call(attacker.clone(), path, bytes.clone())
-                    .await
-                    .expect_err(&format!("{what} to {path} must fail"));
-                // Undecodable bytes are the caller's error, never INTERNAL.
-                assert_error(&status, Code::InvalidArgument, "INVALID_FIELD");
-                assert!(
-                    status.message().contains("not valid protobuf"),
-                    "{:?}: {what} to {path}: {status:?}",
-                    db.backend
-                );
+    // Another caller on another connection, concurrently.
+    let other = {
+        let ch = bystander.clone();
+        let ws = ws.clone();
+        tokio::spawn(async move {
+            for _ in 0..30 {
+                probe(ch.clone(), &ws).await?;
             }
+            Ok::<_, Status>(())
+        })
+    };
+    for (what, bytes) in undecodable() {
+        for path in METHODS {
+            let status = raw_call(attacker.clone(), path, bytes.clone())
+                .await
+                .expect_err(&format!("{what} to {path} must fail"));
+            // Undecodable bytes are the caller's error, never INTERNAL.
+            assert_error(&status, Code::InvalidArgument, "INVALID_FIELD");
+            assert!(
+                status.message().contains("not valid protobuf"),
+                "{:?}: {what} to {path}: {status:?}",
+                db.backend
+            );
         }
-        other
-            .await
-            .unwrap()
-            .expect("the other caller was served throughout");
-        // The attacker's own connection still works, and so does a new one.
-        probe(attacker, &ws)
-            .await
-            .expect("the same connection still serves");
-        probe(connect(&app).await, &ws)
-            .await
-            .expect("a new connection is served");
-        app.stop().await.unwrap();
-    })
-    .await;
+    }
+    other
+        .await
+        .unwrap()
+        .expect("the other caller was served throughout");
+    // The attacker's own connection still works, and so does a new one.
+    probe(attacker, &ws)
+        .await
+        .expect("the same connection still serves");
+    probe(connect(&app).await, &ws)
+        .await
+        .expect("a new connection is served");
+    app.stop().await.unwrap();
 }
 
-#[tokio::test]
-async fn unknown_fields_and_the_empty_message_decode() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
-        let mut admin = app.client().await;
-        let ws = register(&mut admin).await;
-        let ch = connect(&app).await;
+backends!(unknown_fields_and_the_empty_message_decode);
+async fn unknown_fields_and_the_empty_message_decode(db: TestDb) {
+    let app = TestApp::spawn(&db).await;
+    let mut admin = app.client().await;
+    let ws = register(&mut admin).await;
+    let ch = connect(&app).await;
 
-        // A valid ResolveRequest followed by unknown fields 15 (varint) and
-        // 99 (bytes): accepted, as protobuf requires.
-        let mut bytes = ResolveRequest {
-            workspace_id: ws.clone(),
-        }
-        .encode_to_vec();
-        bytes.extend_from_slice(&[0x78, 0x01]);
-        bytes.extend_from_slice(&[0x9a, 0x06, 0x02, b'h', b'i']);
-        let out = raw_call(ch.clone(), METHODS[0], bytes).await.unwrap();
-        let resp = proto::ResolveResponse::decode(&out[..]).unwrap();
-        assert_eq!(resp.resolution.unwrap().workspace_id, ws);
+    // A valid ResolveRequest followed by unknown fields 15 (varint) and
+    // 99 (bytes): accepted, as protobuf requires.
+    let mut bytes = ResolveRequest {
+        workspace_id: ws.clone(),
+    }
+    .encode_to_vec();
+    bytes.extend_from_slice(&[0x78, 0x01]);
+    bytes.extend_from_slice(&[0x9a, 0x06, 0x02, b'h', b'i']);
+    let out = raw_call(ch.clone(), METHODS[0], bytes).await.unwrap();
+    let resp = proto::ResolveResponse::decode(&out[..]).unwrap();
+    assert_eq!(resp.resolution.unwrap().workspace_id, ws);
 
-        // The empty message decodes to all defaults: invalid, not INTERNAL.
-        for path in METHODS {
-            let status = raw_call(ch.clone(), path, Vec::new()).await.unwrap_err();
-            assert_eq!(
-                status.code(),
-                Code::InvalidArgument,
-                "{path} with an empty message: {status:?}"
-            );
-            assert_error(&status, Code::InvalidArgument, "INVALID_WORKSPACE_ID");
-        }
-        app.stop().await.unwrap();
-    })
-    .await;
+    // The empty message decodes to all defaults: invalid, not INTERNAL.
+    for path in METHODS {
+        let status = raw_call(ch.clone(), path, Vec::new()).await.unwrap_err();
+        assert_eq!(
+            status.code(),
+            Code::InvalidArgument,
+            "{path} with an empty message: {status:?}"
+        );
+        assert_error(&status, Code::InvalidArgument, "INVALID_WORKSPACE_ID");
+    }
+    app.stop().await.unwrap();
 }
 
 const MIB: usize = 1024 * 1024;
 
-#[tokio::test]
-async fn oversized_messages_are_refused_and_other_callers_are_served() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
-        let mut admin = app.client().await;
-        let ws = register(&mut admin).await;
-        let attacker = connect(&app).await;
-        let bystander = connect(&app).await;
+backends!(oversized_messages_are_refused_and_other_callers_are_served);
+async fn oversized_messages_are_refused_and_other_callers_are_served(db: TestDb) {
+    let app = TestApp::spawn(&db).await;
+    let mut admin = app.client().await;
+    let ws = register(&mut admin).await;
+    let attacker = connect(&app).await;
+    let bystander = connect(&app).await;
 
-        let other = {
-            let ch = bystander.clone();
-            let ws = ws.clone();
-            tokio::spawn(async move {
-                for _ in 0..20 {
-                    probe(ch.clone(), &ws).await?;
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                Ok::<_, Status>(())
-            })
-        };
+    let other = {
+        let ch = bystander.clone();
+        let ws = ws.clone();
+        tokio::spawn(async move {
+            for _ in 0..20 {
+                probe(ch.clone(), &ws).await?;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Ok::<_, Status>(())
+        })
+    };
 
-        // Raw bytes, just over the 4 MiB limit.
-        let status = raw_call(attacker.clone(), METHODS[3], vec![0u8; 4 * MIB + 1])
-            .await
-            .expect_err("over 4 MiB must be refused");
-        assert!(
-            matches!(status.code(), Code::ResourceExhausted | Code::OutOfRange),
-            "{:?}: 4 MiB + 1 raw bytes: {status:?}",
-            db.backend
-        );
-        assert_reason(&status, "MESSAGE_TOO_LARGE");
-        // Far over the limit.
-        let status = raw_call(attacker.clone(), METHODS[3], vec![0x41u8; 16 * MIB])
-            .await
-            .expect_err("16 MiB must be refused");
-        assert!(
-            matches!(status.code(), Code::ResourceExhausted | Code::OutOfRange),
-            "16 MiB raw bytes: {status:?}"
-        );
-        assert_reason(&status, "MESSAGE_TOO_LARGE");
+    // Raw bytes, just over the 4 MiB limit.
+    let status = raw_call(attacker.clone(), METHODS[3], vec![0u8; 4 * MIB + 1])
+        .await
+        .expect_err("over 4 MiB must be refused");
+    assert!(
+        matches!(status.code(), Code::ResourceExhausted | Code::OutOfRange),
+        "{:?}: 4 MiB + 1 raw bytes: {status:?}",
+        db.backend
+    );
+    assert_reason(&status, "MESSAGE_TOO_LARGE");
+    // Far over the limit.
+    let status = raw_call(attacker.clone(), METHODS[3], vec![0x41u8; 16 * MIB])
+        .await
+        .expect_err("16 MiB must be refused");
+    assert!(
+        matches!(status.code(), Code::ResourceExhausted | Code::OutOfRange),
+        "16 MiB raw bytes: {status:?}"
+    );
+    assert_reason(&status, "MESSAGE_TOO_LARGE");
 
-        // A well-formed BuildEnvRequest over 4 MiB (every value within its
-        // own 64 KiB limit), through the generated client.
-        let env: Vec<EnvVar> = (0..80)
-            .map(|i| env(Origin::Workspace, &format!("K{i}"), &"v".repeat(60 * 1024)))
-            .collect();
-        let req = BuildEnvRequest {
-            workspace_id: ws.clone(),
-            env,
-        };
-        assert!(req.encoded_len() > 4 * MIB);
-        let mut big = BillingModeClient::new(attacker.clone());
-        let status = tokio::time::timeout(Duration::from_secs(20), big.build_env(req))
-            .await
-            .expect("no hang")
-            .expect_err("a 4.7 MiB request must be refused");
-        assert!(
-            matches!(status.code(), Code::ResourceExhausted | Code::OutOfRange),
-            "a 4.7 MiB BuildEnvRequest: {status:?}"
-        );
-        assert_reason(&status, "MESSAGE_TOO_LARGE");
+    // A well-formed BuildEnvRequest over 4 MiB (every value within its
+    // own 64 KiB limit), through the generated client.
+    let env: Vec<EnvVar> = (0..80)
+        .map(|i| env(Origin::Workspace, &format!("K{i}"), &"v".repeat(60 * 1024)))
+        .collect();
+    let req = BuildEnvRequest {
+        workspace_id: ws.clone(),
+        env,
+    };
+    assert!(req.encoded_len() > 4 * MIB);
+    let mut big = BillingModeClient::new(attacker.clone());
+    let status = tokio::time::timeout(Duration::from_secs(20), big.build_env(req))
+        .await
+        .expect("no hang")
+        .expect_err("a 4.7 MiB request must be refused");
+    assert!(
+        matches!(status.code(), Code::ResourceExhausted | Code::OutOfRange),
+        "a 4.7 MiB BuildEnvRequest: {status:?}"
+    );
+    assert_reason(&status, "MESSAGE_TOO_LARGE");
 
-        other
-            .await
-            .unwrap()
-            .expect("the other caller was served throughout");
-        probe(bystander, &ws)
-            .await
-            .expect("the bystander still served");
-        probe(attacker, &ws)
-            .await
-            .expect("the attacker's connection still serves a valid call");
-        app.stop().await.unwrap();
-    })
-    .await;
+    other
+        .await
+        .unwrap()
+        .expect("the other caller was served throughout");
+    probe(bystander, &ws)
+        .await
+        .expect("the bystander still served");
+    probe(attacker, &ws)
+        .await
+        .expect("the attacker's connection still serves a valid call");
+    app.stop().await.unwrap();
 }
 
 /// The status's ErrorInfo has `reason`, in the service's domain.
@@ -373,304 +364,300 @@ fn new_model(ws: &str, model: &str) -> SetRequest {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_call_past_its_deadline_carries_error_info() {
-    each_backend(|db| async move {
-        let mut config = config(&db);
-        config.request_timeout = Duration::from_millis(300);
-        let app = TestApp::spawn_with(config).await;
-        let mut c = app.client().await;
-        let ws = register(&mut c).await;
+backends!(
+    a_call_past_its_deadline_carries_error_info,
+    flavor = "multi_thread",
+    worker_threads = 4
+);
+async fn a_call_past_its_deadline_carries_error_info(db: TestDb) {
+    let mut config = config(&db);
+    config.request_timeout = Duration::from_millis(300);
+    let app = TestApp::spawn_with(config).await;
+    let mut c = app.client().await;
+    let ws = register(&mut c).await;
 
-        // The server's deadline (--request-timeout).
-        let (locked, is_locked) = oneshot::channel();
-        let holder = {
-            let (db, ws) = (TestDb::at(db.backend, db.url.clone()), ws.clone());
-            tokio::spawn(
-                async move { hold_write_lock(&db, &ws, Duration::from_secs(2), locked).await },
-            )
-        };
-        is_locked.await.unwrap();
-        let status = c.set(new_model(&ws, "sonnet")).await.unwrap_err();
-        assert_eq!(status.code(), Code::Cancelled, "{status:?}");
-        assert_eq!(status.message(), "Timeout expired");
-        assert_reason(&status, "DEADLINE_EXCEEDED");
-        holder.await.unwrap();
+    // The server's deadline (--request-timeout).
+    let (locked, is_locked) = oneshot::channel();
+    let holder = {
+        let (db, ws) = (TestDb::at(db.backend, db.url.clone()), ws.clone());
+        tokio::spawn(async move { hold_write_lock(&db, &ws, Duration::from_secs(2), locked).await })
+    };
+    is_locked.await.unwrap();
+    let status = c.set(new_model(&ws, "sonnet")).await.unwrap_err();
+    assert_eq!(status.code(), Code::Cancelled, "{status:?}");
+    assert_eq!(status.message(), "Timeout expired");
+    assert_reason(&status, "DEADLINE_EXCEEDED");
+    holder.await.unwrap();
 
-        // A call within its deadline is answered as always.
-        c.set(new_model(&ws, "opus-2")).await.unwrap();
-        app.stop().await.unwrap();
-    })
-    .await;
+    // A call within its deadline is answered as always.
+    c.set(new_model(&ws, "opus-2")).await.unwrap();
+    app.stop().await.unwrap();
 }
 
-#[tokio::test]
-async fn a_request_that_decodes_but_is_invalid_is_invalid_argument_with_its_reason() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
-        let mut c = app.client().await;
-        let ws = register(&mut c).await;
-        let w = || ws.clone();
-        let long = "m".repeat(257);
+backends!(a_request_that_decodes_but_is_invalid_is_invalid_argument_with_its_reason);
+async fn a_request_that_decodes_but_is_invalid_is_invalid_argument_with_its_reason(db: TestDb) {
+    let app = TestApp::spawn(&db).await;
+    let mut c = app.client().await;
+    let ws = register(&mut c).await;
+    let w = || ws.clone();
+    let long = "m".repeat(257);
 
-        let sets: Vec<(&str, SetRequest, &str)> = vec![
-            (
-                "bad workspace id",
-                SetRequest {
-                    workspace_id: "6b66de8d93374fb4be8d6d49dca0d809".into(),
-                    model: Some("opus".into()),
-                    ..Default::default()
-                },
-                "INVALID_WORKSPACE_ID",
-            ),
-            (
-                "override 0",
-                SetRequest {
-                    workspace_id: w(),
-                    override_mode: Some(0),
-                    reason: "r".into(),
-                    ..Default::default()
-                },
-                "INVALID_MODE",
-            ),
-            (
-                "override 99",
-                SetRequest {
-                    workspace_id: w(),
-                    override_mode: Some(99),
-                    reason: "r".into(),
-                    ..Default::default()
-                },
-                "INVALID_MODE",
-            ),
-            (
-                "negative override",
-                SetRequest {
-                    workspace_id: w(),
-                    override_mode: Some(-1),
-                    reason: "r".into(),
-                    ..Default::default()
-                },
-                "INVALID_MODE",
-            ),
-            (
-                "runtime with a space",
-                SetRequest {
-                    workspace_id: w(),
-                    runtime: Some("claude code".into()),
-                    ..Default::default()
-                },
-                "INVALID_FIELD",
-            ),
-            (
-                "model with a control character",
-                SetRequest {
-                    workspace_id: w(),
-                    model: Some("op\u{7}us".into()),
-                    ..Default::default()
-                },
-                "INVALID_FIELD",
-            ),
-            (
-                "model too long",
-                SetRequest {
-                    workspace_id: w(),
-                    model: Some(long.clone()),
-                    ..Default::default()
-                },
-                "INVALID_FIELD",
-            ),
-            (
-                "bad credential key",
-                SetRequest {
-                    workspace_id: w(),
-                    credential_keys: Some(CredentialKeys {
-                        keys: vec!["NOT-A-KEY".into()],
-                    }),
-                    ..Default::default()
-                },
-                "INVALID_ENV_KEY",
-            ),
-            (
-                "65 credential keys",
-                SetRequest {
-                    workspace_id: w(),
-                    credential_keys: Some(CredentialKeys {
-                        keys: (0..65).map(|i| format!("K{i}")).collect(),
-                    }),
-                    ..Default::default()
-                },
-                "LIMIT_EXCEEDED",
-            ),
-            (
-                "100000 credential keys",
-                SetRequest {
-                    workspace_id: w(),
-                    credential_keys: Some(CredentialKeys {
-                        keys: (0..100_000).map(|i| format!("K{i}")).collect(),
-                    }),
-                    ..Default::default()
-                },
-                "LIMIT_EXCEEDED",
-            ),
-            (
-                "nothing to set",
-                SetRequest {
-                    workspace_id: w(),
-                    expected_revision: Some(1),
-                    reason: "r".into(),
-                    ..Default::default()
-                },
-                "NOTHING_TO_SET",
-            ),
-            (
-                "override without a reason",
-                SetRequest {
-                    workspace_id: w(),
-                    override_mode: Some(2),
-                    reason: " \t\n".into(),
-                    ..Default::default()
-                },
-                "REASON_REQUIRED",
-            ),
-        ];
-        for (what, req, reason) in sets {
-            let s = c.set(req).await.expect_err(what);
-            assert_error(&s, Code::InvalidArgument, reason);
-        }
-
-        let s = c
-            .clear(ClearRequest {
+    let sets: Vec<(&str, SetRequest, &str)> = vec![
+        (
+            "bad workspace id",
+            SetRequest {
+                workspace_id: "6b66de8d93374fb4be8d6d49dca0d809".into(),
+                model: Some("opus".into()),
+                ..Default::default()
+            },
+            "INVALID_WORKSPACE_ID",
+        ),
+        (
+            "override 0",
+            SetRequest {
                 workspace_id: w(),
-                expected_revision: None,
-                reason: String::new(),
-                dry_run: false,
-            })
-            .await
-            .unwrap_err();
-        assert_error(&s, Code::InvalidArgument, "REASON_REQUIRED");
-        let s = c
-            .clear(ClearRequest {
-                workspace_id: "x".into(),
-                expected_revision: None,
+                override_mode: Some(0),
                 reason: "r".into(),
-                dry_run: false,
-            })
-            .await
-            .unwrap_err();
-        assert_error(&s, Code::InvalidArgument, "INVALID_WORKSPACE_ID");
+                ..Default::default()
+            },
+            "INVALID_MODE",
+        ),
+        (
+            "override 99",
+            SetRequest {
+                workspace_id: w(),
+                override_mode: Some(99),
+                reason: "r".into(),
+                ..Default::default()
+            },
+            "INVALID_MODE",
+        ),
+        (
+            "negative override",
+            SetRequest {
+                workspace_id: w(),
+                override_mode: Some(-1),
+                reason: "r".into(),
+                ..Default::default()
+            },
+            "INVALID_MODE",
+        ),
+        (
+            "runtime with a space",
+            SetRequest {
+                workspace_id: w(),
+                runtime: Some("claude code".into()),
+                ..Default::default()
+            },
+            "INVALID_FIELD",
+        ),
+        (
+            "model with a control character",
+            SetRequest {
+                workspace_id: w(),
+                model: Some("op\u{7}us".into()),
+                ..Default::default()
+            },
+            "INVALID_FIELD",
+        ),
+        (
+            "model too long",
+            SetRequest {
+                workspace_id: w(),
+                model: Some(long.clone()),
+                ..Default::default()
+            },
+            "INVALID_FIELD",
+        ),
+        (
+            "bad credential key",
+            SetRequest {
+                workspace_id: w(),
+                credential_keys: Some(CredentialKeys {
+                    keys: vec!["NOT-A-KEY".into()],
+                }),
+                ..Default::default()
+            },
+            "INVALID_ENV_KEY",
+        ),
+        (
+            "65 credential keys",
+            SetRequest {
+                workspace_id: w(),
+                credential_keys: Some(CredentialKeys {
+                    keys: (0..65).map(|i| format!("K{i}")).collect(),
+                }),
+                ..Default::default()
+            },
+            "LIMIT_EXCEEDED",
+        ),
+        (
+            "100000 credential keys",
+            SetRequest {
+                workspace_id: w(),
+                credential_keys: Some(CredentialKeys {
+                    keys: (0..100_000).map(|i| format!("K{i}")).collect(),
+                }),
+                ..Default::default()
+            },
+            "LIMIT_EXCEEDED",
+        ),
+        (
+            "nothing to set",
+            SetRequest {
+                workspace_id: w(),
+                expected_revision: Some(1),
+                reason: "r".into(),
+                ..Default::default()
+            },
+            "NOTHING_TO_SET",
+        ),
+        (
+            "override without a reason",
+            SetRequest {
+                workspace_id: w(),
+                override_mode: Some(2),
+                reason: " \t\n".into(),
+                ..Default::default()
+            },
+            "REASON_REQUIRED",
+        ),
+    ];
+    for (what, req, reason) in sets {
+        let s = c.set(req).await.expect_err(what);
+        assert_error(&s, Code::InvalidArgument, reason);
+    }
 
-        let e = |o: Origin, k: &str, v: &str| env(o, k, v);
-        let builds: Vec<(&str, Vec<EnvVar>, &str)> = vec![
-            (
-                "bad key",
-                vec![e(Origin::Workspace, "A-B", "v")],
-                "INVALID_ENV_KEY",
-            ),
-            (
-                "empty key",
-                vec![e(Origin::Workspace, "", "v")],
-                "INVALID_ENV_KEY",
-            ),
-            (
-                "key too long",
-                vec![e(Origin::Workspace, &"K".repeat(257), "v")],
-                "INVALID_ENV_KEY",
-            ),
-            (
-                "duplicate",
-                vec![e(Origin::Global, "A", "1"), e(Origin::Global, "A", "2")],
-                "DUPLICATE_ENV_KEY",
-            ),
-            (
-                "value too long",
-                vec![e(Origin::Workspace, "A", &"v".repeat(64 * 1024 + 1))],
-                "LIMIT_EXCEEDED",
-            ),
-            (
-                "1025 entries",
-                (0..1025)
-                    .map(|i| e(Origin::Workspace, &format!("K{i}"), ""))
-                    .collect(),
-                "LIMIT_EXCEEDED",
-            ),
-            (
-                "100000 entries",
-                (0..100_000)
-                    .map(|i| e(Origin::Workspace, &format!("K{i}"), ""))
-                    .collect(),
-                "LIMIT_EXCEEDED",
-            ),
-            (
-                "origin unspecified",
-                vec![e(Origin::Unspecified, "A", "v")],
-                "INVALID_FIELD",
-            ),
-            (
-                "origin authority",
-                vec![e(Origin::Authority, "A", "v")],
-                "INVALID_FIELD",
-            ),
-            (
-                "origin 42",
-                vec![EnvVar {
-                    key: "A".into(),
-                    value: "v".into(),
-                    origin: 42,
-                }],
-                "INVALID_FIELD",
-            ),
-        ];
-        for (what, env, reason) in builds {
-            let s = c
-                .build_env(BuildEnvRequest {
-                    workspace_id: w(),
-                    env,
-                })
-                .await
-                .expect_err(what);
-            assert_error(&s, Code::InvalidArgument, reason);
-        }
-        // Validation comes before I/O: an unknown workspace with a bad env
-        // is INVALID_ARGUMENT, not NOT_FOUND.
-        let s = c
-            .build_env(BuildEnvRequest {
-                workspace_id: new_workspace(),
-                env: vec![e(Origin::Workspace, "A-B", "v")],
-            })
-            .await
-            .unwrap_err();
-        assert_error(&s, Code::InvalidArgument, "INVALID_ENV_KEY");
-
-        for (token, reason) in [("abc", "INVALID_FIELD"), ("0", "INVALID_FIELD")] {
-            let s = c
-                .history(HistoryRequest {
-                    workspace_id: w(),
-                    page_size: 1,
-                    page_token: token.into(),
-                })
-                .await
-                .unwrap_err();
-            assert_error(&s, Code::InvalidArgument, reason);
-        }
-        // A huge page size is capped, not an error.
-        c.history(HistoryRequest {
+    let s = c
+        .clear(ClearRequest {
             workspace_id: w(),
-            page_size: u32::MAX,
-            page_token: String::new(),
+            expected_revision: None,
+            reason: String::new(),
+            dry_run: false,
         })
         .await
-        .unwrap();
+        .unwrap_err();
+    assert_error(&s, Code::InvalidArgument, "REASON_REQUIRED");
+    let s = c
+        .clear(ClearRequest {
+            workspace_id: "x".into(),
+            expected_revision: None,
+            reason: "r".into(),
+            dry_run: false,
+        })
+        .await
+        .unwrap_err();
+    assert_error(&s, Code::InvalidArgument, "INVALID_WORKSPACE_ID");
+
+    let e = |o: Origin, k: &str, v: &str| env(o, k, v);
+    let builds: Vec<(&str, Vec<EnvVar>, &str)> = vec![
+        (
+            "bad key",
+            vec![e(Origin::Workspace, "A-B", "v")],
+            "INVALID_ENV_KEY",
+        ),
+        (
+            "empty key",
+            vec![e(Origin::Workspace, "", "v")],
+            "INVALID_ENV_KEY",
+        ),
+        (
+            "key too long",
+            vec![e(Origin::Workspace, &"K".repeat(257), "v")],
+            "INVALID_ENV_KEY",
+        ),
+        (
+            "duplicate",
+            vec![e(Origin::Global, "A", "1"), e(Origin::Global, "A", "2")],
+            "DUPLICATE_ENV_KEY",
+        ),
+        (
+            "value too long",
+            vec![e(Origin::Workspace, "A", &"v".repeat(64 * 1024 + 1))],
+            "LIMIT_EXCEEDED",
+        ),
+        (
+            "1025 entries",
+            (0..1025)
+                .map(|i| e(Origin::Workspace, &format!("K{i}"), ""))
+                .collect(),
+            "LIMIT_EXCEEDED",
+        ),
+        (
+            "100000 entries",
+            (0..100_000)
+                .map(|i| e(Origin::Workspace, &format!("K{i}"), ""))
+                .collect(),
+            "LIMIT_EXCEEDED",
+        ),
+        (
+            "origin unspecified",
+            vec![e(Origin::Unspecified, "A", "v")],
+            "INVALID_FIELD",
+        ),
+        (
+            "origin authority",
+            vec![e(Origin::Authority, "A", "v")],
+            "INVALID_FIELD",
+        ),
+        (
+            "origin 42",
+            vec![EnvVar {
+                key: "A".into(),
+                value: "v".into(),
+                origin: 42,
+            }],
+            "INVALID_FIELD",
+        ),
+    ];
+    for (what, env, reason) in builds {
         let s = c
-            .resolve(ResolveRequest {
-                workspace_id: format!("{ws} "),
+            .build_env(BuildEnvRequest {
+                workspace_id: w(),
+                env,
+            })
+            .await
+            .expect_err(what);
+        assert_error(&s, Code::InvalidArgument, reason);
+    }
+    // Validation comes before I/O: an unknown workspace with a bad env
+    // is INVALID_ARGUMENT, not NOT_FOUND.
+    let s = c
+        .build_env(BuildEnvRequest {
+            workspace_id: new_workspace(),
+            env: vec![e(Origin::Workspace, "A-B", "v")],
+        })
+        .await
+        .unwrap_err();
+    assert_error(&s, Code::InvalidArgument, "INVALID_ENV_KEY");
+
+    for (token, reason) in [("abc", "INVALID_FIELD"), ("0", "INVALID_FIELD")] {
+        let s = c
+            .history(HistoryRequest {
+                workspace_id: w(),
+                page_size: 1,
+                page_token: token.into(),
             })
             .await
             .unwrap_err();
-        assert_error(&s, Code::InvalidArgument, "INVALID_WORKSPACE_ID");
-        app.stop().await.unwrap();
+        assert_error(&s, Code::InvalidArgument, reason);
+    }
+    // A huge page size is capped, not an error.
+    c.history(HistoryRequest {
+        workspace_id: w(),
+        page_size: u32::MAX,
+        page_token: String::new(),
     })
-    .await;
+    .await
+    .unwrap();
+    let s = c
+        .resolve(ResolveRequest {
+            workspace_id: format!("{ws} "),
+        })
+        .await
+        .unwrap_err();
+    assert_error(&s, Code::InvalidArgument, "INVALID_WORKSPACE_ID");
+    app.stop().await.unwrap();
 }
 
 // --- Property tests: decoders, conversions and the env builder ------------------

@@ -459,534 +459,542 @@ fn take_calls(calls: &Mutex<BTreeMap<String, usize>>) -> BTreeMap<String, usize>
 // ---------------------------------------------------------------------------
 // Import of 5,000 workspaces, at the library level on both backends
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn importing_5000_workspaces_dry_run_then_apply_then_again_changes_nothing_the_second_time() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
-        let counting = Hooked::counting(app.channel().await);
-        let calls = counting.calls.clone();
-        let conn = Connection::with_transport(Transport::new(counting), None);
-        let mut c = app.client().await;
-        let (text, expected) = generate(5000);
-        let by_id: HashMap<&str, &Expected> = expected.iter().map(|e| (e.id.as_str(), e)).collect();
-        let want_disagreements = expected_disagreements(&expected);
-        assert!(
-            want_disagreements.len() > 300,
-            "the file has disagreements to find"
-        );
+backends!(
+    importing_5000_workspaces_dry_run_then_apply_then_again_changes_nothing_the_second_time,
+    flavor = "multi_thread",
+    worker_threads = 4
+);
+async fn importing_5000_workspaces_dry_run_then_apply_then_again_changes_nothing_the_second_time(
+    db: TestDb,
+) {
+    let app = TestApp::spawn(&db).await;
+    let counting = Hooked::counting(app.channel().await);
+    let calls = counting.calls.clone();
+    let conn = Connection::with_transport(Transport::new(counting), None);
+    let mut c = app.client().await;
+    let (text, expected) = generate(5000);
+    let by_id: HashMap<&str, &Expected> = expected.iter().map(|e| (e.id.as_str(), e)).collect();
+    let want_disagreements = expected_disagreements(&expected);
+    assert!(
+        want_disagreements.len() > 300,
+        "the file has disagreements to find"
+    );
 
-        // Dry run: the server's decisions, nothing written.
-        let dry = import_text(&conn, &text, &options(true, false, "")).await;
-        assert!(dry.failures.is_empty(), "{:?}", &dry.failures[..1]);
-        assert_eq!((dry.created, dry.existing, dry.done), (5000, 0, 5000));
-        assert!(!dry.interrupted);
+    // Dry run: the server's decisions, nothing written.
+    let dry = import_text(&conn, &text, &options(true, false, "")).await;
+    assert!(dry.failures.is_empty(), "{:?}", &dry.failures[..1]);
+    assert_eq!((dry.created, dry.existing, dry.done), (5000, 0, 5000));
+    assert!(!dry.interrupted);
+    assert_eq!(
+        dry.decisions,
+        expected_counts(&expected),
+        "{:?}",
+        db.backend
+    );
+    assert_eq!(got_disagreements(&dry), want_disagreements);
+    for d in &dry.disagreements {
+        assert_eq!(d.source, by_id[d.workspace_id.as_str()].source);
+        assert!(!d.reason.is_empty() && !d.trace.is_empty());
+    }
+    assert!(
+        raw_record_rows(&db).await.is_empty(),
+        "a dry run writes no record"
+    );
+    assert!(
+        raw_audit_rows(&db).await.is_empty(),
+        "a dry run writes no audit row"
+    );
+    assert_eq!(take_calls(&calls), [("Set".to_owned(), 5000)].into());
+
+    // Apply: every workspace created, with the reason in its audit row.
+    let applied = import_text(&conn, &text, &options(false, false, "adopt: day one")).await;
+    assert!(applied.failures.is_empty(), "{:?}", &applied.failures[..1]);
+    assert_eq!((applied.created, applied.existing), (5000, 0));
+    assert!(applied.changed());
+    assert_eq!(applied.decisions, expected_counts(&expected));
+    assert_eq!(got_disagreements(&applied), want_disagreements);
+    let records = raw_record_rows(&db).await;
+    let audit = raw_audit_rows(&db).await;
+    assert_eq!((records.len(), audit.len()), (5000, 5000));
+    assert!(audit
+        .iter()
+        .all(|a| a.reason == "adopt: day one" && a.revision == "1"));
+    // Created in batches: 20 calls of 250, one transaction each.
+    assert_eq!(
+        take_calls(&calls),
+        [("BatchCreateWorkspaces".to_owned(), 20)].into()
+    );
+
+    // Every workspace listed once, in id order, decided as expected.
+    let listed = list_all(&mut c, 500, Mode::Unspecified, Source::Unspecified).await;
+    let mut want_ids: Vec<String> = expected.iter().map(|e| e.id.clone()).collect();
+    want_ids.sort();
+    assert_eq!(ids(&listed), want_ids);
+    for r in &listed {
+        let e = by_id[r.workspace_id.as_str()];
         assert_eq!(
-            dry.decisions,
-            expected_counts(&expected),
-            "{:?}",
-            db.backend
+            (mode_str(r.mode), import::source_name(r.source)),
+            (e.mode, e.source),
+            "line {}",
+            e.line
         );
-        assert_eq!(got_disagreements(&dry), want_disagreements);
-        for d in &dry.disagreements {
-            assert_eq!(d.source, by_id[d.workspace_id.as_str()].source);
-            assert!(!d.reason.is_empty() && !d.trace.is_empty());
-        }
-        assert!(
-            raw_record_rows(&db).await.is_empty(),
-            "a dry run writes no record"
-        );
-        assert!(
-            raw_audit_rows(&db).await.is_empty(),
-            "a dry run writes no audit row"
-        );
-        assert_eq!(take_calls(&calls), [("Set".to_owned(), 5000)].into());
-
-        // Apply: every workspace created, with the reason in its audit row.
-        let applied = import_text(&conn, &text, &options(false, false, "adopt: day one")).await;
-        assert!(applied.failures.is_empty(), "{:?}", &applied.failures[..1]);
-        assert_eq!((applied.created, applied.existing), (5000, 0));
-        assert!(applied.changed());
-        assert_eq!(applied.decisions, expected_counts(&expected));
-        assert_eq!(got_disagreements(&applied), want_disagreements);
-        let records = raw_record_rows(&db).await;
-        let audit = raw_audit_rows(&db).await;
-        assert_eq!((records.len(), audit.len()), (5000, 5000));
-        assert!(audit
+    }
+    // page_size 0 means 50; more than 500 means 500.
+    for (asked, got) in [(0, 50), (1, 1), (501, 500), (100_000, 500)] {
+        let page = c
+            .list_workspaces(ListWorkspacesRequest {
+                page_size: asked,
+                ..ListWorkspacesRequest::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(page.resolutions.len(), got, "page_size {asked}");
+        assert!(!page.next_page_token.is_empty());
+    }
+    // Filters: the decision's mode and source, across pages. `disabled`
+    // is rare, so its pages stop at the scan bound, some short of full
+    // yet with a token to continue.
+    for (mode, source) in [
+        (Mode::Disabled, Source::Unspecified),
+        (Mode::Byok, Source::Unspecified),
+        (Mode::PlatformManaged, Source::Default),
+        (Mode::Unspecified, Source::Override),
+        (Mode::PlatformManaged, Source::DerivedProvider),
+    ] {
+        let pages = list_pages(&mut c, 100, mode, source).await;
+        let got: Vec<String> = pages.iter().flat_map(|(p, _)| ids(p)).collect();
+        let mut want: Vec<String> = expected
             .iter()
-            .all(|a| a.reason == "adopt: day one" && a.revision == "1"));
-        // Created in batches: 20 calls of 250, one transaction each.
-        assert_eq!(
-            take_calls(&calls),
-            [("BatchCreateWorkspaces".to_owned(), 20)].into()
-        );
-
-        // Every workspace listed once, in id order, decided as expected.
-        let listed = list_all(&mut c, 500, Mode::Unspecified, Source::Unspecified).await;
-        let mut want_ids: Vec<String> = expected.iter().map(|e| e.id.clone()).collect();
-        want_ids.sort();
-        assert_eq!(ids(&listed), want_ids);
-        for r in &listed {
-            let e = by_id[r.workspace_id.as_str()];
-            assert_eq!(
-                (mode_str(r.mode), import::source_name(r.source)),
-                (e.mode, e.source),
-                "line {}",
-                e.line
+            .filter(|e| mode == Mode::Unspecified || e.mode == mode_str(mode.into()))
+            .filter(|e| {
+                source == Source::Unspecified || e.source == import::source_name(source.into())
+            })
+            .map(|e| e.id.clone())
+            .collect();
+        want.sort();
+        assert!(!want.is_empty());
+        assert_eq!(got, want, "filter {mode:?} {source:?}");
+        if mode == Mode::Disabled {
+            assert!(
+                pages.iter().any(|(p, more)| *more && p.len() < 100),
+                "a rare filter's page stops at the scan bound"
             );
         }
-        // page_size 0 means 50; more than 500 means 500.
-        for (asked, got) in [(0, 50), (1, 1), (501, 500), (100_000, 500)] {
-            let page = c
-                .list_workspaces(ListWorkspacesRequest {
-                    page_size: asked,
-                    ..ListWorkspacesRequest::default()
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            assert_eq!(page.resolutions.len(), got, "page_size {asked}");
-            assert!(!page.next_page_token.is_empty());
-        }
-        // Filters: the decision's mode and source, across pages. `disabled`
-        // is rare, so its pages stop at the scan bound, some short of full
-        // yet with a token to continue.
-        for (mode, source) in [
-            (Mode::Disabled, Source::Unspecified),
-            (Mode::Byok, Source::Unspecified),
-            (Mode::PlatformManaged, Source::Default),
-            (Mode::Unspecified, Source::Override),
-            (Mode::PlatformManaged, Source::DerivedProvider),
-        ] {
-            let pages = list_pages(&mut c, 100, mode, source).await;
-            let got: Vec<String> = pages.iter().flat_map(|(p, _)| ids(p)).collect();
-            let mut want: Vec<String> = expected
-                .iter()
-                .filter(|e| mode == Mode::Unspecified || e.mode == mode_str(mode.into()))
-                .filter(|e| {
-                    source == Source::Unspecified || e.source == import::source_name(source.into())
-                })
-                .map(|e| e.id.clone())
-                .collect();
-            want.sort();
-            assert!(!want.is_empty());
-            assert_eq!(got, want, "filter {mode:?} {source:?}");
-            if mode == Mode::Disabled {
-                assert!(
-                    pages.iter().any(|(p, more)| *more && p.len() < 100),
-                    "a rare filter's page stops at the scan bound"
-                );
-            }
-        }
+    }
 
-        // The second run changes nothing and says so.
-        let again = import_text(&conn, &text, &options(false, false, "adopt: day one")).await;
-        assert!(again.failures.is_empty());
-        assert_eq!((again.created, again.existing, again.updated), (0, 5000, 0));
-        assert!(!again.changed());
-        assert!(import::report_text(&again, &[], 5000).contains("nothing changed"));
-        assert_eq!(again.decisions, expected_counts(&expected));
-        assert_eq!(got_disagreements(&again), want_disagreements);
-        assert_eq!(
-            take_calls(&calls),
-            [("BatchCreateWorkspaces".to_owned(), 20)].into()
-        );
-        assert_eq!(raw_record_rows(&db).await, records, "no record touched");
-        assert_eq!(raw_audit_rows(&db).await.len(), 5000, "no audit row added");
-        app.stop().await.unwrap();
-    })
-    .await;
+    // The second run changes nothing and says so.
+    let again = import_text(&conn, &text, &options(false, false, "adopt: day one")).await;
+    assert!(again.failures.is_empty());
+    assert_eq!((again.created, again.existing, again.updated), (0, 5000, 0));
+    assert!(!again.changed());
+    assert!(import::report_text(&again, &[], 5000).contains("nothing changed"));
+    assert_eq!(again.decisions, expected_counts(&expected));
+    assert_eq!(got_disagreements(&again), want_disagreements);
+    assert_eq!(
+        take_calls(&calls),
+        [("BatchCreateWorkspaces".to_owned(), 20)].into()
+    );
+    assert_eq!(raw_record_rows(&db).await, records, "no record touched");
+    assert_eq!(raw_audit_rows(&db).await.len(), 5000, "no audit row added");
+    app.stop().await.unwrap();
 }
 
 // ---------------------------------------------------------------------------
 // --update against a concurrent writer
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_concurrent_set_during_an_update_import_is_reported_and_not_lost() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
-        let mut c = app.client().await;
-        let ws: Vec<String> = (0..6).map(|_| new_workspace()).collect();
-        for w in &ws {
-            set(&mut c, set_model(w, "opus")).await;
-        }
-        let text: String = ws
-            .iter()
-            .map(|w| {
-                format!(
-                    "{}\n",
-                    json!({"workspace_id": w, "runtime": "claude-code", "model": "haiku"})
-                )
-            })
-            .collect();
-        // Concurrency 1: the n-th Resolve reads line n's workspace.
-        let disturb: HashMap<usize, String> = [(2, ws[1].clone()), (5, ws[4].clone())]
-            .into_iter()
-            .collect();
-        // After the n-th Resolve reached the server, and before the import
-        // sees its answer, a concurrent Set on disturb[n]: a change landing
-        // between the import's read and its write, every time.
-        let disturbed = Arc::new(Mutex::new(Vec::new()));
-        let (side, log) = (app.client().await, disturbed.clone());
-        let transport = Hooked::new(app.channel().await, move |when, method, n| {
-            let ws = disturb
-                .get(&n)
-                .filter(|_| when == When::After && method == "Resolve")?
-                .clone();
-            let (mut side, log) = (side.clone(), log.clone());
-            Some(Box::pin(async move {
-                side.set(set_model(&ws, "claude-sonnet-4-6"))
-                    .await
-                    .expect("the concurrent Set succeeds");
-                log.lock().unwrap().push(ws);
-            }))
-        });
-        let conn = Connection::with_transport(Transport::new(transport), None);
-        let opts = Options {
-            concurrency: 1,
-            ..options(false, true, "adopt: update")
+backends!(
+    a_concurrent_set_during_an_update_import_is_reported_and_not_lost,
+    flavor = "multi_thread",
+    worker_threads = 4
+);
+async fn a_concurrent_set_during_an_update_import_is_reported_and_not_lost(db: TestDb) {
+    let app = TestApp::spawn(&db).await;
+    let mut c = app.client().await;
+    let ws: Vec<String> = (0..6).map(|_| new_workspace()).collect();
+    for w in &ws {
+        set(&mut c, set_model(w, "opus")).await;
+    }
+    let text: String = ws
+        .iter()
+        .map(|w| {
+            format!(
+                "{}\n",
+                json!({"workspace_id": w, "runtime": "claude-code", "model": "haiku"})
+            )
+        })
+        .collect();
+    // Concurrency 1: the n-th Resolve reads line n's workspace.
+    let disturb: HashMap<usize, String> = [(2, ws[1].clone()), (5, ws[4].clone())]
+        .into_iter()
+        .collect();
+    // After the n-th Resolve reached the server, and before the import
+    // sees its answer, a concurrent Set on disturb[n]: a change landing
+    // between the import's read and its write, every time.
+    let disturbed = Arc::new(Mutex::new(Vec::new()));
+    let (side, log) = (app.client().await, disturbed.clone());
+    let transport = Hooked::new(app.channel().await, move |when, method, n| {
+        let ws = disturb
+            .get(&n)
+            .filter(|_| when == When::After && method == "Resolve")?
+            .clone();
+        let (mut side, log) = (side.clone(), log.clone());
+        Some(Box::pin(async move {
+            side.set(set_model(&ws, "claude-sonnet-4-6"))
+                .await
+                .expect("the concurrent Set succeeds");
+            log.lock().unwrap().push(ws);
+        }))
+    });
+    let conn = Connection::with_transport(Transport::new(transport), None);
+    let opts = Options {
+        concurrency: 1,
+        ..options(false, true, "adopt: update")
+    };
+    let report = import_text(&conn, &text, &opts).await;
+    assert_eq!(
+        *disturbed.lock().unwrap(),
+        vec![ws[1].clone(), ws[4].clone()]
+    );
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    let conflicts: Vec<&str> = report
+        .conflicts
+        .iter()
+        .map(|f| f.workspace_id.as_str())
+        .collect();
+    assert_eq!(
+        conflicts,
+        vec![ws[1].as_str(), ws[4].as_str()],
+        "{:?}",
+        db.backend
+    );
+    assert_eq!(report.conflicts[0].line, 2);
+    assert_eq!(report.updated, 4);
+    assert!(import::report_text(&report, &[], 6).contains("changed concurrently"));
+    for (i, w) in ws.iter().enumerate() {
+        let r = resolve(&mut c, w).await;
+        let want = if i == 1 || i == 4 {
+            "claude-sonnet-4-6"
+        } else {
+            "haiku"
         };
-        let report = import_text(&conn, &text, &opts).await;
         assert_eq!(
-            *disturbed.lock().unwrap(),
-            vec![ws[1].clone(), ws[4].clone()]
+            r.model, want,
+            "the concurrent change is kept, not overwritten"
         );
-        assert!(report.failures.is_empty(), "{:?}", report.failures);
-        let conflicts: Vec<&str> = report
-            .conflicts
-            .iter()
-            .map(|f| f.workspace_id.as_str())
-            .collect();
-        assert_eq!(
-            conflicts,
-            vec![ws[1].as_str(), ws[4].as_str()],
-            "{:?}",
-            db.backend
-        );
-        assert_eq!(report.conflicts[0].line, 2);
-        assert_eq!(report.updated, 4);
-        assert!(import::report_text(&report, &[], 6).contains("changed concurrently"));
-        for (i, w) in ws.iter().enumerate() {
-            let r = resolve(&mut c, w).await;
-            let want = if i == 1 || i == 4 {
-                "claude-sonnet-4-6"
-            } else {
-                "haiku"
-            };
-            assert_eq!(
-                r.model, want,
-                "the concurrent change is kept, not overwritten"
-            );
-        }
-        // Run again: now nothing moves underneath, so the two are updated too.
-        let again = import_text(&conn, &text, &opts).await;
-        assert!(again.conflicts.is_empty());
-        assert_eq!((again.updated, again.unchanged), (2, 4));
-    })
-    .await;
+    }
+    // Run again: now nothing moves underneath, so the two are updated too.
+    let again = import_text(&conn, &text, &opts).await;
+    assert!(again.conflicts.is_empty());
+    assert_eq!((again.updated, again.unchanged), (2, 4));
 }
 
 // ---------------------------------------------------------------------------
 // A registration made while an import runs
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_import_never_overwrites_a_registration_made_while_it_runs() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
-        let ws: Vec<String> = (0..30).map(|_| new_workspace()).collect();
-        let text: String = ws
-            .iter()
-            .map(|w| {
-                format!(
-                    "{}\n",
-                    json!({"workspace_id": w, "runtime": "claude-code", "model": "haiku"})
-                )
+backends!(
+    an_import_never_overwrites_a_registration_made_while_it_runs,
+    flavor = "multi_thread",
+    worker_threads = 4
+);
+async fn an_import_never_overwrites_a_registration_made_while_it_runs(db: TestDb) {
+    let app = TestApp::spawn(&db).await;
+    let ws: Vec<String> = (0..30).map(|_| new_workspace()).collect();
+    let text: String = ws
+        .iter()
+        .map(|w| {
+            format!(
+                "{}\n",
+                json!({"workspace_id": w, "runtime": "claude-code", "model": "haiku"})
+            )
+        })
+        .collect();
+    // Just before the first batch is sent, after the file was read, a
+    // registration of line 8's workspace with a model of its own.
+    let (side, target) = (app.client().await, ws[7].clone());
+    let transport = Hooked::new(app.channel().await, move |when, method, n| {
+        if (when, method, n) != (When::Before, "BatchCreateWorkspaces", 1) {
+            return None;
+        }
+        let (mut side, ws) = (side.clone(), target.clone());
+        Some(Box::pin(async move {
+            side.set(SetRequest {
+                expected_revision: Some(0),
+                ..set_model(&ws, "claude-sonnet-4-6")
             })
-            .collect();
-        // Just before the first batch is sent, after the file was read, a
-        // registration of line 8's workspace with a model of its own.
-        let (side, target) = (app.client().await, ws[7].clone());
-        let transport = Hooked::new(app.channel().await, move |when, method, n| {
-            if (when, method, n) != (When::Before, "BatchCreateWorkspaces", 1) {
-                return None;
-            }
-            let (mut side, ws) = (side.clone(), target.clone());
-            Some(Box::pin(async move {
-                side.set(SetRequest {
-                    expected_revision: Some(0),
-                    ..set_model(&ws, "claude-sonnet-4-6")
-                })
-                .await
-                .expect("the concurrent registration succeeds");
-            }))
-        });
-        let conn = Connection::with_transport(Transport::new(transport), None);
-        let report = import_text(&conn, &text, &options(false, false, "adopt")).await;
-        assert!(report.failures.is_empty(), "{:?}", report.failures);
-        assert_eq!(
-            (report.created, report.existing),
-            (29, 1),
-            "{:?}",
-            db.backend
-        );
-        let mut c = app.client().await;
-        let kept = resolve(&mut c, &ws[7]).await;
-        assert_eq!(
-            (kept.model.as_str(), kept.revision),
-            ("claude-sonnet-4-6", 1),
-            "the registration made meanwhile is kept"
-        );
-        assert_eq!(resolve(&mut c, &ws[8]).await.model, "haiku");
-        let audit = raw_audit_rows(&db).await;
-        assert_eq!(audit.len(), 30);
-        assert_eq!(
-            audit.iter().filter(|a| a.reason == "adopt").count(),
-            29,
-            "the import wrote no row for it"
-        );
-    })
-    .await;
+            .await
+            .expect("the concurrent registration succeeds");
+        }))
+    });
+    let conn = Connection::with_transport(Transport::new(transport), None);
+    let report = import_text(&conn, &text, &options(false, false, "adopt")).await;
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    assert_eq!(
+        (report.created, report.existing),
+        (29, 1),
+        "{:?}",
+        db.backend
+    );
+    let mut c = app.client().await;
+    let kept = resolve(&mut c, &ws[7]).await;
+    assert_eq!(
+        (kept.model.as_str(), kept.revision),
+        ("claude-sonnet-4-6", 1),
+        "the registration made meanwhile is kept"
+    );
+    assert_eq!(resolve(&mut c, &ws[8]).await.model, "haiku");
+    let audit = raw_audit_rows(&db).await;
+    assert_eq!(audit.len(), 30);
+    assert_eq!(
+        audit.iter().filter(|a| a.reason == "adopt").count(),
+        29,
+        "the import wrote no row for it"
+    );
 }
 
 // ---------------------------------------------------------------------------
 // Interrupting
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_cancelled_import_stops_after_the_calls_in_flight_and_reports_what_it_did() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
-        let conn = Connection::new(app.channel().await, None);
-        let (text, _) = generate(400);
-        let parsed = import::parse(Cursor::new(text.as_bytes())).unwrap();
-        let cancel = Arc::new(AtomicBool::new(false));
-        let flag = cancel.clone();
-        let opts = Options {
-            concurrency: 4,
-            batch_size: 10,
-            ..options(false, false, "adopt")
-        };
-        let mut seen = Vec::new();
-        let report = import::run(&conn, parsed.entries, &opts, cancel, |done| {
-            seen.push(done);
-            if done >= 50 {
-                flag.store(true, Ordering::SeqCst);
-            }
-        })
-        .await;
-        assert!(
-            seen.iter().all(|n| n % 10 == 0),
-            "progress moves a batch at a time: {seen:?}"
-        );
-        assert!(report.interrupted);
-        assert!(report.done >= 50 && report.done < 400, "{}", report.done);
-        assert_eq!(report.created, report.done);
-        assert_eq!(
-            raw_record_rows(&db).await.len(),
-            report.created,
-            "what was done is what is reported"
-        );
-        assert!(import::report_text(&report, &[], 400).contains("INTERRUPTED"));
+backends!(
+    a_cancelled_import_stops_after_the_calls_in_flight_and_reports_what_it_did,
+    flavor = "multi_thread",
+    worker_threads = 4
+);
+async fn a_cancelled_import_stops_after_the_calls_in_flight_and_reports_what_it_did(db: TestDb) {
+    let app = TestApp::spawn(&db).await;
+    let conn = Connection::new(app.channel().await, None);
+    let (text, _) = generate(400);
+    let parsed = import::parse(Cursor::new(text.as_bytes())).unwrap();
+    let cancel = Arc::new(AtomicBool::new(false));
+    let flag = cancel.clone();
+    let opts = Options {
+        concurrency: 4,
+        batch_size: 10,
+        ..options(false, false, "adopt")
+    };
+    let mut seen = Vec::new();
+    let report = import::run(&conn, parsed.entries, &opts, cancel, |done| {
+        seen.push(done);
+        if done >= 50 {
+            flag.store(true, Ordering::SeqCst);
+        }
     })
     .await;
+    assert!(
+        seen.iter().all(|n| n % 10 == 0),
+        "progress moves a batch at a time: {seen:?}"
+    );
+    assert!(report.interrupted);
+    assert!(report.done >= 50 && report.done < 400, "{}", report.done);
+    assert_eq!(report.created, report.done);
+    assert_eq!(
+        raw_record_rows(&db).await.len(),
+        report.created,
+        "what was done is what is reported"
+    );
+    assert!(import::report_text(&report, &[], 400).contains("INTERRUPTED"));
 }
 
 // ---------------------------------------------------------------------------
 // ListWorkspaces
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn paging_while_a_writer_adds_and_changes_workspaces_lists_each_one_exactly_once() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
-        let mut c = app.client().await;
-        let mut seeded: Vec<String> = (0..150).map(|_| new_workspace()).collect();
-        for w in &seeded {
-            set(&mut c, set_model(w, "opus")).await;
-        }
-        let stop = Arc::new(AtomicBool::new(false));
-        let writes = Arc::new(AtomicUsize::new(0));
-        let writer = {
-            let (stop, writes, mut w, seeded) = (
-                stop.clone(),
-                writes.clone(),
-                app.client().await,
-                seeded.clone(),
-            );
-            tokio::spawn(async move {
-                let mut added = Vec::new();
-                let mut i = 0usize;
-                while !stop.load(Ordering::SeqCst) {
-                    // Alternately a new workspace (anywhere in id order) and a
-                    // change that flips an existing one's mode and source.
-                    if i % 2 == 0 {
-                        let ws = new_workspace();
-                        set(&mut w, set_model(&ws, "sonnet")).await;
-                        added.push(ws);
-                    } else {
-                        let ws = &seeded[(i * 7) % seeded.len()];
-                        let model = if i % 4 == 1 { "gpt-x" } else { "opus" };
-                        set(&mut w, set_model(ws, model)).await;
-                    }
-                    i += 1;
-                    writes.fetch_add(1, Ordering::SeqCst);
+backends!(
+    paging_while_a_writer_adds_and_changes_workspaces_lists_each_one_exactly_once,
+    flavor = "multi_thread",
+    worker_threads = 4
+);
+async fn paging_while_a_writer_adds_and_changes_workspaces_lists_each_one_exactly_once(db: TestDb) {
+    let app = TestApp::spawn(&db).await;
+    let mut c = app.client().await;
+    let mut seeded: Vec<String> = (0..150).map(|_| new_workspace()).collect();
+    for w in &seeded {
+        set(&mut c, set_model(w, "opus")).await;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let writes = Arc::new(AtomicUsize::new(0));
+    let writer = {
+        let (stop, writes, mut w, seeded) = (
+            stop.clone(),
+            writes.clone(),
+            app.client().await,
+            seeded.clone(),
+        );
+        tokio::spawn(async move {
+            let mut added = Vec::new();
+            let mut i = 0usize;
+            while !stop.load(Ordering::SeqCst) {
+                // Alternately a new workspace (anywhere in id order) and a
+                // change that flips an existing one's mode and source.
+                if i % 2 == 0 {
+                    let ws = new_workspace();
+                    set(&mut w, set_model(&ws, "sonnet")).await;
+                    added.push(ws);
+                } else {
+                    let ws = &seeded[(i * 7) % seeded.len()];
+                    let model = if i % 4 == 1 { "gpt-x" } else { "opus" };
+                    set(&mut w, set_model(ws, model)).await;
                 }
-                added
-            })
-        };
-        // Pages of 7; between two pages the writer always commits something.
-        let mut listed = Vec::new();
-        let mut page_token = String::new();
-        loop {
-            let before = writes.load(Ordering::SeqCst);
-            let page = c
-                .list_workspaces(ListWorkspacesRequest {
-                    page_size: 7,
-                    page_token: page_token.clone(),
-                    ..ListWorkspacesRequest::default()
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            listed.extend(ids(&page.resolutions));
-            if page.next_page_token.is_empty() {
-                break;
+                i += 1;
+                writes.fetch_add(1, Ordering::SeqCst);
             }
-            page_token = page.next_page_token;
-            while writes.load(Ordering::SeqCst) < before + 2 {
-                tokio::task::yield_now().await;
-            }
-        }
-        stop.store(true, Ordering::SeqCst);
-        let added = writer.await.unwrap();
-        assert!(
-            writes.load(Ordering::SeqCst) > 40,
-            "the writer ran during the listing"
-        );
-        let unique: BTreeSet<&String> = listed.iter().collect();
-        assert_eq!(unique.len(), listed.len(), "no workspace listed twice");
-        let mut sorted = listed.clone();
-        sorted.sort();
-        assert_eq!(sorted, listed, "workspace-id order");
-        seeded.retain(|w| !unique.contains(w));
-        assert!(
-            seeded.is_empty(),
-            "every workspace that existed throughout is listed: missing {seeded:?}"
-        );
-        assert!(
-            listed.len() > 150,
-            "some workspaces added meanwhile were listed too"
-        );
-        assert!(!added.is_empty());
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn filters_select_by_the_decisions_mode_and_source_across_pages() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
-        let mut c = app.client().await;
-        // (model, override) -> the decision the registry's rules give.
-        let kinds: [(&str, Option<Mode>, &str, &str); 4] = [
-            ("opus", None, BYOK, "DERIVED_PROVIDER"),
-            ("claude-opus-4-7", None, PM, "DERIVED_PROVIDER"),
-            ("no-such-model", None, PM, "DEFAULT"),
-            ("opus", Some(Mode::Disabled), DISABLED, "OVERRIDE"),
-        ];
-        let mut made: Vec<(String, &str, &str)> = Vec::new();
-        for i in 0..40 {
-            let (model, o, mode, source) = kinds[i % kinds.len()];
-            let ws = new_workspace();
-            set(
-                &mut c,
-                SetRequest {
-                    override_mode: o.map(Into::into),
-                    reason: "test".into(),
-                    ..set_model(&ws, model)
-                },
-            )
-            .await;
-            made.push((ws, mode, source));
-        }
-        for (mode, source) in [
-            (Mode::Byok, Source::Unspecified),
-            (Mode::PlatformManaged, Source::Unspecified),
-            (Mode::PlatformManaged, Source::Default),
-            (Mode::Unspecified, Source::Override),
-            (Mode::Disabled, Source::DerivedProvider),
-            (Mode::Unspecified, Source::Unspecified),
-        ] {
-            let got = ids(&list_all(&mut c, 3, mode, source).await);
-            let mut want: Vec<String> = made
-                .iter()
-                .filter(|(_, m, s)| {
-                    (mode == Mode::Unspecified || *m == mode_str(mode.into()))
-                        && (source == Source::Unspecified
-                            || *s == import::source_name(source.into()))
-                })
-                .map(|(w, _, _)| w.clone())
-                .collect();
-            want.sort();
-            assert_eq!(got, want, "{mode:?} {source:?} on {:?}", db.backend);
-        }
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_page_token_the_service_did_not_hand_out_is_invalid_argument() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
-        let mut c = app.client().await;
-        for _ in 0..3 {
-            set(&mut c, set_model(&new_workspace(), "opus")).await;
-        }
-        let good = c
+            added
+        })
+    };
+    // Pages of 7; between two pages the writer always commits something.
+    let mut listed = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let before = writes.load(Ordering::SeqCst);
+        let page = c
             .list_workspaces(ListWorkspacesRequest {
-                page_size: 1,
+                page_size: 7,
+                page_token: page_token.clone(),
                 ..ListWorkspacesRequest::default()
             })
             .await
             .unwrap()
-            .into_inner()
-            .next_page_token;
-        assert!(!good.is_empty());
-        let mut tampered = good.clone().into_bytes();
-        tampered[3] = if tampered[3] == b'A' { b'B' } else { b'A' };
-        let tampered = String::from_utf8(tampered).unwrap();
-        for bad in [
-            "garbage!".to_owned(),
-            "5".to_owned(),
-            new_workspace(),
-            tampered,
-            format!("{good}x"),
-        ] {
-            let e = c
-                .list_workspaces(ListWorkspacesRequest {
-                    page_token: bad.clone(),
-                    ..ListWorkspacesRequest::default()
-                })
-                .await
-                .expect_err("refused");
-            let message = assert_error(&e, Code::InvalidArgument, "INVALID_FIELD");
-            assert!(!message.contains(&bad), "the token is not echoed");
+            .into_inner();
+        listed.extend(ids(&page.resolutions));
+        if page.next_page_token.is_empty() {
+            break;
         }
+        page_token = page.next_page_token;
+        while writes.load(Ordering::SeqCst) < before + 2 {
+            tokio::task::yield_now().await;
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    let added = writer.await.unwrap();
+    assert!(
+        writes.load(Ordering::SeqCst) > 40,
+        "the writer ran during the listing"
+    );
+    let unique: BTreeSet<&String> = listed.iter().collect();
+    assert_eq!(unique.len(), listed.len(), "no workspace listed twice");
+    let mut sorted = listed.clone();
+    sorted.sort();
+    assert_eq!(sorted, listed, "workspace-id order");
+    seeded.retain(|w| !unique.contains(w));
+    assert!(
+        seeded.is_empty(),
+        "every workspace that existed throughout is listed: missing {seeded:?}"
+    );
+    assert!(
+        listed.len() > 150,
+        "some workspaces added meanwhile were listed too"
+    );
+    assert!(!added.is_empty());
+}
+
+backends!(
+    filters_select_by_the_decisions_mode_and_source_across_pages,
+    flavor = "multi_thread",
+    worker_threads = 4
+);
+async fn filters_select_by_the_decisions_mode_and_source_across_pages(db: TestDb) {
+    let app = TestApp::spawn(&db).await;
+    let mut c = app.client().await;
+    // (model, override) -> the decision the registry's rules give.
+    let kinds: [(&str, Option<Mode>, &str, &str); 4] = [
+        ("opus", None, BYOK, "DERIVED_PROVIDER"),
+        ("claude-opus-4-7", None, PM, "DERIVED_PROVIDER"),
+        ("no-such-model", None, PM, "DEFAULT"),
+        ("opus", Some(Mode::Disabled), DISABLED, "OVERRIDE"),
+    ];
+    let mut made: Vec<(String, &str, &str)> = Vec::new();
+    for i in 0..40 {
+        let (model, o, mode, source) = kinds[i % kinds.len()];
+        let ws = new_workspace();
+        set(
+            &mut c,
+            SetRequest {
+                override_mode: o.map(Into::into),
+                reason: "test".into(),
+                ..set_model(&ws, model)
+            },
+        )
+        .await;
+        made.push((ws, mode, source));
+    }
+    for (mode, source) in [
+        (Mode::Byok, Source::Unspecified),
+        (Mode::PlatformManaged, Source::Unspecified),
+        (Mode::PlatformManaged, Source::Default),
+        (Mode::Unspecified, Source::Override),
+        (Mode::Disabled, Source::DerivedProvider),
+        (Mode::Unspecified, Source::Unspecified),
+    ] {
+        let got = ids(&list_all(&mut c, 3, mode, source).await);
+        let mut want: Vec<String> = made
+            .iter()
+            .filter(|(_, m, s)| {
+                (mode == Mode::Unspecified || *m == mode_str(mode.into()))
+                    && (source == Source::Unspecified || *s == import::source_name(source.into()))
+            })
+            .map(|(w, _, _)| w.clone())
+            .collect();
+        want.sort();
+        assert_eq!(got, want, "{mode:?} {source:?} on {:?}", db.backend);
+    }
+}
+
+backends!(
+    a_page_token_the_service_did_not_hand_out_is_invalid_argument,
+    flavor = "multi_thread",
+    worker_threads = 4
+);
+async fn a_page_token_the_service_did_not_hand_out_is_invalid_argument(db: TestDb) {
+    let app = TestApp::spawn(&db).await;
+    let mut c = app.client().await;
+    for _ in 0..3 {
+        set(&mut c, set_model(&new_workspace(), "opus")).await;
+    }
+    let good = c
+        .list_workspaces(ListWorkspacesRequest {
+            page_size: 1,
+            ..ListWorkspacesRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .next_page_token;
+    assert!(!good.is_empty());
+    let mut tampered = good.clone().into_bytes();
+    tampered[3] = if tampered[3] == b'A' { b'B' } else { b'A' };
+    let tampered = String::from_utf8(tampered).unwrap();
+    for bad in [
+        "garbage!".to_owned(),
+        "5".to_owned(),
+        new_workspace(),
+        tampered,
+        format!("{good}x"),
+    ] {
         let e = c
             .list_workspaces(ListWorkspacesRequest {
-                mode: 9,
+                page_token: bad.clone(),
                 ..ListWorkspacesRequest::default()
             })
             .await
             .expect_err("refused");
-        assert_eq!(e.code(), Code::InvalidArgument);
-        let e = c
-            .list_workspaces(ListWorkspacesRequest {
-                source: 9,
-                ..ListWorkspacesRequest::default()
-            })
-            .await
-            .expect_err("refused");
-        assert_error(&e, Code::InvalidArgument, "INVALID_FIELD");
-    })
-    .await;
+        let message = assert_error(&e, Code::InvalidArgument, "INVALID_FIELD");
+        assert!(!message.contains(&bad), "the token is not echoed");
+    }
+    let e = c
+        .list_workspaces(ListWorkspacesRequest {
+            mode: 9,
+            ..ListWorkspacesRequest::default()
+        })
+        .await
+        .expect_err("refused");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let e = c
+        .list_workspaces(ListWorkspacesRequest {
+            source: 9,
+            ..ListWorkspacesRequest::default()
+        })
+        .await
+        .expect_err("refused");
+    assert_error(&e, Code::InvalidArgument, "INVALID_FIELD");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1050,223 +1058,226 @@ fn batch(workspaces: Vec<NewWorkspace>, reason: &str) -> BatchCreateWorkspacesRe
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_batch_creates_the_missing_workspaces_and_leaves_the_existing_untouched() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
-        let mut c = app.client().await;
-        let (a, b, d, sentinel) = (
-            new_workspace(),
-            new_workspace(),
-            new_workspace(),
-            new_workspace(),
-        );
-        set(&mut c, set_model(&a, "haiku")).await;
-        let mut watch = c
-            .watch(WatchRequest::default())
-            .await
-            .expect("Watch")
-            .into_inner();
-        let first = watch.message().await.unwrap().unwrap();
-        assert!(matches!(
-            first.event,
-            Some(watch_response::Event::Progress(_))
-        ));
+backends!(
+    a_batch_creates_the_missing_workspaces_and_leaves_the_existing_untouched,
+    flavor = "multi_thread",
+    worker_threads = 4
+);
+async fn a_batch_creates_the_missing_workspaces_and_leaves_the_existing_untouched(db: TestDb) {
+    let app = TestApp::spawn(&db).await;
+    let mut c = app.client().await;
+    let (a, b, d, sentinel) = (
+        new_workspace(),
+        new_workspace(),
+        new_workspace(),
+        new_workspace(),
+    );
+    set(&mut c, set_model(&a, "haiku")).await;
+    let mut watch = c
+        .watch(WatchRequest::default())
+        .await
+        .expect("Watch")
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert!(matches!(
+        first.event,
+        Some(watch_response::Event::Progress(_))
+    ));
 
-        let results = c
-            .batch_create_workspaces(batch(
-                vec![
-                    new_ws(&b, "claude-code", "opus", &["CLAUDE_CODE_OAUTH_TOKEN"]),
-                    new_ws(&a, "claude-code", "opus", &["CLAUDE_CODE_OAUTH_TOKEN"]),
-                    NewWorkspace {
-                        override_mode: Mode::Disabled.into(),
-                        ..new_ws(&d.to_uppercase(), "codex", "gpt-5", &[])
-                    },
-                ],
-                "adopt: batch",
-            ))
-            .await
-            .expect("BatchCreateWorkspaces")
-            .into_inner()
-            .results;
-        let got: Vec<(bool, String, String, u64, &str)> = results
-            .iter()
-            .map(|r| {
-                let res = r.resolution.as_ref().expect("a resolution for each");
-                (
-                    r.created,
-                    res.workspace_id.clone(),
-                    res.model.clone(),
-                    res.revision,
-                    mode_str(res.mode),
-                )
-            })
-            .collect();
-        assert_eq!(
-            got,
+    let results = c
+        .batch_create_workspaces(batch(
             vec![
-                (true, b.clone(), "opus".into(), 1, BYOK),
-                (false, a.clone(), "haiku".into(), 1, BYOK),
-                (true, d.clone(), "gpt-5".into(), 1, DISABLED),
+                new_ws(&b, "claude-code", "opus", &["CLAUDE_CODE_OAUTH_TOKEN"]),
+                new_ws(&a, "claude-code", "opus", &["CLAUDE_CODE_OAUTH_TOKEN"]),
+                NewWorkspace {
+                    override_mode: Mode::Disabled.into(),
+                    ..new_ws(&d.to_uppercase(), "codex", "gpt-5", &[])
+                },
             ],
-            "{:?}",
-            db.backend
+            "adopt: batch",
+        ))
+        .await
+        .expect("BatchCreateWorkspaces")
+        .into_inner()
+        .results;
+    let got: Vec<(bool, String, String, u64, &str)> = results
+        .iter()
+        .map(|r| {
+            let res = r.resolution.as_ref().expect("a resolution for each");
+            (
+                r.created,
+                res.workspace_id.clone(),
+                res.model.clone(),
+                res.revision,
+                mode_str(res.mode),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (true, b.clone(), "opus".into(), 1, BYOK),
+            (false, a.clone(), "haiku".into(), 1, BYOK),
+            (true, d.clone(), "gpt-5".into(), 1, DISABLED),
+        ],
+        "{:?}",
+        db.backend
+    );
+    // As Resolve answers, and the existing one untouched.
+    for r in &results {
+        let res = r.resolution.clone().unwrap();
+        assert_eq!(resolve(&mut c, &res.workspace_id).await, res);
+    }
+    let audit = raw_audit_rows(&db).await;
+    let of =
+        |ws: &str| -> Vec<&RawAuditRow> { audit.iter().filter(|r| r.workspace_id == ws).collect() };
+    assert_eq!(of(&a).len(), 1, "no audit row for the existing one");
+    for ws in [&b, &d] {
+        let rows = of(ws);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            (
+                rows[0].revision.as_str(),
+                rows[0].reason.as_str(),
+                rows[0].before.as_deref()
+            ),
+            ("1", "adopt: batch", None)
         );
-        // As Resolve answers, and the existing one untouched.
-        for r in &results {
-            let res = r.resolution.clone().unwrap();
-            assert_eq!(resolve(&mut c, &res.workspace_id).await, res);
-        }
-        let audit = raw_audit_rows(&db).await;
-        let of = |ws: &str| -> Vec<&RawAuditRow> {
-            audit.iter().filter(|r| r.workspace_id == ws).collect()
-        };
-        assert_eq!(of(&a).len(), 1, "no audit row for the existing one");
-        for ws in [&b, &d] {
-            let rows = of(ws);
-            assert_eq!(rows.len(), 1);
-            assert_eq!(
-                (
-                    rows[0].revision.as_str(),
-                    rows[0].reason.as_str(),
-                    rows[0].before.as_deref()
-                ),
-                ("1", "adopt: batch", None)
-            );
-        }
+    }
 
-        // The change stream: one event per created workspace, none for the
-        // existing one, then the sentinel's.
-        set(&mut c, set_model(&sentinel, "opus")).await;
-        let mut events = Vec::new();
-        loop {
-            let m = tokio::time::timeout(std::time::Duration::from_secs(10), watch.message())
-                .await
-                .expect("the events arrive")
-                .unwrap()
-                .unwrap();
-            if let Some(watch_response::Event::Resolution(r)) = m.event {
-                if r.workspace_id == sentinel {
-                    break;
-                }
-                events.push((r.workspace_id, r.revision));
+    // The change stream: one event per created workspace, none for the
+    // existing one, then the sentinel's.
+    set(&mut c, set_model(&sentinel, "opus")).await;
+    let mut events = Vec::new();
+    loop {
+        let m = tokio::time::timeout(std::time::Duration::from_secs(10), watch.message())
+            .await
+            .expect("the events arrive")
+            .unwrap()
+            .unwrap();
+        if let Some(watch_response::Event::Resolution(r)) = m.event {
+            if r.workspace_id == sentinel {
+                break;
             }
+            events.push((r.workspace_id, r.revision));
         }
-        events.sort();
-        let mut want = vec![(b.clone(), 1), (d.clone(), 1)];
-        want.sort();
-        assert_eq!(events, want);
-        app.stop().await.unwrap();
-    })
-    .await;
+    }
+    events.sort();
+    let mut want = vec![(b.clone(), 1), (d.clone(), 1)];
+    want.sort();
+    assert_eq!(events, want);
+    app.stop().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_bad_item_fails_the_whole_batch_naming_its_index_and_field_and_never_its_value() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
-        let mut c = app.client().await;
-        let secret = "sk-ant-api03-SECRETVALUE";
-        let good = || new_ws(&new_workspace(), "claude-code", "opus", &[]);
-        let dup = new_workspace();
-        let cases: Vec<(NewWorkspace, Code, &str, &str)> = vec![
-            (
-                new_ws(secret, "", "", &[]),
-                Code::InvalidArgument,
-                "INVALID_WORKSPACE_ID",
-                "workspaces[2].workspace_id",
-            ),
-            (
-                new_ws(&new_workspace(), "claude-code", &format!("a {secret}"), &[]),
-                Code::InvalidArgument,
-                "INVALID_FIELD",
-                "workspaces[2].model",
-            ),
-            (
-                new_ws(&new_workspace(), &"x".repeat(300), "", &[]),
-                Code::InvalidArgument,
-                "INVALID_FIELD",
-                "workspaces[2].runtime",
-            ),
-            (
-                new_ws(&new_workspace(), "", "", &["OK", &format!("{secret}=x")]),
-                Code::InvalidArgument,
-                "INVALID_ENV_KEY",
-                "workspaces[2].credential_keys",
-            ),
-            (
+backends!(
+    a_bad_item_fails_the_whole_batch_naming_its_index_and_field_and_never_its_value,
+    flavor = "multi_thread",
+    worker_threads = 4
+);
+async fn a_bad_item_fails_the_whole_batch_naming_its_index_and_field_and_never_its_value(
+    db: TestDb,
+) {
+    let app = TestApp::spawn(&db).await;
+    let mut c = app.client().await;
+    let secret = "sk-ant-api03-SECRETVALUE";
+    let good = || new_ws(&new_workspace(), "claude-code", "opus", &[]);
+    let dup = new_workspace();
+    let cases: Vec<(NewWorkspace, Code, &str, &str)> = vec![
+        (
+            new_ws(secret, "", "", &[]),
+            Code::InvalidArgument,
+            "INVALID_WORKSPACE_ID",
+            "workspaces[2].workspace_id",
+        ),
+        (
+            new_ws(&new_workspace(), "claude-code", &format!("a {secret}"), &[]),
+            Code::InvalidArgument,
+            "INVALID_FIELD",
+            "workspaces[2].model",
+        ),
+        (
+            new_ws(&new_workspace(), &"x".repeat(300), "", &[]),
+            Code::InvalidArgument,
+            "INVALID_FIELD",
+            "workspaces[2].runtime",
+        ),
+        (
+            new_ws(&new_workspace(), "", "", &["OK", &format!("{secret}=x")]),
+            Code::InvalidArgument,
+            "INVALID_ENV_KEY",
+            "workspaces[2].credential_keys",
+        ),
+        (
+            NewWorkspace {
+                override_mode: 9,
+                ..good()
+            },
+            Code::InvalidArgument,
+            "INVALID_MODE",
+            "workspaces[2].override_mode",
+        ),
+        (
+            new_ws(&dup.to_uppercase(), "", "", &[]),
+            Code::InvalidArgument,
+            "INVALID_FIELD",
+            "workspaces[2].workspace_id",
+        ),
+    ];
+    for (bad, code, reason, names) in cases {
+        let items = vec![good(), new_ws(&dup, "", "", &[]), bad, good()];
+        let e = c
+            .batch_create_workspaces(batch(items, "adopt"))
+            .await
+            .expect_err(names);
+        let message = assert_error(&e, code, reason);
+        assert!(message.starts_with(names), "{names}: {message}");
+        assert!(!message.contains("SECRETVALUE"), "{message}");
+    }
+    // An override without a reason: named by its item too.
+    let e = c
+        .batch_create_workspaces(batch(
+            vec![
+                good(),
                 NewWorkspace {
-                    override_mode: 9,
+                    override_mode: Mode::Byok.into(),
                     ..good()
                 },
-                Code::InvalidArgument,
-                "INVALID_MODE",
-                "workspaces[2].override_mode",
-            ),
-            (
-                new_ws(&dup.to_uppercase(), "", "", &[]),
-                Code::InvalidArgument,
-                "INVALID_FIELD",
-                "workspaces[2].workspace_id",
-            ),
-        ];
-        for (bad, code, reason, names) in cases {
-            let items = vec![good(), new_ws(&dup, "", "", &[]), bad, good()];
-            let e = c
-                .batch_create_workspaces(batch(items, "adopt"))
-                .await
-                .expect_err(names);
-            let message = assert_error(&e, code, reason);
-            assert!(message.starts_with(names), "{names}: {message}");
-            assert!(!message.contains("SECRETVALUE"), "{message}");
-        }
-        // An override without a reason: named by its item too.
-        let e = c
-            .batch_create_workspaces(batch(
-                vec![
-                    good(),
-                    NewWorkspace {
-                        override_mode: Mode::Byok.into(),
-                        ..good()
-                    },
-                ],
-                " ",
-            ))
-            .await
-            .unwrap_err();
-        let message = assert_error(&e, Code::InvalidArgument, "REASON_REQUIRED");
-        assert!(
-            message.starts_with("workspaces[1].override_mode"),
-            "{message}"
-        );
+            ],
+            " ",
+        ))
+        .await
+        .unwrap_err();
+    let message = assert_error(&e, Code::InvalidArgument, "REASON_REQUIRED");
+    assert!(
+        message.starts_with("workspaces[1].override_mode"),
+        "{message}"
+    );
 
-        // Size: none, and more than 1,000.
-        let e = c
-            .batch_create_workspaces(batch(vec![], "adopt"))
-            .await
-            .unwrap_err();
-        assert_error(&e, Code::InvalidArgument, "NOTHING_TO_SET");
-        let e = c
-            .batch_create_workspaces(batch((0..1001).map(|_| good()).collect(), "adopt"))
-            .await
-            .unwrap_err();
-        let message = assert_error(&e, Code::InvalidArgument, "LIMIT_EXCEEDED");
-        assert!(message.contains("1000"), "{message}");
-        assert!(raw_record_rows(&db).await.is_empty(), "nothing was written");
-        assert!(raw_audit_rows(&db).await.is_empty());
+    // Size: none, and more than 1,000.
+    let e = c
+        .batch_create_workspaces(batch(vec![], "adopt"))
+        .await
+        .unwrap_err();
+    assert_error(&e, Code::InvalidArgument, "NOTHING_TO_SET");
+    let e = c
+        .batch_create_workspaces(batch((0..1001).map(|_| good()).collect(), "adopt"))
+        .await
+        .unwrap_err();
+    let message = assert_error(&e, Code::InvalidArgument, "LIMIT_EXCEEDED");
+    assert!(message.contains("1000"), "{message}");
+    assert!(raw_record_rows(&db).await.is_empty(), "nothing was written");
+    assert!(raw_audit_rows(&db).await.is_empty());
 
-        // Exactly 1,000 is allowed.
-        let results = c
-            .batch_create_workspaces(batch((0..1000).map(|_| good()).collect(), "adopt"))
-            .await
-            .expect("1,000 workspaces in one call")
-            .into_inner()
-            .results;
-        assert_eq!(results.iter().filter(|r| r.created).count(), 1000);
-        assert_eq!(raw_record_rows(&db).await.len(), 1000);
-        app.stop().await.unwrap();
-    })
-    .await;
+    // Exactly 1,000 is allowed.
+    let results = c
+        .batch_create_workspaces(batch((0..1000).map(|_| good()).collect(), "adopt"))
+        .await
+        .expect("1,000 workspaces in one call")
+        .into_inner()
+        .results;
+    assert_eq!(results.iter().filter(|r| r.created).count(), 1000);
+    assert_eq!(raw_record_rows(&db).await.len(), 1000);
+    app.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1369,185 +1380,209 @@ async fn batch_create_needs_the_roles_of_set_and_reading_an_existing_one_needs_r
 // ---------------------------------------------------------------------------
 // Through the binary
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn malformed_lines_are_named_by_line_and_field_and_nothing_is_written() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
-        let dir = tempfile::tempdir().unwrap();
-        let (good, _) = generate(12);
-        let secret = "sk-ant-api03-CANARY-0123456789";
-        let mut lines: Vec<String> = good.lines().map(str::to_owned).collect();
-        // Lines 3, 5, 7, 9 and 11 are bad.
-        lines[2] = json!({"workspace_id": format!("{secret}")}).to_string();
-        lines[4] = json!({"workspace_id": new_workspace(), "credential_keys": [format!("{secret}=1")]}).to_string();
-        lines[6] = json!({"workspace_id": new_workspace(), "override_mode": "free", "legacy_mode": "byok"}).to_string();
-        lines[8] = format!("{{\"workspace_id\": \"{}\", \"model\": {secret}", new_workspace());
-        lines[10] = json!({"workspace_id": new_workspace(), "model": "x".repeat(1 << 20)}).to_string();
-        let path = dir.path().join("workspaces.jsonl");
-        std::fs::write(&path, lines.join("\n") + "\n").unwrap();
-        let path = path.display().to_string();
-        let server = app.endpoint();
+backends!(
+    malformed_lines_are_named_by_line_and_field_and_nothing_is_written,
+    flavor = "multi_thread",
+    worker_threads = 4
+);
+async fn malformed_lines_are_named_by_line_and_field_and_nothing_is_written(db: TestDb) {
+    let app = TestApp::spawn(&db).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (good, _) = generate(12);
+    let secret = "sk-ant-api03-CANARY-0123456789";
+    let mut lines: Vec<String> = good.lines().map(str::to_owned).collect();
+    // Lines 3, 5, 7, 9 and 11 are bad.
+    lines[2] = json!({"workspace_id": format!("{secret}")}).to_string();
+    lines[4] = json!({"workspace_id": new_workspace(), "credential_keys": [format!("{secret}=1")]})
+        .to_string();
+    lines[6] =
+        json!({"workspace_id": new_workspace(), "override_mode": "free", "legacy_mode": "byok"})
+            .to_string();
+    lines[8] = format!(
+        "{{\"workspace_id\": \"{}\", \"model\": {secret}",
+        new_workspace()
+    );
+    lines[10] = json!({"workspace_id": new_workspace(), "model": "x".repeat(1 << 20)}).to_string();
+    let path = dir.path().join("workspaces.jsonl");
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    let path = path.display().to_string();
+    let server = app.endpoint();
 
-        for extra in [&["--reason", "adopt"][..], &["--dry-run"][..], &["--reason", "adopt", "--json"][..]] {
-            let mut args = vec!["import", path.as_str(), "--server", server.as_str()];
-            args.extend_from_slice(extra);
-            let o = run_bin(bin(&args)).await;
-            assert!(!o.status.success(), "{}", describe(&o));
-            let err = String::from_utf8_lossy(&o.stderr);
-            for want in [
-                "line 3: workspace_id:",
-                "line 5: credential_keys:",
-                "line 7: override_mode:",
-                "line 9: not valid JSON",
-                "line 11: longer than",
-                "nothing was written",
-            ] {
-                assert!(err.contains(want), "{want}\n{}", describe(&o));
-            }
-            let all = describe(&o);
-            assert!(!all.contains("CANARY"), "no value is echoed:\n{all}");
-            assert!(!all.contains("free"), "no value is echoed:\n{all}");
-            assert!(raw_record_rows(&db).await.is_empty());
+    for extra in [
+        &["--reason", "adopt"][..],
+        &["--dry-run"][..],
+        &["--reason", "adopt", "--json"][..],
+    ] {
+        let mut args = vec!["import", path.as_str(), "--server", server.as_str()];
+        args.extend_from_slice(extra);
+        let o = run_bin(bin(&args)).await;
+        assert!(!o.status.success(), "{}", describe(&o));
+        let err = String::from_utf8_lossy(&o.stderr);
+        for want in [
+            "line 3: workspace_id:",
+            "line 5: credential_keys:",
+            "line 7: override_mode:",
+            "line 9: not valid JSON",
+            "line 11: longer than",
+            "nothing was written",
+        ] {
+            assert!(err.contains(want), "{want}\n{}", describe(&o));
         }
-
-        // --skip-invalid imports the rest and reports each skipped line.
-        let o = run_bin(bin(&["import", &path, "--server", &server, "--reason", "adopt", "--skip-invalid"])).await;
-        assert!(o.status.success(), "{}", describe(&o));
-        let out = String::from_utf8_lossy(&o.stdout);
-        for n in [3, 5, 7, 9, 11] {
-            assert!(out.contains(&format!("skipped line {n}:")), "{}", describe(&o));
-        }
-        assert!(!describe(&o).contains("CANARY"));
-        assert_eq!(raw_record_rows(&db).await.len(), 7);
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_binary_imports_and_lists() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
-        let dir = tempfile::tempdir().unwrap();
-        let (text, expected) = generate(300);
-        let path = dir.path().join("workspaces.jsonl");
-        std::fs::write(&path, &text).unwrap();
-        let path = path.display().to_string();
-        let server = app.endpoint();
-        let json_of = |o: &Output| -> Value {
-            assert!(o.status.success(), "{}", describe(o));
-            serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", describe(o)))
-        };
-
-        // Dry run, for machines: counts and the disagreements; nothing written.
-        let dry = json_of(
-            &run_bin(bin(&[
-                "import",
-                &path,
-                "--server",
-                &server,
-                "--dry-run",
-                "--json",
-            ]))
-            .await,
-        );
-        assert_eq!(dry["dry_run"], true);
-        assert_eq!(dry["created"], 300);
-        assert_eq!(dry["changed"], true);
-        let got: BTreeSet<(usize, String, &str)> = dry["disagreements"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| {
-                (
-                    d["line"].as_u64().unwrap() as usize,
-                    d["workspace_id"].as_str().unwrap().to_owned(),
-                    mode_static(d["mode"].as_str().unwrap()),
-                )
-            })
-            .collect();
-        assert_eq!(got, expected_disagreements(&expected));
-        let counts: BTreeMap<String, usize> =
-            serde_json::from_value(dry["decisions"].clone()).unwrap();
-        assert_eq!(counts, expected_counts(&expected));
+        let all = describe(&o);
+        assert!(!all.contains("CANARY"), "no value is echoed:\n{all}");
+        assert!(!all.contains("free"), "no value is echoed:\n{all}");
         assert!(raw_record_rows(&db).await.is_empty());
+    }
 
-        // The real run needs a reason.
-        let o = run_bin(bin(&["import", &path, "--server", &server])).await;
-        assert!(!o.status.success());
-        assert!(String::from_utf8_lossy(&o.stderr).contains("--reason"));
-        let o = run_bin(bin(&[
-            "import", &path, "--server", &server, "--reason", "  ",
-        ]))
-        .await;
-        assert!(!o.status.success());
-        assert!(String::from_utf8_lossy(&o.stderr).contains("--reason"));
-
-        // Plain text from standard input; then again: nothing changes.
-        let mut cmd = bin(&["import", "-", "--server", &server, "--reason", "adopt"]);
-        cmd.stdin(std::fs::File::open(&path).unwrap());
-        let o = run_bin(cmd).await;
-        assert!(o.status.success(), "{}", describe(&o));
-        let out = String::from_utf8_lossy(&o.stdout);
-        assert!(out.contains("created:      300"), "{out}");
-        assert!(out.contains("differs from legacy_mode:"), "{out}");
-        let o = run_bin(bin(&[
-            "import", &path, "--server", &server, "--reason", "adopt",
-        ]))
-        .await;
-        let out = String::from_utf8_lossy(&o.stdout);
+    // --skip-invalid imports the rest and reports each skipped line.
+    let o = run_bin(bin(&[
+        "import",
+        &path,
+        "--server",
+        &server,
+        "--reason",
+        "adopt",
+        "--skip-invalid",
+    ]))
+    .await;
+    assert!(o.status.success(), "{}", describe(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    for n in [3, 5, 7, 9, 11] {
         assert!(
-            o.status.success() && out.contains("nothing changed"),
+            out.contains(&format!("skipped line {n}:")),
             "{}",
             describe(&o)
         );
-        assert!(out.contains("existing:     300 (left alone)"), "{out}");
-        assert_eq!(raw_audit_rows(&db).await.len(), 300);
+    }
+    assert!(!describe(&o).contains("CANARY"));
+    assert_eq!(raw_record_rows(&db).await.len(), 7);
+}
 
-        // list: everything, and filtered, in plain text and JSON.
-        let all = json_of(
-            &run_bin(bin(&[
-                "list",
-                "--server",
-                &server,
-                "--json",
-                "--page-size",
-                "40",
-            ]))
-            .await,
-        );
-        assert_eq!(all["count"], 300);
-        let byok = json_of(
-            &run_bin(bin(&[
-                "list", "--server", &server, "--json", "--mode", "byok",
-            ]))
-            .await,
-        );
-        let got: BTreeSet<String> = byok["workspaces"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r["workspace_id"].as_str().unwrap().to_owned())
-            .collect();
-        let want: BTreeSet<String> = expected
-            .iter()
-            .filter(|e| e.mode == BYOK)
-            .map(|e| e.id.clone())
-            .collect();
-        assert_eq!(got, want);
-        let o = run_bin(bin(&["list", "--server", &server, "--source", "default"])).await;
-        assert!(o.status.success(), "{}", describe(&o));
-        let out = String::from_utf8_lossy(&o.stdout);
-        let n = expected.iter().filter(|e| e.source == "DEFAULT").count();
-        assert_eq!(
-            out.lines().filter(|l| l.contains("DEFAULT")).count(),
-            n,
-            "{out}"
-        );
-        assert!(out.ends_with(&format!("{n} workspaces\n")), "{out}");
-        let o = run_bin(bin(&["list", "--server", &server, "--mode", "free"])).await;
-        assert!(!o.status.success());
-    })
+backends!(
+    the_binary_imports_and_lists,
+    flavor = "multi_thread",
+    worker_threads = 4
+);
+async fn the_binary_imports_and_lists(db: TestDb) {
+    let app = TestApp::spawn(&db).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (text, expected) = generate(300);
+    let path = dir.path().join("workspaces.jsonl");
+    std::fs::write(&path, &text).unwrap();
+    let path = path.display().to_string();
+    let server = app.endpoint();
+    let json_of = |o: &Output| -> Value {
+        assert!(o.status.success(), "{}", describe(o));
+        serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", describe(o)))
+    };
+
+    // Dry run, for machines: counts and the disagreements; nothing written.
+    let dry = json_of(
+        &run_bin(bin(&[
+            "import",
+            &path,
+            "--server",
+            &server,
+            "--dry-run",
+            "--json",
+        ]))
+        .await,
+    );
+    assert_eq!(dry["dry_run"], true);
+    assert_eq!(dry["created"], 300);
+    assert_eq!(dry["changed"], true);
+    let got: BTreeSet<(usize, String, &str)> = dry["disagreements"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["line"].as_u64().unwrap() as usize,
+                d["workspace_id"].as_str().unwrap().to_owned(),
+                mode_static(d["mode"].as_str().unwrap()),
+            )
+        })
+        .collect();
+    assert_eq!(got, expected_disagreements(&expected));
+    let counts: BTreeMap<String, usize> = serde_json::from_value(dry["decisions"].clone()).unwrap();
+    assert_eq!(counts, expected_counts(&expected));
+    assert!(raw_record_rows(&db).await.is_empty());
+
+    // The real run needs a reason.
+    let o = run_bin(bin(&["import", &path, "--server", &server])).await;
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--reason"));
+    let o = run_bin(bin(&[
+        "import", &path, "--server", &server, "--reason", "  ",
+    ]))
     .await;
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--reason"));
+
+    // Plain text from standard input; then again: nothing changes.
+    let mut cmd = bin(&["import", "-", "--server", &server, "--reason", "adopt"]);
+    cmd.stdin(std::fs::File::open(&path).unwrap());
+    let o = run_bin(cmd).await;
+    assert!(o.status.success(), "{}", describe(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("created:      300"), "{out}");
+    assert!(out.contains("differs from legacy_mode:"), "{out}");
+    let o = run_bin(bin(&[
+        "import", &path, "--server", &server, "--reason", "adopt",
+    ]))
+    .await;
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success() && out.contains("nothing changed"),
+        "{}",
+        describe(&o)
+    );
+    assert!(out.contains("existing:     300 (left alone)"), "{out}");
+    assert_eq!(raw_audit_rows(&db).await.len(), 300);
+
+    // list: everything, and filtered, in plain text and JSON.
+    let all = json_of(
+        &run_bin(bin(&[
+            "list",
+            "--server",
+            &server,
+            "--json",
+            "--page-size",
+            "40",
+        ]))
+        .await,
+    );
+    assert_eq!(all["count"], 300);
+    let byok = json_of(
+        &run_bin(bin(&[
+            "list", "--server", &server, "--json", "--mode", "byok",
+        ]))
+        .await,
+    );
+    let got: BTreeSet<String> = byok["workspaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["workspace_id"].as_str().unwrap().to_owned())
+        .collect();
+    let want: BTreeSet<String> = expected
+        .iter()
+        .filter(|e| e.mode == BYOK)
+        .map(|e| e.id.clone())
+        .collect();
+    assert_eq!(got, want);
+    let o = run_bin(bin(&["list", "--server", &server, "--source", "default"])).await;
+    assert!(o.status.success(), "{}", describe(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let n = expected.iter().filter(|e| e.source == "DEFAULT").count();
+    assert_eq!(
+        out.lines().filter(|l| l.contains("DEFAULT")).count(),
+        n,
+        "{out}"
+    );
+    assert!(out.ends_with(&format!("{n} workspaces\n")), "{out}");
+    let o = run_bin(bin(&["list", "--server", &server, "--mode", "free"])).await;
+    assert!(!o.status.success());
 }
 
 fn mode_static(s: &str) -> &'static str {

@@ -164,691 +164,664 @@ fn assert_forbidden_list(r: &Resolution) {
 // ---------------------------------------------------------------------------
 // Every RPC succeeding
 
-#[tokio::test]
-async fn resolve_returns_the_recorded_decision_with_provider_trace_and_sorted_credentials() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
-        let mut c = app.client().await;
-        let ws = new_workspace();
-        set(
-            &mut c,
-            fields(
+backends!(resolve_returns_the_recorded_decision_with_provider_trace_and_sorted_credentials);
+async fn resolve_returns_the_recorded_decision_with_provider_trace_and_sorted_credentials(
+    db: TestDb,
+) {
+    let app = TestApp::spawn(&db).await;
+    let mut c = app.client().await;
+    let ws = new_workspace();
+    set(
+        &mut c,
+        fields(
+            &ws,
+            Some("claude-code"),
+            Some("opus"),
+            Some(&[
+                "OPENAI_API_KEY",
+                "CLAUDE_CODE_OAUTH_TOKEN",
+                "OPENAI_API_KEY",
+            ]),
+        ),
+    )
+    .await;
+
+    let r = resolve(&mut c, &ws).await;
+    assert_eq!(r.workspace_id, ws);
+    assert_eq!(r.mode(), Mode::Byok);
+    assert_eq!(r.source(), Source::DerivedProvider);
+    assert_eq!(r.provider, "anthropic-oauth");
+    assert!(!r.provider_is_platform);
+    assert_eq!(r.runtime, "claude-code");
+    assert_eq!(r.model, "opus");
+    assert_eq!(r.override_mode(), Mode::Unspecified);
+    assert_eq!(r.revision, 1);
+    assert_eq!(
+        r.credential_keys,
+        strings(&["CLAUDE_CODE_OAUTH_TOKEN", "OPENAI_API_KEY"])
+    );
+    assert!(r.forbidden_secret_keys.is_empty(), "byok forbids nothing");
+    assert!(!r.trace.is_empty());
+    assert!(
+        trace_has(&r, &["rule", "opus"]),
+        "trace names the matching rule: {:?}",
+        r.trace
+    );
+    assert!(trace_has(&r, &["anthropic-oauth"]), "{:?}", r.trace);
+    assert!(trace_has(&r, &["DERIVED_PROVIDER"]), "{:?}", r.trace);
+
+    // Any case in, lower case out: the same record.
+    let upper = resolve(&mut c, &ws.to_uppercase()).await;
+    assert_eq!(upper, r);
+    app.stop().await.unwrap();
+}
+
+backends!(set_creates_the_record_then_replaces_only_the_fields_present_and_empty_clears);
+async fn set_creates_the_record_then_replaces_only_the_fields_present_and_empty_clears(db: TestDb) {
+    let app = TestApp::spawn(&db).await;
+    let mut c = app.client().await;
+    let ws = new_workspace();
+
+    // Create with an upper-case id: stored and echoed in lower case.
+    let r1 = register(
+        &mut c,
+        &ws.to_uppercase(),
+        "hermes",
+        "openai/gpt-4o",
+        &["OPENROUTER_API_KEY"],
+    )
+    .await;
+    assert_eq!(r1.workspace_id, ws);
+    assert_eq!(r1.revision, 1);
+    assert_eq!(
+        (r1.mode(), r1.source()),
+        (Mode::Byok, Source::DerivedProvider)
+    );
+    assert_eq!(r1.provider, "openrouter");
+
+    // Only the credential set changes: runtime and model are kept.
+    let r2 = set(&mut c, fields(&ws, None, None, Some(&["OPENAI_API_KEY"]))).await;
+    assert_eq!(r2.revision, 2);
+    assert_eq!(
+        (r2.runtime.as_str(), r2.model.as_str()),
+        ("hermes", "openai/gpt-4o")
+    );
+    assert_eq!(r2.credential_keys, strings(&["OPENAI_API_KEY"]));
+    assert_eq!((r2.mode(), r2.provider.as_str()), (Mode::Byok, "openai"));
+
+    // A present, empty credential list clears the set: the platform's provider.
+    let r3 = set(&mut c, fields(&ws, None, None, Some(&[]))).await;
+    assert_eq!(r3.revision, 3);
+    assert!(r3.credential_keys.is_empty());
+    assert_eq!(
+        (r3.mode(), r3.source()),
+        (Mode::PlatformManaged, Source::DerivedProvider)
+    );
+    assert_eq!(r3.provider, "platform-openai");
+    assert!(r3.provider_is_platform);
+    assert_forbidden_list(&r3);
+
+    // An empty model clears it: the closed default.
+    let r4 = set(&mut c, fields(&ws, None, Some(""), None)).await;
+    assert_eq!(r4.revision, 4);
+    assert_eq!((r4.runtime.as_str(), r4.model.as_str()), ("hermes", ""));
+    assert_eq!(
+        (r4.mode(), r4.source()),
+        (Mode::PlatformManaged, Source::Default)
+    );
+    assert_eq!(r4.provider, "");
+    assert!(!r4.provider_is_platform);
+    assert!(
+        trace_has(&r4, &["model"]),
+        "trace says no model: {:?}",
+        r4.trace
+    );
+    assert!(
+        r4.trace
+            .iter()
+            .any(|l| l.to_lowercase().contains("default")),
+        "trace names the default rung: {:?}",
+        r4.trace
+    );
+
+    // An empty runtime clears it too; the record still exists.
+    let r5 = set(&mut c, fields(&ws, Some(""), None, None)).await;
+    assert_eq!((r5.revision, r5.runtime.as_str()), (5, ""));
+    assert_eq!(resolve(&mut c, &ws).await, r5);
+    app.stop().await.unwrap();
+}
+
+backends!(an_override_decides_the_mode_the_derived_provider_is_still_shown_and_clear_removes_it);
+async fn an_override_decides_the_mode_the_derived_provider_is_still_shown_and_clear_removes_it(
+    db: TestDb,
+) {
+    let app = TestApp::spawn(&db).await;
+    let mut c = app.client().await;
+    let ws = new_workspace();
+    let derived = register(&mut c, &ws, "claude-code", "claude-sonnet-4-6", &[]).await;
+    assert_eq!(
+        (derived.mode(), derived.provider.as_str()),
+        (Mode::PlatformManaged, "platform-anthropic")
+    );
+
+    let o = set_override(&mut c, &ws, Mode::Disabled, "customer suspended").await;
+    assert_eq!(o.revision, 2);
+    assert_eq!((o.mode(), o.source()), (Mode::Disabled, Source::Override));
+    assert_eq!(o.override_mode(), Mode::Disabled);
+    assert_eq!(
+        o.provider, "platform-anthropic",
+        "provider filled under an override"
+    );
+    assert!(o.provider_is_platform);
+    assert!(
+        o.forbidden_secret_keys.is_empty(),
+        "only platform_managed forbids keys"
+    );
+    assert!(trace_has(&o, &["override", "disabled"]), "{:?}", o.trace);
+    assert_eq!(resolve(&mut c, &ws).await, o);
+
+    let p = set_override(&mut c, &ws, Mode::PlatformManaged, "explicitly platform").await;
+    assert_eq!(
+        (p.mode(), p.source(), p.revision),
+        (Mode::PlatformManaged, Source::Override, 3)
+    );
+    assert_forbidden_list(&p);
+
+    let cleared = clear(&mut c, &ws, "back to derivation").await.unwrap();
+    assert_eq!(cleared.revision, 4);
+    assert_eq!(cleared.override_mode(), Mode::Unspecified);
+    assert_eq!(
+        (cleared.mode(), cleared.source()),
+        (Mode::PlatformManaged, Source::DerivedProvider)
+    );
+    assert_eq!(resolve(&mut c, &ws).await, cleared);
+    app.stop().await.unwrap();
+}
+
+backends!(build_env_in_platform_managed_strips_every_vendor_key_and_routes_through_the_proxy);
+async fn build_env_in_platform_managed_strips_every_vendor_key_and_routes_through_the_proxy(
+    db: TestDb,
+) {
+    let app = TestApp::spawn(&db).await;
+    let mut c = app.client().await;
+    let ws = new_workspace();
+    register(&mut c, &ws, "claude-code", "claude-sonnet-4-6", &[]).await;
+    let mut candidate = vec![
+        env(Origin::Workspace, "ANTHROPIC_API_KEY", "customer-key"),
+        env(Origin::Global, "ANTHROPIC_API_KEY", "platform-key"),
+        env(Origin::Global, "ANTHROPIC_AUTH_TOKEN", "platform-auth"),
+        env(
+            Origin::Workspace,
+            "CLAUDE_CODE_OAUTH_TOKEN",
+            "customer-oauth",
+        ),
+        env(Origin::Global, "OPENAI_API_KEY", "global-openai"),
+        env(
+            Origin::Workspace,
+            "HERMES_CUSTOM_BASE_URL",
+            "https://custom.example",
+        ),
+        env(
+            Origin::Workspace,
+            "MOLECULE_LLM_USAGE_TOKEN",
+            "forged-token",
+        ),
+        env(Origin::Workspace, "MOLECULE_LLM_BILLING_MODE", "byok"),
+        env(Origin::Workspace, "APP_NAME", "demo"),
+        env(Origin::Platform, "REGION", "eu"),
+    ];
+    candidate.extend(anthropic_proxy());
+    let resp = build(&mut c, &ws, candidate.clone()).await.unwrap();
+    let r = resp.resolution.clone().unwrap();
+    assert_eq!(
+        (r.mode(), r.provider.as_str()),
+        (Mode::PlatformManaged, "platform-anthropic")
+    );
+    assert_eq!(r, resolve(&mut c, &ws).await);
+    let proxy = "https://proxy.example/anthropic";
+    assert_eq!(
+        triples(&resp),
+        vec![
+            t("ANTHROPIC_API_KEY", "usage-token-1", Origin::Authority),
+            t("ANTHROPIC_BASE_URL", proxy, Origin::Authority),
+            t("APP_NAME", "demo", Origin::Workspace),
+            t("MODEL_PROVIDER", "claude-sonnet-4-6", Origin::Authority),
+            t("MOLECULE_LLM_ANTHROPIC_BASE_URL", proxy, Origin::Authority),
+            t(
+                "MOLECULE_LLM_BILLING_MODE",
+                "platform_managed",
+                Origin::Authority
+            ),
+            t(
+                "MOLECULE_LLM_BILLING_MODE_RESOLVED",
+                "platform_managed",
+                Origin::Authority
+            ),
+            t(
+                "MOLECULE_LLM_USAGE_TOKEN",
+                "usage-token-1",
+                Origin::Authority
+            ),
+            t("REGION", "eu", Origin::Platform),
+        ]
+    );
+    assert_eq!(
+        resp.removed_keys,
+        strings(&[
+            "ANTHROPIC_AUTH_TOKEN",
+            "CLAUDE_CODE_OAUTH_TOKEN",
+            "HERMES_CUSTOM_BASE_URL",
+            "OPENAI_API_KEY"
+        ])
+    );
+    assert_eq!(
+        resp.added_keys,
+        strings(&[
+            "ANTHROPIC_API_KEY",
+            "ANTHROPIC_BASE_URL",
+            "MODEL_PROVIDER",
+            "MOLECULE_LLM_ANTHROPIC_BASE_URL",
+            "MOLECULE_LLM_BILLING_MODE",
+            "MOLECULE_LLM_BILLING_MODE_RESOLVED",
+            "MOLECULE_LLM_USAGE_TOKEN",
+        ])
+    );
+
+    // With the OpenAI family's proxy given too, that family is routed as well.
+    candidate.push(env(
+        Origin::Platform,
+        "MOLECULE_LLM_OPENAI_BASE_URL",
+        "https://proxy.example/openai",
+    ));
+    let resp = build(&mut c, &ws, candidate).await.unwrap();
+    let m = env_map(&resp);
+    assert_eq!(
+        m["OPENAI_API_KEY"],
+        ("usage-token-1".to_owned(), Origin::Authority)
+    );
+    assert_eq!(
+        m["OPENAI_BASE_URL"],
+        ("https://proxy.example/openai".to_owned(), Origin::Authority)
+    );
+    assert!(!resp.removed_keys.contains(&"OPENAI_API_KEY".to_owned()));
+    assert!(resp.added_keys.contains(&"OPENAI_BASE_URL".to_owned()));
+    app.stop().await.unwrap();
+}
+
+backends!(build_env_in_byok_keeps_only_the_workspaces_own_credentials_and_no_proxy);
+async fn build_env_in_byok_keeps_only_the_workspaces_own_credentials_and_no_proxy(db: TestDb) {
+    let app = TestApp::spawn(&db).await;
+    let mut c = app.client().await;
+    let ws = new_workspace();
+    register(
+        &mut c,
+        &ws,
+        "claude-code",
+        "opus",
+        &["CLAUDE_CODE_OAUTH_TOKEN"],
+    )
+    .await;
+    let mut candidate = vec![
+        env(
+            Origin::Workspace,
+            "CLAUDE_CODE_OAUTH_TOKEN",
+            "customer-oauth",
+        ),
+        env(Origin::Global, "CLAUDE_CODE_OAUTH_TOKEN", "platform-oauth"),
+        env(Origin::Workspace, "ANTHROPIC_API_KEY", "customer-api-key"),
+        env(Origin::Global, "OPENAI_API_KEY", "platform-openai"),
+        env(
+            Origin::Global,
+            "ANTHROPIC_BASE_URL",
+            "https://global.example",
+        ),
+        env(Origin::Workspace, "MOLECULE_LLM_CUSTOM", "self-minted"),
+        env(Origin::Workspace, "APP_NAME", "demo"),
+        env(Origin::Global, "LOG_LEVEL", "debug"),
+        env(Origin::Platform, "REGION", "eu"),
+        env(Origin::Global, "MODEL_PROVIDER", "opus"),
+    ];
+    candidate.extend(anthropic_proxy());
+    let resp = build(&mut c, &ws, candidate).await.unwrap();
+    let r = resp.resolution.clone().unwrap();
+    assert_eq!(
+        (r.mode(), r.provider.as_str()),
+        (Mode::Byok, "anthropic-oauth")
+    );
+    assert_eq!(r, resolve(&mut c, &ws).await);
+    assert_eq!(
+        triples(&resp),
+        vec![
+            t("ANTHROPIC_API_KEY", "customer-api-key", Origin::Workspace),
+            t("APP_NAME", "demo", Origin::Workspace),
+            t(
+                "CLAUDE_CODE_OAUTH_TOKEN",
+                "customer-oauth",
+                Origin::Workspace
+            ),
+            t("LOG_LEVEL", "debug", Origin::Global),
+            t("MODEL_PROVIDER", "opus", Origin::Authority),
+            t("MOLECULE_LLM_BILLING_MODE", "byok", Origin::Authority),
+            t(
+                "MOLECULE_LLM_BILLING_MODE_RESOLVED",
+                "byok",
+                Origin::Authority
+            ),
+            t("REGION", "eu", Origin::Platform),
+        ]
+    );
+    assert_eq!(
+        resp.removed_keys,
+        strings(&[
+            "ANTHROPIC_BASE_URL",
+            "MOLECULE_LLM_ANTHROPIC_BASE_URL",
+            "MOLECULE_LLM_CUSTOM",
+            "MOLECULE_LLM_USAGE_TOKEN",
+            "OPENAI_API_KEY",
+        ])
+    );
+    assert_eq!(
+        resp.added_keys,
+        strings(&[
+            "MODEL_PROVIDER",
+            "MOLECULE_LLM_BILLING_MODE",
+            "MOLECULE_LLM_BILLING_MODE_RESOLVED"
+        ])
+    );
+    app.stop().await.unwrap();
+}
+
+backends!(build_env_in_disabled_removes_every_llm_key_and_needs_no_credential_or_proxy);
+async fn build_env_in_disabled_removes_every_llm_key_and_needs_no_credential_or_proxy(db: TestDb) {
+    let app = TestApp::spawn(&db).await;
+    let mut c = app.client().await;
+    let ws = new_workspace();
+    register(
+        &mut c,
+        &ws,
+        "claude-code",
+        "opus",
+        &["CLAUDE_CODE_OAUTH_TOKEN"],
+    )
+    .await;
+    set_override(&mut c, &ws, Mode::Disabled, "unpaid invoice").await;
+    let mut candidate = vec![
+        env(
+            Origin::Workspace,
+            "CLAUDE_CODE_OAUTH_TOKEN",
+            "customer-oauth",
+        ),
+        env(Origin::Global, "ANTHROPIC_API_KEY", "platform-key"),
+        env(Origin::Workspace, "APP_NAME", "demo"),
+    ];
+    candidate.extend(anthropic_proxy());
+    let resp = build(&mut c, &ws, candidate).await.unwrap();
+    assert_eq!(resp.resolution.as_ref().unwrap().mode(), Mode::Disabled);
+    assert_eq!(
+        triples(&resp),
+        vec![
+            t("APP_NAME", "demo", Origin::Workspace),
+            t("MODEL_PROVIDER", "opus", Origin::Authority),
+            t("MOLECULE_LLM_BILLING_MODE", "disabled", Origin::Authority),
+            t(
+                "MOLECULE_LLM_BILLING_MODE_RESOLVED",
+                "disabled",
+                Origin::Authority
+            ),
+        ]
+    );
+    assert_eq!(
+        resp.removed_keys,
+        strings(&[
+            "ANTHROPIC_API_KEY",
+            "CLAUDE_CODE_OAUTH_TOKEN",
+            "MOLECULE_LLM_ANTHROPIC_BASE_URL",
+            "MOLECULE_LLM_USAGE_TOKEN",
+        ])
+    );
+    // Nothing at all in the candidate: still fine.
+    let empty = build(&mut c, &ws, vec![]).await.unwrap();
+    assert_eq!(empty.env.len(), 3);
+    assert!(empty.removed_keys.is_empty());
+    app.stop().await.unwrap();
+}
+
+backends!(build_env_for_hermes_writes_every_model_variable_of_the_runtime);
+async fn build_env_for_hermes_writes_every_model_variable_of_the_runtime(db: TestDb) {
+    let app = TestApp::spawn(&db).await;
+    let mut c = app.client().await;
+    let ws = new_workspace();
+    register(
+        &mut c,
+        &ws,
+        "hermes",
+        "openai/gpt-4o",
+        &["OPENROUTER_API_KEY"],
+    )
+    .await;
+    let resp = build(
+        &mut c,
+        &ws,
+        vec![
+            env(Origin::Workspace, "OPENROUTER_API_KEY", "customer-or"),
+            env(Origin::Global, "HERMES_DEFAULT_MODEL", "openai/gpt-4o"),
+        ],
+    )
+    .await
+    .unwrap();
+    let r = resp.resolution.clone().unwrap();
+    assert_eq!((r.mode(), r.provider.as_str()), (Mode::Byok, "openrouter"));
+    let m = env_map(&resp);
+    assert_eq!(
+        m["MODEL_PROVIDER"],
+        ("openai/gpt-4o".to_owned(), Origin::Authority)
+    );
+    assert_eq!(
+        m["HERMES_DEFAULT_MODEL"],
+        ("openai/gpt-4o".to_owned(), Origin::Authority)
+    );
+    assert_eq!(
+        m["OPENROUTER_API_KEY"],
+        ("customer-or".to_owned(), Origin::Workspace)
+    );
+    assert!(resp.added_keys.contains(&"HERMES_DEFAULT_MODEL".to_owned()));
+
+    // A hermes-only model variable naming another model is refused.
+    let err = build(
+        &mut c,
+        &ws,
+        vec![
+            env(Origin::Workspace, "OPENROUTER_API_KEY", "customer-or"),
+            env(Origin::Global, "HERMES_DEFAULT_MODEL", "anthropic/claude-3"),
+        ],
+    )
+    .await
+    .unwrap_err();
+    assert_error(&err, Code::FailedPrecondition, "MODEL_MISMATCH");
+    app.stop().await.unwrap();
+}
+
+backends!(build_env_without_a_recorded_model_writes_no_model_variable);
+async fn build_env_without_a_recorded_model_writes_no_model_variable(db: TestDb) {
+    let app = TestApp::spawn(&db).await;
+    let mut c = app.client().await;
+    let ws = new_workspace();
+    set(&mut c, fields(&ws, Some("claude-code"), None, None)).await;
+    let resp = build(&mut c, &ws, anthropic_proxy()).await.unwrap();
+    let r = resp.resolution.clone().unwrap();
+    assert_eq!(
+        (r.mode(), r.source()),
+        (Mode::PlatformManaged, Source::Default)
+    );
+    // No provider derived: the default (Anthropic) family is routed.
+    let m = env_map(&resp);
+    assert!(!m.contains_key("MODEL_PROVIDER"));
+    assert_eq!(m["ANTHROPIC_BASE_URL"].0, "https://proxy.example/anthropic");
+    assert_eq!(m["ANTHROPIC_API_KEY"].0, "usage-token-1");
+    app.stop().await.unwrap();
+}
+
+backends!(a_byok_override_over_a_platform_provider_accepts_any_own_vendor_credential);
+async fn a_byok_override_over_a_platform_provider_accepts_any_own_vendor_credential(db: TestDb) {
+    let app = TestApp::spawn(&db).await;
+    let mut c = app.client().await;
+    let ws = new_workspace();
+    register(&mut c, &ws, "claude-code", "claude-sonnet-4-6", &[]).await;
+    let o = set_override(&mut c, &ws, Mode::Byok, "customer brings a key").await;
+    assert_eq!(
+        (o.mode(), o.source(), o.provider.as_str()),
+        (Mode::Byok, Source::Override, "platform-anthropic")
+    );
+
+    let resp = build(
+        &mut c,
+        &ws,
+        vec![
+            env(Origin::Workspace, "OPENAI_API_KEY", "customer-openai"),
+            env(Origin::Global, "ANTHROPIC_API_KEY", "platform-key"),
+        ],
+    )
+    .await
+    .unwrap();
+    let m = env_map(&resp);
+    assert_eq!(
+        m["OPENAI_API_KEY"],
+        ("customer-openai".to_owned(), Origin::Workspace)
+    );
+    assert!(
+        !m.contains_key("ANTHROPIC_API_KEY"),
+        "the platform's key never reaches byok"
+    );
+    assert_eq!(m["MOLECULE_LLM_BILLING_MODE"].0, "byok");
+
+    // Only the platform's credential: refused, never used instead.
+    let err = build(
+        &mut c,
+        &ws,
+        vec![env(Origin::Global, "ANTHROPIC_API_KEY", "platform-key")],
+    )
+    .await
+    .unwrap_err();
+    assert_error(&err, Code::FailedPrecondition, "MISSING_BYOK_CREDENTIAL");
+    app.stop().await.unwrap();
+}
+
+backends!(the_same_key_under_two_origins_resolves_workspace_over_global_over_platform);
+async fn the_same_key_under_two_origins_resolves_workspace_over_global_over_platform(db: TestDb) {
+    let app = TestApp::spawn(&db).await;
+    let mut c = app.client().await;
+    let ws = new_workspace();
+    set_override(&mut c, &ws, Mode::Disabled, "no llm").await;
+    let resp = build(
+        &mut c,
+        &ws,
+        vec![
+            env(Origin::Platform, "A_SETTING", "platform"),
+            env(Origin::Global, "A_SETTING", "global"),
+            env(Origin::Workspace, "A_SETTING", "workspace"),
+            env(Origin::Platform, "B_SETTING", "platform"),
+            env(Origin::Global, "B_SETTING", "global"),
+        ],
+    )
+    .await
+    .unwrap();
+    let m = env_map(&resp);
+    assert_eq!(m["A_SETTING"], ("workspace".to_owned(), Origin::Workspace));
+    assert_eq!(m["B_SETTING"], ("global".to_owned(), Origin::Global));
+    assert!(resp.removed_keys.is_empty());
+    app.stop().await.unwrap();
+}
+
+backends!(history_lists_every_change_newest_first_one_page_at_a_time);
+async fn history_lists_every_change_newest_first_one_page_at_a_time(db: TestDb) {
+    let app = TestApp::spawn(&db).await;
+    let mut c = app.client().await;
+    let ws = new_workspace();
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    set(
+        &mut c,
+        SetRequest {
+            reason: "onboarding".into(),
+            ..fields(
                 &ws,
                 Some("claude-code"),
                 Some("opus"),
-                Some(&[
-                    "OPENAI_API_KEY",
-                    "CLAUDE_CODE_OAUTH_TOKEN",
-                    "OPENAI_API_KEY",
-                ]),
-            ),
-        )
-        .await;
+                Some(&["CLAUDE_CODE_OAUTH_TOKEN"]),
+            )
+        },
+    )
+    .await;
+    set(&mut c, fields(&ws, None, Some("claude-sonnet-4-6"), None)).await;
+    set_override(&mut c, &ws, Mode::Byok, "ticket 42").await;
+    clear(&mut c, &ws, "ticket 43").await.unwrap();
 
-        let r = resolve(&mut c, &ws).await;
-        assert_eq!(r.workspace_id, ws);
-        assert_eq!(r.mode(), Mode::Byok);
-        assert_eq!(r.source(), Source::DerivedProvider);
-        assert_eq!(r.provider, "anthropic-oauth");
-        assert!(!r.provider_is_platform);
-        assert_eq!(r.runtime, "claude-code");
-        assert_eq!(r.model, "opus");
-        assert_eq!(r.override_mode(), Mode::Unspecified);
-        assert_eq!(r.revision, 1);
-        assert_eq!(
-            r.credential_keys,
-            strings(&["CLAUDE_CODE_OAUTH_TOKEN", "OPENAI_API_KEY"])
-        );
-        assert!(r.forbidden_secret_keys.is_empty(), "byok forbids nothing");
-        assert!(!r.trace.is_empty());
+    let all = history(&mut c, &ws.to_uppercase(), 0, "").await.unwrap();
+    assert!(all.next_page_token.is_empty());
+    let revs: Vec<u64> = all.entries.iter().map(|e| e.revision).collect();
+    assert_eq!(revs, vec![4, 3, 2, 1]);
+    let e = &all.entries;
+    for entry in e {
+        assert_eq!(entry.actor, "anonymous");
+        let secs = entry.time.as_ref().expect("time").seconds;
         assert!(
-            trace_has(&r, &["rule", "opus"]),
-            "trace names the matching rule: {:?}",
-            r.trace
+            (started - 5..=started + 120).contains(&secs),
+            "time {secs} near {started}"
         );
-        assert!(trace_has(&r, &["anthropic-oauth"]), "{:?}", r.trace);
-        assert!(trace_has(&r, &["DERIVED_PROVIDER"]), "{:?}", r.trace);
+    }
+    assert!(e.windows(2).all(|w| {
+        let (a, b) = (w[0].time.as_ref().unwrap(), w[1].time.as_ref().unwrap());
+        (a.seconds, a.nanos) >= (b.seconds, b.nanos)
+    }));
+    let created = RecordFields {
+        runtime: "claude-code".into(),
+        model: "opus".into(),
+        credential_keys: strings(&["CLAUDE_CODE_OAUTH_TOKEN"]),
+        override_mode: String::new(),
+    };
+    assert_eq!(e[3].reason, "onboarding");
+    assert_eq!(e[3].before, None, "the creating change has no before");
+    assert_eq!(e[3].after.as_ref(), Some(&created));
+    let sonnet = RecordFields {
+        model: "claude-sonnet-4-6".into(),
+        ..created.clone()
+    };
+    assert_eq!(e[2].before.as_ref(), Some(&created));
+    assert_eq!(e[2].after.as_ref(), Some(&sonnet));
+    let overridden = RecordFields {
+        override_mode: "byok".into(),
+        ..sonnet.clone()
+    };
+    assert_eq!(
+        (e[1].reason.as_str(), e[1].after.as_ref()),
+        ("ticket 42", Some(&overridden))
+    );
+    assert_eq!(
+        (e[0].reason.as_str(), e[0].before.as_ref()),
+        ("ticket 43", Some(&overridden))
+    );
+    assert_eq!(e[0].after.as_ref(), Some(&sonnet));
 
-        // Any case in, lower case out: the same record.
-        let upper = resolve(&mut c, &ws.to_uppercase()).await;
-        assert_eq!(upper, r);
-        app.stop().await.unwrap();
-    })
-    .await;
-}
-
-#[tokio::test]
-async fn set_creates_the_record_then_replaces_only_the_fields_present_and_empty_clears() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
-        let mut c = app.client().await;
-        let ws = new_workspace();
-
-        // Create with an upper-case id: stored and echoed in lower case.
-        let r1 = register(
-            &mut c,
-            &ws.to_uppercase(),
-            "hermes",
-            "openai/gpt-4o",
-            &["OPENROUTER_API_KEY"],
-        )
-        .await;
-        assert_eq!(r1.workspace_id, ws);
-        assert_eq!(r1.revision, 1);
-        assert_eq!(
-            (r1.mode(), r1.source()),
-            (Mode::Byok, Source::DerivedProvider)
-        );
-        assert_eq!(r1.provider, "openrouter");
-
-        // Only the credential set changes: runtime and model are kept.
-        let r2 = set(&mut c, fields(&ws, None, None, Some(&["OPENAI_API_KEY"]))).await;
-        assert_eq!(r2.revision, 2);
-        assert_eq!(
-            (r2.runtime.as_str(), r2.model.as_str()),
-            ("hermes", "openai/gpt-4o")
-        );
-        assert_eq!(r2.credential_keys, strings(&["OPENAI_API_KEY"]));
-        assert_eq!((r2.mode(), r2.provider.as_str()), (Mode::Byok, "openai"));
-
-        // A present, empty credential list clears the set: the platform's provider.
-        let r3 = set(&mut c, fields(&ws, None, None, Some(&[]))).await;
-        assert_eq!(r3.revision, 3);
-        assert!(r3.credential_keys.is_empty());
-        assert_eq!(
-            (r3.mode(), r3.source()),
-            (Mode::PlatformManaged, Source::DerivedProvider)
-        );
-        assert_eq!(r3.provider, "platform-openai");
-        assert!(r3.provider_is_platform);
-        assert_forbidden_list(&r3);
-
-        // An empty model clears it: the closed default.
-        let r4 = set(&mut c, fields(&ws, None, Some(""), None)).await;
-        assert_eq!(r4.revision, 4);
-        assert_eq!((r4.runtime.as_str(), r4.model.as_str()), ("hermes", ""));
-        assert_eq!(
-            (r4.mode(), r4.source()),
-            (Mode::PlatformManaged, Source::Default)
-        );
-        assert_eq!(r4.provider, "");
-        assert!(!r4.provider_is_platform);
-        assert!(
-            trace_has(&r4, &["model"]),
-            "trace says no model: {:?}",
-            r4.trace
-        );
-        assert!(
-            r4.trace
-                .iter()
-                .any(|l| l.to_lowercase().contains("default")),
-            "trace names the default rung: {:?}",
-            r4.trace
-        );
-
-        // An empty runtime clears it too; the record still exists.
-        let r5 = set(&mut c, fields(&ws, Some(""), None, None)).await;
-        assert_eq!((r5.revision, r5.runtime.as_str()), (5, ""));
-        assert_eq!(resolve(&mut c, &ws).await, r5);
-        app.stop().await.unwrap();
-    })
-    .await;
-}
-
-#[tokio::test]
-async fn an_override_decides_the_mode_the_derived_provider_is_still_shown_and_clear_removes_it() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
-        let mut c = app.client().await;
-        let ws = new_workspace();
-        let derived = register(&mut c, &ws, "claude-code", "claude-sonnet-4-6", &[]).await;
-        assert_eq!(
-            (derived.mode(), derived.provider.as_str()),
-            (Mode::PlatformManaged, "platform-anthropic")
-        );
-
-        let o = set_override(&mut c, &ws, Mode::Disabled, "customer suspended").await;
-        assert_eq!(o.revision, 2);
-        assert_eq!((o.mode(), o.source()), (Mode::Disabled, Source::Override));
-        assert_eq!(o.override_mode(), Mode::Disabled);
-        assert_eq!(
-            o.provider, "platform-anthropic",
-            "provider filled under an override"
-        );
-        assert!(o.provider_is_platform);
-        assert!(
-            o.forbidden_secret_keys.is_empty(),
-            "only platform_managed forbids keys"
-        );
-        assert!(trace_has(&o, &["override", "disabled"]), "{:?}", o.trace);
-        assert_eq!(resolve(&mut c, &ws).await, o);
-
-        let p = set_override(&mut c, &ws, Mode::PlatformManaged, "explicitly platform").await;
-        assert_eq!(
-            (p.mode(), p.source(), p.revision),
-            (Mode::PlatformManaged, Source::Override, 3)
-        );
-        assert_forbidden_list(&p);
-
-        let cleared = clear(&mut c, &ws, "back to derivation").await.unwrap();
-        assert_eq!(cleared.revision, 4);
-        assert_eq!(cleared.override_mode(), Mode::Unspecified);
-        assert_eq!(
-            (cleared.mode(), cleared.source()),
-            (Mode::PlatformManaged, Source::DerivedProvider)
-        );
-        assert_eq!(resolve(&mut c, &ws).await, cleared);
-        app.stop().await.unwrap();
-    })
-    .await;
-}
-
-#[tokio::test]
-async fn build_env_in_platform_managed_strips_every_vendor_key_and_routes_through_the_proxy() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
-        let mut c = app.client().await;
-        let ws = new_workspace();
-        register(&mut c, &ws, "claude-code", "claude-sonnet-4-6", &[]).await;
-        let mut candidate = vec![
-            env(Origin::Workspace, "ANTHROPIC_API_KEY", "customer-key"),
-            env(Origin::Global, "ANTHROPIC_API_KEY", "platform-key"),
-            env(Origin::Global, "ANTHROPIC_AUTH_TOKEN", "platform-auth"),
-            env(
-                Origin::Workspace,
-                "CLAUDE_CODE_OAUTH_TOKEN",
-                "customer-oauth",
-            ),
-            env(Origin::Global, "OPENAI_API_KEY", "global-openai"),
-            env(
-                Origin::Workspace,
-                "HERMES_CUSTOM_BASE_URL",
-                "https://custom.example",
-            ),
-            env(
-                Origin::Workspace,
-                "MOLECULE_LLM_USAGE_TOKEN",
-                "forged-token",
-            ),
-            env(Origin::Workspace, "MOLECULE_LLM_BILLING_MODE", "byok"),
-            env(Origin::Workspace, "APP_NAME", "demo"),
-            env(Origin::Platform, "REGION", "eu"),
-        ];
-        candidate.extend(anthropic_proxy());
-        let resp = build(&mut c, &ws, candidate.clone()).await.unwrap();
-        let r = resp.resolution.clone().unwrap();
-        assert_eq!(
-            (r.mode(), r.provider.as_str()),
-            (Mode::PlatformManaged, "platform-anthropic")
-        );
-        assert_eq!(r, resolve(&mut c, &ws).await);
-        let proxy = "https://proxy.example/anthropic";
-        assert_eq!(
-            triples(&resp),
-            vec![
-                t("ANTHROPIC_API_KEY", "usage-token-1", Origin::Authority),
-                t("ANTHROPIC_BASE_URL", proxy, Origin::Authority),
-                t("APP_NAME", "demo", Origin::Workspace),
-                t("MODEL_PROVIDER", "claude-sonnet-4-6", Origin::Authority),
-                t("MOLECULE_LLM_ANTHROPIC_BASE_URL", proxy, Origin::Authority),
-                t(
-                    "MOLECULE_LLM_BILLING_MODE",
-                    "platform_managed",
-                    Origin::Authority
-                ),
-                t(
-                    "MOLECULE_LLM_BILLING_MODE_RESOLVED",
-                    "platform_managed",
-                    Origin::Authority
-                ),
-                t(
-                    "MOLECULE_LLM_USAGE_TOKEN",
-                    "usage-token-1",
-                    Origin::Authority
-                ),
-                t("REGION", "eu", Origin::Platform),
-            ]
-        );
-        assert_eq!(
-            resp.removed_keys,
-            strings(&[
-                "ANTHROPIC_AUTH_TOKEN",
-                "CLAUDE_CODE_OAUTH_TOKEN",
-                "HERMES_CUSTOM_BASE_URL",
-                "OPENAI_API_KEY"
-            ])
-        );
-        assert_eq!(
-            resp.added_keys,
-            strings(&[
-                "ANTHROPIC_API_KEY",
-                "ANTHROPIC_BASE_URL",
-                "MODEL_PROVIDER",
-                "MOLECULE_LLM_ANTHROPIC_BASE_URL",
-                "MOLECULE_LLM_BILLING_MODE",
-                "MOLECULE_LLM_BILLING_MODE_RESOLVED",
-                "MOLECULE_LLM_USAGE_TOKEN",
-            ])
-        );
-
-        // With the OpenAI family's proxy given too, that family is routed as well.
-        candidate.push(env(
-            Origin::Platform,
-            "MOLECULE_LLM_OPENAI_BASE_URL",
-            "https://proxy.example/openai",
-        ));
-        let resp = build(&mut c, &ws, candidate).await.unwrap();
-        let m = env_map(&resp);
-        assert_eq!(
-            m["OPENAI_API_KEY"],
-            ("usage-token-1".to_owned(), Origin::Authority)
-        );
-        assert_eq!(
-            m["OPENAI_BASE_URL"],
-            ("https://proxy.example/openai".to_owned(), Origin::Authority)
-        );
-        assert!(!resp.removed_keys.contains(&"OPENAI_API_KEY".to_owned()));
-        assert!(resp.added_keys.contains(&"OPENAI_BASE_URL".to_owned()));
-        app.stop().await.unwrap();
-    })
-    .await;
-}
-
-#[tokio::test]
-async fn build_env_in_byok_keeps_only_the_workspaces_own_credentials_and_no_proxy() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
-        let mut c = app.client().await;
-        let ws = new_workspace();
-        register(
-            &mut c,
-            &ws,
-            "claude-code",
-            "opus",
-            &["CLAUDE_CODE_OAUTH_TOKEN"],
-        )
-        .await;
-        let mut candidate = vec![
-            env(
-                Origin::Workspace,
-                "CLAUDE_CODE_OAUTH_TOKEN",
-                "customer-oauth",
-            ),
-            env(Origin::Global, "CLAUDE_CODE_OAUTH_TOKEN", "platform-oauth"),
-            env(Origin::Workspace, "ANTHROPIC_API_KEY", "customer-api-key"),
-            env(Origin::Global, "OPENAI_API_KEY", "platform-openai"),
-            env(
-                Origin::Global,
-                "ANTHROPIC_BASE_URL",
-                "https://global.example",
-            ),
-            env(Origin::Workspace, "MOLECULE_LLM_CUSTOM", "self-minted"),
-            env(Origin::Workspace, "APP_NAME", "demo"),
-            env(Origin::Global, "LOG_LEVEL", "debug"),
-            env(Origin::Platform, "REGION", "eu"),
-            env(Origin::Global, "MODEL_PROVIDER", "opus"),
-        ];
-        candidate.extend(anthropic_proxy());
-        let resp = build(&mut c, &ws, candidate).await.unwrap();
-        let r = resp.resolution.clone().unwrap();
-        assert_eq!(
-            (r.mode(), r.provider.as_str()),
-            (Mode::Byok, "anthropic-oauth")
-        );
-        assert_eq!(r, resolve(&mut c, &ws).await);
-        assert_eq!(
-            triples(&resp),
-            vec![
-                t("ANTHROPIC_API_KEY", "customer-api-key", Origin::Workspace),
-                t("APP_NAME", "demo", Origin::Workspace),
-                t(
-                    "CLAUDE_CODE_OAUTH_TOKEN",
-                    "customer-oauth",
-                    Origin::Workspace
-                ),
-                t("LOG_LEVEL", "debug", Origin::Global),
-                t("MODEL_PROVIDER", "opus", Origin::Authority),
-                t("MOLECULE_LLM_BILLING_MODE", "byok", Origin::Authority),
-                t(
-                    "MOLECULE_LLM_BILLING_MODE_RESOLVED",
-                    "byok",
-                    Origin::Authority
-                ),
-                t("REGION", "eu", Origin::Platform),
-            ]
-        );
-        assert_eq!(
-            resp.removed_keys,
-            strings(&[
-                "ANTHROPIC_BASE_URL",
-                "MOLECULE_LLM_ANTHROPIC_BASE_URL",
-                "MOLECULE_LLM_CUSTOM",
-                "MOLECULE_LLM_USAGE_TOKEN",
-                "OPENAI_API_KEY",
-            ])
-        );
-        assert_eq!(
-            resp.added_keys,
-            strings(&[
-                "MODEL_PROVIDER",
-                "MOLECULE_LLM_BILLING_MODE",
-                "MOLECULE_LLM_BILLING_MODE_RESOLVED"
-            ])
-        );
-        app.stop().await.unwrap();
-    })
-    .await;
-}
-
-#[tokio::test]
-async fn build_env_in_disabled_removes_every_llm_key_and_needs_no_credential_or_proxy() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
-        let mut c = app.client().await;
-        let ws = new_workspace();
-        register(
-            &mut c,
-            &ws,
-            "claude-code",
-            "opus",
-            &["CLAUDE_CODE_OAUTH_TOKEN"],
-        )
-        .await;
-        set_override(&mut c, &ws, Mode::Disabled, "unpaid invoice").await;
-        let mut candidate = vec![
-            env(
-                Origin::Workspace,
-                "CLAUDE_CODE_OAUTH_TOKEN",
-                "customer-oauth",
-            ),
-            env(Origin::Global, "ANTHROPIC_API_KEY", "platform-key"),
-            env(Origin::Workspace, "APP_NAME", "demo"),
-        ];
-        candidate.extend(anthropic_proxy());
-        let resp = build(&mut c, &ws, candidate).await.unwrap();
-        assert_eq!(resp.resolution.as_ref().unwrap().mode(), Mode::Disabled);
-        assert_eq!(
-            triples(&resp),
-            vec![
-                t("APP_NAME", "demo", Origin::Workspace),
-                t("MODEL_PROVIDER", "opus", Origin::Authority),
-                t("MOLECULE_LLM_BILLING_MODE", "disabled", Origin::Authority),
-                t(
-                    "MOLECULE_LLM_BILLING_MODE_RESOLVED",
-                    "disabled",
-                    Origin::Authority
-                ),
-            ]
-        );
-        assert_eq!(
-            resp.removed_keys,
-            strings(&[
-                "ANTHROPIC_API_KEY",
-                "CLAUDE_CODE_OAUTH_TOKEN",
-                "MOLECULE_LLM_ANTHROPIC_BASE_URL",
-                "MOLECULE_LLM_USAGE_TOKEN",
-            ])
-        );
-        // Nothing at all in the candidate: still fine.
-        let empty = build(&mut c, &ws, vec![]).await.unwrap();
-        assert_eq!(empty.env.len(), 3);
-        assert!(empty.removed_keys.is_empty());
-        app.stop().await.unwrap();
-    })
-    .await;
-}
-
-#[tokio::test]
-async fn build_env_for_hermes_writes_every_model_variable_of_the_runtime() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
-        let mut c = app.client().await;
-        let ws = new_workspace();
-        register(
-            &mut c,
-            &ws,
-            "hermes",
-            "openai/gpt-4o",
-            &["OPENROUTER_API_KEY"],
-        )
-        .await;
-        let resp = build(
-            &mut c,
-            &ws,
-            vec![
-                env(Origin::Workspace, "OPENROUTER_API_KEY", "customer-or"),
-                env(Origin::Global, "HERMES_DEFAULT_MODEL", "openai/gpt-4o"),
-            ],
-        )
-        .await
-        .unwrap();
-        let r = resp.resolution.clone().unwrap();
-        assert_eq!((r.mode(), r.provider.as_str()), (Mode::Byok, "openrouter"));
-        let m = env_map(&resp);
-        assert_eq!(
-            m["MODEL_PROVIDER"],
-            ("openai/gpt-4o".to_owned(), Origin::Authority)
-        );
-        assert_eq!(
-            m["HERMES_DEFAULT_MODEL"],
-            ("openai/gpt-4o".to_owned(), Origin::Authority)
-        );
-        assert_eq!(
-            m["OPENROUTER_API_KEY"],
-            ("customer-or".to_owned(), Origin::Workspace)
-        );
-        assert!(resp.added_keys.contains(&"HERMES_DEFAULT_MODEL".to_owned()));
-
-        // A hermes-only model variable naming another model is refused.
-        let err = build(
-            &mut c,
-            &ws,
-            vec![
-                env(Origin::Workspace, "OPENROUTER_API_KEY", "customer-or"),
-                env(Origin::Global, "HERMES_DEFAULT_MODEL", "anthropic/claude-3"),
-            ],
-        )
-        .await
-        .unwrap_err();
-        assert_error(&err, Code::FailedPrecondition, "MODEL_MISMATCH");
-        app.stop().await.unwrap();
-    })
-    .await;
-}
-
-#[tokio::test]
-async fn build_env_without_a_recorded_model_writes_no_model_variable() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
-        let mut c = app.client().await;
-        let ws = new_workspace();
-        set(&mut c, fields(&ws, Some("claude-code"), None, None)).await;
-        let resp = build(&mut c, &ws, anthropic_proxy()).await.unwrap();
-        let r = resp.resolution.clone().unwrap();
-        assert_eq!(
-            (r.mode(), r.source()),
-            (Mode::PlatformManaged, Source::Default)
-        );
-        // No provider derived: the default (Anthropic) family is routed.
-        let m = env_map(&resp);
-        assert!(!m.contains_key("MODEL_PROVIDER"));
-        assert_eq!(m["ANTHROPIC_BASE_URL"].0, "https://proxy.example/anthropic");
-        assert_eq!(m["ANTHROPIC_API_KEY"].0, "usage-token-1");
-        app.stop().await.unwrap();
-    })
-    .await;
-}
-
-#[tokio::test]
-async fn a_byok_override_over_a_platform_provider_accepts_any_own_vendor_credential() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
-        let mut c = app.client().await;
-        let ws = new_workspace();
-        register(&mut c, &ws, "claude-code", "claude-sonnet-4-6", &[]).await;
-        let o = set_override(&mut c, &ws, Mode::Byok, "customer brings a key").await;
-        assert_eq!(
-            (o.mode(), o.source(), o.provider.as_str()),
-            (Mode::Byok, Source::Override, "platform-anthropic")
-        );
-
-        let resp = build(
-            &mut c,
-            &ws,
-            vec![
-                env(Origin::Workspace, "OPENAI_API_KEY", "customer-openai"),
-                env(Origin::Global, "ANTHROPIC_API_KEY", "platform-key"),
-            ],
-        )
-        .await
-        .unwrap();
-        let m = env_map(&resp);
-        assert_eq!(
-            m["OPENAI_API_KEY"],
-            ("customer-openai".to_owned(), Origin::Workspace)
-        );
-        assert!(
-            !m.contains_key("ANTHROPIC_API_KEY"),
-            "the platform's key never reaches byok"
-        );
-        assert_eq!(m["MOLECULE_LLM_BILLING_MODE"].0, "byok");
-
-        // Only the platform's credential: refused, never used instead.
-        let err = build(
-            &mut c,
-            &ws,
-            vec![env(Origin::Global, "ANTHROPIC_API_KEY", "platform-key")],
-        )
-        .await
-        .unwrap_err();
-        assert_error(&err, Code::FailedPrecondition, "MISSING_BYOK_CREDENTIAL");
-        app.stop().await.unwrap();
-    })
-    .await;
-}
-
-#[tokio::test]
-async fn the_same_key_under_two_origins_resolves_workspace_over_global_over_platform() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
-        let mut c = app.client().await;
-        let ws = new_workspace();
-        set_override(&mut c, &ws, Mode::Disabled, "no llm").await;
-        let resp = build(
-            &mut c,
-            &ws,
-            vec![
-                env(Origin::Platform, "A_SETTING", "platform"),
-                env(Origin::Global, "A_SETTING", "global"),
-                env(Origin::Workspace, "A_SETTING", "workspace"),
-                env(Origin::Platform, "B_SETTING", "platform"),
-                env(Origin::Global, "B_SETTING", "global"),
-            ],
-        )
-        .await
-        .unwrap();
-        let m = env_map(&resp);
-        assert_eq!(m["A_SETTING"], ("workspace".to_owned(), Origin::Workspace));
-        assert_eq!(m["B_SETTING"], ("global".to_owned(), Origin::Global));
-        assert!(resp.removed_keys.is_empty());
-        app.stop().await.unwrap();
-    })
-    .await;
-}
-
-#[tokio::test]
-async fn history_lists_every_change_newest_first_one_page_at_a_time() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
-        let mut c = app.client().await;
-        let ws = new_workspace();
-        let started = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs() as i64;
-        set(
-            &mut c,
-            SetRequest {
-                reason: "onboarding".into(),
-                ..fields(
-                    &ws,
-                    Some("claude-code"),
-                    Some("opus"),
-                    Some(&["CLAUDE_CODE_OAUTH_TOKEN"]),
-                )
-            },
-        )
-        .await;
-        set(&mut c, fields(&ws, None, Some("claude-sonnet-4-6"), None)).await;
-        set_override(&mut c, &ws, Mode::Byok, "ticket 42").await;
-        clear(&mut c, &ws, "ticket 43").await.unwrap();
-
-        let all = history(&mut c, &ws.to_uppercase(), 0, "").await.unwrap();
-        assert!(all.next_page_token.is_empty());
-        let revs: Vec<u64> = all.entries.iter().map(|e| e.revision).collect();
-        assert_eq!(revs, vec![4, 3, 2, 1]);
-        let e = &all.entries;
-        for entry in e {
-            assert_eq!(entry.actor, "anonymous");
-            let secs = entry.time.as_ref().expect("time").seconds;
-            assert!(
-                (started - 5..=started + 120).contains(&secs),
-                "time {secs} near {started}"
-            );
-        }
-        assert!(e.windows(2).all(|w| {
-            let (a, b) = (w[0].time.as_ref().unwrap(), w[1].time.as_ref().unwrap());
-            (a.seconds, a.nanos) >= (b.seconds, b.nanos)
-        }));
-        let created = RecordFields {
-            runtime: "claude-code".into(),
-            model: "opus".into(),
-            credential_keys: strings(&["CLAUDE_CODE_OAUTH_TOKEN"]),
-            override_mode: String::new(),
-        };
-        assert_eq!(e[3].reason, "onboarding");
-        assert_eq!(e[3].before, None, "the creating change has no before");
-        assert_eq!(e[3].after.as_ref(), Some(&created));
-        let sonnet = RecordFields {
-            model: "claude-sonnet-4-6".into(),
-            ..created.clone()
-        };
-        assert_eq!(e[2].before.as_ref(), Some(&created));
-        assert_eq!(e[2].after.as_ref(), Some(&sonnet));
-        let overridden = RecordFields {
-            override_mode: "byok".into(),
-            ..sonnet.clone()
-        };
-        assert_eq!(
-            (e[1].reason.as_str(), e[1].after.as_ref()),
-            ("ticket 42", Some(&overridden))
-        );
-        assert_eq!(
-            (e[0].reason.as_str(), e[0].before.as_ref()),
-            ("ticket 43", Some(&overridden))
-        );
-        assert_eq!(e[0].after.as_ref(), Some(&sonnet));
-
-        // Paging: 3 + 1.
-        let p1 = history(&mut c, &ws, 3, "").await.unwrap();
-        assert_eq!(
-            p1.entries.iter().map(|e| e.revision).collect::<Vec<_>>(),
-            vec![4, 3, 2]
-        );
-        assert!(!p1.next_page_token.is_empty());
-        let p2 = history(&mut c, &ws, 3, &p1.next_page_token).await.unwrap();
-        assert_eq!(
-            p2.entries.iter().map(|e| e.revision).collect::<Vec<_>>(),
-            vec![1]
-        );
-        assert!(p2.next_page_token.is_empty());
-        assert_eq!(
-            p1.entries.into_iter().chain(p2.entries).collect::<Vec<_>>(),
-            all.entries
-        );
-        app.stop().await.unwrap();
-    })
-    .await;
+    // Paging: 3 + 1.
+    let p1 = history(&mut c, &ws, 3, "").await.unwrap();
+    assert_eq!(
+        p1.entries.iter().map(|e| e.revision).collect::<Vec<_>>(),
+        vec![4, 3, 2]
+    );
+    assert!(!p1.next_page_token.is_empty());
+    let p2 = history(&mut c, &ws, 3, &p1.next_page_token).await.unwrap();
+    assert_eq!(
+        p2.entries.iter().map(|e| e.revision).collect::<Vec<_>>(),
+        vec![1]
+    );
+    assert!(p2.next_page_token.is_empty());
+    assert_eq!(
+        p1.entries.into_iter().chain(p2.entries).collect::<Vec<_>>(),
+        all.entries
+    );
+    app.stop().await.unwrap();
 }
 
 // ---------------------------------------------------------------------------
@@ -867,741 +840,707 @@ const BAD_IDS: [&str; 10] = [
     "6b66de8d-9337-4fb4-be8d-6d49dca0d809\n",
 ];
 
-#[tokio::test]
-async fn malformed_workspace_ids_are_invalid_workspace_id_on_every_rpc() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
-        let mut c = app.client().await;
-        for bad in BAD_IDS {
-            let e = try_resolve(&mut c, bad).await.unwrap_err();
-            let msg = assert_error(&e, Code::InvalidArgument, "INVALID_WORKSPACE_ID");
-            assert!(
-                msg.contains("workspace_id"),
-                "message names the field: {msg}"
-            );
-            let e = c
-                .set(fields(bad, Some("claude-code"), None, None))
-                .await
-                .unwrap_err();
-            assert_error(&e, Code::InvalidArgument, "INVALID_WORKSPACE_ID");
-            let e = clear(&mut c, bad, "why").await.unwrap_err();
-            assert_error(&e, Code::InvalidArgument, "INVALID_WORKSPACE_ID");
-            let e = build(&mut c, bad, anthropic_proxy()).await.unwrap_err();
-            assert_error(&e, Code::InvalidArgument, "INVALID_WORKSPACE_ID");
-            let e = history(&mut c, bad, 0, "").await.unwrap_err();
-            assert_error(&e, Code::InvalidArgument, "INVALID_WORKSPACE_ID");
-        }
-        app.stop().await.unwrap();
-    })
-    .await;
-}
-
-#[tokio::test]
-async fn set_refuses_an_unspecified_or_unknown_override_mode_with_invalid_mode() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
-        let mut c = app.client().await;
-        let ws = new_workspace();
-        for mode in [Mode::Unspecified as i32, 7, -1] {
-            let e = c
-                .set(SetRequest {
-                    workspace_id: ws.clone(),
-                    override_mode: Some(mode),
-                    reason: "a reason".into(),
-                    ..SetRequest::default()
-                })
-                .await
-                .unwrap_err();
-            assert_error(&e, Code::InvalidArgument, "INVALID_MODE");
-        }
-        // Nothing was written.
-        assert_error(
-            &try_resolve(&mut c, &ws).await.unwrap_err(),
-            Code::NotFound,
-            "WORKSPACE_NOT_FOUND",
+backends!(malformed_workspace_ids_are_invalid_workspace_id_on_every_rpc);
+async fn malformed_workspace_ids_are_invalid_workspace_id_on_every_rpc(db: TestDb) {
+    let app = TestApp::spawn(&db).await;
+    let mut c = app.client().await;
+    for bad in BAD_IDS {
+        let e = try_resolve(&mut c, bad).await.unwrap_err();
+        let msg = assert_error(&e, Code::InvalidArgument, "INVALID_WORKSPACE_ID");
+        assert!(
+            msg.contains("workspace_id"),
+            "message names the field: {msg}"
         );
-        app.stop().await.unwrap();
-    })
-    .await;
+        let e = c
+            .set(fields(bad, Some("claude-code"), None, None))
+            .await
+            .unwrap_err();
+        assert_error(&e, Code::InvalidArgument, "INVALID_WORKSPACE_ID");
+        let e = clear(&mut c, bad, "why").await.unwrap_err();
+        assert_error(&e, Code::InvalidArgument, "INVALID_WORKSPACE_ID");
+        let e = build(&mut c, bad, anthropic_proxy()).await.unwrap_err();
+        assert_error(&e, Code::InvalidArgument, "INVALID_WORKSPACE_ID");
+        let e = history(&mut c, bad, 0, "").await.unwrap_err();
+        assert_error(&e, Code::InvalidArgument, "INVALID_WORKSPACE_ID");
+    }
+    app.stop().await.unwrap();
 }
 
-#[tokio::test]
-async fn malformed_fields_are_invalid_field_and_the_limits_are_inclusive() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
-        let mut c = app.client().await;
-        let ws = new_workspace();
-        for runtime in [
-            "claude code",
-            "claude-code\t",
-            " claude-code",
-            "claude\u{7}code",
-            "claude\u{a0}code",
-        ] {
-            let e = c
-                .set(fields(&ws, Some(runtime), None, None))
-                .await
-                .unwrap_err();
-            let msg = assert_error(&e, Code::InvalidArgument, "INVALID_FIELD");
-            assert!(msg.contains("runtime"), "{msg}");
-        }
+backends!(set_refuses_an_unspecified_or_unknown_override_mode_with_invalid_mode);
+async fn set_refuses_an_unspecified_or_unknown_override_mode_with_invalid_mode(db: TestDb) {
+    let app = TestApp::spawn(&db).await;
+    let mut c = app.client().await;
+    let ws = new_workspace();
+    for mode in [Mode::Unspecified as i32, 7, -1] {
         let e = c
-            .set(fields(&ws, None, Some(&"m".repeat(257)), None))
+            .set(SetRequest {
+                workspace_id: ws.clone(),
+                override_mode: Some(mode),
+                reason: "a reason".into(),
+                ..SetRequest::default()
+            })
+            .await
+            .unwrap_err();
+        assert_error(&e, Code::InvalidArgument, "INVALID_MODE");
+    }
+    // Nothing was written.
+    assert_error(
+        &try_resolve(&mut c, &ws).await.unwrap_err(),
+        Code::NotFound,
+        "WORKSPACE_NOT_FOUND",
+    );
+    app.stop().await.unwrap();
+}
+
+backends!(malformed_fields_are_invalid_field_and_the_limits_are_inclusive);
+async fn malformed_fields_are_invalid_field_and_the_limits_are_inclusive(db: TestDb) {
+    let app = TestApp::spawn(&db).await;
+    let mut c = app.client().await;
+    let ws = new_workspace();
+    for runtime in [
+        "claude code",
+        "claude-code\t",
+        " claude-code",
+        "claude\u{7}code",
+        "claude\u{a0}code",
+    ] {
+        let e = c
+            .set(fields(&ws, Some(runtime), None, None))
             .await
             .unwrap_err();
         let msg = assert_error(&e, Code::InvalidArgument, "INVALID_FIELD");
-        assert!(msg.contains("model"), "{msg}");
-        let e = c
-            .set(fields(&ws, None, Some("op us"), None))
-            .await
-            .unwrap_err();
-        assert_error(&e, Code::InvalidArgument, "INVALID_FIELD");
-        // 256 bytes is allowed (multi-byte characters count in bytes).
-        let r = set(
-            &mut c,
-            fields(&ws, Some(&"r".repeat(256)), Some(&"é".repeat(128)), None),
-        )
-        .await;
-        assert_eq!((r.runtime.len(), r.model.len()), (256, 256));
-        let e = c
-            .set(fields(&ws, None, Some(&"é".repeat(129)), None))
-            .await
-            .unwrap_err();
-        assert_error(&e, Code::InvalidArgument, "INVALID_FIELD");
-
-        // Env entries must come from WORKSPACE, GLOBAL or PLATFORM.
-        for origin in [Origin::Unspecified as i32, Origin::Authority as i32, 9] {
-            let mut candidate = anthropic_proxy();
-            candidate.push(EnvVar {
-                key: "APP_NAME".into(),
-                value: "demo".into(),
-                origin,
-            });
-            let e = build(&mut c, &ws, candidate).await.unwrap_err();
-            assert_error(&e, Code::InvalidArgument, "INVALID_FIELD");
-        }
-
-        // History page tokens only come from a previous page.
-        for token in ["abc", "0", "-1", "1.5", " 2"] {
-            let e = history(&mut c, &ws, 0, token).await.unwrap_err();
-            assert_error(&e, Code::InvalidArgument, "INVALID_FIELD");
-        }
-        app.stop().await.unwrap();
-    })
-    .await;
-}
-
-#[tokio::test]
-async fn a_set_carrying_only_a_reason_or_expected_revision_is_nothing_to_set() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
-        let mut c = app.client().await;
-        let ws = new_workspace();
-        register(&mut c, &ws, "claude-code", "opus", &[]).await;
-        for (reason, expected) in [
-            ("", None),
-            ("just because", None),
-            ("", Some(1)),
-            ("why", Some(1)),
-            ("", Some(0)),
-        ] {
-            let e = c
-                .set(SetRequest {
-                    workspace_id: ws.clone(),
-                    expected_revision: expected,
-                    reason: reason.into(),
-                    ..SetRequest::default()
-                })
-                .await
-                .unwrap_err();
-            assert_error(&e, Code::InvalidArgument, "NOTHING_TO_SET");
-        }
-        assert_eq!(resolve(&mut c, &ws).await.revision, 1);
-        app.stop().await.unwrap();
-    })
-    .await;
-}
-
-#[tokio::test]
-async fn overrides_and_clears_without_a_real_reason_are_reason_required() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
-        let mut c = app.client().await;
-        let ws = new_workspace();
-        register(&mut c, &ws, "claude-code", "opus", &[]).await;
-        for reason in ["", "   ", " \t\n "] {
-            let e = c
-                .set(SetRequest {
-                    workspace_id: ws.clone(),
-                    override_mode: Some(Mode::Byok.into()),
-                    reason: reason.into(),
-                    ..SetRequest::default()
-                })
-                .await
-                .unwrap_err();
-            assert_error(&e, Code::InvalidArgument, "REASON_REQUIRED");
-            let e = clear(&mut c, &ws, reason).await.unwrap_err();
-            assert_error(&e, Code::InvalidArgument, "REASON_REQUIRED");
-        }
-        // Fields other than the override need no reason.
-        assert_eq!(
-            set(&mut c, fields(&ws, None, Some("sonnet"), None))
-                .await
-                .revision,
-            2
-        );
-        assert_eq!(
-            resolve(&mut c, &ws).await.override_mode(),
-            Mode::Unspecified
-        );
-        app.stop().await.unwrap();
-    })
-    .await;
-}
-
-#[tokio::test]
-async fn malformed_env_and_credential_keys_are_invalid_env_key() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
-        let mut c = app.client().await;
-        let ws = new_workspace();
-        set_override(&mut c, &ws, Mode::Disabled, "off").await;
-        let long = "K".repeat(257);
-        for key in ["", "1ABC", "A-B", "A B", "A=B", "Ä", "KEY\n", long.as_str()] {
-            let e = build(&mut c, &ws, vec![env(Origin::Workspace, key, "v")])
-                .await
-                .unwrap_err();
-            assert_error(&e, Code::InvalidArgument, "INVALID_ENV_KEY");
-            let e = c
-                .set(fields(&ws, None, None, Some(&["OPENAI_API_KEY", key])))
-                .await
-                .unwrap_err();
-            assert_error(&e, Code::InvalidArgument, "INVALID_ENV_KEY");
-        }
-        // The longest valid key is fine.
-        build(
-            &mut c,
-            &ws,
-            vec![env(Origin::Workspace, &"K".repeat(256), "v")],
-        )
+        assert!(msg.contains("runtime"), "{msg}");
+    }
+    let e = c
+        .set(fields(&ws, None, Some(&"m".repeat(257)), None))
         .await
-        .unwrap();
-        app.stop().await.unwrap();
-    })
+        .unwrap_err();
+    let msg = assert_error(&e, Code::InvalidArgument, "INVALID_FIELD");
+    assert!(msg.contains("model"), "{msg}");
+    let e = c
+        .set(fields(&ws, None, Some("op us"), None))
+        .await
+        .unwrap_err();
+    assert_error(&e, Code::InvalidArgument, "INVALID_FIELD");
+    // 256 bytes is allowed (multi-byte characters count in bytes).
+    let r = set(
+        &mut c,
+        fields(&ws, Some(&"r".repeat(256)), Some(&"é".repeat(128)), None),
+    )
     .await;
+    assert_eq!((r.runtime.len(), r.model.len()), (256, 256));
+    let e = c
+        .set(fields(&ws, None, Some(&"é".repeat(129)), None))
+        .await
+        .unwrap_err();
+    assert_error(&e, Code::InvalidArgument, "INVALID_FIELD");
+
+    // Env entries must come from WORKSPACE, GLOBAL or PLATFORM.
+    for origin in [Origin::Unspecified as i32, Origin::Authority as i32, 9] {
+        let mut candidate = anthropic_proxy();
+        candidate.push(EnvVar {
+            key: "APP_NAME".into(),
+            value: "demo".into(),
+            origin,
+        });
+        let e = build(&mut c, &ws, candidate).await.unwrap_err();
+        assert_error(&e, Code::InvalidArgument, "INVALID_FIELD");
+    }
+
+    // History page tokens only come from a previous page.
+    for token in ["abc", "0", "-1", "1.5", " 2"] {
+        let e = history(&mut c, &ws, 0, token).await.unwrap_err();
+        assert_error(&e, Code::InvalidArgument, "INVALID_FIELD");
+    }
+    app.stop().await.unwrap();
 }
 
-#[tokio::test]
-async fn a_key_repeated_under_one_origin_is_duplicate_env_key() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
-        let mut c = app.client().await;
-        let ws = new_workspace();
-        set_override(&mut c, &ws, Mode::Disabled, "off").await;
-        for origin in [Origin::Workspace, Origin::Global, Origin::Platform] {
-            let e = build(
-                &mut c,
-                &ws,
-                vec![
-                    env(origin, "APP_NAME", "one"),
-                    env(Origin::Workspace, "OTHER", "x"),
-                    env(origin, "APP_NAME", "two"),
-                ],
-            )
+backends!(a_set_carrying_only_a_reason_or_expected_revision_is_nothing_to_set);
+async fn a_set_carrying_only_a_reason_or_expected_revision_is_nothing_to_set(db: TestDb) {
+    let app = TestApp::spawn(&db).await;
+    let mut c = app.client().await;
+    let ws = new_workspace();
+    register(&mut c, &ws, "claude-code", "opus", &[]).await;
+    for (reason, expected) in [
+        ("", None),
+        ("just because", None),
+        ("", Some(1)),
+        ("why", Some(1)),
+        ("", Some(0)),
+    ] {
+        let e = c
+            .set(SetRequest {
+                workspace_id: ws.clone(),
+                expected_revision: expected,
+                reason: reason.into(),
+                ..SetRequest::default()
+            })
             .await
             .unwrap_err();
-            let msg = assert_error(&e, Code::InvalidArgument, "DUPLICATE_ENV_KEY");
-            assert!(msg.contains("APP_NAME"), "{msg}");
-            assert!(
-                !msg.contains("one") && !msg.contains("two"),
-                "no values in messages: {msg}"
-            );
-        }
-        app.stop().await.unwrap();
-    })
-    .await;
+        assert_error(&e, Code::InvalidArgument, "NOTHING_TO_SET");
+    }
+    assert_eq!(resolve(&mut c, &ws).await.revision, 1);
+    app.stop().await.unwrap();
 }
 
-#[tokio::test]
-async fn env_size_value_size_and_credential_count_limits_are_limit_exceeded() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
-        let mut c = app.client().await;
-        let ws = new_workspace();
-        set_override(&mut c, &ws, Mode::Disabled, "off").await;
+backends!(overrides_and_clears_without_a_real_reason_are_reason_required);
+async fn overrides_and_clears_without_a_real_reason_are_reason_required(db: TestDb) {
+    let app = TestApp::spawn(&db).await;
+    let mut c = app.client().await;
+    let ws = new_workspace();
+    register(&mut c, &ws, "claude-code", "opus", &[]).await;
+    for reason in ["", "   ", " \t\n "] {
+        let e = c
+            .set(SetRequest {
+                workspace_id: ws.clone(),
+                override_mode: Some(Mode::Byok.into()),
+                reason: reason.into(),
+                ..SetRequest::default()
+            })
+            .await
+            .unwrap_err();
+        assert_error(&e, Code::InvalidArgument, "REASON_REQUIRED");
+        let e = clear(&mut c, &ws, reason).await.unwrap_err();
+        assert_error(&e, Code::InvalidArgument, "REASON_REQUIRED");
+    }
+    // Fields other than the override need no reason.
+    assert_eq!(
+        set(&mut c, fields(&ws, None, Some("sonnet"), None))
+            .await
+            .revision,
+        2
+    );
+    assert_eq!(
+        resolve(&mut c, &ws).await.override_mode(),
+        Mode::Unspecified
+    );
+    app.stop().await.unwrap();
+}
 
-        let filler = |n: usize| -> Vec<EnvVar> {
-            (0..n)
-                .map(|i| env(Origin::Global, &format!("SETTING_{i}"), "v"))
-                .collect()
-        };
-        let ok = build(&mut c, &ws, filler(1024)).await.unwrap();
-        assert_eq!(ok.env.len(), 1024 + 2);
-        let e = build(&mut c, &ws, filler(1025)).await.unwrap_err();
-        assert_error(&e, Code::InvalidArgument, "LIMIT_EXCEEDED");
+backends!(malformed_env_and_credential_keys_are_invalid_env_key);
+async fn malformed_env_and_credential_keys_are_invalid_env_key(db: TestDb) {
+    let app = TestApp::spawn(&db).await;
+    let mut c = app.client().await;
+    let ws = new_workspace();
+    set_override(&mut c, &ws, Mode::Disabled, "off").await;
+    let long = "K".repeat(257);
+    for key in ["", "1ABC", "A-B", "A B", "A=B", "Ä", "KEY\n", long.as_str()] {
+        let e = build(&mut c, &ws, vec![env(Origin::Workspace, key, "v")])
+            .await
+            .unwrap_err();
+        assert_error(&e, Code::InvalidArgument, "INVALID_ENV_KEY");
+        let e = c
+            .set(fields(&ws, None, None, Some(&["OPENAI_API_KEY", key])))
+            .await
+            .unwrap_err();
+        assert_error(&e, Code::InvalidArgument, "INVALID_ENV_KEY");
+    }
+    // The longest valid key is fine.
+    build(
+        &mut c,
+        &ws,
+        vec![env(Origin::Workspace, &"K".repeat(256), "v")],
+    )
+    .await
+    .unwrap();
+    app.stop().await.unwrap();
+}
 
-        build(
-            &mut c,
-            &ws,
-            vec![env(Origin::Workspace, "BIG", &"v".repeat(64 * 1024))],
-        )
-        .await
-        .unwrap();
+backends!(a_key_repeated_under_one_origin_is_duplicate_env_key);
+async fn a_key_repeated_under_one_origin_is_duplicate_env_key(db: TestDb) {
+    let app = TestApp::spawn(&db).await;
+    let mut c = app.client().await;
+    let ws = new_workspace();
+    set_override(&mut c, &ws, Mode::Disabled, "off").await;
+    for origin in [Origin::Workspace, Origin::Global, Origin::Platform] {
         let e = build(
             &mut c,
             &ws,
-            vec![env(Origin::Workspace, "BIG", &"v".repeat(64 * 1024 + 1))],
+            vec![
+                env(origin, "APP_NAME", "one"),
+                env(Origin::Workspace, "OTHER", "x"),
+                env(origin, "APP_NAME", "two"),
+            ],
         )
         .await
         .unwrap_err();
-        let msg = assert_error(&e, Code::InvalidArgument, "LIMIT_EXCEEDED");
-        assert!(msg.contains("BIG"), "names the key: {msg}");
-
-        let keys = |n: usize| -> Vec<String> { (0..n).map(|i| format!("KEY_{i:03}")).collect() };
-        let k64 = keys(64);
-        let k64: Vec<&str> = k64.iter().map(String::as_str).collect();
-        let r = set(&mut c, fields(&ws, None, None, Some(&k64))).await;
-        assert_eq!(r.credential_keys.len(), 64);
-        for n in [65, 300] {
-            let kn = keys(n);
-            let kn: Vec<&str> = kn.iter().map(String::as_str).collect();
-            let e = c.set(fields(&ws, None, None, Some(&kn))).await.unwrap_err();
-            assert_error(&e, Code::InvalidArgument, "LIMIT_EXCEEDED");
-        }
-        assert_eq!(resolve(&mut c, &ws).await.credential_keys.len(), 64);
-        app.stop().await.unwrap();
-    })
-    .await;
-}
-
-#[tokio::test]
-async fn an_unregistered_workspace_is_not_found_on_resolve_build_env_clear_and_history() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
-        let mut c = app.client().await;
-        let ws = new_workspace();
-        let e = try_resolve(&mut c, &ws).await.unwrap_err();
-        let msg = assert_error(&e, Code::NotFound, "WORKSPACE_NOT_FOUND");
-        assert!(msg.contains("Set"), "tells the caller what to do: {msg}");
-        let e = build(&mut c, &ws, anthropic_proxy()).await.unwrap_err();
-        assert_error(&e, Code::NotFound, "WORKSPACE_NOT_FOUND");
-        let e = clear(&mut c, &ws, "cleanup").await.unwrap_err();
-        assert_error(&e, Code::NotFound, "WORKSPACE_NOT_FOUND");
-        let e = history(&mut c, &ws, 0, "").await.unwrap_err();
-        assert_error(&e, Code::NotFound, "WORKSPACE_NOT_FOUND");
-        // Clear did not create the record.
-        assert_error(
-            &try_resolve(&mut c, &ws).await.unwrap_err(),
-            Code::NotFound,
-            "WORKSPACE_NOT_FOUND",
+        let msg = assert_error(&e, Code::InvalidArgument, "DUPLICATE_ENV_KEY");
+        assert!(msg.contains("APP_NAME"), "{msg}");
+        assert!(
+            !msg.contains("one") && !msg.contains("two"),
+            "no values in messages: {msg}"
         );
-        app.stop().await.unwrap();
-    })
-    .await;
+    }
+    app.stop().await.unwrap();
 }
 
-#[tokio::test]
-async fn a_stale_or_create_only_expected_revision_is_aborted_and_the_current_one_succeeds() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
-        let mut c = app.client().await;
-        let ws = new_workspace();
+backends!(env_size_value_size_and_credential_count_limits_are_limit_exceeded);
+async fn env_size_value_size_and_credential_count_limits_are_limit_exceeded(db: TestDb) {
+    let app = TestApp::spawn(&db).await;
+    let mut c = app.client().await;
+    let ws = new_workspace();
+    set_override(&mut c, &ws, Mode::Disabled, "off").await;
 
-        // On a missing record: 0 creates, anything else is aborted.
-        let e = c
-            .set(SetRequest {
-                expected_revision: Some(3),
-                ..fields(&ws, Some("claude-code"), None, None)
-            })
-            .await
-            .unwrap_err();
-        assert_error(&e, Code::Aborted, "REVISION_MISMATCH");
-        let r1 = set(
-            &mut c,
-            SetRequest {
-                expected_revision: Some(0),
-                ..fields(&ws, Some("claude-code"), None, None)
-            },
-        )
-        .await;
-        assert_eq!(r1.revision, 1);
-        // Create-only on an existing record.
-        let e = c
-            .set(SetRequest {
-                expected_revision: Some(0),
-                ..fields(&ws, None, Some("opus"), None)
-            })
-            .await
-            .unwrap_err();
-        let msg = assert_error(&e, Code::Aborted, "REVISION_MISMATCH");
-        assert!(msg.contains('1'), "names the current revision: {msg}");
+    let filler = |n: usize| -> Vec<EnvVar> {
+        (0..n)
+            .map(|i| env(Origin::Global, &format!("SETTING_{i}"), "v"))
+            .collect()
+    };
+    let ok = build(&mut c, &ws, filler(1024)).await.unwrap();
+    assert_eq!(ok.env.len(), 1024 + 2);
+    let e = build(&mut c, &ws, filler(1025)).await.unwrap_err();
+    assert_error(&e, Code::InvalidArgument, "LIMIT_EXCEEDED");
 
-        let r2 = set(
-            &mut c,
-            SetRequest {
-                expected_revision: Some(1),
-                ..fields(&ws, None, Some("opus"), None)
-            },
-        )
-        .await;
-        assert_eq!(r2.revision, 2);
-        // Stale Set.
-        let e = c
-            .set(SetRequest {
-                expected_revision: Some(1),
-                ..fields(&ws, None, Some("sonnet"), None)
-            })
-            .await
-            .unwrap_err();
-        assert_error(&e, Code::Aborted, "REVISION_MISMATCH");
+    build(
+        &mut c,
+        &ws,
+        vec![env(Origin::Workspace, "BIG", &"v".repeat(64 * 1024))],
+    )
+    .await
+    .unwrap();
+    let e = build(
+        &mut c,
+        &ws,
+        vec![env(Origin::Workspace, "BIG", &"v".repeat(64 * 1024 + 1))],
+    )
+    .await
+    .unwrap_err();
+    let msg = assert_error(&e, Code::InvalidArgument, "LIMIT_EXCEEDED");
+    assert!(msg.contains("BIG"), "names the key: {msg}");
 
-        let o = set(
-            &mut c,
-            SetRequest {
-                workspace_id: ws.clone(),
-                override_mode: Some(Mode::PlatformManaged.into()),
-                expected_revision: Some(2),
-                reason: "pilot".into(),
-                ..SetRequest::default()
-            },
-        )
-        .await;
-        assert_eq!(o.revision, 3);
-        // Stale Clear, then the current one.
-        for stale in [0, 2, 4] {
-            let e = c
-                .clear(ClearRequest {
-                    workspace_id: ws.clone(),
-                    expected_revision: Some(stale),
-                    reason: "end of pilot".into(),
-                    dry_run: false,
-                })
-                .await
-                .unwrap_err();
-            assert_error(&e, Code::Aborted, "REVISION_MISMATCH");
-        }
-        let cleared = c
+    let keys = |n: usize| -> Vec<String> { (0..n).map(|i| format!("KEY_{i:03}")).collect() };
+    let k64 = keys(64);
+    let k64: Vec<&str> = k64.iter().map(String::as_str).collect();
+    let r = set(&mut c, fields(&ws, None, None, Some(&k64))).await;
+    assert_eq!(r.credential_keys.len(), 64);
+    for n in [65, 300] {
+        let kn = keys(n);
+        let kn: Vec<&str> = kn.iter().map(String::as_str).collect();
+        let e = c.set(fields(&ws, None, None, Some(&kn))).await.unwrap_err();
+        assert_error(&e, Code::InvalidArgument, "LIMIT_EXCEEDED");
+    }
+    assert_eq!(resolve(&mut c, &ws).await.credential_keys.len(), 64);
+    app.stop().await.unwrap();
+}
+
+backends!(an_unregistered_workspace_is_not_found_on_resolve_build_env_clear_and_history);
+async fn an_unregistered_workspace_is_not_found_on_resolve_build_env_clear_and_history(db: TestDb) {
+    let app = TestApp::spawn(&db).await;
+    let mut c = app.client().await;
+    let ws = new_workspace();
+    let e = try_resolve(&mut c, &ws).await.unwrap_err();
+    let msg = assert_error(&e, Code::NotFound, "WORKSPACE_NOT_FOUND");
+    assert!(msg.contains("Set"), "tells the caller what to do: {msg}");
+    let e = build(&mut c, &ws, anthropic_proxy()).await.unwrap_err();
+    assert_error(&e, Code::NotFound, "WORKSPACE_NOT_FOUND");
+    let e = clear(&mut c, &ws, "cleanup").await.unwrap_err();
+    assert_error(&e, Code::NotFound, "WORKSPACE_NOT_FOUND");
+    let e = history(&mut c, &ws, 0, "").await.unwrap_err();
+    assert_error(&e, Code::NotFound, "WORKSPACE_NOT_FOUND");
+    // Clear did not create the record.
+    assert_error(
+        &try_resolve(&mut c, &ws).await.unwrap_err(),
+        Code::NotFound,
+        "WORKSPACE_NOT_FOUND",
+    );
+    app.stop().await.unwrap();
+}
+
+backends!(a_stale_or_create_only_expected_revision_is_aborted_and_the_current_one_succeeds);
+async fn a_stale_or_create_only_expected_revision_is_aborted_and_the_current_one_succeeds(
+    db: TestDb,
+) {
+    let app = TestApp::spawn(&db).await;
+    let mut c = app.client().await;
+    let ws = new_workspace();
+
+    // On a missing record: 0 creates, anything else is aborted.
+    let e = c
+        .set(SetRequest {
+            expected_revision: Some(3),
+            ..fields(&ws, Some("claude-code"), None, None)
+        })
+        .await
+        .unwrap_err();
+    assert_error(&e, Code::Aborted, "REVISION_MISMATCH");
+    let r1 = set(
+        &mut c,
+        SetRequest {
+            expected_revision: Some(0),
+            ..fields(&ws, Some("claude-code"), None, None)
+        },
+    )
+    .await;
+    assert_eq!(r1.revision, 1);
+    // Create-only on an existing record.
+    let e = c
+        .set(SetRequest {
+            expected_revision: Some(0),
+            ..fields(&ws, None, Some("opus"), None)
+        })
+        .await
+        .unwrap_err();
+    let msg = assert_error(&e, Code::Aborted, "REVISION_MISMATCH");
+    assert!(msg.contains('1'), "names the current revision: {msg}");
+
+    let r2 = set(
+        &mut c,
+        SetRequest {
+            expected_revision: Some(1),
+            ..fields(&ws, None, Some("opus"), None)
+        },
+    )
+    .await;
+    assert_eq!(r2.revision, 2);
+    // Stale Set.
+    let e = c
+        .set(SetRequest {
+            expected_revision: Some(1),
+            ..fields(&ws, None, Some("sonnet"), None)
+        })
+        .await
+        .unwrap_err();
+    assert_error(&e, Code::Aborted, "REVISION_MISMATCH");
+
+    let o = set(
+        &mut c,
+        SetRequest {
+            workspace_id: ws.clone(),
+            override_mode: Some(Mode::PlatformManaged.into()),
+            expected_revision: Some(2),
+            reason: "pilot".into(),
+            ..SetRequest::default()
+        },
+    )
+    .await;
+    assert_eq!(o.revision, 3);
+    // Stale Clear, then the current one.
+    for stale in [0, 2, 4] {
+        let e = c
             .clear(ClearRequest {
                 workspace_id: ws.clone(),
-                expected_revision: Some(3),
+                expected_revision: Some(stale),
                 reason: "end of pilot".into(),
                 dry_run: false,
             })
             .await
-            .unwrap()
-            .into_inner()
-            .resolution
-            .unwrap();
-        assert_eq!(
-            (cleared.revision, cleared.override_mode()),
-            (4, Mode::Unspecified)
-        );
-        let r = resolve(&mut c, &ws).await;
-        assert_eq!(
-            (r.revision, r.model.as_str()),
-            (4, "opus"),
-            "the stale writes changed nothing"
-        );
-        app.stop().await.unwrap();
-    })
-    .await;
-}
-
-#[tokio::test]
-async fn byok_without_the_workspaces_own_credential_fails_closed_even_with_the_platforms_present() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
-        let mut c = app.client().await;
-        let ws = new_workspace();
-        register(
-            &mut c,
-            &ws,
-            "claude-code",
-            "opus",
-            &["CLAUDE_CODE_OAUTH_TOKEN"],
-        )
-        .await;
-        let mut platform_only = vec![
-            env(
-                Origin::Global,
-                "CLAUDE_CODE_OAUTH_TOKEN",
-                "platform-oauth-secret",
-            ),
-            env(Origin::Global, "ANTHROPIC_API_KEY", "platform-key-secret"),
-            // Another provider's credential does not count either.
-            env(
-                Origin::Workspace,
-                "ANTHROPIC_API_KEY",
-                "customer-api-key-secret",
-            ),
-        ];
-        platform_only.extend(anthropic_proxy());
-        let e = build(&mut c, &ws, platform_only.clone()).await.unwrap_err();
-        let msg = assert_error(&e, Code::FailedPrecondition, "MISSING_BYOK_CREDENTIAL");
-        assert!(
-            msg.contains("CLAUDE_CODE_OAUTH_TOKEN"),
-            "names the wanted key: {msg}"
-        );
-        assert!(!msg.contains("secret"), "no values in messages: {msg}");
-
-        // An empty value counts as absent.
-        platform_only.push(env(Origin::Workspace, "CLAUDE_CODE_OAUTH_TOKEN", ""));
-        let e = build(&mut c, &ws, platform_only).await.unwrap_err();
-        assert_error(&e, Code::FailedPrecondition, "MISSING_BYOK_CREDENTIAL");
-        app.stop().await.unwrap();
-    })
-    .await;
-}
-
-#[tokio::test]
-async fn platform_managed_without_the_platform_origin_proxy_inputs_fails_closed() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
-        let mut c = app.client().await;
-        let ws = new_workspace();
-        register(&mut c, &ws, "claude-code", "claude-sonnet-4-6", &[]).await;
-        let base = (
-            "MOLECULE_LLM_ANTHROPIC_BASE_URL",
-            "https://proxy.example/anthropic",
-        );
-        let token = ("MOLECULE_LLM_USAGE_TOKEN", "usage-token-1");
-        let cases: Vec<Vec<EnvVar>> = vec![
-            vec![],
-            vec![env(Origin::Platform, base.0, base.1)],
-            vec![env(Origin::Platform, token.0, token.1)],
-            // Proxy inputs are read only from PLATFORM entries.
-            vec![
-                env(Origin::Global, base.0, base.1),
-                env(Origin::Global, token.0, token.1),
-            ],
-            vec![
-                env(Origin::Workspace, base.0, base.1),
-                env(Origin::Platform, token.0, token.1),
-            ],
-            // An empty value counts as absent.
-            vec![
-                env(Origin::Platform, base.0, base.1),
-                env(Origin::Platform, token.0, ""),
-            ],
-            vec![
-                env(Origin::Platform, base.0, ""),
-                env(Origin::Platform, token.0, token.1),
-            ],
-            // The wrong family's proxy does not help.
-            vec![
-                env(
-                    Origin::Platform,
-                    "MOLECULE_LLM_OPENAI_BASE_URL",
-                    "https://proxy.example/openai",
-                ),
-                env(Origin::Platform, token.0, token.1),
-            ],
-        ];
-        for candidate in cases {
-            let e = build(&mut c, &ws, candidate.clone()).await.unwrap_err();
-            let msg = assert_error(&e, Code::FailedPrecondition, "MISSING_PLATFORM_PROXY");
-            assert!(
-                msg.contains("MOLECULE_LLM_"),
-                "names the missing input: {msg}"
-            );
-            assert!(
-                !msg.contains("usage-token-1") && !msg.contains("proxy.example"),
-                "{msg}"
-            );
-        }
-
-        // An OpenAI-family platform provider needs the OpenAI proxy.
-        let ws2 = new_workspace();
-        let r = register(&mut c, &ws2, "hermes", "openai/gpt-4o", &[]).await;
-        assert_eq!(
-            (r.mode(), r.provider.as_str()),
-            (Mode::PlatformManaged, "platform-openai")
-        );
-        let e = build(&mut c, &ws2, anthropic_proxy()).await.unwrap_err();
-        let msg = assert_error(&e, Code::FailedPrecondition, "MISSING_PLATFORM_PROXY");
-        assert!(msg.contains("MOLECULE_LLM_OPENAI_BASE_URL"), "{msg}");
-        app.stop().await.unwrap();
-    })
-    .await;
-}
-
-#[tokio::test]
-async fn a_candidate_naming_another_model_is_model_mismatch_and_the_value_is_not_echoed() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
-        let mut c = app.client().await;
-        let ws = new_workspace();
-        register(
-            &mut c,
-            &ws,
-            "claude-code",
-            "opus",
-            &["CLAUDE_CODE_OAUTH_TOKEN"],
-        )
-        .await;
-        let own = env(
-            Origin::Workspace,
-            "CLAUDE_CODE_OAUTH_TOKEN",
-            "customer-oauth",
-        );
-        let e = build(
-            &mut c,
-            &ws,
-            vec![
-                own.clone(),
-                env(Origin::Global, "MODEL_PROVIDER", "secret-model-x"),
-            ],
-        )
+            .unwrap_err();
+        assert_error(&e, Code::Aborted, "REVISION_MISMATCH");
+    }
+    let cleared = c
+        .clear(ClearRequest {
+            workspace_id: ws.clone(),
+            expected_revision: Some(3),
+            reason: "end of pilot".into(),
+            dry_run: false,
+        })
         .await
-        .unwrap_err();
-        let msg = assert_error(&e, Code::FailedPrecondition, "MODEL_MISMATCH");
-        assert!(msg.contains("MODEL_PROVIDER"), "{msg}");
-        assert!(
-            !msg.contains("secret-model-x"),
-            "the candidate's value stays in the request: {msg}"
-        );
-
-        // Matching is case-sensitive.
-        let e = build(
-            &mut c,
-            &ws,
-            vec![
-                own.clone(),
-                env(Origin::Workspace, "MODEL_PROVIDER", "Opus"),
-            ],
-        )
-        .await
-        .unwrap_err();
-        assert_error(&e, Code::FailedPrecondition, "MODEL_MISMATCH");
-
-        // The winning value after precedence is the one compared.
-        let e = build(
-            &mut c,
-            &ws,
-            vec![
-                own.clone(),
-                env(Origin::Workspace, "MODEL_PROVIDER", "sonnet"),
-                env(Origin::Global, "MODEL_PROVIDER", "opus"),
-            ],
-        )
-        .await
-        .unwrap_err();
-        assert_error(&e, Code::FailedPrecondition, "MODEL_MISMATCH");
-        build(
-            &mut c,
-            &ws,
-            vec![
-                own.clone(),
-                env(Origin::Workspace, "MODEL_PROVIDER", "opus"),
-                env(Origin::Platform, "MODEL_PROVIDER", "sonnet"),
-            ],
-        )
-        .await
+        .unwrap()
+        .into_inner()
+        .resolution
         .unwrap();
-
-        // No recorded model: a candidate naming one is a mismatch too.
-        let ws2 = new_workspace();
-        set(&mut c, fields(&ws2, Some("claude-code"), None, None)).await;
-        let mut candidate = anthropic_proxy();
-        candidate.push(env(Origin::Global, "MODEL_PROVIDER", "opus"));
-        let e = build(&mut c, &ws2, candidate).await.unwrap_err();
-        assert_error(&e, Code::FailedPrecondition, "MODEL_MISMATCH");
-        app.stop().await.unwrap();
-    })
-    .await;
+    assert_eq!(
+        (cleared.revision, cleared.override_mode()),
+        (4, Mode::Unspecified)
+    );
+    let r = resolve(&mut c, &ws).await;
+    assert_eq!(
+        (r.revision, r.model.as_str()),
+        (4, "opus"),
+        "the stale writes changed nothing"
+    );
+    app.stop().await.unwrap();
 }
 
-#[tokio::test]
-async fn invalid_arguments_beat_not_found_and_aborted_and_model_mismatch_beats_the_env_checks() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
-        let mut c = app.client().await;
-        let unknown = new_workspace();
-
-        // INVALID_ARGUMENT before NOT_FOUND.
-        let e = build(
-            &mut c,
-            &unknown,
-            vec![env(Origin::Workspace, "BAD-KEY", "v")],
-        )
-        .await
-        .unwrap_err();
-        assert_error(&e, Code::InvalidArgument, "INVALID_ENV_KEY");
-        let e = build(
-            &mut c,
-            &unknown,
-            vec![env(Origin::Unspecified, "OK_KEY", "v")],
-        )
-        .await
-        .unwrap_err();
-        assert_error(&e, Code::InvalidArgument, "INVALID_FIELD");
-        let e = build(
-            &mut c,
-            &unknown,
-            vec![env(Origin::Global, "A", "1"), env(Origin::Global, "A", "2")],
-        )
-        .await
-        .unwrap_err();
-        assert_error(&e, Code::InvalidArgument, "DUPLICATE_ENV_KEY");
-        let e = clear(&mut c, &unknown, "").await.unwrap_err();
-        assert_error(&e, Code::InvalidArgument, "REASON_REQUIRED");
-        let e = history(&mut c, &unknown, 0, "zzz").await.unwrap_err();
-        assert_error(&e, Code::InvalidArgument, "INVALID_FIELD");
-
-        // NOT_FOUND before ABORTED.
-        let e = c
-            .clear(ClearRequest {
-                workspace_id: unknown.clone(),
-                expected_revision: Some(7),
-                reason: "cleanup".into(),
-                dry_run: false,
-            })
-            .await
-            .unwrap_err();
-        assert_error(&e, Code::NotFound, "WORKSPACE_NOT_FOUND");
-
-        // INVALID_ARGUMENT before ABORTED.
-        let ws = new_workspace();
-        register(
-            &mut c,
-            &ws,
-            "claude-code",
-            "opus",
-            &["CLAUDE_CODE_OAUTH_TOKEN"],
-        )
-        .await;
-        let e = c
-            .set(SetRequest {
-                expected_revision: Some(9),
-                ..fields(&ws, Some("bad runtime"), None, None)
-            })
-            .await
-            .unwrap_err();
-        assert_error(&e, Code::InvalidArgument, "INVALID_FIELD");
-
-        // MODEL_MISMATCH before MISSING_BYOK_CREDENTIAL ...
-        let e = build(
-            &mut c,
-            &ws,
-            vec![env(Origin::Global, "MODEL_PROVIDER", "sonnet")],
-        )
-        .await
-        .unwrap_err();
-        assert_error(&e, Code::FailedPrecondition, "MODEL_MISMATCH");
-        // ... and before MISSING_PLATFORM_PROXY.
-        let pm = new_workspace();
-        register(&mut c, &pm, "claude-code", "claude-sonnet-4-6", &[]).await;
-        let e = build(
-            &mut c,
-            &pm,
-            vec![env(Origin::Global, "MODEL_PROVIDER", "sonnet")],
-        )
-        .await
-        .unwrap_err();
-        assert_error(&e, Code::FailedPrecondition, "MODEL_MISMATCH");
-        app.stop().await.unwrap();
-    })
+backends!(byok_without_the_workspaces_own_credential_fails_closed_even_with_the_platforms_present);
+async fn byok_without_the_workspaces_own_credential_fails_closed_even_with_the_platforms_present(
+    db: TestDb,
+) {
+    let app = TestApp::spawn(&db).await;
+    let mut c = app.client().await;
+    let ws = new_workspace();
+    register(
+        &mut c,
+        &ws,
+        "claude-code",
+        "opus",
+        &["CLAUDE_CODE_OAUTH_TOKEN"],
+    )
     .await;
+    let mut platform_only = vec![
+        env(
+            Origin::Global,
+            "CLAUDE_CODE_OAUTH_TOKEN",
+            "platform-oauth-secret",
+        ),
+        env(Origin::Global, "ANTHROPIC_API_KEY", "platform-key-secret"),
+        // Another provider's credential does not count either.
+        env(
+            Origin::Workspace,
+            "ANTHROPIC_API_KEY",
+            "customer-api-key-secret",
+        ),
+    ];
+    platform_only.extend(anthropic_proxy());
+    let e = build(&mut c, &ws, platform_only.clone()).await.unwrap_err();
+    let msg = assert_error(&e, Code::FailedPrecondition, "MISSING_BYOK_CREDENTIAL");
+    assert!(
+        msg.contains("CLAUDE_CODE_OAUTH_TOKEN"),
+        "names the wanted key: {msg}"
+    );
+    assert!(!msg.contains("secret"), "no values in messages: {msg}");
+
+    // An empty value counts as absent.
+    platform_only.push(env(Origin::Workspace, "CLAUDE_CODE_OAUTH_TOKEN", ""));
+    let e = build(&mut c, &ws, platform_only).await.unwrap_err();
+    assert_error(&e, Code::FailedPrecondition, "MISSING_BYOK_CREDENTIAL");
+    app.stop().await.unwrap();
+}
+
+backends!(platform_managed_without_the_platform_origin_proxy_inputs_fails_closed);
+async fn platform_managed_without_the_platform_origin_proxy_inputs_fails_closed(db: TestDb) {
+    let app = TestApp::spawn(&db).await;
+    let mut c = app.client().await;
+    let ws = new_workspace();
+    register(&mut c, &ws, "claude-code", "claude-sonnet-4-6", &[]).await;
+    let base = (
+        "MOLECULE_LLM_ANTHROPIC_BASE_URL",
+        "https://proxy.example/anthropic",
+    );
+    let token = ("MOLECULE_LLM_USAGE_TOKEN", "usage-token-1");
+    let cases: Vec<Vec<EnvVar>> = vec![
+        vec![],
+        vec![env(Origin::Platform, base.0, base.1)],
+        vec![env(Origin::Platform, token.0, token.1)],
+        // Proxy inputs are read only from PLATFORM entries.
+        vec![
+            env(Origin::Global, base.0, base.1),
+            env(Origin::Global, token.0, token.1),
+        ],
+        vec![
+            env(Origin::Workspace, base.0, base.1),
+            env(Origin::Platform, token.0, token.1),
+        ],
+        // An empty value counts as absent.
+        vec![
+            env(Origin::Platform, base.0, base.1),
+            env(Origin::Platform, token.0, ""),
+        ],
+        vec![
+            env(Origin::Platform, base.0, ""),
+            env(Origin::Platform, token.0, token.1),
+        ],
+        // The wrong family's proxy does not help.
+        vec![
+            env(
+                Origin::Platform,
+                "MOLECULE_LLM_OPENAI_BASE_URL",
+                "https://proxy.example/openai",
+            ),
+            env(Origin::Platform, token.0, token.1),
+        ],
+    ];
+    for candidate in cases {
+        let e = build(&mut c, &ws, candidate.clone()).await.unwrap_err();
+        let msg = assert_error(&e, Code::FailedPrecondition, "MISSING_PLATFORM_PROXY");
+        assert!(
+            msg.contains("MOLECULE_LLM_"),
+            "names the missing input: {msg}"
+        );
+        assert!(
+            !msg.contains("usage-token-1") && !msg.contains("proxy.example"),
+            "{msg}"
+        );
+    }
+
+    // An OpenAI-family platform provider needs the OpenAI proxy.
+    let ws2 = new_workspace();
+    let r = register(&mut c, &ws2, "hermes", "openai/gpt-4o", &[]).await;
+    assert_eq!(
+        (r.mode(), r.provider.as_str()),
+        (Mode::PlatformManaged, "platform-openai")
+    );
+    let e = build(&mut c, &ws2, anthropic_proxy()).await.unwrap_err();
+    let msg = assert_error(&e, Code::FailedPrecondition, "MISSING_PLATFORM_PROXY");
+    assert!(msg.contains("MOLECULE_LLM_OPENAI_BASE_URL"), "{msg}");
+    app.stop().await.unwrap();
+}
+
+backends!(a_candidate_naming_another_model_is_model_mismatch_and_the_value_is_not_echoed);
+async fn a_candidate_naming_another_model_is_model_mismatch_and_the_value_is_not_echoed(
+    db: TestDb,
+) {
+    let app = TestApp::spawn(&db).await;
+    let mut c = app.client().await;
+    let ws = new_workspace();
+    register(
+        &mut c,
+        &ws,
+        "claude-code",
+        "opus",
+        &["CLAUDE_CODE_OAUTH_TOKEN"],
+    )
+    .await;
+    let own = env(
+        Origin::Workspace,
+        "CLAUDE_CODE_OAUTH_TOKEN",
+        "customer-oauth",
+    );
+    let e = build(
+        &mut c,
+        &ws,
+        vec![
+            own.clone(),
+            env(Origin::Global, "MODEL_PROVIDER", "secret-model-x"),
+        ],
+    )
+    .await
+    .unwrap_err();
+    let msg = assert_error(&e, Code::FailedPrecondition, "MODEL_MISMATCH");
+    assert!(msg.contains("MODEL_PROVIDER"), "{msg}");
+    assert!(
+        !msg.contains("secret-model-x"),
+        "the candidate's value stays in the request: {msg}"
+    );
+
+    // Matching is case-sensitive.
+    let e = build(
+        &mut c,
+        &ws,
+        vec![
+            own.clone(),
+            env(Origin::Workspace, "MODEL_PROVIDER", "Opus"),
+        ],
+    )
+    .await
+    .unwrap_err();
+    assert_error(&e, Code::FailedPrecondition, "MODEL_MISMATCH");
+
+    // The winning value after precedence is the one compared.
+    let e = build(
+        &mut c,
+        &ws,
+        vec![
+            own.clone(),
+            env(Origin::Workspace, "MODEL_PROVIDER", "sonnet"),
+            env(Origin::Global, "MODEL_PROVIDER", "opus"),
+        ],
+    )
+    .await
+    .unwrap_err();
+    assert_error(&e, Code::FailedPrecondition, "MODEL_MISMATCH");
+    build(
+        &mut c,
+        &ws,
+        vec![
+            own.clone(),
+            env(Origin::Workspace, "MODEL_PROVIDER", "opus"),
+            env(Origin::Platform, "MODEL_PROVIDER", "sonnet"),
+        ],
+    )
+    .await
+    .unwrap();
+
+    // No recorded model: a candidate naming one is a mismatch too.
+    let ws2 = new_workspace();
+    set(&mut c, fields(&ws2, Some("claude-code"), None, None)).await;
+    let mut candidate = anthropic_proxy();
+    candidate.push(env(Origin::Global, "MODEL_PROVIDER", "opus"));
+    let e = build(&mut c, &ws2, candidate).await.unwrap_err();
+    assert_error(&e, Code::FailedPrecondition, "MODEL_MISMATCH");
+    app.stop().await.unwrap();
+}
+
+backends!(invalid_arguments_beat_not_found_and_aborted_and_model_mismatch_beats_the_env_checks);
+async fn invalid_arguments_beat_not_found_and_aborted_and_model_mismatch_beats_the_env_checks(
+    db: TestDb,
+) {
+    let app = TestApp::spawn(&db).await;
+    let mut c = app.client().await;
+    let unknown = new_workspace();
+
+    // INVALID_ARGUMENT before NOT_FOUND.
+    let e = build(
+        &mut c,
+        &unknown,
+        vec![env(Origin::Workspace, "BAD-KEY", "v")],
+    )
+    .await
+    .unwrap_err();
+    assert_error(&e, Code::InvalidArgument, "INVALID_ENV_KEY");
+    let e = build(
+        &mut c,
+        &unknown,
+        vec![env(Origin::Unspecified, "OK_KEY", "v")],
+    )
+    .await
+    .unwrap_err();
+    assert_error(&e, Code::InvalidArgument, "INVALID_FIELD");
+    let e = build(
+        &mut c,
+        &unknown,
+        vec![env(Origin::Global, "A", "1"), env(Origin::Global, "A", "2")],
+    )
+    .await
+    .unwrap_err();
+    assert_error(&e, Code::InvalidArgument, "DUPLICATE_ENV_KEY");
+    let e = clear(&mut c, &unknown, "").await.unwrap_err();
+    assert_error(&e, Code::InvalidArgument, "REASON_REQUIRED");
+    let e = history(&mut c, &unknown, 0, "zzz").await.unwrap_err();
+    assert_error(&e, Code::InvalidArgument, "INVALID_FIELD");
+
+    // NOT_FOUND before ABORTED.
+    let e = c
+        .clear(ClearRequest {
+            workspace_id: unknown.clone(),
+            expected_revision: Some(7),
+            reason: "cleanup".into(),
+            dry_run: false,
+        })
+        .await
+        .unwrap_err();
+    assert_error(&e, Code::NotFound, "WORKSPACE_NOT_FOUND");
+
+    // INVALID_ARGUMENT before ABORTED.
+    let ws = new_workspace();
+    register(
+        &mut c,
+        &ws,
+        "claude-code",
+        "opus",
+        &["CLAUDE_CODE_OAUTH_TOKEN"],
+    )
+    .await;
+    let e = c
+        .set(SetRequest {
+            expected_revision: Some(9),
+            ..fields(&ws, Some("bad runtime"), None, None)
+        })
+        .await
+        .unwrap_err();
+    assert_error(&e, Code::InvalidArgument, "INVALID_FIELD");
+
+    // MODEL_MISMATCH before MISSING_BYOK_CREDENTIAL ...
+    let e = build(
+        &mut c,
+        &ws,
+        vec![env(Origin::Global, "MODEL_PROVIDER", "sonnet")],
+    )
+    .await
+    .unwrap_err();
+    assert_error(&e, Code::FailedPrecondition, "MODEL_MISMATCH");
+    // ... and before MISSING_PLATFORM_PROXY.
+    let pm = new_workspace();
+    register(&mut c, &pm, "claude-code", "claude-sonnet-4-6", &[]).await;
+    let e = build(
+        &mut c,
+        &pm,
+        vec![env(Origin::Global, "MODEL_PROVIDER", "sonnet")],
+    )
+    .await
+    .unwrap_err();
+    assert_error(&e, Code::FailedPrecondition, "MODEL_MISMATCH");
+    app.stop().await.unwrap();
 }
 
 /// Drops the store's tables behind the running server's back.
@@ -1675,46 +1614,45 @@ fn assert_store_unavailable(e: &Status) {
     );
 }
 
-#[tokio::test]
-async fn a_store_that_cannot_be_read_gives_unavailable_and_no_decision_without_leaking_internals() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
-        let mut c = app.client().await;
-        let ws = new_workspace();
-        register(
-            &mut c,
-            &ws,
-            "claude-code",
-            "opus",
-            &["CLAUDE_CODE_OAUTH_TOKEN"],
-        )
-        .await;
-        assert_eq!(resolve(&mut c, &ws).await.mode(), Mode::Byok);
-
-        break_the_store(&db).await;
-
-        assert_store_unavailable(&try_resolve(&mut c, &ws).await.unwrap_err());
-        let candidate = vec![env(
-            Origin::Workspace,
-            "CLAUDE_CODE_OAUTH_TOKEN",
-            "customer-oauth",
-        )];
-        assert_store_unavailable(&build(&mut c, &ws, candidate).await.unwrap_err());
-        assert_store_unavailable(
-            &c.set(fields(&ws, None, Some("sonnet"), None))
-                .await
-                .unwrap_err(),
-        );
-        assert_store_unavailable(&clear(&mut c, &ws, "why").await.unwrap_err());
-        assert_store_unavailable(&history(&mut c, &ws, 0, "").await.unwrap_err());
-        // UNAVAILABLE before NOT_FOUND: an unknown workspace cannot be told apart.
-        assert_store_unavailable(&try_resolve(&mut c, &new_workspace()).await.unwrap_err());
-        // INVALID_ARGUMENT still comes first.
-        let e = try_resolve(&mut c, "nope").await.unwrap_err();
-        assert_error(&e, Code::InvalidArgument, "INVALID_WORKSPACE_ID");
-        app.stop().await.unwrap();
-    })
+backends!(a_store_that_cannot_be_read_gives_unavailable_and_no_decision_without_leaking_internals);
+async fn a_store_that_cannot_be_read_gives_unavailable_and_no_decision_without_leaking_internals(
+    db: TestDb,
+) {
+    let app = TestApp::spawn(&db).await;
+    let mut c = app.client().await;
+    let ws = new_workspace();
+    register(
+        &mut c,
+        &ws,
+        "claude-code",
+        "opus",
+        &["CLAUDE_CODE_OAUTH_TOKEN"],
+    )
     .await;
+    assert_eq!(resolve(&mut c, &ws).await.mode(), Mode::Byok);
+
+    break_the_store(&db).await;
+
+    assert_store_unavailable(&try_resolve(&mut c, &ws).await.unwrap_err());
+    let candidate = vec![env(
+        Origin::Workspace,
+        "CLAUDE_CODE_OAUTH_TOKEN",
+        "customer-oauth",
+    )];
+    assert_store_unavailable(&build(&mut c, &ws, candidate).await.unwrap_err());
+    assert_store_unavailable(
+        &c.set(fields(&ws, None, Some("sonnet"), None))
+            .await
+            .unwrap_err(),
+    );
+    assert_store_unavailable(&clear(&mut c, &ws, "why").await.unwrap_err());
+    assert_store_unavailable(&history(&mut c, &ws, 0, "").await.unwrap_err());
+    // UNAVAILABLE before NOT_FOUND: an unknown workspace cannot be told apart.
+    assert_store_unavailable(&try_resolve(&mut c, &new_workspace()).await.unwrap_err());
+    // INVALID_ARGUMENT still comes first.
+    let e = try_resolve(&mut c, "nope").await.unwrap_err();
+    assert_error(&e, Code::InvalidArgument, "INVALID_WORKSPACE_ID");
+    app.stop().await.unwrap();
 }
 
 /// Runs one statement against the test database, behind the server's back.
@@ -1734,175 +1672,163 @@ async fn hand_edit(db: &TestDb, sql: &str) {
     }
 }
 
-#[tokio::test]
-async fn a_stored_entry_the_service_cannot_read_gives_data_loss_without_its_cause() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
-        let mut c = app.client().await;
-        let ws = new_workspace();
-        register(
-            &mut c,
-            &ws,
-            "claude-code",
-            "opus",
-            &["CLAUDE_CODE_OAUTH_TOKEN"],
-        )
-        .await;
-        assert_eq!(history_revisions(&mut c, &ws).await, vec![1]);
-
-        // Valid JSON (Postgres checks that), but not a record's fields.
-        hand_edit(
-            &db,
-            &format!(
-                "UPDATE billing_audit SET after = '{{\"runtime\": 5}}' \
-                 WHERE workspace_id = '{ws}'"
-            ),
-        )
-        .await;
-
-        let e = history(&mut c, &ws, 0, "").await.unwrap_err();
-        let msg = assert_error(&e, Code::DataLoss, "STORE_CORRUPT");
-        // Retrying reads the same bytes: no RetryInfo.
-        assert!(tonic_types::StatusExt::get_details_retry_info(&e).is_none());
-        let lower = msg.to_lowercase();
-        for leak in [
-            "runtime",
-            "invalid type",
-            "expected",
-            "audit",
-            "json",
-            "column",
-            "sqlx",
-            "sqlite",
-            "postgres",
-            "database",
-        ] {
-            assert!(!lower.contains(leak), "message leaks {leak:?}: {msg}");
-        }
-        assert!(
-            lower.contains("operator"),
-            "tells the caller what to do: {msg}"
-        );
-        // The record itself is still read.
-        assert_eq!(resolve(&mut c, &ws).await.mode(), Mode::Byok);
-        app.stop().await.unwrap();
-    })
+backends!(a_stored_entry_the_service_cannot_read_gives_data_loss_without_its_cause);
+async fn a_stored_entry_the_service_cannot_read_gives_data_loss_without_its_cause(db: TestDb) {
+    let app = TestApp::spawn(&db).await;
+    let mut c = app.client().await;
+    let ws = new_workspace();
+    register(
+        &mut c,
+        &ws,
+        "claude-code",
+        "opus",
+        &["CLAUDE_CODE_OAUTH_TOKEN"],
+    )
     .await;
+    assert_eq!(history_revisions(&mut c, &ws).await, vec![1]);
+
+    // Valid JSON (Postgres checks that), but not a record's fields.
+    hand_edit(
+        &db,
+        &format!(
+            "UPDATE billing_audit SET after = '{{\"runtime\": 5}}' \
+                 WHERE workspace_id = '{ws}'"
+        ),
+    )
+    .await;
+
+    let e = history(&mut c, &ws, 0, "").await.unwrap_err();
+    let msg = assert_error(&e, Code::DataLoss, "STORE_CORRUPT");
+    // Retrying reads the same bytes: no RetryInfo.
+    assert!(tonic_types::StatusExt::get_details_retry_info(&e).is_none());
+    let lower = msg.to_lowercase();
+    for leak in [
+        "runtime",
+        "invalid type",
+        "expected",
+        "audit",
+        "json",
+        "column",
+        "sqlx",
+        "sqlite",
+        "postgres",
+        "database",
+    ] {
+        assert!(!lower.contains(leak), "message leaks {leak:?}: {msg}");
+    }
+    assert!(
+        lower.contains("operator"),
+        "tells the caller what to do: {msg}"
+    );
+    // The record itself is still read.
+    assert_eq!(resolve(&mut c, &ws).await.mode(), Mode::Byok);
+    app.stop().await.unwrap();
 }
 
 // ---------------------------------------------------------------------------
 // Idempotent retries
 
-#[tokio::test]
-async fn repeating_the_same_set_keeps_the_revision_and_writes_no_history() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
-        let mut c = app.client().await;
-        let ws = new_workspace();
-        let first = register(
-            &mut c,
-            &ws,
-            "claude-code",
-            "opus",
-            &["CLAUDE_CODE_OAUTH_TOKEN", "OPENAI_API_KEY"],
-        )
-        .await;
-        let again = register(
-            &mut c,
-            &ws,
-            "claude-code",
-            "opus",
-            &["CLAUDE_CODE_OAUTH_TOKEN", "OPENAI_API_KEY"],
-        )
-        .await;
-        assert_eq!(again, first);
-        // The same set in another order, with duplicates: the same record.
-        let reordered = register(
-            &mut c,
-            &ws,
-            "claude-code",
-            "opus",
-            &[
-                "OPENAI_API_KEY",
-                "CLAUDE_CODE_OAUTH_TOKEN",
-                "OPENAI_API_KEY",
-            ],
-        )
-        .await;
-        assert_eq!(reordered.revision, 1);
-        assert_eq!(history_revisions(&mut c, &ws).await, vec![1]);
-
-        let o1 = set_override(&mut c, &ws, Mode::PlatformManaged, "pilot").await;
-        let o2 = set_override(&mut c, &ws, Mode::PlatformManaged, "pilot, retried").await;
-        assert_eq!((o1.revision, o2.revision), (2, 2));
-        assert_eq!(o2, o1);
-        // A retry with the expected revision it was sent with is no conflict.
-        let retry = set(
-            &mut c,
-            SetRequest {
-                expected_revision: Some(2),
-                ..fields(&ws, Some("claude-code"), None, None)
-            },
-        )
-        .await;
-        assert_eq!(retry.revision, 2);
-        assert_eq!(history_revisions(&mut c, &ws).await, vec![2, 1]);
-        app.stop().await.unwrap();
-    })
+backends!(repeating_the_same_set_keeps_the_revision_and_writes_no_history);
+async fn repeating_the_same_set_keeps_the_revision_and_writes_no_history(db: TestDb) {
+    let app = TestApp::spawn(&db).await;
+    let mut c = app.client().await;
+    let ws = new_workspace();
+    let first = register(
+        &mut c,
+        &ws,
+        "claude-code",
+        "opus",
+        &["CLAUDE_CODE_OAUTH_TOKEN", "OPENAI_API_KEY"],
+    )
     .await;
+    let again = register(
+        &mut c,
+        &ws,
+        "claude-code",
+        "opus",
+        &["CLAUDE_CODE_OAUTH_TOKEN", "OPENAI_API_KEY"],
+    )
+    .await;
+    assert_eq!(again, first);
+    // The same set in another order, with duplicates: the same record.
+    let reordered = register(
+        &mut c,
+        &ws,
+        "claude-code",
+        "opus",
+        &[
+            "OPENAI_API_KEY",
+            "CLAUDE_CODE_OAUTH_TOKEN",
+            "OPENAI_API_KEY",
+        ],
+    )
+    .await;
+    assert_eq!(reordered.revision, 1);
+    assert_eq!(history_revisions(&mut c, &ws).await, vec![1]);
+
+    let o1 = set_override(&mut c, &ws, Mode::PlatformManaged, "pilot").await;
+    let o2 = set_override(&mut c, &ws, Mode::PlatformManaged, "pilot, retried").await;
+    assert_eq!((o1.revision, o2.revision), (2, 2));
+    assert_eq!(o2, o1);
+    // A retry with the expected revision it was sent with is no conflict.
+    let retry = set(
+        &mut c,
+        SetRequest {
+            expected_revision: Some(2),
+            ..fields(&ws, Some("claude-code"), None, None)
+        },
+    )
+    .await;
+    assert_eq!(retry.revision, 2);
+    assert_eq!(history_revisions(&mut c, &ws).await, vec![2, 1]);
+    app.stop().await.unwrap();
 }
 
-#[tokio::test]
-async fn clearing_when_there_is_no_override_keeps_the_revision_and_writes_no_history() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
-        let mut c = app.client().await;
-        let ws = new_workspace();
-        let r = register(&mut c, &ws, "claude-code", "opus", &[]).await;
-        let c1 = clear(&mut c, &ws, "tidy up").await.unwrap();
-        assert_eq!(c1, r);
-        set_override(&mut c, &ws, Mode::Disabled, "pause").await;
-        let c2 = clear(&mut c, &ws, "resume").await.unwrap();
-        assert_eq!(c2.revision, 3);
-        let c3 = clear(&mut c, &ws, "resume (retry)").await.unwrap();
-        assert_eq!(c3, c2);
-        assert_eq!(history_revisions(&mut c, &ws).await, vec![3, 2, 1]);
-        app.stop().await.unwrap();
-    })
-    .await;
+backends!(clearing_when_there_is_no_override_keeps_the_revision_and_writes_no_history);
+async fn clearing_when_there_is_no_override_keeps_the_revision_and_writes_no_history(db: TestDb) {
+    let app = TestApp::spawn(&db).await;
+    let mut c = app.client().await;
+    let ws = new_workspace();
+    let r = register(&mut c, &ws, "claude-code", "opus", &[]).await;
+    let c1 = clear(&mut c, &ws, "tidy up").await.unwrap();
+    assert_eq!(c1, r);
+    set_override(&mut c, &ws, Mode::Disabled, "pause").await;
+    let c2 = clear(&mut c, &ws, "resume").await.unwrap();
+    assert_eq!(c2.revision, 3);
+    let c3 = clear(&mut c, &ws, "resume (retry)").await.unwrap();
+    assert_eq!(c3, c2);
+    assert_eq!(history_revisions(&mut c, &ws).await, vec![3, 2, 1]);
+    app.stop().await.unwrap();
 }
 
 // ---------------------------------------------------------------------------
 // Health, reflection, restart, shutdown
 
-#[tokio::test]
-async fn health_reports_serving_for_the_server_and_the_billing_service() {
+backends!(health_reports_serving_for_the_server_and_the_billing_service);
+async fn health_reports_serving_for_the_server_and_the_billing_service(db: TestDb) {
     use tonic_health::pb::{
         health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
     };
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
-        let mut h = HealthClient::new(app.channel().await);
-        for service in ["", "molecule.billing.v1.BillingMode"] {
-            let resp = h
-                .check(HealthCheckRequest {
-                    service: service.into(),
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            assert_eq!(resp.status(), ServingStatus::Serving, "{service:?}");
-        }
-        let e = h
+    let app = TestApp::spawn(&db).await;
+    let mut h = HealthClient::new(app.channel().await);
+    for service in ["", "molecule.billing.v1.BillingMode"] {
+        let resp = h
             .check(HealthCheckRequest {
-                service: "no.such.Service".into(),
+                service: service.into(),
             })
             .await
-            .unwrap_err();
-        assert_eq!(e.code(), Code::NotFound);
-        app.stop().await.unwrap();
-    })
-    .await;
+            .unwrap()
+            .into_inner();
+        assert_eq!(resp.status(), ServingStatus::Serving, "{service:?}");
+    }
+    let e = h
+        .check(HealthCheckRequest {
+            service: "no.such.Service".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    app.stop().await.unwrap();
 }
 
 /// Decodes a FileDescriptorResponse's files.
@@ -1965,203 +1891,191 @@ fn assert_describes_billing_mode(files: &[Vec<u8>]) {
     }
 }
 
-#[tokio::test]
-async fn reflection_lists_the_services_and_describes_billing_mode_on_v1_and_v1alpha() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
-        let wanted = ["molecule.billing.v1.BillingMode", "grpc.health.v1.Health"];
-        {
-            use tonic_reflection::pb::v1::{
-                server_reflection_client::ServerReflectionClient,
-                server_reflection_request::MessageRequest,
-                server_reflection_response::MessageResponse, ServerReflectionRequest,
-            };
-            let mut r = ServerReflectionClient::new(app.channel().await);
-            let reqs = [
-                MessageRequest::ListServices(String::new()),
-                MessageRequest::FileContainingSymbol("molecule.billing.v1.BillingMode".into()),
-                MessageRequest::FileByFilename("google/protobuf/timestamp.proto".into()),
-            ]
-            .map(|m| ServerReflectionRequest {
-                host: String::new(),
-                message_request: Some(m),
-            });
-            let mut stream = r
-                .server_reflection_info(tokio_stream::iter(reqs))
-                .await
-                .unwrap()
-                .into_inner();
-            match stream.message().await.unwrap().unwrap().message_response {
-                Some(MessageResponse::ListServicesResponse(l)) => {
-                    let names: Vec<&str> = l.service.iter().map(|s| s.name.as_str()).collect();
-                    for w in wanted {
-                        assert!(names.contains(&w), "v1: {w} missing from {names:?}");
-                    }
-                }
-                other => panic!("v1 list_services: {other:?}"),
-            }
-            match stream.message().await.unwrap().unwrap().message_response {
-                Some(MessageResponse::FileDescriptorResponse(f)) => {
-                    assert_describes_billing_mode(&f.file_descriptor_proto)
-                }
-                other => panic!("v1 file_containing_symbol: {other:?}"),
-            }
-            match stream.message().await.unwrap().unwrap().message_response {
-                Some(MessageResponse::FileDescriptorResponse(f)) => {
-                    assert_is_timestamp_proto(&f.file_descriptor_proto)
-                }
-                other => panic!("v1 file_by_filename: {other:?}"),
-            }
-        }
-        {
-            use tonic_reflection::pb::v1alpha::{
-                server_reflection_client::ServerReflectionClient,
-                server_reflection_request::MessageRequest,
-                server_reflection_response::MessageResponse, ServerReflectionRequest,
-            };
-            let mut r = ServerReflectionClient::new(app.channel().await);
-            let reqs = [
-                MessageRequest::ListServices(String::new()),
-                MessageRequest::FileContainingSymbol("molecule.billing.v1.BillingMode".into()),
-                MessageRequest::FileByFilename("google/protobuf/timestamp.proto".into()),
-            ]
-            .map(|m| ServerReflectionRequest {
-                host: String::new(),
-                message_request: Some(m),
-            });
-            let mut stream = r
-                .server_reflection_info(tokio_stream::iter(reqs))
-                .await
-                .unwrap()
-                .into_inner();
-            match stream.message().await.unwrap().unwrap().message_response {
-                Some(MessageResponse::ListServicesResponse(l)) => {
-                    let names: Vec<&str> = l.service.iter().map(|s| s.name.as_str()).collect();
-                    for w in wanted {
-                        assert!(names.contains(&w), "v1alpha: {w} missing from {names:?}");
-                    }
-                }
-                other => panic!("v1alpha list_services: {other:?}"),
-            }
-            match stream.message().await.unwrap().unwrap().message_response {
-                Some(MessageResponse::FileDescriptorResponse(f)) => {
-                    assert_describes_billing_mode(&f.file_descriptor_proto)
-                }
-                other => panic!("v1alpha file_containing_symbol: {other:?}"),
-            }
-            match stream.message().await.unwrap().unwrap().message_response {
-                Some(MessageResponse::FileDescriptorResponse(f)) => {
-                    assert_is_timestamp_proto(&f.file_descriptor_proto)
-                }
-                other => panic!("v1alpha file_by_filename: {other:?}"),
-            }
-        }
-        app.stop().await.unwrap();
-    })
-    .await;
-}
-
-#[tokio::test]
-async fn the_record_and_its_revision_survive_a_server_restart() {
-    each_backend(|db| async move {
-        let ws = new_workspace();
-        let before = {
-            let app = TestApp::spawn(&db).await;
-            let mut c = app.client().await;
-            register(&mut c, &ws, "hermes", "openai/gpt-4o", &["OPENAI_API_KEY"]).await;
-            let r = set_override(&mut c, &ws, Mode::Disabled, "paused").await;
-            assert_eq!(r.revision, 2);
-            app.stop().await.unwrap();
-            r
+backends!(reflection_lists_the_services_and_describes_billing_mode_on_v1_and_v1alpha);
+async fn reflection_lists_the_services_and_describes_billing_mode_on_v1_and_v1alpha(db: TestDb) {
+    let app = TestApp::spawn(&db).await;
+    let wanted = ["molecule.billing.v1.BillingMode", "grpc.health.v1.Health"];
+    {
+        use tonic_reflection::pb::v1::{
+            server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+            ServerReflectionRequest,
         };
-        let app = TestApp::spawn(&db).await;
-        let mut c = app.client().await;
-        let after = resolve(&mut c, &ws).await;
-        assert_eq!(after, before);
-        assert_eq!(history_revisions(&mut c, &ws).await, vec![2, 1]);
-        // And it keeps counting from there.
-        assert_eq!(clear(&mut c, &ws, "resumed").await.unwrap().revision, 3);
-        app.stop().await.unwrap();
-    })
-    .await;
-}
-
-#[tokio::test]
-async fn the_server_shuts_down_gracefully_and_then_refuses_connections() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
-        let addr = app.endpoint();
-        let mut c = app.client().await;
-        let ws = new_workspace();
-        register(&mut c, &ws, "claude-code", "opus", &[]).await;
-        app.stop().await.expect("graceful shutdown returns Ok");
-        let reconnect = tonic::transport::Endpoint::from_shared(addr)
+        let mut r = ServerReflectionClient::new(app.channel().await);
+        let reqs = [
+            MessageRequest::ListServices(String::new()),
+            MessageRequest::FileContainingSymbol("molecule.billing.v1.BillingMode".into()),
+            MessageRequest::FileByFilename("google/protobuf/timestamp.proto".into()),
+        ]
+        .map(|m| ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(m),
+        });
+        let mut stream = r
+            .server_reflection_info(tokio_stream::iter(reqs))
+            .await
             .unwrap()
-            .connect_timeout(std::time::Duration::from_secs(2))
-            .connect()
-            .await;
-        assert!(reconnect.is_err(), "nothing listens after shutdown");
-    })
-    .await;
+            .into_inner();
+        match stream.message().await.unwrap().unwrap().message_response {
+            Some(MessageResponse::ListServicesResponse(l)) => {
+                let names: Vec<&str> = l.service.iter().map(|s| s.name.as_str()).collect();
+                for w in wanted {
+                    assert!(names.contains(&w), "v1: {w} missing from {names:?}");
+                }
+            }
+            other => panic!("v1 list_services: {other:?}"),
+        }
+        match stream.message().await.unwrap().unwrap().message_response {
+            Some(MessageResponse::FileDescriptorResponse(f)) => {
+                assert_describes_billing_mode(&f.file_descriptor_proto)
+            }
+            other => panic!("v1 file_containing_symbol: {other:?}"),
+        }
+        match stream.message().await.unwrap().unwrap().message_response {
+            Some(MessageResponse::FileDescriptorResponse(f)) => {
+                assert_is_timestamp_proto(&f.file_descriptor_proto)
+            }
+            other => panic!("v1 file_by_filename: {other:?}"),
+        }
+    }
+    {
+        use tonic_reflection::pb::v1alpha::{
+            server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+            ServerReflectionRequest,
+        };
+        let mut r = ServerReflectionClient::new(app.channel().await);
+        let reqs = [
+            MessageRequest::ListServices(String::new()),
+            MessageRequest::FileContainingSymbol("molecule.billing.v1.BillingMode".into()),
+            MessageRequest::FileByFilename("google/protobuf/timestamp.proto".into()),
+        ]
+        .map(|m| ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(m),
+        });
+        let mut stream = r
+            .server_reflection_info(tokio_stream::iter(reqs))
+            .await
+            .unwrap()
+            .into_inner();
+        match stream.message().await.unwrap().unwrap().message_response {
+            Some(MessageResponse::ListServicesResponse(l)) => {
+                let names: Vec<&str> = l.service.iter().map(|s| s.name.as_str()).collect();
+                for w in wanted {
+                    assert!(names.contains(&w), "v1alpha: {w} missing from {names:?}");
+                }
+            }
+            other => panic!("v1alpha list_services: {other:?}"),
+        }
+        match stream.message().await.unwrap().unwrap().message_response {
+            Some(MessageResponse::FileDescriptorResponse(f)) => {
+                assert_describes_billing_mode(&f.file_descriptor_proto)
+            }
+            other => panic!("v1alpha file_containing_symbol: {other:?}"),
+        }
+        match stream.message().await.unwrap().unwrap().message_response {
+            Some(MessageResponse::FileDescriptorResponse(f)) => {
+                assert_is_timestamp_proto(&f.file_descriptor_proto)
+            }
+            other => panic!("v1alpha file_by_filename: {other:?}"),
+        }
+    }
+    app.stop().await.unwrap();
 }
 
-#[tokio::test]
-async fn concurrent_compare_and_set_writers_let_exactly_one_win() {
-    each_backend(|db| async move {
+backends!(the_record_and_its_revision_survive_a_server_restart);
+async fn the_record_and_its_revision_survive_a_server_restart(db: TestDb) {
+    let ws = new_workspace();
+    let before = {
         let app = TestApp::spawn(&db).await;
-        let c = app.client().await;
-        let ws = new_workspace();
-
-        // Eight racing create-only writes: one creates, the rest are aborted.
-        let mut tasks = Vec::new();
-        for i in 0..8 {
-            let mut c = c.clone();
-            let req = SetRequest {
-                expected_revision: Some(0),
-                ..fields(&ws, Some("claude-code"), Some(&format!("model-{i}")), None)
-            };
-            tasks.push(tokio::spawn(async move { c.set(req).await }));
-        }
-        let mut won = 0;
-        for t in tasks {
-            match t.await.unwrap() {
-                Ok(r) => {
-                    won += 1;
-                    assert_eq!(r.into_inner().resolution.unwrap().revision, 1);
-                }
-                Err(e) => {
-                    assert_error(&e, Code::Aborted, "REVISION_MISMATCH");
-                }
-            }
-        }
-        assert_eq!(won, 1, "exactly one create wins");
-
-        // Eight racing updates from revision 1: one wins.
-        let mut tasks = Vec::new();
-        for i in 0..8 {
-            let mut c = c.clone();
-            let req = SetRequest {
-                expected_revision: Some(1),
-                ..fields(&ws, None, Some(&format!("other-{i}")), None)
-            };
-            tasks.push(tokio::spawn(async move { c.set(req).await }));
-        }
-        let mut winners = Vec::new();
-        for t in tasks {
-            match t.await.unwrap() {
-                Ok(r) => winners.push(r.into_inner().resolution.unwrap()),
-                Err(e) => {
-                    assert_error(&e, Code::Aborted, "REVISION_MISMATCH");
-                }
-            }
-        }
-        assert_eq!(winners.len(), 1, "exactly one update wins");
-        let mut c = c.clone();
-        let r = resolve(&mut c, &ws).await;
-        assert_eq!(r, winners[0]);
+        let mut c = app.client().await;
+        register(&mut c, &ws, "hermes", "openai/gpt-4o", &["OPENAI_API_KEY"]).await;
+        let r = set_override(&mut c, &ws, Mode::Disabled, "paused").await;
         assert_eq!(r.revision, 2);
-        assert_eq!(history_revisions(&mut c, &ws).await, vec![2, 1]);
         app.stop().await.unwrap();
-    })
-    .await;
+        r
+    };
+    let app = TestApp::spawn(&db).await;
+    let mut c = app.client().await;
+    let after = resolve(&mut c, &ws).await;
+    assert_eq!(after, before);
+    assert_eq!(history_revisions(&mut c, &ws).await, vec![2, 1]);
+    // And it keeps counting from there.
+    assert_eq!(clear(&mut c, &ws, "resumed").await.unwrap().revision, 3);
+    app.stop().await.unwrap();
+}
+
+backends!(the_server_shuts_down_gracefully_and_then_refuses_connections);
+async fn the_server_shuts_down_gracefully_and_then_refuses_connections(db: TestDb) {
+    let app = TestApp::spawn(&db).await;
+    let addr = app.endpoint();
+    let mut c = app.client().await;
+    let ws = new_workspace();
+    register(&mut c, &ws, "claude-code", "opus", &[]).await;
+    app.stop().await.expect("graceful shutdown returns Ok");
+    let reconnect = tonic::transport::Endpoint::from_shared(addr)
+        .unwrap()
+        .connect_timeout(std::time::Duration::from_secs(2))
+        .connect()
+        .await;
+    assert!(reconnect.is_err(), "nothing listens after shutdown");
+}
+
+backends!(concurrent_compare_and_set_writers_let_exactly_one_win);
+async fn concurrent_compare_and_set_writers_let_exactly_one_win(db: TestDb) {
+    let app = TestApp::spawn(&db).await;
+    let c = app.client().await;
+    let ws = new_workspace();
+
+    // Eight racing create-only writes: one creates, the rest are aborted.
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let mut c = c.clone();
+        let req = SetRequest {
+            expected_revision: Some(0),
+            ..fields(&ws, Some("claude-code"), Some(&format!("model-{i}")), None)
+        };
+        tasks.push(tokio::spawn(async move { c.set(req).await }));
+    }
+    let mut won = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(r) => {
+                won += 1;
+                assert_eq!(r.into_inner().resolution.unwrap().revision, 1);
+            }
+            Err(e) => {
+                assert_error(&e, Code::Aborted, "REVISION_MISMATCH");
+            }
+        }
+    }
+    assert_eq!(won, 1, "exactly one create wins");
+
+    // Eight racing updates from revision 1: one wins.
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let mut c = c.clone();
+        let req = SetRequest {
+            expected_revision: Some(1),
+            ..fields(&ws, None, Some(&format!("other-{i}")), None)
+        };
+        tasks.push(tokio::spawn(async move { c.set(req).await }));
+    }
+    let mut winners = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(r) => winners.push(r.into_inner().resolution.unwrap()),
+            Err(e) => {
+                assert_error(&e, Code::Aborted, "REVISION_MISMATCH");
+            }
+        }
+    }
+    assert_eq!(winners.len(), 1, "exactly one update wins");
+    let mut c = c.clone();
+    let r = resolve(&mut c, &ws).await;
+    assert_eq!(r, winners[0]);
+    assert_eq!(r.revision, 2);
+    assert_eq!(history_revisions(&mut c, &ws).await, vec![2, 1]);
+    app.stop().await.unwrap();
 }

@@ -31,12 +31,16 @@ pub(crate) enum Backend {
     Postgres,
 }
 
-/// A fresh, empty database for one test. Dropping it removes the SQLite
-/// directory; Postgres schemas are uniquely named and left for inspection.
+/// A fresh, empty database for one test: a SQLite file in a temporary
+/// directory (removed when this is dropped), or a uniquely named schema of
+/// the Postgres at `DATABASE_URL` (dropped by [`run_on`] once the test has
+/// passed).
 pub(crate) struct TestDb {
     pub backend: Backend,
     pub url: String,
     _dir: Option<tempfile::TempDir>,
+    /// The fresh Postgres schema: the server's URL and the schema's name.
+    schema: Option<(String, String)>,
 }
 
 impl TestDb {
@@ -51,6 +55,7 @@ impl TestDb {
                     backend,
                     url,
                     _dir: Some(dir),
+                    schema: None,
                 })
             }
             Backend::Postgres => {
@@ -79,6 +84,7 @@ impl TestDb {
                     backend,
                     url: format!("{base}{sep}options[search_path]={schema}"),
                     _dir: None,
+                    schema: Some((base, schema)),
                 })
             }
         }
@@ -92,6 +98,7 @@ impl TestDb {
             backend,
             url,
             _dir: None,
+            schema: None,
         }
     }
 
@@ -121,18 +128,64 @@ impl TestDb {
     }
 }
 
-/// Runs `f` once per backend that is available.
-pub(crate) async fn each_backend<F, Fut>(f: F)
+/// Runs `test` on a fresh database of `backend`, unless that backend is
+/// skipped (see [`TestDb::new`]). The test's Postgres schema is dropped once
+/// it has passed; a failing test's schema is left for inspection.
+pub(crate) async fn run_on<F, Fut>(backend: Backend, test: F)
 where
-    F: Fn(TestDb) -> Fut,
+    F: FnOnce(TestDb) -> Fut,
     Fut: Future<Output = ()>,
 {
-    for backend in [Backend::Sqlite, Backend::Postgres] {
-        if let Some(db) = TestDb::new(backend).await {
-            f(db).await;
-        }
+    let Some(db) = TestDb::new(backend).await else {
+        return;
+    };
+    let schema = db.schema.clone();
+    test(db).await;
+    if let Some((base, schema)) = schema {
+        drop_schema(&base, &schema).await;
     }
 }
+
+/// Drops a passed test's schema. A schema that cannot be dropped (a server
+/// of the test still holding a lock) is said and left: the test passed.
+async fn drop_schema(base: &str, schema: &str) {
+    use sqlx::Connection;
+    let dropped = async {
+        let mut conn = sqlx::PgConnection::connect(base).await?;
+        sqlx::query("SET lock_timeout = '10s'")
+            .execute(&mut conn)
+            .await?;
+        sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+            .execute(&mut conn)
+            .await?;
+        Ok::<_, sqlx::Error>(())
+    };
+    if let Err(e) = dropped.await {
+        eprintln!("the test schema {schema} is left: {e}");
+    }
+}
+
+/// `backends!(name)` declares two tests, `name::sqlite` and
+/// `name::postgres`, each running `async fn name(db: TestDb)` through
+/// [`run_on`], so that a failure on one backend never hides the other.
+/// Arguments after the name go to `#[tokio::test(...)]`:
+/// `backends!(name, flavor = "multi_thread", worker_threads = 4)`.
+macro_rules! backends {
+    ($name:ident $(, $($runtime:tt)+)?) => {
+        mod $name {
+            #[tokio::test$(($($runtime)+))?]
+            async fn sqlite() {
+                crate::helpers::run_on(crate::helpers::Backend::Sqlite, super::$name).await;
+            }
+
+            #[tokio::test$(($($runtime)+))?]
+            async fn postgres() {
+                crate::helpers::run_on(crate::helpers::Backend::Postgres, super::$name).await;
+            }
+        }
+    };
+}
+pub(crate) use backends;
 
 /// A running server.
 pub(crate) struct TestApp {

@@ -134,129 +134,127 @@ fn promtool_check(text: &str) -> Option<()> {
 // ---------------------------------------------------------------------------
 // Admin port and metrics
 
-#[tokio::test]
-async fn the_admin_port_answers_probes_and_serves_metrics_promtool_accepts() {
-    each_backend(|db| async move {
-        // A server process of its own: the metrics registry is the
-        // process's, and the other tests of this binary make decisions too.
-        let app = ServerProcess::start(&db.url, &[], &[]);
-        let admin = app.admin_addr.expect("the harness turns the admin port on");
-        let addr: SocketAddr = app.addr.parse().unwrap();
-        let mut c = BillingModeClient::connect(format!("http://{addr}"))
-            .await
-            .expect("connect to the server");
+backends!(the_admin_port_answers_probes_and_serves_metrics_promtool_accepts);
+async fn the_admin_port_answers_probes_and_serves_metrics_promtool_accepts(db: TestDb) {
+    // A server process of its own: the metrics registry is the
+    // process's, and the other tests of this binary make decisions too.
+    let app = ServerProcess::start(&db.url, &[], &[]);
+    let admin = app.admin_addr.expect("the harness turns the admin port on");
+    let addr: SocketAddr = app.addr.parse().unwrap();
+    let mut c = BillingModeClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect to the server");
 
-        assert_eq!(get(admin, "/healthz").await, (200, "ok\n".to_owned()));
-        let (code, body) = get(admin, "/readyz").await;
-        assert_eq!(code, 200, "{body}");
-        for condition in ["store reachable", "migrations applied", "accepting calls"] {
-            assert!(
-                body.contains(&format!("ok:     {condition}")),
-                "{condition}: {body}"
-            );
-        }
-        assert_eq!(get(admin, "/nope").await.0, 404);
-        assert_eq!(health(addr, "").await, ServingStatus::Serving);
-        assert_eq!(health(addr, SERVICE).await, ServingStatus::Serving);
+    assert_eq!(get(admin, "/healthz").await, (200, "ok\n".to_owned()));
+    let (code, body) = get(admin, "/readyz").await;
+    assert_eq!(code, 200, "{body}");
+    for condition in ["store reachable", "migrations applied", "accepting calls"] {
+        assert!(
+            body.contains(&format!("ok:     {condition}")),
+            "{condition}: {body}"
+        );
+    }
+    assert_eq!(get(admin, "/nope").await.0, 404);
+    assert_eq!(health(addr, "").await, ServingStatus::Serving);
+    assert_eq!(health(addr, SERVICE).await, ServingStatus::Serving);
 
-        let before = get(admin, "/metrics").await.1;
-        // A decision with labels no other test here produces, a refusal, and
-        // an unknown workspace.
-        let ws = new_workspace();
-        set_override(&mut c, &ws, Mode::Disabled, "ops test").await;
-        for _ in 0..2 {
-            build(&mut c, &ws, vec![env(Origin::Global, "GIT_AUTHOR_NAME", "x")])
-                .await
-                .expect("BuildEnv on a disabled workspace");
-        }
-        let missing = new_workspace();
-        let err = try_resolve(&mut c, &missing).await.unwrap_err();
-        assert_eq!(err.code(), Code::NotFound);
+    let before = get(admin, "/metrics").await.1;
+    // A decision with labels no other test here produces, a refusal, and
+    // an unknown workspace.
+    let ws = new_workspace();
+    set_override(&mut c, &ws, Mode::Disabled, "ops test").await;
+    for _ in 0..2 {
+        build(
+            &mut c,
+            &ws,
+            vec![env(Origin::Global, "GIT_AUTHOR_NAME", "x")],
+        )
+        .await
+        .expect("BuildEnv on a disabled workspace");
+    }
+    let missing = new_workspace();
+    let err = try_resolve(&mut c, &missing).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
 
-        let (code, after) = get(admin, "/metrics").await;
-        assert_eq!(code, 200);
-        let delta = |series: &str| {
-            sample(&after, series).unwrap_or(0.0) - sample(&before, series).unwrap_or(0.0)
-        };
-        assert_eq!(
-            delta(r#"billing_mode_decisions_total{mode="disabled",rpc="BuildEnv",source="OVERRIDE"}"#),
-            2.0,
-            "{after}"
-        );
-        assert!(
-            delta(r#"billing_mode_refusals_total{reason="WORKSPACE_NOT_FOUND",rpc="Resolve"}"#)
-                >= 1.0,
-            "{after}"
-        );
-        assert!(
-            delta(
-                r#"rpc_server_call_duration_seconds_count{rpc_grpc_status_code="0",rpc_method="BuildEnv",rpc_service="molecule.billing.v1.BillingMode",rpc_system="grpc"}"#
-            ) >= 2.0,
-            "{after}"
-        );
-        assert!(
-            delta(
-                r#"rpc_server_call_duration_seconds_count{rpc_grpc_status_code="5",rpc_method="Resolve",rpc_service="molecule.billing.v1.BillingMode",rpc_system="grpc"}"#
-            ) >= 1.0,
-            "{after}"
-        );
-        assert!(
-            delta(r#"billing_mode_store_operation_duration_seconds_count{operation="load",outcome="ok"}"#)
-                >= 2.0,
-            "{after}"
-        );
-        assert!(after.contains("billing_mode_store_pool_connections{state=\"idle\"}"));
-        assert!(after.contains("billing_mode_store_pool_connections{state=\"in_use\"}"));
-        assert!(after.contains(&format!(
-            "billing_mode_build_info{{git_commit=\"{}\",version=\"{}\"}} 1",
-            billing_mode::metrics::GIT_COMMIT,
-            env!("CARGO_PKG_VERSION")
-        )));
-        // No label carries a workspace id or a value.
-        for secret in [ws.as_str(), missing.as_str(), "GIT_AUTHOR_NAME", "ops test"] {
-            assert!(!after.contains(secret), "{secret} in /metrics");
-        }
-        promtool_check(&after);
-        // The server finishes its open connections before it exits: the
-        // client's is closed by this runtime while the wait blocks elsewhere.
-        drop(c);
-        let (status, log) = tokio::task::spawn_blocking(move || {
-            let mut app = app;
-            (app.terminate(), app.log())
-        })
-            .await
-            .unwrap();
-        assert!(status.success(), "{status}:\n{log}");
-        drop(db); // it owns the SQLite file: kept until the server is gone
+    let (code, after) = get(admin, "/metrics").await;
+    assert_eq!(code, 200);
+    let delta = |series: &str| {
+        sample(&after, series).unwrap_or(0.0) - sample(&before, series).unwrap_or(0.0)
+    };
+    assert_eq!(
+        delta(r#"billing_mode_decisions_total{mode="disabled",rpc="BuildEnv",source="OVERRIDE"}"#),
+        2.0,
+        "{after}"
+    );
+    assert!(
+        delta(r#"billing_mode_refusals_total{reason="WORKSPACE_NOT_FOUND",rpc="Resolve"}"#) >= 1.0,
+        "{after}"
+    );
+    assert!(
+        delta(
+            r#"rpc_server_call_duration_seconds_count{rpc_grpc_status_code="0",rpc_method="BuildEnv",rpc_service="molecule.billing.v1.BillingMode",rpc_system="grpc"}"#
+        ) >= 2.0,
+        "{after}"
+    );
+    assert!(
+        delta(
+            r#"rpc_server_call_duration_seconds_count{rpc_grpc_status_code="5",rpc_method="Resolve",rpc_service="molecule.billing.v1.BillingMode",rpc_system="grpc"}"#
+        ) >= 1.0,
+        "{after}"
+    );
+    assert!(
+        delta(
+            r#"billing_mode_store_operation_duration_seconds_count{operation="load",outcome="ok"}"#
+        ) >= 2.0,
+        "{after}"
+    );
+    assert!(after.contains("billing_mode_store_pool_connections{state=\"idle\"}"));
+    assert!(after.contains("billing_mode_store_pool_connections{state=\"in_use\"}"));
+    assert!(after.contains(&format!(
+        "billing_mode_build_info{{git_commit=\"{}\",version=\"{}\"}} 1",
+        billing_mode::metrics::GIT_COMMIT,
+        env!("CARGO_PKG_VERSION")
+    )));
+    // No label carries a workspace id or a value.
+    for secret in [ws.as_str(), missing.as_str(), "GIT_AUTHOR_NAME", "ops test"] {
+        assert!(!after.contains(secret), "{secret} in /metrics");
+    }
+    promtool_check(&after);
+    // The server finishes its open connections before it exits: the
+    // client's is closed by this runtime while the wait blocks elsewhere.
+    drop(c);
+    let (status, log) = tokio::task::spawn_blocking(move || {
+        let mut app = app;
+        (app.terminate(), app.log())
     })
-    .await;
+    .await
+    .unwrap();
+    assert!(status.success(), "{status}:\n{log}");
+    drop(db); // it owns the SQLite file: kept until the server is gone
 }
 
-#[tokio::test]
-async fn with_migrations_left_to_the_migrate_step_the_server_waits_not_ready() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn_with(Config {
-            migrate: false,
-            ..config(&db)
-        })
-        .await;
-        let admin = app.admin_addr.unwrap();
-        let (code, body) = get(admin, "/readyz").await;
-        assert_eq!(code, 503, "{body}");
-        assert!(body.contains("failed: migrations applied"), "{body}");
-        assert_eq!(health(app.addr, "").await, ServingStatus::NotServing);
-        assert_eq!(health(app.addr, SERVICE).await, ServingStatus::NotServing);
-        assert_eq!(get(admin, "/healthz").await.0, 200, "alive all the same");
-
-        // The separate step (what `billing-mode migrate` runs).
-        billing_mode::store::connect(&db.url)
-            .await
-            .expect("migrations apply");
-        wait_for_health(app.addr, ServingStatus::Serving).await;
-        assert_eq!(get(admin, "/readyz").await.0, 200);
-        app.stop().await.unwrap();
+backends!(with_migrations_left_to_the_migrate_step_the_server_waits_not_ready);
+async fn with_migrations_left_to_the_migrate_step_the_server_waits_not_ready(db: TestDb) {
+    let app = TestApp::spawn_with(Config {
+        migrate: false,
+        ..config(&db)
     })
     .await;
+    let admin = app.admin_addr.unwrap();
+    let (code, body) = get(admin, "/readyz").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("failed: migrations applied"), "{body}");
+    assert_eq!(health(app.addr, "").await, ServingStatus::NotServing);
+    assert_eq!(health(app.addr, SERVICE).await, ServingStatus::NotServing);
+    assert_eq!(get(admin, "/healthz").await.0, 200, "alive all the same");
+
+    // The separate step (what `billing-mode migrate` runs).
+    billing_mode::store::connect(&db.url)
+        .await
+        .expect("migrations apply");
+    wait_for_health(app.addr, ServingStatus::Serving).await;
+    assert_eq!(get(admin, "/readyz").await.0, 200);
+    app.stop().await.unwrap();
 }
 
 #[tokio::test]

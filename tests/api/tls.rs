@@ -231,133 +231,115 @@ async fn plaintext_flow(addr: SocketAddr) -> Result<(), String> {
         .map_err(|_| "timed out".to_owned())?
 }
 
-#[tokio::test]
-async fn tls_serves_verified_clients_and_refuses_plaintext() {
-    let pki = pki();
-    each_backend(|db| {
-        let pki = &pki;
-        async move {
-            let app = TestApp::spawn_with(tls_config(&db, pki, false)).await;
-            tls_flow(app.addr, Some(&pki.ca_pem), "localhost", None, None)
-                .await
-                .unwrap_or_else(|e| panic!("{:?}: a TLS client must succeed: {e}", db.backend));
-            // The IP SAN verifies too.
-            tls_flow(app.addr, Some(&pki.ca_pem), "127.0.0.1", None, None)
-                .await
-                .unwrap_or_else(|e| panic!("verifying the IP SAN: {e}"));
+backends!(tls_serves_verified_clients_and_refuses_plaintext);
+async fn tls_serves_verified_clients_and_refuses_plaintext(db: TestDb) {
+    let pki = &pki();
+    let app = TestApp::spawn_with(tls_config(&db, pki, false)).await;
+    tls_flow(app.addr, Some(&pki.ca_pem), "localhost", None, None)
+        .await
+        .unwrap_or_else(|e| panic!("{:?}: a TLS client must succeed: {e}", db.backend));
+    // The IP SAN verifies too.
+    tls_flow(app.addr, Some(&pki.ca_pem), "127.0.0.1", None, None)
+        .await
+        .unwrap_or_else(|e| panic!("verifying the IP SAN: {e}"));
 
-            let e = plaintext_flow(app.addr)
-                .await
-                .expect_err("a plaintext client must fail against a TLS server");
-            eprintln!("plaintext client: {e}");
-            let e = tls_flow(app.addr, None, "localhost", None, None)
-                .await
-                .expect_err("a client that does not trust the CA must fail");
-            eprintln!("untrusted CA: {e}");
-            assert!(e.contains("UnknownIssuer"), "{e}");
-            let e = tls_flow(app.addr, Some(&pki.ca_pem), "billing.example", None, None)
-                .await
-                .expect_err("a name the certificate does not cover must fail");
-            eprintln!("wrong name: {e}");
-            assert!(e.contains("NotValidForName"), "{e}");
+    let e = plaintext_flow(app.addr)
+        .await
+        .expect_err("a plaintext client must fail against a TLS server");
+    eprintln!("plaintext client: {e}");
+    let e = tls_flow(app.addr, None, "localhost", None, None)
+        .await
+        .expect_err("a client that does not trust the CA must fail");
+    eprintln!("untrusted CA: {e}");
+    assert!(e.contains("UnknownIssuer"), "{e}");
+    let e = tls_flow(app.addr, Some(&pki.ca_pem), "billing.example", None, None)
+        .await
+        .expect_err("a name the certificate does not cover must fail");
+    eprintln!("wrong name: {e}");
+    assert!(e.contains("NotValidForName"), "{e}");
 
-            // The server kept serving after the failed handshakes.
-            tls_flow(app.addr, Some(&pki.ca_pem), "localhost", None, None)
-                .await
-                .unwrap();
-            app.stop().await.unwrap();
-        }
-    })
-    .await;
+    // The server kept serving after the failed handshakes.
+    tls_flow(app.addr, Some(&pki.ca_pem), "localhost", None, None)
+        .await
+        .unwrap();
+    app.stop().await.unwrap();
 }
 
-#[tokio::test]
-async fn mtls_requires_a_client_certificate_from_the_ca() {
-    let pki = pki();
-    each_backend(|db| {
-        let pki = &pki;
-        async move {
-            let app = TestApp::spawn_with(tls_config(&db, pki, true)).await;
-            tls_flow(
-                app.addr,
-                Some(&pki.ca_pem),
-                "localhost",
-                Some(&pki.client_identity),
-                None,
-            )
-            .await
-            .unwrap_or_else(|e| panic!("{:?}: a client with a certificate: {e}", db.backend));
+backends!(mtls_requires_a_client_certificate_from_the_ca);
+async fn mtls_requires_a_client_certificate_from_the_ca(db: TestDb) {
+    let pki = &pki();
+    let app = TestApp::spawn_with(tls_config(&db, pki, true)).await;
+    tls_flow(
+        app.addr,
+        Some(&pki.ca_pem),
+        "localhost",
+        Some(&pki.client_identity),
+        None,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{:?}: a client with a certificate: {e}", db.backend));
 
-            let e = tls_flow(app.addr, Some(&pki.ca_pem), "localhost", None, None)
-                .await
-                .expect_err("a client without a certificate must fail under mTLS");
-            eprintln!("no client certificate: {e}");
-            assert!(e.contains("CertificateRequired"), "{e}");
-            let e = tls_flow(
-                app.addr,
-                Some(&pki.ca_pem),
-                "localhost",
-                Some(&pki.rogue_identity),
-                None,
-            )
-            .await
-            .expect_err("a client certificate from another CA must fail");
-            eprintln!("rogue client certificate: {e}");
-            assert!(e.contains("UnknownCA"), "{e}");
-            let e = plaintext_flow(app.addr)
-                .await
-                .expect_err("plaintext must fail under mTLS");
-            eprintln!("plaintext: {e}");
+    let e = tls_flow(app.addr, Some(&pki.ca_pem), "localhost", None, None)
+        .await
+        .expect_err("a client without a certificate must fail under mTLS");
+    eprintln!("no client certificate: {e}");
+    assert!(e.contains("CertificateRequired"), "{e}");
+    let e = tls_flow(
+        app.addr,
+        Some(&pki.ca_pem),
+        "localhost",
+        Some(&pki.rogue_identity),
+        None,
+    )
+    .await
+    .expect_err("a client certificate from another CA must fail");
+    eprintln!("rogue client certificate: {e}");
+    assert!(e.contains("UnknownCA"), "{e}");
+    let e = plaintext_flow(app.addr)
+        .await
+        .expect_err("plaintext must fail under mTLS");
+    eprintln!("plaintext: {e}");
 
-            tls_flow(
-                app.addr,
-                Some(&pki.ca_pem),
-                "localhost",
-                Some(&pki.client_identity),
-                None,
-            )
-            .await
-            .unwrap();
-            app.stop().await.unwrap();
-        }
-    })
-    .await;
+    tls_flow(
+        app.addr,
+        Some(&pki.ca_pem),
+        "localhost",
+        Some(&pki.client_identity),
+        None,
+    )
+    .await
+    .unwrap();
+    app.stop().await.unwrap();
 }
 
-#[tokio::test]
-async fn mtls_and_tokens_together() {
-    let pki = pki();
-    each_backend(|db| {
-        let pki = &pki;
-        async move {
-            let (admin, e) = make_token("tls-admin", &[Role::Admin]);
-            let mut cfg = tls_config(&db, pki, true);
-            cfg.tokens = vec![e];
-            let app = TestApp::spawn_with(cfg).await;
-            tls_flow(
-                app.addr,
-                Some(&pki.ca_pem),
-                "localhost",
-                Some(&pki.client_identity),
-                Some(&admin),
-            )
-            .await
-            .unwrap_or_else(|e| panic!("{:?}: certificate and token: {e}", db.backend));
-            // A certificate alone is not authentication.
-            let e = tls_flow(
-                app.addr,
-                Some(&pki.ca_pem),
-                "localhost",
-                Some(&pki.client_identity),
-                None,
-            )
-            .await
-            .expect_err("no token");
-            assert!(e.contains("Unauthenticated"), "{e}");
-            app.stop().await.unwrap();
-        }
-    })
-    .await;
+backends!(mtls_and_tokens_together);
+async fn mtls_and_tokens_together(db: TestDb) {
+    let pki = &pki();
+    let (admin, e) = make_token("tls-admin", &[Role::Admin]);
+    let mut cfg = tls_config(&db, pki, true);
+    cfg.tokens = vec![e];
+    let app = TestApp::spawn_with(cfg).await;
+    tls_flow(
+        app.addr,
+        Some(&pki.ca_pem),
+        "localhost",
+        Some(&pki.client_identity),
+        Some(&admin),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{:?}: certificate and token: {e}", db.backend));
+    // A certificate alone is not authentication.
+    let e = tls_flow(
+        app.addr,
+        Some(&pki.ca_pem),
+        "localhost",
+        Some(&pki.client_identity),
+        None,
+    )
+    .await
+    .expect_err("no token");
+    assert!(e.contains("Unauthenticated"), "{e}");
+    app.stop().await.unwrap();
 }
 
 /// Runs the CLI binary with `args`, with no BILLING_MODE_* client settings
@@ -384,116 +366,110 @@ fn path(p: &Path) -> String {
     p.display().to_string()
 }
 
-#[tokio::test]
-async fn the_cli_speaks_mtls_with_a_token() {
-    let pki = pki();
-    each_backend(|db| {
-        let pki = &pki;
-        async move {
-            let (admin, e) = make_token("cli-admin", &[Role::Admin]);
-            let mut cfg = tls_config(&db, pki, true);
-            cfg.tokens = vec![e];
-            let app = TestApp::spawn_with(cfg).await;
-            let server = format!("https://localhost:{}", app.addr.port());
+backends!(the_cli_speaks_mtls_with_a_token);
+async fn the_cli_speaks_mtls_with_a_token(db: TestDb) {
+    let pki = &pki();
+    let (admin, e) = make_token("cli-admin", &[Role::Admin]);
+    let mut cfg = tls_config(&db, pki, true);
+    cfg.tokens = vec![e];
+    let app = TestApp::spawn_with(cfg).await;
+    let server = format!("https://localhost:{}", app.addr.port());
 
-            let ws = new_workspace();
-            let set = cli(
-                vec![
-                    "set".into(),
-                    ws.clone(),
-                    "--runtime".into(),
-                    "claude-code".into(),
-                    "--model".into(),
-                    "opus".into(),
-                    "--credential-keys".into(),
-                    "CLAUDE_CODE_OAUTH_TOKEN".into(),
-                    "--server".into(),
-                    server.clone(),
-                    "--ca-cert".into(),
-                    path(&pki.ca),
-                    "--client-cert".into(),
-                    path(&pki.client_cert),
-                    "--client-key".into(),
-                    path(&pki.client_key),
-                    "--token".into(),
-                    admin.clone(),
-                ],
-                vec![],
-            )
-            .await;
-            assert!(set.status.success(), "{:?}: cli set: {set:?}", db.backend);
-
-            let full = |ws: &str| {
-                vec![
-                    "resolve".to_owned(),
-                    ws.to_owned(),
-                    "--server".into(),
-                    server.clone(),
-                    "--ca-cert".into(),
-                    path(&pki.ca),
-                    "--client-cert".into(),
-                    path(&pki.client_cert),
-                    "--client-key".into(),
-                    path(&pki.client_key),
-                    "--token".into(),
-                    admin.clone(),
-                ]
-            };
-            let ok = cli(full(&ws), vec![]).await;
-            assert!(ok.status.success(), "cli resolve over mTLS: {ok:?}");
-            let stdout = String::from_utf8_lossy(&ok.stdout);
-            assert!(stdout.contains(&ws) && stdout.contains("byok"), "{stdout}");
-
-            // Without the client certificate: refused.
-            let no_cert = cli(
-                vec![
-                    "resolve".into(),
-                    ws.clone(),
-                    "--server".into(),
-                    server.clone(),
-                    "--ca-cert".into(),
-                    path(&pki.ca),
-                    "--token".into(),
-                    admin.clone(),
-                ],
-                vec![],
-            )
-            .await;
-            assert!(
-                !no_cert.status.success(),
-                "without a client certificate the CLI must fail: {no_cert:?}"
-            );
-
-            // Without the token: refused with UNAUTHENTICATED.
-            let mut no_token = full(&ws);
-            no_token.truncate(no_token.len() - 2);
-            let out = cli(no_token, vec![]).await;
-            assert!(!out.status.success(), "{out:?}");
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            assert!(stderr.contains("UNAUTHENTICATED"), "{stderr}");
-
-            // The same settings from the environment.
-            let out = cli(
-                vec!["history".into(), ws.clone()],
-                vec![
-                    ("BILLING_MODE_SERVER", server.clone()),
-                    ("BILLING_MODE_TOKEN", admin.clone()),
-                    ("BILLING_MODE_CA_CERT", path(&pki.ca)),
-                    ("BILLING_MODE_CLIENT_CERT", path(&pki.client_cert)),
-                    ("BILLING_MODE_CLIENT_KEY", path(&pki.client_key)),
-                ],
-            )
-            .await;
-            assert!(out.status.success(), "cli history from env: {out:?}");
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            assert!(
-                stdout.contains("cli-admin"),
-                "the actor is listed: {stdout}"
-            );
-            // The token never appears in the CLI's output.
-            assert!(!stdout.contains(&admin));
-            app.stop().await.unwrap();
-        }
-    })
+    let ws = new_workspace();
+    let set = cli(
+        vec![
+            "set".into(),
+            ws.clone(),
+            "--runtime".into(),
+            "claude-code".into(),
+            "--model".into(),
+            "opus".into(),
+            "--credential-keys".into(),
+            "CLAUDE_CODE_OAUTH_TOKEN".into(),
+            "--server".into(),
+            server.clone(),
+            "--ca-cert".into(),
+            path(&pki.ca),
+            "--client-cert".into(),
+            path(&pki.client_cert),
+            "--client-key".into(),
+            path(&pki.client_key),
+            "--token".into(),
+            admin.clone(),
+        ],
+        vec![],
+    )
     .await;
+    assert!(set.status.success(), "{:?}: cli set: {set:?}", db.backend);
+
+    let full = |ws: &str| {
+        vec![
+            "resolve".to_owned(),
+            ws.to_owned(),
+            "--server".into(),
+            server.clone(),
+            "--ca-cert".into(),
+            path(&pki.ca),
+            "--client-cert".into(),
+            path(&pki.client_cert),
+            "--client-key".into(),
+            path(&pki.client_key),
+            "--token".into(),
+            admin.clone(),
+        ]
+    };
+    let ok = cli(full(&ws), vec![]).await;
+    assert!(ok.status.success(), "cli resolve over mTLS: {ok:?}");
+    let stdout = String::from_utf8_lossy(&ok.stdout);
+    assert!(stdout.contains(&ws) && stdout.contains("byok"), "{stdout}");
+
+    // Without the client certificate: refused.
+    let no_cert = cli(
+        vec![
+            "resolve".into(),
+            ws.clone(),
+            "--server".into(),
+            server.clone(),
+            "--ca-cert".into(),
+            path(&pki.ca),
+            "--token".into(),
+            admin.clone(),
+        ],
+        vec![],
+    )
+    .await;
+    assert!(
+        !no_cert.status.success(),
+        "without a client certificate the CLI must fail: {no_cert:?}"
+    );
+
+    // Without the token: refused with UNAUTHENTICATED.
+    let mut no_token = full(&ws);
+    no_token.truncate(no_token.len() - 2);
+    let out = cli(no_token, vec![]).await;
+    assert!(!out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("UNAUTHENTICATED"), "{stderr}");
+
+    // The same settings from the environment.
+    let out = cli(
+        vec!["history".into(), ws.clone()],
+        vec![
+            ("BILLING_MODE_SERVER", server.clone()),
+            ("BILLING_MODE_TOKEN", admin.clone()),
+            ("BILLING_MODE_CA_CERT", path(&pki.ca)),
+            ("BILLING_MODE_CLIENT_CERT", path(&pki.client_cert)),
+            ("BILLING_MODE_CLIENT_KEY", path(&pki.client_key)),
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "cli history from env: {out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("cli-admin"),
+        "the actor is listed: {stdout}"
+    );
+    // The token never appears in the CLI's output.
+    assert!(!stdout.contains(&admin));
+    app.stop().await.unwrap();
 }

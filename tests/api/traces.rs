@@ -14,7 +14,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use crate::helpers::{each_backend, env, new_workspace, Backend, TestDb};
+use crate::helpers::{backends, env, new_workspace, Backend, TestDb};
 use crate::server_process::ServerProcess;
 use billing_mode::proto::{
     billing_mode_client::BillingModeClient, BuildEnvRequest, CredentialKeys, Origin,
@@ -166,7 +166,11 @@ const CANARY_WORKSPACE_TOKEN: &str = "canary-wstoken-5f1c0e7a9b2d4c61";
 const CANARY_PLATFORM_KEY: &str = "canary-platformkey-83ad20c4e6f1";
 const CANARY_USAGE_TOKEN: &str = "canary-usagetoken-0b9e7d5a3c18";
 
-async fn exports_follow_the_rpc_conventions_on(db: TestDb) {
+backends!(
+    exported_spans_follow_the_rpc_conventions_and_continue_the_callers_trace,
+    flavor = "multi_thread"
+);
+async fn exported_spans_follow_the_rpc_conventions_and_continue_the_callers_trace(db: TestDb) {
     let receiver = Receiver::default();
     let endpoint = start_receiver(receiver.clone()).await;
     let server = ServerProcess::start(
@@ -364,9 +368,4 @@ async fn exports_follow_the_rpc_conventions_on(db: TestDb) {
         int(attrs(&root.attributes).get("rpc.grpc.status_code")),
         Some(0)
     );
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn exported_spans_follow_the_rpc_conventions_and_continue_the_callers_trace() {
-    each_backend(exports_follow_the_rpc_conventions_on).await;
 }

@@ -81,161 +81,155 @@ async fn stored_state(db: &TestDb) -> (Vec<String>, Vec<RawAuditRow>) {
 // Dry run
 // ---------------------------------------------------------------------------
 
-#[tokio::test]
-async fn a_dry_run_answers_as_the_write_would_and_writes_nothing() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
-        let mut c = app.client().await;
-        let ws = new_workspace();
+backends!(a_dry_run_answers_as_the_write_would_and_writes_nothing);
+async fn a_dry_run_answers_as_the_write_would_and_writes_nothing(db: TestDb) {
+    let app = TestApp::spawn(&db).await;
+    let mut c = app.client().await;
+    let ws = new_workspace();
 
-        // On a workspace nobody registered: a Set would create revision 1.
-        let would = c
-            .set(set_override_req(&ws, Mode::Byok, Some(0), true))
-            .await
-            .expect("dry Set on a new workspace")
-            .into_inner()
-            .resolution
-            .unwrap();
-        assert_eq!(would.revision, 1);
-        assert_eq!(would.mode(), Mode::Byok);
-        assert_eq!(stored_state(&db).await, (vec![], vec![]), "a dry run wrote");
-        assert_error(
-            &try_resolve(&mut c, &ws).await.unwrap_err(),
-            Code::NotFound,
-            "WORKSPACE_NOT_FOUND",
-        );
-        // Clear on it is NOT_FOUND, as the real Clear.
-        let err = c.clear(clear_req(&ws, None, true)).await.unwrap_err();
-        assert_error(&err, Code::NotFound, "WORKSPACE_NOT_FOUND");
+    // On a workspace nobody registered: a Set would create revision 1.
+    let would = c
+        .set(set_override_req(&ws, Mode::Byok, Some(0), true))
+        .await
+        .expect("dry Set on a new workspace")
+        .into_inner()
+        .resolution
+        .unwrap();
+    assert_eq!(would.revision, 1);
+    assert_eq!(would.mode(), Mode::Byok);
+    assert_eq!(stored_state(&db).await, (vec![], vec![]), "a dry run wrote");
+    assert_error(
+        &try_resolve(&mut c, &ws).await.unwrap_err(),
+        Code::NotFound,
+        "WORKSPACE_NOT_FOUND",
+    );
+    // Clear on it is NOT_FOUND, as the real Clear.
+    let err = c.clear(clear_req(&ws, None, true)).await.unwrap_err();
+    assert_error(&err, Code::NotFound, "WORKSPACE_NOT_FOUND");
 
-        // Registered: the answer carries the revision the write would get.
-        let created = set(&mut c, set_model_req(&ws, "opus", false)).await;
-        assert_eq!(created.revision, 1);
-        let before = stored_state(&db).await;
-        let would = c
-            .set(set_override_req(&ws, Mode::Disabled, Some(1), true))
-            .await
-            .expect("dry Set")
-            .into_inner()
-            .resolution
-            .unwrap();
-        assert_eq!((would.revision, would.mode()), (2, Mode::Disabled));
+    // Registered: the answer carries the revision the write would get.
+    let created = set(&mut c, set_model_req(&ws, "opus", false)).await;
+    assert_eq!(created.revision, 1);
+    let before = stored_state(&db).await;
+    let would = c
+        .set(set_override_req(&ws, Mode::Disabled, Some(1), true))
+        .await
+        .expect("dry Set")
+        .into_inner()
+        .resolution
+        .unwrap();
+    assert_eq!((would.revision, would.mode()), (2, Mode::Disabled));
 
-        // Every check of the real write: compare-and-set, validation.
-        let err = c
-            .set(set_override_req(&ws, Mode::Disabled, Some(7), true))
-            .await
-            .unwrap_err();
-        assert_error(&err, Code::Aborted, "REVISION_MISMATCH");
-        let mut no_reason = set_override_req(&ws, Mode::Disabled, None, true);
-        no_reason.reason.clear();
-        let err = c.set(no_reason).await.unwrap_err();
-        assert_error(&err, Code::InvalidArgument, "REASON_REQUIRED");
-        let err = c
-            .set(set_model_req("not-a-uuid", "opus", true))
-            .await
-            .unwrap_err();
-        assert_error(&err, Code::InvalidArgument, "INVALID_WORKSPACE_ID");
-        let err = c.clear(clear_req(&ws, Some(3), true)).await.unwrap_err();
-        assert_error(&err, Code::Aborted, "REVISION_MISMATCH");
-        let mut clear_no_reason = clear_req(&ws, None, true);
-        clear_no_reason.reason.clear();
-        let err = c.clear(clear_no_reason).await.unwrap_err();
-        assert_error(&err, Code::InvalidArgument, "REASON_REQUIRED");
+    // Every check of the real write: compare-and-set, validation.
+    let err = c
+        .set(set_override_req(&ws, Mode::Disabled, Some(7), true))
+        .await
+        .unwrap_err();
+    assert_error(&err, Code::Aborted, "REVISION_MISMATCH");
+    let mut no_reason = set_override_req(&ws, Mode::Disabled, None, true);
+    no_reason.reason.clear();
+    let err = c.set(no_reason).await.unwrap_err();
+    assert_error(&err, Code::InvalidArgument, "REASON_REQUIRED");
+    let err = c
+        .set(set_model_req("not-a-uuid", "opus", true))
+        .await
+        .unwrap_err();
+    assert_error(&err, Code::InvalidArgument, "INVALID_WORKSPACE_ID");
+    let err = c.clear(clear_req(&ws, Some(3), true)).await.unwrap_err();
+    assert_error(&err, Code::Aborted, "REVISION_MISMATCH");
+    let mut clear_no_reason = clear_req(&ws, None, true);
+    clear_no_reason.reason.clear();
+    let err = c.clear(clear_no_reason).await.unwrap_err();
+    assert_error(&err, Code::InvalidArgument, "REASON_REQUIRED");
 
-        // A no-op dry run answers the record as it is.
-        let same = c
-            .clear(clear_req(&ws, Some(1), true))
-            .await
-            .expect("dry Clear")
-            .into_inner()
-            .resolution
-            .unwrap();
-        assert_eq!(same, created);
+    // A no-op dry run answers the record as it is.
+    let same = c
+        .clear(clear_req(&ws, Some(1), true))
+        .await
+        .expect("dry Clear")
+        .into_inner()
+        .resolution
+        .unwrap();
+    assert_eq!(same, created);
 
-        // Nothing of it was written: record, audit rows, History, revision.
-        assert_eq!(stored_state(&db).await, before, "a dry run wrote");
-        assert_eq!(history_len(&mut c, &ws).await, 1);
-        assert_eq!(resolve(&mut c, &ws).await, created);
+    // Nothing of it was written: record, audit rows, History, revision.
+    assert_eq!(stored_state(&db).await, before, "a dry run wrote");
+    assert_eq!(history_len(&mut c, &ws).await, 1);
+    assert_eq!(resolve(&mut c, &ws).await, created);
 
-        // The dry run's answer is the real write's.
-        let real = set(
-            &mut c,
-            set_override_req(&ws, Mode::Disabled, Some(1), false),
-        )
-        .await;
-        assert_eq!(real, would);
-        let would_clear = c
-            .clear(clear_req(&ws, Some(2), true))
-            .await
-            .expect("dry Clear")
-            .into_inner()
-            .resolution
-            .unwrap();
-        assert_eq!(would_clear.revision, 3);
-        assert_eq!(resolve(&mut c, &ws).await.revision, 2);
-        let real_clear = c
-            .clear(clear_req(&ws, Some(2), false))
-            .await
-            .unwrap()
-            .into_inner()
-            .resolution
-            .unwrap();
-        assert_eq!(real_clear, would_clear);
-    })
+    // The dry run's answer is the real write's.
+    let real = set(
+        &mut c,
+        set_override_req(&ws, Mode::Disabled, Some(1), false),
+    )
     .await;
+    assert_eq!(real, would);
+    let would_clear = c
+        .clear(clear_req(&ws, Some(2), true))
+        .await
+        .expect("dry Clear")
+        .into_inner()
+        .resolution
+        .unwrap();
+    assert_eq!(would_clear.revision, 3);
+    assert_eq!(resolve(&mut c, &ws).await.revision, 2);
+    let real_clear = c
+        .clear(clear_req(&ws, Some(2), false))
+        .await
+        .unwrap()
+        .into_inner()
+        .resolution
+        .unwrap();
+    assert_eq!(real_clear, would_clear);
 }
 
-#[tokio::test]
-async fn a_dry_run_needs_the_role_of_the_real_write() {
-    each_backend(|db| async move {
-        let roles = [
-            Role::Admin,
-            Role::Writer,
-            Role::Reader,
-            Role::Provisioner,
-            Role::Meter,
-        ];
-        let tokens: Vec<_> = roles
-            .iter()
-            .map(|r| make_token(&format!("{r:?}").to_lowercase(), &[*r]))
-            .collect();
-        let app = TestApp::spawn_with(config_with_tokens(
-            &db,
-            tokens.iter().map(|(_, e)| e.clone()).collect(),
-        ))
-        .await;
-        let ws = new_workspace();
-        let mut admin = app.client_with_token(&tokens[0].0).await;
-        admin
-            .set(set_model_req(&ws, "opus", false))
-            .await
-            .expect("admin registers");
-        let before = stored_state(&db).await;
-        for (role, (token, _)) in roles.iter().zip(&tokens) {
-            let mut c = app.client_with_token(token).await;
-            let fields = c.set(set_model_req(&ws, "sonnet", true)).await;
-            let over = c.set(set_override_req(&ws, Mode::Byok, None, true)).await;
-            let clear = c.clear(clear_req(&ws, None, true)).await;
-            let may_fields = matches!(role, Role::Admin | Role::Writer);
-            let may_override = matches!(role, Role::Admin);
-            for (what, result, may) in [
-                ("Set fields", fields.map(drop), may_fields),
-                ("Set override", over.map(drop), may_override),
-                ("Clear", clear.map(drop), may_override),
-            ] {
-                match result {
-                    Ok(()) => assert!(may, "{role:?} may not dry-run {what}"),
-                    Err(e) => {
-                        assert!(!may, "{role:?} may dry-run {what}: {e:?}");
-                        assert_error(&e, Code::PermissionDenied, "PERMISSION_DENIED");
-                    }
+backends!(a_dry_run_needs_the_role_of_the_real_write);
+async fn a_dry_run_needs_the_role_of_the_real_write(db: TestDb) {
+    let roles = [
+        Role::Admin,
+        Role::Writer,
+        Role::Reader,
+        Role::Provisioner,
+        Role::Meter,
+    ];
+    let tokens: Vec<_> = roles
+        .iter()
+        .map(|r| make_token(&format!("{r:?}").to_lowercase(), &[*r]))
+        .collect();
+    let app = TestApp::spawn_with(config_with_tokens(
+        &db,
+        tokens.iter().map(|(_, e)| e.clone()).collect(),
+    ))
+    .await;
+    let ws = new_workspace();
+    let mut admin = app.client_with_token(&tokens[0].0).await;
+    admin
+        .set(set_model_req(&ws, "opus", false))
+        .await
+        .expect("admin registers");
+    let before = stored_state(&db).await;
+    for (role, (token, _)) in roles.iter().zip(&tokens) {
+        let mut c = app.client_with_token(token).await;
+        let fields = c.set(set_model_req(&ws, "sonnet", true)).await;
+        let over = c.set(set_override_req(&ws, Mode::Byok, None, true)).await;
+        let clear = c.clear(clear_req(&ws, None, true)).await;
+        let may_fields = matches!(role, Role::Admin | Role::Writer);
+        let may_override = matches!(role, Role::Admin);
+        for (what, result, may) in [
+            ("Set fields", fields.map(drop), may_fields),
+            ("Set override", over.map(drop), may_override),
+            ("Clear", clear.map(drop), may_override),
+        ] {
+            match result {
+                Ok(()) => assert!(may, "{role:?} may not dry-run {what}"),
+                Err(e) => {
+                    assert!(!may, "{role:?} may dry-run {what}: {e:?}");
+                    assert_error(&e, Code::PermissionDenied, "PERMISSION_DENIED");
                 }
             }
         }
-        assert_eq!(stored_state(&db).await, before, "a dry run wrote");
-    })
-    .await;
+    }
+    assert_eq!(stored_state(&db).await, before, "a dry run wrote");
 }
 
 // ---------------------------------------------------------------------------
@@ -431,115 +425,117 @@ async fn hold_record(url: String, ws: String, hold: Duration) {
     tx.commit().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+backends!(
+    every_committed_revision_arrives_exactly_once_in_order_across_held_transactions_and_reconnects,
+    flavor = "multi_thread",
+    worker_threads = 4
+);
 async fn every_committed_revision_arrives_exactly_once_in_order_across_held_transactions_and_reconnects(
+    db: TestDb,
 ) {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
+    let app = TestApp::spawn(&db).await;
+    let mut c = app.client().await;
+    let workspaces: Vec<String> = (0..6).map(|_| new_workspace()).collect();
+    for ws in &workspaces {
+        set(&mut c, set_model_req(ws, "opus", false)).await;
+    }
+    let (_, start) = watch_from_now(&mut c, &[]).await;
+    let from = final_revisions(&mut c, &workspaces).await;
+
+    // Writers: many Sets on many workspaces, concurrently.
+    let mut writers = Vec::new();
+    for w in 0..4 {
         let mut c = app.client().await;
-        let workspaces: Vec<String> = (0..6).map(|_| new_workspace()).collect();
-        for ws in &workspaces {
-            set(&mut c, set_model_req(ws, "opus", false)).await;
-        }
-        let (_, start) = watch_from_now(&mut c, &[]).await;
-        let from = final_revisions(&mut c, &workspaces).await;
+        let workspaces = workspaces.clone();
+        writers.push(tokio::spawn(async move {
+            let mut answers = Vec::new();
+            for i in 0..30 {
+                let ws = &workspaces[(w * 7 + i * 5) % workspaces.len()];
+                // A new model each time (always a change), and now and
+                // then an override flip (a change of mode, or a no-op).
+                let req = if i % 3 == 0 {
+                    flip(ws, i + w)
+                } else {
+                    set_model_req(ws, &format!("opus-{w}-{i}"), false)
+                };
+                answers.push(set(&mut c, req).await);
+            }
+            answers
+        }));
+    }
+    // On Postgres, a holder keeps one workspace's row locked at a time, so
+    // a Set that started earlier commits after Sets that started later.
+    let holder = (db.backend == Backend::Postgres).then(|| {
+        let url = db.url.clone();
+        let workspaces = workspaces.clone();
+        tokio::spawn(async move {
+            for i in 0..8 {
+                hold_record(
+                    url.clone(),
+                    workspaces[i % workspaces.len()].clone(),
+                    Duration::from_millis(150),
+                )
+                .await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    });
 
-        // Writers: many Sets on many workspaces, concurrently.
-        let mut writers = Vec::new();
-        for w in 0..4 {
-            let mut c = app.client().await;
-            let workspaces = workspaces.clone();
-            writers.push(tokio::spawn(async move {
-                let mut answers = Vec::new();
-                for i in 0..30 {
-                    let ws = &workspaces[(w * 7 + i * 5) % workspaces.len()];
-                    // A new model each time (always a change), and now and
-                    // then an override flip (a change of mode, or a no-op).
-                    let req = if i % 3 == 0 {
-                        flip(ws, i + w)
-                    } else {
-                        set_model_req(ws, &format!("opus-{w}-{i}"), false)
-                    };
-                    answers.push(set(&mut c, req).await);
-                }
-                answers
-            }));
-        }
-        // On Postgres, a holder keeps one workspace's row locked at a time, so
-        // a Set that started earlier commits after Sets that started later.
-        let holder = (db.backend == Backend::Postgres).then(|| {
-            let url = db.url.clone();
-            let workspaces = workspaces.clone();
-            tokio::spawn(async move {
-                for i in 0..8 {
-                    hold_record(
-                        url.clone(),
-                        workspaces[i % workspaces.len()].clone(),
-                        Duration::from_millis(150),
-                    )
-                    .await;
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            })
-        });
-
-        // A watcher that disconnects at random points and resumes from its
-        // last cursor, meanwhile.
-        let watcher = {
-            let mut c = app.client().await;
-            let mut cursor = start.clone();
-            tokio::spawn(async move {
-                let mut got: Vec<(String, Resolution)> = Vec::new();
-                let mut rng = rand::rngs::StdRng::from_entropy();
-                for _ in 0..40 {
-                    let mut s = open(&mut c, from_cursor(&cursor)).await.expect("resume");
-                    let take = rng.gen_range(1..6);
-                    for _ in 0..take {
-                        match tokio::time::timeout(Duration::from_millis(300), s.message()).await {
-                            Ok(Ok(Some(m))) => {
-                                cursor = m.cursor.clone();
-                                if let Some(Event::Resolution(r)) = m.event {
-                                    got.push((m.cursor, r));
-                                }
+    // A watcher that disconnects at random points and resumes from its
+    // last cursor, meanwhile.
+    let watcher = {
+        let mut c = app.client().await;
+        let mut cursor = start.clone();
+        tokio::spawn(async move {
+            let mut got: Vec<(String, Resolution)> = Vec::new();
+            let mut rng = rand::rngs::StdRng::from_entropy();
+            for _ in 0..40 {
+                let mut s = open(&mut c, from_cursor(&cursor)).await.expect("resume");
+                let take = rng.gen_range(1..6);
+                for _ in 0..take {
+                    match tokio::time::timeout(Duration::from_millis(300), s.message()).await {
+                        Ok(Ok(Some(m))) => {
+                            cursor = m.cursor.clone();
+                            if let Some(Event::Resolution(r)) = m.event {
+                                got.push((m.cursor, r));
                             }
-                            Ok(other) => panic!("the stream ended: {other:?}"),
-                            Err(_) => break,
                         }
+                        Ok(other) => panic!("the stream ended: {other:?}"),
+                        Err(_) => break,
                     }
-                    // Disconnect (drop the stream) and resume.
                 }
-                (got, cursor)
-            })
-        };
+                // Disconnect (drop the stream) and resume.
+            }
+            (got, cursor)
+        })
+    };
 
-        let mut answers: HashMap<(String, u64), Resolution> = HashMap::new();
-        for w in writers {
-            for r in w.await.unwrap() {
-                answers.insert((r.workspace_id.clone(), r.revision), r);
-            }
+    let mut answers: HashMap<(String, u64), Resolution> = HashMap::new();
+    for w in writers {
+        for r in w.await.unwrap() {
+            answers.insert((r.workspace_id.clone(), r.revision), r);
         }
-        if let Some(h) = holder {
-            h.await.unwrap();
+    }
+    if let Some(h) = holder {
+        h.await.unwrap();
+    }
+    let (pairs, cursor) = watcher.await.unwrap();
+    let got = pairs.into_iter().map(|(_, r)| r).collect();
+    let want = final_revisions(&mut c, &workspaces).await;
+    let (got, _) = collect_until(&mut c, cursor, &want, got).await;
+    assert_exactly_once(&got, &want, &from);
+    // Each event is the Resolution at its revision: what Set answered.
+    for r in &got {
+        if let Some(answer) = answers.get(&(r.workspace_id.clone(), r.revision)) {
+            assert_eq!(r, answer, "the event is the Resolution at its revision");
         }
-        let (pairs, cursor) = watcher.await.unwrap();
-        let got = pairs.into_iter().map(|(_, r)| r).collect();
-        let want = final_revisions(&mut c, &workspaces).await;
-        let (got, _) = collect_until(&mut c, cursor, &want, got).await;
-        assert_exactly_once(&got, &want, &from);
-        // Each event is the Resolution at its revision: what Set answered.
-        for r in &got {
-            if let Some(answer) = answers.get(&(r.workspace_id.clone(), r.revision)) {
-                assert_eq!(r, answer, "the event is the Resolution at its revision");
-            }
-        }
-        // Every model Set changed a record: 4 writers × 20.
-        assert!(
-            answers.len() >= 80,
-            "the writers changed the records {} times",
-            answers.len()
-        );
-    })
-    .await;
+    }
+    // Every model Set changed a record: 4 writers × 20.
+    assert!(
+        answers.len() >= 80,
+        "the writers changed the records {} times",
+        answers.len()
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -627,405 +623,385 @@ async fn a_killed_store_connection_under_a_live_stream_loses_and_repeats_nothing
 // Snapshot, filter, progress
 // ---------------------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_snapshot_gives_every_workspace_once_then_every_change_after_it() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
+backends!(
+    a_snapshot_gives_every_workspace_once_then_every_change_after_it,
+    flavor = "multi_thread",
+    worker_threads = 4
+);
+async fn a_snapshot_gives_every_workspace_once_then_every_change_after_it(db: TestDb) {
+    let app = TestApp::spawn(&db).await;
+    let mut c = app.client().await;
+    let workspaces: Vec<String> = (0..5).map(|_| new_workspace()).collect();
+    for ws in &workspaces {
+        set(&mut c, set_model_req(ws, "opus", false)).await;
+    }
+    // A writer keeps changing them while the snapshot is taken.
+    let writer = {
         let mut c = app.client().await;
-        let workspaces: Vec<String> = (0..5).map(|_| new_workspace()).collect();
-        for ws in &workspaces {
-            set(&mut c, set_model_req(ws, "opus", false)).await;
-        }
-        // A writer keeps changing them while the snapshot is taken.
-        let writer = {
-            let mut c = app.client().await;
-            let workspaces = workspaces.clone();
-            tokio::spawn(async move {
-                for i in 0..40 {
-                    let ws = &workspaces[i % workspaces.len()];
-                    set(&mut c, set_model_req(ws, &format!("opus-{i}"), false)).await;
-                }
-            })
-        };
-        let mut s = open(
-            &mut c,
-            WatchRequest {
-                include_snapshot: true,
-                ..WatchRequest::default()
-            },
-        )
-        .await
-        .expect("Watch with a snapshot");
-        let mut snapshot: BTreeMap<String, u64> = BTreeMap::new();
-        let mut snapshot_cursor = None;
-        let complete_cursor = loop {
-            let m = next_ok(&mut s).await;
-            match m.event {
-                Some(Event::Resolution(r)) => {
-                    assert!(
-                        snapshot
-                            .insert(r.workspace_id.clone(), r.revision)
-                            .is_none(),
-                        "{r:?} twice"
-                    );
-                    // Every entry carries the snapshot's position.
-                    assert_eq!(snapshot_cursor.get_or_insert(m.cursor.clone()), &m.cursor);
-                }
-                Some(Event::Progress(p)) => {
-                    assert!(p.snapshot_complete, "the first progress ends the snapshot");
-                    assert!(p.time.is_some());
-                    break m.cursor;
-                }
-                None => panic!("an empty message"),
+        let workspaces = workspaces.clone();
+        tokio::spawn(async move {
+            for i in 0..40 {
+                let ws = &workspaces[i % workspaces.len()];
+                set(&mut c, set_model_req(ws, &format!("opus-{i}"), false)).await;
             }
-        };
-        assert_eq!(snapshot.keys().cloned().collect::<Vec<_>>(), {
-            let mut w = workspaces.clone();
-            w.sort();
-            w
-        });
-        assert_eq!(snapshot_cursor.unwrap(), complete_cursor);
-        writer.await.unwrap();
-        // Then every change after the snapshot, none before, none lost.
-        let want = final_revisions(&mut c, &workspaces).await;
-        let mut got = Vec::new();
-        let mut latest = snapshot.clone();
-        while latest != want {
-            let (_, r) = next_change(&mut s).await;
-            latest.insert(r.workspace_id.clone(), r.revision);
-            got.push(r);
-        }
-        assert_exactly_once(&got, &want, &snapshot);
-
-        // A filtered snapshot: only the named workspaces, before and after.
-        let mut s = open(
-            &mut c,
-            WatchRequest {
-                include_snapshot: true,
-                workspace_ids: vec![workspaces[1].to_uppercase()],
-                ..WatchRequest::default()
-            },
-        )
-        .await
-        .unwrap();
+        })
+    };
+    let mut s = open(
+        &mut c,
+        WatchRequest {
+            include_snapshot: true,
+            ..WatchRequest::default()
+        },
+    )
+    .await
+    .expect("Watch with a snapshot");
+    let mut snapshot: BTreeMap<String, u64> = BTreeMap::new();
+    let mut snapshot_cursor = None;
+    let complete_cursor = loop {
         let m = next_ok(&mut s).await;
         match m.event {
-            Some(Event::Resolution(r)) => assert_eq!(r.workspace_id, workspaces[1]),
-            other => panic!("{other:?}"),
+            Some(Event::Resolution(r)) => {
+                assert!(
+                    snapshot
+                        .insert(r.workspace_id.clone(), r.revision)
+                        .is_none(),
+                    "{r:?} twice"
+                );
+                // Every entry carries the snapshot's position.
+                assert_eq!(snapshot_cursor.get_or_insert(m.cursor.clone()), &m.cursor);
+            }
+            Some(Event::Progress(p)) => {
+                assert!(p.snapshot_complete, "the first progress ends the snapshot");
+                assert!(p.time.is_some());
+                break m.cursor;
+            }
+            None => panic!("an empty message"),
         }
-        assert!(
-            matches!(next_ok(&mut s).await.event, Some(Event::Progress(p)) if p.snapshot_complete)
-        );
-        set(&mut c, set_model_req(&workspaces[0], "sonnet", false)).await;
-        set(&mut c, set_model_req(&workspaces[1], "sonnet", false)).await;
+    };
+    assert_eq!(snapshot.keys().cloned().collect::<Vec<_>>(), {
+        let mut w = workspaces.clone();
+        w.sort();
+        w
+    });
+    assert_eq!(snapshot_cursor.unwrap(), complete_cursor);
+    writer.await.unwrap();
+    // Then every change after the snapshot, none before, none lost.
+    let want = final_revisions(&mut c, &workspaces).await;
+    let mut got = Vec::new();
+    let mut latest = snapshot.clone();
+    while latest != want {
         let (_, r) = next_change(&mut s).await;
-        assert_eq!(
-            (r.workspace_id.as_str(), r.revision),
-            (workspaces[1].as_str(), want[&workspaces[1]] + 1)
-        );
-    })
-    .await;
+        latest.insert(r.workspace_id.clone(), r.revision);
+        got.push(r);
+    }
+    assert_exactly_once(&got, &want, &snapshot);
+
+    // A filtered snapshot: only the named workspaces, before and after.
+    let mut s = open(
+        &mut c,
+        WatchRequest {
+            include_snapshot: true,
+            workspace_ids: vec![workspaces[1].to_uppercase()],
+            ..WatchRequest::default()
+        },
+    )
+    .await
+    .unwrap();
+    let m = next_ok(&mut s).await;
+    match m.event {
+        Some(Event::Resolution(r)) => assert_eq!(r.workspace_id, workspaces[1]),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(next_ok(&mut s).await.event, Some(Event::Progress(p)) if p.snapshot_complete));
+    set(&mut c, set_model_req(&workspaces[0], "sonnet", false)).await;
+    set(&mut c, set_model_req(&workspaces[1], "sonnet", false)).await;
+    let (_, r) = next_change(&mut s).await;
+    assert_eq!(
+        (r.workspace_id.as_str(), r.revision),
+        (workspaces[1].as_str(), want[&workspaces[1]] + 1)
+    );
 }
 
-#[tokio::test]
-async fn an_idle_stream_sends_progress_with_its_cursor() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn_with(Config {
-                watch_progress_interval: Duration::from_millis(200),
-                ..config(&db)
-            },
-        )
-        .await;
-        let mut c = app.client().await;
-        let (mut s, cursor) = watch_from_now(&mut c, &[]).await;
-        for _ in 0..2 {
-            let m = next_ok(&mut s).await;
-            assert_eq!(m.cursor, cursor);
-            assert!(matches!(m.event, Some(Event::Progress(p)) if !p.snapshot_complete && p.time.is_some()));
-        }
-        // After a change, progress carries the change's cursor.
-        let ws = new_workspace();
-        set(&mut c, set_model_req(&ws, "opus", false)).await;
-        let (after, r) = next_change(&mut s).await;
-        assert_eq!(r.workspace_id, ws);
-        let m = next_ok(&mut s).await;
-        assert!(matches!(m.event, Some(Event::Progress(_))));
-        assert_eq!(m.cursor, after);
+backends!(an_idle_stream_sends_progress_with_its_cursor);
+async fn an_idle_stream_sends_progress_with_its_cursor(db: TestDb) {
+    let app = TestApp::spawn_with(Config {
+        watch_progress_interval: Duration::from_millis(200),
+        ..config(&db)
     })
     .await;
+    let mut c = app.client().await;
+    let (mut s, cursor) = watch_from_now(&mut c, &[]).await;
+    for _ in 0..2 {
+        let m = next_ok(&mut s).await;
+        assert_eq!(m.cursor, cursor);
+        assert!(
+            matches!(m.event, Some(Event::Progress(p)) if !p.snapshot_complete && p.time.is_some())
+        );
+    }
+    // After a change, progress carries the change's cursor.
+    let ws = new_workspace();
+    set(&mut c, set_model_req(&ws, "opus", false)).await;
+    let (after, r) = next_change(&mut s).await;
+    assert_eq!(r.workspace_id, ws);
+    let m = next_ok(&mut s).await;
+    assert!(matches!(m.event, Some(Event::Progress(_))));
+    assert_eq!(m.cursor, after);
 }
 
 // ---------------------------------------------------------------------------
 // What yields no event
 // ---------------------------------------------------------------------------
 
-#[tokio::test]
-async fn no_op_refused_and_dry_run_writes_yield_no_event() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
-        let mut c = app.client().await;
-        let ws = new_workspace();
-        set(&mut c, set_model_req(&ws, "opus", false)).await;
-        let (mut s, _) = watch_from_now(&mut c, &[]).await;
-        // A no-op, refused writes, dry runs.
-        set(&mut c, set_model_req(&ws, "opus", false)).await;
-        assert!(c
-            .set(set_override_req(&ws, Mode::Byok, Some(9), false))
-            .await
-            .is_err());
-        assert!(c
-            .clear(clear_req(&new_workspace(), None, false))
-            .await
-            .is_err());
-        c.set(set_override_req(&ws, Mode::Byok, None, true))
-            .await
-            .unwrap();
-        c.set(set_model_req(&new_workspace(), "opus", true))
-            .await
-            .unwrap();
-        c.clear(clear_req(&ws, None, true)).await.unwrap();
-        // Then one real change: the first event is it.
-        let marker = new_workspace();
-        set(&mut c, set_model_req(&marker, "opus", false)).await;
-        let (_, r) = next_change(&mut s).await;
-        assert_eq!((r.workspace_id.as_str(), r.revision), (marker.as_str(), 1));
-    })
-    .await;
+backends!(no_op_refused_and_dry_run_writes_yield_no_event);
+async fn no_op_refused_and_dry_run_writes_yield_no_event(db: TestDb) {
+    let app = TestApp::spawn(&db).await;
+    let mut c = app.client().await;
+    let ws = new_workspace();
+    set(&mut c, set_model_req(&ws, "opus", false)).await;
+    let (mut s, _) = watch_from_now(&mut c, &[]).await;
+    // A no-op, refused writes, dry runs.
+    set(&mut c, set_model_req(&ws, "opus", false)).await;
+    assert!(c
+        .set(set_override_req(&ws, Mode::Byok, Some(9), false))
+        .await
+        .is_err());
+    assert!(c
+        .clear(clear_req(&new_workspace(), None, false))
+        .await
+        .is_err());
+    c.set(set_override_req(&ws, Mode::Byok, None, true))
+        .await
+        .unwrap();
+    c.set(set_model_req(&new_workspace(), "opus", true))
+        .await
+        .unwrap();
+    c.clear(clear_req(&ws, None, true)).await.unwrap();
+    // Then one real change: the first event is it.
+    let marker = new_workspace();
+    set(&mut c, set_model_req(&marker, "opus", false)).await;
+    let (_, r) = next_change(&mut s).await;
+    assert_eq!((r.workspace_id.as_str(), r.revision), (marker.as_str(), 1));
 }
 
 // ---------------------------------------------------------------------------
 // Errors and roles
 // ---------------------------------------------------------------------------
 
-#[tokio::test]
-async fn malformed_foreign_and_unknown_cursors_are_invalid() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
-        let mut c = app.client().await;
-        let (_, cursor) = watch_from_now(&mut c, &[]).await;
-        // A position this store never handed out.
-        let mut bytes = hex::decode(&cursor).unwrap();
-        let n = bytes.len();
-        bytes[n - 8..].copy_from_slice(&1_000_000u64.to_be_bytes());
-        let beyond = hex::encode(bytes);
-        // A cursor of another store.
-        let other_db = TestDb::new(db.backend).await.unwrap();
-        let other = TestApp::spawn(&other_db).await;
-        let (_, foreign) = watch_from_now(&mut other.client().await, &[]).await;
-        for bad in [
-            "not-a-cursor",
-            "00",
-            &cursor[..cursor.len() - 1],
-            &beyond,
-            &foreign,
-        ] {
-            let err = open(&mut c, from_cursor(bad)).await.unwrap_err();
-            assert_error(&err, Code::InvalidArgument, "INVALID_CURSOR");
-        }
-        let err = open(
-            &mut c,
-            WatchRequest {
-                cursor,
-                include_snapshot: true,
-                ..WatchRequest::default()
-            },
-        )
-        .await
-        .unwrap_err();
-        assert_error(&err, Code::InvalidArgument, "INVALID_FIELD");
-        let err = open(
-            &mut c,
-            WatchRequest {
-                workspace_ids: vec!["nope".into()],
-                ..WatchRequest::default()
-            },
-        )
-        .await
-        .unwrap_err();
-        assert_error(&err, Code::InvalidArgument, "INVALID_WORKSPACE_ID");
-    })
-    .await;
+backends!(malformed_foreign_and_unknown_cursors_are_invalid);
+async fn malformed_foreign_and_unknown_cursors_are_invalid(db: TestDb) {
+    let app = TestApp::spawn(&db).await;
+    let mut c = app.client().await;
+    let (_, cursor) = watch_from_now(&mut c, &[]).await;
+    // A position this store never handed out.
+    let mut bytes = hex::decode(&cursor).unwrap();
+    let n = bytes.len();
+    bytes[n - 8..].copy_from_slice(&1_000_000u64.to_be_bytes());
+    let beyond = hex::encode(bytes);
+    // A cursor of another store.
+    let other_db = TestDb::new(db.backend).await.unwrap();
+    let other = TestApp::spawn(&other_db).await;
+    let (_, foreign) = watch_from_now(&mut other.client().await, &[]).await;
+    for bad in [
+        "not-a-cursor",
+        "00",
+        &cursor[..cursor.len() - 1],
+        &beyond,
+        &foreign,
+    ] {
+        let err = open(&mut c, from_cursor(bad)).await.unwrap_err();
+        assert_error(&err, Code::InvalidArgument, "INVALID_CURSOR");
+    }
+    let err = open(
+        &mut c,
+        WatchRequest {
+            cursor,
+            include_snapshot: true,
+            ..WatchRequest::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_error(&err, Code::InvalidArgument, "INVALID_FIELD");
+    let err = open(
+        &mut c,
+        WatchRequest {
+            workspace_ids: vec!["nope".into()],
+            ..WatchRequest::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_error(&err, Code::InvalidArgument, "INVALID_WORKSPACE_ID");
 }
 
-#[tokio::test]
-async fn a_cursor_older_than_the_retained_log_has_expired() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn_with(Config {
-            change_retention: Duration::from_secs(1),
-            ..config(&db)
-        })
-        .await;
-        let mut c = app.client().await;
-        let (_, old) = watch_from_now(&mut c, &[]).await;
-        let ws = new_workspace();
-        set(&mut c, set_model_req(&ws, "opus", false)).await;
-        // The pruning job runs on its own; wait for it (bounded).
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        let err = loop {
-            match open(&mut c, from_cursor(&old)).await {
-                Err(e) => break e,
-                Ok(_) => {
-                    assert!(
-                        tokio::time::Instant::now() < deadline,
-                        "the change was never pruned"
-                    );
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
+backends!(a_cursor_older_than_the_retained_log_has_expired);
+async fn a_cursor_older_than_the_retained_log_has_expired(db: TestDb) {
+    let app = TestApp::spawn_with(Config {
+        change_retention: Duration::from_secs(1),
+        ..config(&db)
+    })
+    .await;
+    let mut c = app.client().await;
+    let (_, old) = watch_from_now(&mut c, &[]).await;
+    let ws = new_workspace();
+    set(&mut c, set_model_req(&ws, "opus", false)).await;
+    // The pruning job runs on its own; wait for it (bounded).
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let err = loop {
+        match open(&mut c, from_cursor(&old)).await {
+            Err(e) => break e,
+            Ok(_) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the change was never pruned"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
-        };
-        assert_error(&err, Code::OutOfRange, "CURSOR_EXPIRED");
-        // A fresh snapshot and its cursor still work.
-        let mut s = open(
-            &mut c,
-            WatchRequest {
-                include_snapshot: true,
-                ..WatchRequest::default()
-            },
-        )
+        }
+    };
+    assert_error(&err, Code::OutOfRange, "CURSOR_EXPIRED");
+    // A fresh snapshot and its cursor still work.
+    let mut s = open(
+        &mut c,
+        WatchRequest {
+            include_snapshot: true,
+            ..WatchRequest::default()
+        },
+    )
+    .await
+    .unwrap();
+    let (_, r) = {
+        let m = next_ok(&mut s).await;
+        match m.event {
+            Some(Event::Resolution(r)) => (m.cursor, r),
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(r.workspace_id, ws);
+}
+
+backends!(shutdown_ends_streams_with_shutting_down);
+async fn shutdown_ends_streams_with_shutting_down(db: TestDb) {
+    let app = TestApp::spawn(&db).await;
+    let mut c = app.client().await;
+    let (mut s, _) = watch_from_now(&mut c, &[]).await;
+    let stopping = tokio::spawn(app.stop());
+    let err = next(&mut s)
+        .await
+        .expect_err("the stream ends with an error");
+    assert_error(&err, Code::Unavailable, "SHUTTING_DOWN");
+    stopping.await.unwrap().expect("the server stops cleanly");
+}
+
+backends!(a_lost_change_log_ends_streams_with_store_unavailable);
+async fn a_lost_change_log_ends_streams_with_store_unavailable(db: TestDb) {
+    let app = TestApp::spawn(&db).await;
+    let mut c = app.client().await;
+    let (mut s, _) = watch_from_now(&mut c, &[]).await;
+    // The log becomes unreadable (as when the store is gone).
+    raw_sql(
+        &db,
+        "ALTER TABLE billing_changes RENAME TO billing_changes_away",
+    )
+    .await;
+    let err = loop {
+        match next(&mut s).await {
+            Ok(Some(m)) => assert!(matches!(m.event, Some(Event::Progress(_)))),
+            Ok(None) => panic!("the stream ended without a status"),
+            Err(e) => break e,
+        }
+    };
+    assert_error(&err, Code::Unavailable, "STORE_UNAVAILABLE");
+}
+
+backends!(
+    a_slow_consumer_is_cut_off_while_writers_and_other_streams_keep_going,
+    flavor = "multi_thread",
+    worker_threads = 4
+);
+async fn a_slow_consumer_is_cut_off_while_writers_and_other_streams_keep_going(db: TestDb) {
+    let app = TestApp::spawn_with(Config {
+        watch_buffer: 100,
+        ..config(&db)
+    })
+    .await;
+    let mut c = app.client().await;
+    // The slow consumer: opens, then reads nothing for a while; its
+    // HTTP/2 window is tiny, so what it does not read stays queued on
+    // the server.
+    let slow_channel = tonic::transport::Endpoint::from_shared(app.endpoint())
+        .unwrap()
+        .initial_stream_window_size(Some(1024))
+        .connect()
         .await
         .unwrap();
-        let (_, r) = {
-            let m = next_ok(&mut s).await;
-            match m.event {
-                Some(Event::Resolution(r)) => (m.cursor, r),
-                other => panic!("{other:?}"),
-            }
-        };
-        assert_eq!(r.workspace_id, ws);
-    })
-    .await;
-}
-
-#[tokio::test]
-async fn shutdown_ends_streams_with_shutting_down() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
-        let mut c = app.client().await;
-        let (mut s, _) = watch_from_now(&mut c, &[]).await;
-        let stopping = tokio::spawn(app.stop());
-        let err = next(&mut s)
-            .await
-            .expect_err("the stream ends with an error");
-        assert_error(&err, Code::Unavailable, "SHUTTING_DOWN");
-        stopping.await.unwrap().expect("the server stops cleanly");
-    })
-    .await;
-}
-
-#[tokio::test]
-async fn a_lost_change_log_ends_streams_with_store_unavailable() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn(&db).await;
-        let mut c = app.client().await;
-        let (mut s, _) = watch_from_now(&mut c, &[]).await;
-        // The log becomes unreadable (as when the store is gone).
-        raw_sql(
-            &db,
-            "ALTER TABLE billing_changes RENAME TO billing_changes_away",
-        )
-        .await;
-        let err = loop {
-            match next(&mut s).await {
-                Ok(Some(m)) => assert!(matches!(m.event, Some(Event::Progress(_)))),
-                Ok(None) => panic!("the stream ended without a status"),
-                Err(e) => break e,
-            }
-        };
-        assert_error(&err, Code::Unavailable, "STORE_UNAVAILABLE");
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_slow_consumer_is_cut_off_while_writers_and_other_streams_keep_going() {
-    each_backend(|db| async move {
-        let app = TestApp::spawn_with(Config {
-            watch_buffer: 100,
-            ..config(&db)
-        })
-        .await;
-        let mut c = app.client().await;
-        // The slow consumer: opens, then reads nothing for a while; its
-        // HTTP/2 window is tiny, so what it does not read stays queued on
-        // the server.
-        let slow_channel = tonic::transport::Endpoint::from_shared(app.endpoint())
-            .unwrap()
-            .initial_stream_window_size(Some(1024))
-            .connect()
-            .await
-            .unwrap();
-        let mut slow_client =
-            billing_mode::proto::billing_mode_client::BillingModeClient::new(slow_channel);
-        let (mut slow, _) = watch_from_now(&mut slow_client, &[]).await;
-        let (mut brisk, _) = watch_from_now(&mut app.client().await, &[]).await;
-        let ws = new_workspace();
-        let reader = tokio::spawn(async move {
-            let mut revisions = Vec::new();
-            while revisions.len() < 300 {
-                revisions.push(next_change(&mut brisk).await.1.revision);
-            }
-            revisions
-        });
-        for i in 0..300 {
-            set(&mut c, set_model_req(&ws, &format!("opus-{i}"), false)).await;
+    let mut slow_client =
+        billing_mode::proto::billing_mode_client::BillingModeClient::new(slow_channel);
+    let (mut slow, _) = watch_from_now(&mut slow_client, &[]).await;
+    let (mut brisk, _) = watch_from_now(&mut app.client().await, &[]).await;
+    let ws = new_workspace();
+    let reader = tokio::spawn(async move {
+        let mut revisions = Vec::new();
+        while revisions.len() < 300 {
+            revisions.push(next_change(&mut brisk).await.1.revision);
         }
-        // Writers kept going, the brisk stream got everything.
-        assert_eq!(reader.await.unwrap(), (1..=300).collect::<Vec<u64>>());
-        // The slow one gets what was queued, then CONSUMER_TOO_SLOW.
-        let err = loop {
-            match next(&mut slow).await {
-                Ok(Some(_)) => {}
-                Ok(None) => panic!("the slow stream ended without a status"),
-                Err(e) => break e,
-            }
-        };
-        assert_error(&err, Code::ResourceExhausted, "CONSUMER_TOO_SLOW");
-    })
-    .await;
+        revisions
+    });
+    for i in 0..300 {
+        set(&mut c, set_model_req(&ws, &format!("opus-{i}"), false)).await;
+    }
+    // Writers kept going, the brisk stream got everything.
+    assert_eq!(reader.await.unwrap(), (1..=300).collect::<Vec<u64>>());
+    // The slow one gets what was queued, then CONSUMER_TOO_SLOW.
+    let err = loop {
+        match next(&mut slow).await {
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the slow stream ended without a status"),
+            Err(e) => break e,
+        }
+    };
+    assert_error(&err, Code::ResourceExhausted, "CONSUMER_TOO_SLOW");
 }
 
-#[tokio::test]
-async fn watch_is_for_whoever_may_resolve() {
-    each_backend(|db| async move {
-        let roles = [
-            Role::Admin,
-            Role::Writer,
-            Role::Reader,
-            Role::Provisioner,
-            Role::Meter,
-        ];
-        let tokens: Vec<_> = roles
-            .iter()
-            .map(|r| make_token(&format!("{r:?}").to_lowercase(), &[*r]))
-            .collect();
-        let app = TestApp::spawn_with(config_with_tokens(
-            &db,
-            tokens.iter().map(|(_, e)| e.clone()).collect(),
-        ))
-        .await;
-        for (role, (token, _)) in roles.iter().zip(&tokens) {
-            let mut c = app.client_with_token(token).await;
-            let result = c.watch(WatchRequest::default()).await;
-            let may = matches!(role, Role::Admin | Role::Reader | Role::Provisioner);
-            match result {
-                Ok(r) => {
-                    assert!(may, "{role:?} may not Watch");
-                    let first = r.into_inner().message().await.unwrap().unwrap();
-                    assert!(matches!(first.event, Some(Event::Progress(_))));
-                }
-                Err(e) => {
-                    assert!(!may, "{role:?} may Watch: {e:?}");
-                    assert_error(&e, Code::PermissionDenied, "PERMISSION_DENIED");
-                }
+backends!(watch_is_for_whoever_may_resolve);
+async fn watch_is_for_whoever_may_resolve(db: TestDb) {
+    let roles = [
+        Role::Admin,
+        Role::Writer,
+        Role::Reader,
+        Role::Provisioner,
+        Role::Meter,
+    ];
+    let tokens: Vec<_> = roles
+        .iter()
+        .map(|r| make_token(&format!("{r:?}").to_lowercase(), &[*r]))
+        .collect();
+    let app = TestApp::spawn_with(config_with_tokens(
+        &db,
+        tokens.iter().map(|(_, e)| e.clone()).collect(),
+    ))
+    .await;
+    for (role, (token, _)) in roles.iter().zip(&tokens) {
+        let mut c = app.client_with_token(token).await;
+        let result = c.watch(WatchRequest::default()).await;
+        let may = matches!(role, Role::Admin | Role::Reader | Role::Provisioner);
+        match result {
+            Ok(r) => {
+                assert!(may, "{role:?} may not Watch");
+                let first = r.into_inner().message().await.unwrap().unwrap();
+                assert!(matches!(first.event, Some(Event::Progress(_))));
+            }
+            Err(e) => {
+                assert!(!may, "{role:?} may Watch: {e:?}");
+                assert_error(&e, Code::PermissionDenied, "PERMISSION_DENIED");
             }
         }
-        let err = app
-            .client()
-            .await
-            .watch(WatchRequest::default())
-            .await
-            .unwrap_err();
-        assert_error(&err, Code::Unauthenticated, "UNAUTHENTICATED");
-    })
-    .await;
+    }
+    let err = app
+        .client()
+        .await
+        .watch(WatchRequest::default())
+        .await
+        .unwrap_err();
+    assert_error(&err, Code::Unauthenticated, "UNAUTHENTICATED");
 }
