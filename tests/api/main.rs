@@ -9,6 +9,7 @@
 //! global tracing subscriber, which would capture every other test's logs.
 
 mod helpers;
+mod private_postgres;
 mod server_process;
 
 mod abuse;

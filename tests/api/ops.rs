@@ -6,12 +6,12 @@
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpStream},
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use crate::{helpers::*, server_process::ServerProcess};
+use crate::{helpers::*, private_postgres::PrivatePostgres, server_process::ServerProcess};
 use billing_mode::{
     config::Config,
     proto::{billing_mode_client::BillingModeClient, Mode, Origin},
@@ -294,142 +294,6 @@ async fn probes_work_on_the_admin_port_with_mtls_on_the_grpc_port() {
 // Health follows the store: a private Postgres this test stops and starts
 // (never the shared cluster other tests use).
 
-struct PrivatePostgres {
-    bin: PathBuf,
-    data: PathBuf,
-    port: u16,
-    as_postgres: bool,
-    _dir: tempfile::TempDir,
-}
-
-impl PrivatePostgres {
-    /// `None` (after saying so loudly) when no Postgres server binaries are
-    /// installed outside CI; under CI that is a failure.
-    fn start() -> Option<PrivatePostgres> {
-        let bin = std::fs::read_dir("/usr/lib/postgresql")
-            .ok()
-            .into_iter()
-            .flatten()
-            .filter_map(|e| e.ok())
-            .map(|e| e.path().join("bin"))
-            .filter(|b| b.join("initdb").exists())
-            .max();
-        let Some(bin) = bin else {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "CI must run the store-outage test: Postgres server binaries are missing"
-            );
-            eprintln!("SKIPPED: health follows the store: no /usr/lib/postgresql/*/bin/initdb");
-            return None;
-        };
-        let as_postgres = run("id", &["-u"]).trim() == "0";
-        let dir = tempfile::tempdir().unwrap();
-        if as_postgres {
-            run("chown", &["-R", "postgres", dir.path().to_str().unwrap()]);
-        }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let pg = PrivatePostgres {
-            data: dir.path().join("data"),
-            bin,
-            port,
-            as_postgres,
-            _dir: dir,
-        };
-        pg.pg(
-            "initdb",
-            &[
-                "-D",
-                pg.data.to_str().unwrap(),
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "--no-sync",
-            ],
-        );
-        pg.up();
-        Some(pg)
-    }
-
-    fn command(&self, tool: &str, args: &[&str]) -> Command {
-        let path = self.bin.join(tool);
-        let mut cmd = if self.as_postgres {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(path);
-            c
-        } else {
-            Command::new(path)
-        };
-        cmd.args(args);
-        cmd
-    }
-
-    fn pg(&self, tool: &str, args: &[&str]) {
-        let out = self
-            .command(tool, args)
-            .output()
-            .expect("run a Postgres tool");
-        assert!(
-            out.status.success(),
-            "{tool} {args:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn up(&self) {
-        let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
-            self.port,
-            self.data.parent().unwrap().display()
-        );
-        let log = self.data.parent().unwrap().join("postgres.log");
-        self.pg(
-            "pg_ctl",
-            &[
-                "-D",
-                self.data.to_str().unwrap(),
-                "-o",
-                &opts,
-                "-l",
-                log.to_str().unwrap(),
-                "-w",
-                "start",
-            ],
-        );
-    }
-
-    fn down(&self) {
-        self.pg(
-            "pg_ctl",
-            &[
-                "-D",
-                self.data.to_str().unwrap(),
-                "-m",
-                "immediate",
-                "-w",
-                "stop",
-            ],
-        );
-    }
-
-    fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
-    }
-}
-
-impl Drop for PrivatePostgres {
-    fn drop(&mut self) {
-        let data = self.data.to_str().unwrap().to_owned();
-        let _ = self
-            .command("pg_ctl", &["-D", &data, "-m", "immediate", "stop"])
-            .output();
-    }
-}
-
 fn run(program: &str, args: &[&str]) -> String {
     let out = Command::new(program)
         .args(args)
@@ -446,9 +310,10 @@ fn run(program: &str, args: &[&str]) -> String {
 
 #[tokio::test]
 async fn health_says_not_serving_while_the_store_is_down_and_serving_once_it_is_back() {
-    let Some(pg) = tokio::task::spawn_blocking(PrivatePostgres::start)
-        .await
-        .unwrap()
+    let Some(pg) =
+        tokio::task::spawn_blocking(|| PrivatePostgres::start("health follows the store"))
+            .await
+            .unwrap()
     else {
         return;
     };

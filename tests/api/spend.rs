@@ -6,13 +6,11 @@
 
 use std::{
     collections::HashMap,
-    path::PathBuf,
-    process::Command,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use crate::helpers::*;
+use crate::{helpers::*, private_postgres::PrivatePostgres};
 use billing_mode::{
     auth::Role,
     proto::{
@@ -684,118 +682,13 @@ async fn a_replica_started_during_writes_misses_no_change(db: TestDb) {
     }
 }
 
-// ---------------------------------------------------------------------------
-// A private Postgres, stopped and started under a running server (the shared
-// test cluster is never touched).
-
-struct PrivatePostgres {
-    dir: tempfile::TempDir,
-    bin: PathBuf,
-    port: u16,
-}
-
-impl PrivatePostgres {
-    /// `None` (after saying why) when no Postgres binaries are installed.
-    fn start() -> Option<PrivatePostgres> {
-        let bin = std::fs::read_dir("/usr/lib/postgresql")
-            .ok()?
-            .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
-            .filter(|b| b.join("pg_ctl").exists())
-            .max()?;
-        let dir = tempfile::tempdir().expect("temp dir");
-        let status = Command::new("chown")
-            .args(["postgres:postgres"])
-            .arg(dir.path())
-            .status()
-            .expect("chown");
-        assert!(status.success(), "chown the private Postgres directory");
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        };
-        let pg = PrivatePostgres { dir, bin, port };
-        pg.run(
-            "initdb",
-            &[
-                "-D",
-                &pg.data(),
-                "-A",
-                "trust",
-                "-U",
-                "postgres",
-                "--no-sync",
-            ],
-        );
-        pg.up();
-        Some(pg)
-    }
-
-    fn data(&self) -> String {
-        self.dir.path().join("data").display().to_string()
-    }
-
-    fn run(&self, tool: &str, args: &[&str]) {
-        let out = Command::new("runuser")
-            .args(["-u", "postgres", "--"])
-            .arg(self.bin.join(tool))
-            .args(args)
-            .output()
-            .expect("run a Postgres tool");
-        assert!(
-            out.status.success(),
-            "{tool} {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn up(&self) {
-        let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
-            self.port,
-            self.dir.path().display()
-        );
-        let log = self.dir.path().join("log").display().to_string();
-        self.run(
-            "pg_ctl",
-            &["-D", &self.data(), "-l", &log, "-o", &opts, "-w", "start"],
-        );
-    }
-
-    fn down(&self) {
-        self.run(
-            "pg_ctl",
-            &["-D", &self.data(), "-m", "immediate", "-w", "stop"],
-        );
-    }
-
-    fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
-    }
-}
-
-impl Drop for PrivatePostgres {
-    fn drop(&mut self) {
-        let _ = Command::new("runuser")
-            .args(["-u", "postgres", "--"])
-            .arg(self.bin.join("pg_ctl"))
-            .args(["-D", &self.data(), "-m", "immediate", "-w", "stop"])
-            .output();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn spend_checks_fail_closed_while_the_store_is_down_and_recover_without_restart() {
     if !std::env::var("DATABASE_URL").is_ok_and(|u| u.starts_with("postgres")) {
         eprintln!("SKIPPED: the store-outage test needs Postgres (DATABASE_URL=postgres://…)");
         return;
     }
-    let Some(pg) = PrivatePostgres::start() else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must run the store-outage test"
-        );
-        eprintln!("SKIPPED: no Postgres binaries under /usr/lib/postgresql");
+    let Some(pg) = PrivatePostgres::start("spend checks while the store is down") else {
         return;
     };
     let db = TestDb::at(Backend::Postgres, pg.url());
