@@ -237,6 +237,29 @@ async fn build(c: &mut Client, ws: &str, env: Vec<EnvVar>) -> Result<(), Status>
     .map(drop)
 }
 
+/// Clear on `ws` (reason "x"): success or the status.
+async fn try_clear(c: &mut Client, ws: &str) -> Result<(), Status> {
+    c.clear(ClearRequest {
+        workspace_id: ws.to_owned(),
+        expected_revision: None,
+        reason: "x".into(),
+        dry_run: false,
+    })
+    .await
+    .map(drop)
+}
+
+/// History's first page of `ws`: success or the status.
+async fn try_history(c: &mut Client, ws: &str) -> Result<(), Status> {
+    c.history(HistoryRequest {
+        workspace_id: ws.to_owned(),
+        page_size: 0,
+        page_token: String::new(),
+    })
+    .await
+    .map(drop)
+}
+
 /// Drives every RPC on one backend; returns the secrets and leaks found in
 /// errors, History, the database and the logs.
 async fn drive(db: &TestDb, logs: &Logs) -> Secrets {
@@ -703,15 +726,7 @@ async fn drive(db: &TestDb, logs: &Logs) -> Secrets {
             Code::Unauthenticated,
             "UNAUTHENTICATED",
         );
-        let r = c
-            .clear(ClearRequest {
-                workspace_id: ws_byok.clone(),
-                expected_revision: None,
-                reason: "x".into(),
-                dry_run: false,
-            })
-            .await
-            .map(drop);
+        let r = try_clear(c, &ws_byok).await;
         refused(
             &mut s,
             "unauthenticated Clear",
@@ -719,14 +734,7 @@ async fn drive(db: &TestDb, logs: &Logs) -> Secrets {
             Code::Unauthenticated,
             "UNAUTHENTICATED",
         );
-        let r = c
-            .history(HistoryRequest {
-                workspace_id: ws_byok.clone(),
-                page_size: 0,
-                page_token: String::new(),
-            })
-            .await
-            .map(drop);
+        let r = try_history(c, &ws_byok).await;
         refused(
             &mut s,
             "unauthenticated History",
@@ -771,15 +779,7 @@ async fn drive(db: &TestDb, logs: &Logs) -> Secrets {
         Code::PermissionDenied,
         "PERMISSION_DENIED",
     );
-    let r = prov
-        .clear(ClearRequest {
-            workspace_id: ws_byok.clone(),
-            expected_revision: None,
-            reason: "x".into(),
-            dry_run: false,
-        })
-        .await
-        .map(drop);
+    let r = try_clear(&mut prov, &ws_byok).await;
     refused(
         &mut s,
         "provisioner Clear",
@@ -787,14 +787,7 @@ async fn drive(db: &TestDb, logs: &Logs) -> Secrets {
         Code::PermissionDenied,
         "PERMISSION_DENIED",
     );
-    let r = prov
-        .history(HistoryRequest {
-            workspace_id: ws_byok.clone(),
-            page_size: 0,
-            page_token: String::new(),
-        })
-        .await
-        .map(drop);
+    let r = try_history(&mut prov, &ws_byok).await;
     refused(
         &mut s,
         "provisioner History",

@@ -1891,96 +1891,62 @@ fn assert_describes_billing_mode(files: &[Vec<u8>]) {
     }
 }
 
+/// Lists the services, asks for the file declaring BillingMode and for a
+/// file by name, over reflection `$version` (v1 and v1alpha have the same
+/// messages as separate generated types), and checks the three answers.
+macro_rules! check_reflection {
+    ($version:ident, $app:expr, $wanted:expr) => {{
+        use tonic_reflection::pb::$version::{
+            server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+            ServerReflectionRequest,
+        };
+        let version = stringify!($version);
+        let mut r = ServerReflectionClient::new($app.channel().await);
+        let reqs = [
+            MessageRequest::ListServices(String::new()),
+            MessageRequest::FileContainingSymbol("molecule.billing.v1.BillingMode".into()),
+            MessageRequest::FileByFilename("google/protobuf/timestamp.proto".into()),
+        ]
+        .map(|m| ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(m),
+        });
+        let mut stream = r
+            .server_reflection_info(tokio_stream::iter(reqs))
+            .await
+            .unwrap()
+            .into_inner();
+        match stream.message().await.unwrap().unwrap().message_response {
+            Some(MessageResponse::ListServicesResponse(l)) => {
+                let names: Vec<&str> = l.service.iter().map(|s| s.name.as_str()).collect();
+                for w in $wanted {
+                    assert!(names.contains(&w), "{version}: {w} missing from {names:?}");
+                }
+            }
+            other => panic!("{version} list_services: {other:?}"),
+        }
+        match stream.message().await.unwrap().unwrap().message_response {
+            Some(MessageResponse::FileDescriptorResponse(f)) => {
+                assert_describes_billing_mode(&f.file_descriptor_proto)
+            }
+            other => panic!("{version} file_containing_symbol: {other:?}"),
+        }
+        match stream.message().await.unwrap().unwrap().message_response {
+            Some(MessageResponse::FileDescriptorResponse(f)) => {
+                assert_is_timestamp_proto(&f.file_descriptor_proto)
+            }
+            other => panic!("{version} file_by_filename: {other:?}"),
+        }
+    }};
+}
+
 backends!(reflection_lists_the_services_and_describes_billing_mode_on_v1_and_v1alpha);
 async fn reflection_lists_the_services_and_describes_billing_mode_on_v1_and_v1alpha(db: TestDb) {
     let app = TestApp::spawn(&db).await;
     let wanted = ["molecule.billing.v1.BillingMode", "grpc.health.v1.Health"];
-    {
-        use tonic_reflection::pb::v1::{
-            server_reflection_client::ServerReflectionClient,
-            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
-            ServerReflectionRequest,
-        };
-        let mut r = ServerReflectionClient::new(app.channel().await);
-        let reqs = [
-            MessageRequest::ListServices(String::new()),
-            MessageRequest::FileContainingSymbol("molecule.billing.v1.BillingMode".into()),
-            MessageRequest::FileByFilename("google/protobuf/timestamp.proto".into()),
-        ]
-        .map(|m| ServerReflectionRequest {
-            host: String::new(),
-            message_request: Some(m),
-        });
-        let mut stream = r
-            .server_reflection_info(tokio_stream::iter(reqs))
-            .await
-            .unwrap()
-            .into_inner();
-        match stream.message().await.unwrap().unwrap().message_response {
-            Some(MessageResponse::ListServicesResponse(l)) => {
-                let names: Vec<&str> = l.service.iter().map(|s| s.name.as_str()).collect();
-                for w in wanted {
-                    assert!(names.contains(&w), "v1: {w} missing from {names:?}");
-                }
-            }
-            other => panic!("v1 list_services: {other:?}"),
-        }
-        match stream.message().await.unwrap().unwrap().message_response {
-            Some(MessageResponse::FileDescriptorResponse(f)) => {
-                assert_describes_billing_mode(&f.file_descriptor_proto)
-            }
-            other => panic!("v1 file_containing_symbol: {other:?}"),
-        }
-        match stream.message().await.unwrap().unwrap().message_response {
-            Some(MessageResponse::FileDescriptorResponse(f)) => {
-                assert_is_timestamp_proto(&f.file_descriptor_proto)
-            }
-            other => panic!("v1 file_by_filename: {other:?}"),
-        }
-    }
-    {
-        use tonic_reflection::pb::v1alpha::{
-            server_reflection_client::ServerReflectionClient,
-            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
-            ServerReflectionRequest,
-        };
-        let mut r = ServerReflectionClient::new(app.channel().await);
-        let reqs = [
-            MessageRequest::ListServices(String::new()),
-            MessageRequest::FileContainingSymbol("molecule.billing.v1.BillingMode".into()),
-            MessageRequest::FileByFilename("google/protobuf/timestamp.proto".into()),
-        ]
-        .map(|m| ServerReflectionRequest {
-            host: String::new(),
-            message_request: Some(m),
-        });
-        let mut stream = r
-            .server_reflection_info(tokio_stream::iter(reqs))
-            .await
-            .unwrap()
-            .into_inner();
-        match stream.message().await.unwrap().unwrap().message_response {
-            Some(MessageResponse::ListServicesResponse(l)) => {
-                let names: Vec<&str> = l.service.iter().map(|s| s.name.as_str()).collect();
-                for w in wanted {
-                    assert!(names.contains(&w), "v1alpha: {w} missing from {names:?}");
-                }
-            }
-            other => panic!("v1alpha list_services: {other:?}"),
-        }
-        match stream.message().await.unwrap().unwrap().message_response {
-            Some(MessageResponse::FileDescriptorResponse(f)) => {
-                assert_describes_billing_mode(&f.file_descriptor_proto)
-            }
-            other => panic!("v1alpha file_containing_symbol: {other:?}"),
-        }
-        match stream.message().await.unwrap().unwrap().message_response {
-            Some(MessageResponse::FileDescriptorResponse(f)) => {
-                assert_is_timestamp_proto(&f.file_descriptor_proto)
-            }
-            other => panic!("v1alpha file_by_filename: {other:?}"),
-        }
-    }
+    check_reflection!(v1, app, wanted);
+    check_reflection!(v1alpha, app, wanted);
     app.stop().await.unwrap();
 }
 
