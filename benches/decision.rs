@@ -21,7 +21,10 @@ use std::{
 
 use billing_mode::{
     config::Config,
-    domain::{build_env, resolve, CandidateEnv, EnvInput, Fields, Origin, Registry, WorkspaceId},
+    domain::{
+        build_env, resolve, CandidateEnv, CredentialKeys, EnvInput, Model, Origin, Record,
+        Registry, Runtime, Stored, WorkspaceId,
+    },
     proto::{billing_mode_client::BillingModeClient, BuildEnvRequest, ResolveRequest, SetRequest},
     startup::Application,
 };
@@ -108,20 +111,19 @@ fn candidate(n_other: usize) -> Vec<EnvInput> {
 fn core(quick: bool) {
     let registry = Registry::builtin().expect("built-in registry");
     let id = WorkspaceId::new_random();
-    let byok = Fields {
-        runtime: Some("claude-code".into()),
-        model: Some("opus".into()),
-        credential_keys: vec!["CLAUDE_CODE_OAUTH_TOKEN".into()],
-        override_mode: None,
-    }
-    .into_record(id, 1);
-    let platform = Fields {
-        runtime: Some("hermes".into()),
-        model: Some("openai/gpt-4o".into()),
-        credential_keys: vec![],
-        override_mode: None,
-    }
-    .into_record(id, 1);
+    let byok = Record {
+        runtime: Stored::Valid(Runtime::parse("claude-code").unwrap()),
+        model: Stored::Valid(Model::parse("opus").unwrap()),
+        credential_keys: Stored::Valid(CredentialKeys::parse(["CLAUDE_CODE_OAUTH_TOKEN"]).unwrap()),
+        revision: 1,
+        ..Record::new(id)
+    };
+    let platform = Record {
+        runtime: Stored::Valid(Runtime::parse("hermes").unwrap()),
+        model: Stored::Valid(Model::parse("openai/gpt-4o").unwrap()),
+        revision: 1,
+        ..Record::new(id)
+    };
     let iters = if quick { 20_000 } else { 200_000 };
 
     let t_resolve = per_op(iters, || {

@@ -12,7 +12,7 @@ pub mod resolver;
 pub mod types;
 
 pub use env::{build_env, BuiltEnv, CandidateEnv, EnvError, EnvInput};
-pub use record::{Change, Fields, Patch, Record, Stored};
+pub use record::{Change, Patch, Record, Stored};
 pub use registry::{Registry, RegistryError, RegistryProblem};
 pub use resolver::{resolve, Resolution, Source};
 pub use types::{

@@ -2,9 +2,8 @@
 //!
 //! The store holds text. A value that fails validation can only get there by
 //! editing the database by hand; it is loaded as [`Stored::Invalid`], ignored
-//! by the resolver and named in its trace.
-
-use serde::{Deserialize, Serialize};
+//! by the resolver and named in its trace, and kept as it is until a change
+//! replaces it.
 
 use super::types::{CredentialKeys, Mode, Model, Runtime, ValidationError, WorkspaceId};
 
@@ -31,6 +30,16 @@ impl<T> Stored<T> {
         }
     }
 
+    /// The value as text: a valid one as `spell` writes it, an invalid one
+    /// verbatim; `None` when absent.
+    pub fn text<'a>(&'a self, spell: impl FnOnce(&'a T) -> &'a str) -> Option<&'a str> {
+        match self {
+            Stored::Absent => None,
+            Stored::Valid(v) => Some(spell(v)),
+            Stored::Invalid(raw) => Some(raw),
+        }
+    }
+
     pub fn valid(&self) -> Option<&T> {
         match self {
             Stored::Valid(v) => Some(v),
@@ -40,6 +49,36 @@ impl<T> Stored<T> {
 
     pub fn from_option(v: Option<T>) -> Self {
         v.map_or(Stored::Absent, Stored::Valid)
+    }
+}
+
+impl Stored<CredentialKeys> {
+    /// Stored key names: none is absent; a list that is not a valid set is
+    /// invalid, its names joined by commas (as the resolver's trace names it).
+    pub fn from_names<S: AsRef<str>>(names: &[S]) -> Self {
+        if names.is_empty() {
+            return Stored::Absent;
+        }
+        match CredentialKeys::parse(names.iter().map(AsRef::as_ref)) {
+            Ok(k) => Stored::Valid(k),
+            Err(_) => Stored::Invalid(
+                names
+                    .iter()
+                    .map(AsRef::as_ref)
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
+        }
+    }
+
+    /// The names: a valid set's, sorted; an invalid list's as stored (split
+    /// at the commas [`Stored::from_names`] joined them with).
+    pub fn names(&self) -> Vec<String> {
+        match self {
+            Stored::Absent => Vec::new(),
+            Stored::Valid(k) => k.to_strings(),
+            Stored::Invalid(raw) => raw.split(',').map(str::to_owned).collect(),
+        }
     }
 }
 
@@ -55,68 +94,17 @@ pub struct Record {
     pub revision: u64,
 }
 
-/// The record's fields as stored text: what the database holds and what the
-/// audit log records before and after each change. They hold no secrets.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Fields {
-    pub runtime: Option<String>,
-    pub model: Option<String>,
-    /// Sorted names. Stored as a JSON array of strings.
-    pub credential_keys: Vec<String>,
-    pub override_mode: Option<String>,
-}
-
-impl Fields {
-    /// Interprets stored text, keeping invalid values as [`Stored::Invalid`].
-    pub fn into_record(self, workspace_id: WorkspaceId, revision: u64) -> Record {
-        let credential_keys = if self.credential_keys.is_empty() {
-            Stored::Absent
-        } else {
-            match CredentialKeys::parse(self.credential_keys.iter().map(String::as_str)) {
-                Ok(k) => Stored::Valid(k),
-                Err(_) => Stored::Invalid(self.credential_keys.join(",")),
-            }
-        };
+impl Record {
+    /// A workspace with nothing stored yet: every field absent, revision 0
+    /// (the first change makes revision 1).
+    pub fn new(workspace_id: WorkspaceId) -> Self {
         Record {
             workspace_id,
-            runtime: Stored::from_text(self.runtime.as_deref(), Runtime::parse),
-            model: Stored::from_text(self.model.as_deref(), Model::parse),
-            credential_keys,
-            override_mode: Stored::from_text(self.override_mode.as_deref(), |s| s.parse()),
-            revision,
-        }
-    }
-
-    /// Stored credential keys text: a JSON array. Unparsable text (a hand
-    /// edit) becomes one invalid entry so it is reported, not silently dropped.
-    pub fn credential_keys_from_json(text: &str) -> Vec<String> {
-        serde_json::from_str(text).unwrap_or_else(|_| vec![text.to_owned()])
-    }
-
-    pub fn credential_keys_json(&self) -> String {
-        serde_json::to_string(&self.credential_keys).expect("a list of strings serializes")
-    }
-}
-
-impl Record {
-    /// The stored text of this record, invalid values included verbatim.
-    pub fn fields(&self) -> Fields {
-        fn text<T>(s: &Stored<T>, f: impl Fn(&T) -> String) -> Option<String> {
-            match s {
-                Stored::Absent => None,
-                Stored::Valid(v) => Some(f(v)),
-                Stored::Invalid(raw) => Some(raw.clone()),
-            }
-        }
-        Fields {
-            runtime: text(&self.runtime, |r| r.as_str().to_owned()),
-            model: text(&self.model, |m| m.as_str().to_owned()),
-            credential_keys: match &self.credential_keys {
-                Stored::Absent => vec![],
-                Stored::Valid(k) => k.to_strings(),
-                Stored::Invalid(raw) => vec![raw.clone()],
-            },
-            override_mode: text(&self.override_mode, |m| m.as_str().to_owned()),
+            runtime: Stored::Absent,
+            model: Stored::Absent,
+            credential_keys: Stored::Absent,
+            override_mode: Stored::Absent,
+            revision: 0,
         }
     }
 }
@@ -149,27 +137,33 @@ pub enum Change {
 }
 
 impl Change {
-    /// The fields after applying this change to `before` (`None`: no record yet).
-    pub fn apply(&self, before: Option<&Fields>) -> Fields {
-        let mut f = before.cloned().unwrap_or_default();
+    /// The record after applying this change to `before`: the fields it
+    /// names replaced, everything else (invalid values included) as it was.
+    /// The revision is left to the store.
+    pub fn apply(&self, before: &Record) -> Record {
+        let mut r = before.clone();
         match self {
             Change::Set(p) => {
-                if let Some(r) = &p.runtime {
-                    f.runtime = r.as_ref().map(|r| r.as_str().to_owned());
+                if let Some(runtime) = &p.runtime {
+                    r.runtime = Stored::from_option(runtime.clone());
                 }
-                if let Some(m) = &p.model {
-                    f.model = m.as_ref().map(|m| m.as_str().to_owned());
+                if let Some(model) = &p.model {
+                    r.model = Stored::from_option(model.clone());
                 }
-                if let Some(k) = &p.credential_keys {
-                    f.credential_keys = k.to_strings();
+                if let Some(keys) = &p.credential_keys {
+                    r.credential_keys = if keys.is_empty() {
+                        Stored::Absent
+                    } else {
+                        Stored::Valid(keys.clone())
+                    };
                 }
                 if let Some(m) = p.override_mode {
-                    f.override_mode = Some(m.as_str().to_owned());
+                    r.override_mode = Stored::Valid(m);
                 }
             }
-            Change::ClearOverride => f.override_mode = None,
+            Change::ClearOverride => r.override_mode = Stored::Absent,
         }
-        f
+        r
     }
 }
 
@@ -183,37 +177,60 @@ mod tests {
 
     #[test]
     fn invalid_stored_text_is_kept_as_invalid() {
-        let rec = Fields {
-            runtime: Some("claude code".into()),
-            model: Some("opus".into()),
-            credential_keys: vec!["NOT-A-KEY".into()],
-            override_mode: Some("BYOK".into()),
-        }
-        .into_record(id(), 3);
-        assert_eq!(rec.runtime, Stored::Invalid("claude code".into()));
-        assert_eq!(rec.model, Stored::Valid(Model::parse("opus").unwrap()));
-        assert!(matches!(rec.credential_keys, Stored::Invalid(_)));
-        assert_eq!(rec.override_mode, Stored::Invalid("BYOK".into()));
-        assert_eq!(rec.fields().override_mode.as_deref(), Some("BYOK"));
+        let runtime = Stored::from_text(Some("claude code"), Runtime::parse);
+        let model = Stored::from_text(Some("opus"), Model::parse);
+        let keys = Stored::from_names(&["NOT-A-KEY"]);
+        let override_mode: Stored<Mode> = Stored::from_text(Some("BYOK"), |s| s.parse());
+        assert_eq!(runtime, Stored::Invalid("claude code".into()));
+        assert_eq!(model, Stored::Valid(Model::parse("opus").unwrap()));
+        assert!(matches!(keys, Stored::Invalid(_)));
+        assert_eq!(override_mode, Stored::Invalid("BYOK".into()));
+        assert_eq!(override_mode.text(|m| m.as_str()), Some("BYOK"));
+    }
+
+    #[test]
+    fn an_invalid_key_list_keeps_its_names() {
+        let keys = Stored::from_names(&["OPENAI_API_KEY", "NOT-A-KEY"]);
+        assert_eq!(keys, Stored::Invalid("OPENAI_API_KEY,NOT-A-KEY".into()));
+        assert_eq!(keys.names(), vec!["OPENAI_API_KEY", "NOT-A-KEY"]);
+        assert_eq!(Stored::from_names::<&str>(&[]), Stored::Absent);
     }
 
     #[test]
     fn set_replaces_only_present_fields_and_empty_clears() {
-        let before = Fields {
-            runtime: Some("hermes".into()),
-            model: Some("openai/gpt-4o".into()),
-            credential_keys: vec!["OPENAI_API_KEY".into()],
-            override_mode: Some("byok".into()),
+        let before = Record {
+            runtime: Stored::Valid(Runtime::parse("hermes").unwrap()),
+            model: Stored::Valid(Model::parse("openai/gpt-4o").unwrap()),
+            credential_keys: Stored::from_names(&["OPENAI_API_KEY"]),
+            override_mode: Stored::Valid(Mode::Byok),
+            revision: 3,
+            ..Record::new(id())
         };
         let after = Change::Set(Patch {
             model: Some(None),
             ..Patch::default()
         })
-        .apply(Some(&before));
-        assert_eq!(after.runtime.as_deref(), Some("hermes"));
-        assert_eq!(after.model, None);
-        assert_eq!(after.credential_keys, vec!["OPENAI_API_KEY"]);
-        let cleared = Change::ClearOverride.apply(Some(&after));
-        assert_eq!(cleared.override_mode, None);
+        .apply(&before);
+        assert_eq!(after.runtime, before.runtime);
+        assert_eq!(after.model, Stored::Absent);
+        assert_eq!(after.credential_keys.names(), vec!["OPENAI_API_KEY"]);
+        assert_eq!(after.revision, 3, "the revision is the store's");
+        let cleared = Change::ClearOverride.apply(&after);
+        assert_eq!(cleared.override_mode, Stored::Absent);
+    }
+
+    #[test]
+    fn a_set_keeps_an_invalid_value_it_does_not_name() {
+        let before = Record {
+            runtime: Stored::Invalid("claude code".into()),
+            ..Record::new(id())
+        };
+        let after = Change::Set(Patch {
+            override_mode: Some(Mode::Disabled),
+            ..Patch::default()
+        })
+        .apply(&before);
+        assert_eq!(after.runtime, Stored::Invalid("claude code".into()));
+        assert_eq!(after.override_mode, Stored::Valid(Mode::Disabled));
     }
 }

@@ -76,9 +76,7 @@ async fn decided_at(
     let id = record.workspace_id;
     let entry = store.history(&id, Some(revision + 1), 1).await?;
     match entry.into_iter().next() {
-        Some(e) if e.revision == revision => Ok(Some(
-            resolve(&e.after.into_record(id, revision), registry).mode,
-        )),
+        Some(e) if e.revision == revision => Ok(Some(resolve(&e.after, registry).mode)),
         // Every revision up to the current one has its audit row; a gap is
         // data the service cannot interpret: no answer rather than a guess.
         _ => Err(StoreError::corrupt(format!("no audit row for revision {revision}")).into()),
@@ -269,8 +267,7 @@ async fn drift_since(
         let next_before = last.revision;
         let decisions = entries.into_iter().map(|e| {
             let at = e.at;
-            let rev = e.revision;
-            (resolve(&e.after.into_record(id, rev), registry).mode, at)
+            (resolve(&e.after, registry).mode, at)
         });
         let (s, stopped) = since_of(applied, decisions);
         if s.is_some() {

@@ -10,27 +10,25 @@ use std::future::Future;
 use chrono::{DateTime, Utc};
 use sqlx::{Database, Pool};
 
+use super::row::Fields;
 use super::{ChangeListener, StoreError};
-use crate::domain::{Fields, Record};
+use crate::domain::Record;
 
 /// A backend's connection (what a transaction dereferences to).
-pub type Conn<D> = <<D as Dialect>::Db as Database>::Connection;
-
-/// A backend's row.
-pub type DbRow<D> = <<D as Dialect>::Db as Database>::Row;
+pub(crate) type Conn<D> = <<D as Dialect>::Db as Database>::Connection;
 
 /// One audit row to insert: the workspace (text), the revision the change
-/// made and the fields before (`None`: created) and after it.
+/// made and the fields' text before (`None`: created) and after it.
 #[derive(Debug)]
-pub struct AuditRow<'a> {
-    pub id: &'a str,
-    pub revision: u64,
-    pub before: Option<&'a Fields>,
-    pub after: &'a Fields,
+pub(crate) struct AuditRow<'a> {
+    pub(crate) id: &'a str,
+    pub(crate) revision: u64,
+    pub(crate) before: Option<&'a Fields>,
+    pub(crate) after: &'a Fields,
 }
 
 /// What one SQL backend does its own way.
-pub trait Dialect: Send + Sync + Sized + 'static {
+pub(crate) trait Dialect: Send + Sync + Sized + 'static {
     /// The sqlx database.
     type Db: Database;
     /// What [`Dialect::open`] connects with.
@@ -72,7 +70,7 @@ pub trait Dialect: Send + Sync + Sized + 'static {
         id: String,
     ) -> impl Future<Output = Result<Option<<Self::Db as Database>::Row>, sqlx::Error>> + Send + 'a;
 
-    /// Inserts new records (workspace as text, fields) at revision 1 in the
+    /// Inserts new records (workspace and fields as text) at revision 1 in the
     /// order given; a workspace that has a record, or one another
     /// transaction is inserting, is skipped. Returns the workspaces inserted.
     fn insert_records(
@@ -120,7 +118,7 @@ pub trait Dialect: Send + Sync + Sized + 'static {
 /// How a write keeps other writers out between reading a record and
 /// committing its change: the write's read and its transaction's start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WriteLock {
+pub(crate) enum WriteLock {
     /// Lock the rows read (`SELECT … FOR UPDATE`) in a plain transaction.
     /// Another create of the same record can still race the insert, and the
     /// loser retries as an update.
@@ -132,7 +130,7 @@ pub enum WriteLock {
 
 impl WriteLock {
     /// The statement that starts a writing transaction (`None`: `BEGIN`).
-    pub fn begin(self) -> Option<&'static str> {
+    pub(crate) fn begin(self) -> Option<&'static str> {
         match self {
             WriteLock::Rows => None,
             WriteLock::Database => Some("BEGIN IMMEDIATE"),
@@ -140,7 +138,7 @@ impl WriteLock {
     }
 
     /// Appended to the read of the row a write is about to change.
-    pub fn read_suffix(self) -> &'static str {
+    pub(crate) fn read_suffix(self) -> &'static str {
         match self {
             WriteLock::Rows => " FOR UPDATE",
             WriteLock::Database => "",

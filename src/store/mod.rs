@@ -12,15 +12,16 @@ use std::{str::FromStr, sync::Arc};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use crate::domain::{Change, Fields, Record, WorkspaceId};
+use crate::domain::{Change, Record, WorkspaceId};
 
 pub mod applied;
-pub mod dialect;
+mod dialect;
 pub mod metered;
 mod pg_reads;
-pub mod postgres;
-pub mod sql;
-pub mod sqlite;
+mod postgres;
+mod row;
+mod sql;
+mod sqlite;
 
 pub use applied::AppliedReport;
 
@@ -254,9 +255,11 @@ pub struct AuditEntry {
     pub actor: String,
     pub reason: String,
     pub at: DateTime<Utc>,
-    /// `None` when the change created the record.
-    pub before: Option<Fields>,
-    pub after: Fields,
+    /// The record before the change (at the revision below); `None` when
+    /// the change created it.
+    pub before: Option<Record>,
+    /// The record the change made, at `revision`.
+    pub after: Record,
 }
 
 /// One committed change, as the change log holds it: the record after it.
@@ -421,37 +424,31 @@ fn pending_migrations(migrator: &sqlx::migrate::Migrator, applied: &[i64]) -> us
         .count()
 }
 
-/// What a write does, decided from the current row before any SQL is written.
+/// What a write does, decided from the current record before any SQL is
+/// written.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Plan {
     /// Nothing changes: return the record as it is.
     Unchanged(Record),
-    /// Create the record at revision 1.
-    Insert { after: Fields },
-    /// Replace the record's fields at `revision`.
-    Update {
-        before: Fields,
-        after: Fields,
-        revision: u64,
-    },
+    /// Create the record, at revision 1.
+    Insert { after: Record },
+    /// Replace the record's fields; `after` is at the next revision.
+    Update { before: Record, after: Record },
 }
 
 impl Plan {
     /// The record this plan leaves behind (what a write returns).
-    pub fn into_record(self, workspace_id: WorkspaceId) -> Record {
+    pub fn into_record(self) -> Record {
         match self {
-            Plan::Unchanged(record) => record,
-            Plan::Insert { after } => after.into_record(workspace_id, 1),
-            Plan::Update {
-                after, revision, ..
-            } => after.into_record(workspace_id, revision),
+            Plan::Unchanged(record) | Plan::Insert { after: record } => record,
+            Plan::Update { after, .. } => after,
         }
     }
 }
 
-/// Decides a write against the current row (`Some((fields, revision))`).
+/// Decides a write against the current record (`None`: there is none).
 pub fn plan_write(
-    current: Option<(Fields, u64)>,
+    current: Option<Record>,
     workspace_id: WorkspaceId,
     change: &Change,
     expected_revision: Option<u64>,
@@ -460,7 +457,7 @@ pub fn plan_write(
         // NOT_FOUND takes precedence over a revision mismatch.
         return Err(StoreError::NotFound);
     }
-    let actual = current.as_ref().map(|(_, r)| *r);
+    let actual = current.as_ref().map(|r| r.revision);
     match (expected_revision, actual) {
         (None, _) | (Some(0), None) => {}
         (Some(e), Some(a)) if e == a => {}
@@ -468,167 +465,36 @@ pub fn plan_write(
     }
     match current {
         None => Ok(Plan::Insert {
-            after: change.apply(None),
+            after: Record {
+                revision: 1,
+                ..change.apply(&Record::new(workspace_id))
+            },
         }),
-        Some((before, revision)) => {
-            let after = change.apply(Some(&before));
+        Some(before) => {
+            let after = change.apply(&before);
             if after == before {
-                Ok(Plan::Unchanged(before.into_record(workspace_id, revision)))
+                Ok(Plan::Unchanged(before))
             } else {
                 Ok(Plan::Update {
+                    after: Record {
+                        revision: before.revision + 1,
+                        ..after
+                    },
                     before,
-                    after,
-                    revision: revision + 1,
                 })
             }
         }
     }
 }
 
-/// The fields a create writes: [`plan_write`] on a missing record, create-only.
-pub fn plan_create(workspace_id: WorkspaceId, change: &Change) -> Result<Fields, StoreError> {
+/// The record a create makes: [`plan_write`] on a missing record, create-only.
+pub fn plan_create(workspace_id: WorkspaceId, change: &Change) -> Result<Record, StoreError> {
     match plan_write(None, workspace_id, change, Some(0))? {
         Plan::Insert { after } => Ok(after),
         Plan::Unchanged(_) | Plan::Update { .. } => Err(StoreError::internal(
             "a create on a missing record planned as an update",
         )),
     }
-}
-
-/// A revision as stored (BIGINT) → domain.
-pub(crate) fn revision_from_db(r: i64) -> Result<u64, StoreError> {
-    u64::try_from(r)
-        .ok()
-        .filter(|r| *r >= 1)
-        .ok_or_else(|| StoreError::corrupt(format!("revision {r} is not positive")))
-}
-
-pub(crate) fn revision_to_db(r: u64) -> Result<i64, StoreError> {
-    i64::try_from(r).map_err(|_| StoreError::internal(format!("revision {r} is too large")))
-}
-
-/// The columns every backend selects for a record, interpreted once.
-///
-/// Generic over the backend's row type, so both backends read a record and an
-/// audit row the same way.
-pub(crate) fn record_from_row<'r, R>(row: &'r R) -> Result<(Fields, u64), StoreError>
-where
-    R: sqlx::Row,
-    &'r str: sqlx::ColumnIndex<R>,
-    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-{
-    let keys: String = row.try_get("credential_keys")?;
-    Ok((
-        Fields {
-            runtime: row.try_get("runtime")?,
-            model: row.try_get("model")?,
-            credential_keys: Fields::credential_keys_from_json(&keys),
-            override_mode: row.try_get("override_mode")?,
-        },
-        revision_from_db(row.try_get("revision")?)?,
-    ))
-}
-
-/// A listed record: its id column (text) and the record columns.
-pub(crate) fn listed_from_row<'r, R>(row: &'r R) -> Result<Record, StoreError>
-where
-    R: sqlx::Row,
-    &'r str: sqlx::ColumnIndex<R>,
-    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-{
-    let id: String = row.try_get("workspace_id")?;
-    let id = WorkspaceId::parse(&id)
-        .map_err(|_| StoreError::corrupt("a stored workspace id is not a UUID"))?;
-    let (fields, revision) = record_from_row(row)?;
-    Ok(fields.into_record(id, revision))
-}
-
-/// One audit row (`revision, actor, reason, before, after, at`, the JSON
-/// columns as text).
-pub(crate) fn audit_from_row<'r, R>(
-    row: &'r R,
-    workspace_id: WorkspaceId,
-) -> Result<AuditEntry, StoreError>
-where
-    R: sqlx::Row,
-    &'r str: sqlx::ColumnIndex<R>,
-    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    DateTime<Utc>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-{
-    let before: Option<String> = row.try_get("before")?;
-    let after: String = row.try_get("after")?;
-    Ok(AuditEntry {
-        workspace_id,
-        revision: revision_from_db(row.try_get("revision")?)?,
-        actor: row.try_get("actor")?,
-        reason: row.try_get("reason")?,
-        at: row.try_get("at")?,
-        before: before.as_deref().map(fields_from_json).transpose()?,
-        after: fields_from_json(&after)?,
-    })
-}
-
-/// One change-log row (`position, workspace_id, revision, committed_at,
-/// after`, the workspace id and fields as text).
-pub(crate) fn change_from_row<'r, R>(row: &'r R) -> Result<LoggedChange, StoreError>
-where
-    R: sqlx::Row,
-    &'r str: sqlx::ColumnIndex<R>,
-    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    DateTime<Utc>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-{
-    let id: String = row.try_get("workspace_id")?;
-    let workspace_id = WorkspaceId::parse(&id)
-        .map_err(|_| StoreError::corrupt("change log: workspace id is not a UUID"))?;
-    let after: String = row.try_get("after")?;
-    let position: i64 = row.try_get("position")?;
-    Ok(LoggedChange {
-        position: position_from_db(position)?,
-        committed_at: row.try_get("committed_at")?,
-        record: fields_from_json(&after)?
-            .into_record(workspace_id, revision_from_db(row.try_get("revision")?)?),
-    })
-}
-
-/// The log's state row (`store_id, last_position, pruned_through`).
-pub(crate) fn log_state_from_row<'r, R>(row: &'r R) -> Result<LogState, StoreError>
-where
-    R: sqlx::Row,
-    &'r str: sqlx::ColumnIndex<R>,
-    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-{
-    Ok(LogState {
-        store_id: row.try_get("store_id")?,
-        last_position: position_from_db(row.try_get("last_position")?)?,
-        pruned_through: position_from_db(row.try_get("pruned_through")?)?,
-    })
-}
-
-pub(crate) fn position_from_db(p: i64) -> Result<u64, StoreError> {
-    u64::try_from(p)
-        .map_err(|_| StoreError::corrupt(format!("change log position {p} is negative")))
-}
-
-pub(crate) fn position_to_db(p: u64) -> i64 {
-    // Positions come from the database; one beyond i64 cannot be asked for
-    // by a caller that got it from here, so saturating only refuses junk.
-    i64::try_from(p).unwrap_or(i64::MAX)
-}
-
-pub(crate) fn fields_from_json(text: &str) -> Result<Fields, StoreError> {
-    serde_json::from_str(text).map_err(|e| StoreError::corrupt_because("audit fields", e))
-}
-
-pub(crate) fn fields_to_json(f: &Fields) -> String {
-    serde_json::to_string(f).expect("fields serialize")
 }
 
 /// Connects to `database_url` (`postgres://…` or `sqlite:…`) with the
@@ -640,7 +506,7 @@ pub async fn connect(database_url: &str) -> Result<Arc<dyn Store>, StoreError> {
 /// Connects to `database_url`, applying the embedded migrations when
 /// `migrate` is true (otherwise see [`Store::pending_migrations`]), with a
 /// pool of up to `max_connections` (`None`: the backend's default,
-/// [`postgres::DEFAULT_MAX_CONNECTIONS`] or [`sqlite::DEFAULT_MAX_CONNECTIONS`]).
+/// `postgres::DEFAULT_MAX_CONNECTIONS` or `sqlite::DEFAULT_MAX_CONNECTIONS`).
 pub async fn open(
     database_url: &str,
     migrate: bool,
@@ -803,7 +669,15 @@ mod plan_tests {
             Ok(Plan::Insert { .. })
         ));
         assert!(matches!(
-            plan_write(Some((Fields::default(), 1)), id(), &c, Some(0)),
+            plan_write(
+                Some(Record {
+                    revision: 1,
+                    ..Record::new(id())
+                }),
+                id(),
+                &c,
+                Some(0)
+            ),
             Err(StoreError::RevisionMismatch {
                 expected: 0,
                 actual: Some(1)
@@ -820,11 +694,17 @@ mod plan_tests {
 
     #[test]
     fn a_write_that_changes_nothing_is_unchanged() {
-        let before = set_override(Mode::Byok).apply(None);
-        let plan = plan_write(Some((before, 4)), id(), &set_override(Mode::Byok), None).unwrap();
+        let before = Record {
+            revision: 4,
+            ..set_override(Mode::Byok).apply(&Record::new(id()))
+        };
+        let plan = plan_write(Some(before), id(), &set_override(Mode::Byok), None).unwrap();
         assert!(matches!(plan, Plan::Unchanged(r) if r.revision == 4));
         let plan = plan_write(
-            Some((Fields::default(), 4)),
+            Some(Record {
+                revision: 4,
+                ..Record::new(id())
+            }),
             id(),
             &Change::ClearOverride,
             None,

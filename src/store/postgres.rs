@@ -39,23 +39,24 @@ use sqlx::{
 
 use super::dialect::{AuditRow, Dialect, WriteLock};
 use super::pg_reads::ReadPool;
+use super::row::{listed_from_row, revision_to_db, Fields};
 use super::sql::SqlStore;
-use super::{fields_to_json, listed_from_row, revision_to_db, ChangeListener, StoreError};
-use crate::domain::{Fields, Record};
+use super::{ChangeListener, StoreError};
+use crate::domain::Record;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
 /// The size of each of the two pools (`load`'s reads, and the rest) unless
 /// configured (`--db-max-connections`).
-pub const DEFAULT_MAX_CONNECTIONS: u32 = 16;
+pub(crate) const DEFAULT_MAX_CONNECTIONS: u32 = 16;
 
 /// The Postgres store.
-pub type PostgresStore = SqlStore<PgDialect>;
+pub(crate) type PostgresStore = SqlStore<PgDialect>;
 
 /// Postgres's ways: casts to `uuid` and `jsonb`, the row lock, many rows
 /// per statement (`UNNEST` of arrays), `load` through its own connections.
 #[derive(Debug)]
-pub struct PgDialect {
+pub(crate) struct PgDialect {
     /// `load`'s connections (see `store::pg_reads`).
     reads: ReadPool,
 }
@@ -186,8 +187,8 @@ impl Dialect for PgDialect {
         for r in rows {
             ids.push(r.id);
             revisions.push(revision_to_db(r.revision)?);
-            befores.push(r.before.map(fields_to_json));
-            afters.push(fields_to_json(r.after));
+            befores.push(r.before.map(Fields::to_json));
+            afters.push(r.after.to_json());
         }
         sqlx::query(
             "INSERT INTO billing_audit (workspace_id, revision, actor, reason, before, after, at) \

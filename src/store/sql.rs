@@ -17,16 +17,18 @@ use tokio_stream::StreamExt as _;
 
 use super::dialect::{AuditRow, Conn, Dialect};
 use super::metered::timed;
-use super::{
-    applied, audit_from_row, change_from_row, listed_from_row, log_state_from_row, plan_create,
-    plan_write, position_from_db, position_to_db, record_from_row, revision_to_db, AppliedReport,
-    AuditEntry, ChangeListener, Create, CreateOutcome, LogState, LoggedChange, Plan, PoolStatus,
-    Store, StoreError, Visit, Write,
+use super::row::{
+    applied_from_row, audit_from_row, change_from_row, listed_from_row, log_state_from_row,
+    position_from_db, position_to_db, record_from_row, revision_to_db, Fields,
 };
-use crate::domain::{Fields, Record, WorkspaceId};
+use super::{
+    plan_create, plan_write, AppliedReport, AuditEntry, ChangeListener, Create, CreateOutcome,
+    LogState, LoggedChange, Plan, PoolStatus, Store, StoreError, Visit, Write,
+};
+use crate::domain::{Record, WorkspaceId};
 
 /// The store of one SQL backend.
-pub struct SqlStore<D: Dialect> {
+pub(crate) struct SqlStore<D: Dialect> {
     pool: Pool<D::Db>,
     dialect: D,
     sql: Statements,
@@ -52,7 +54,10 @@ impl<D: Dialect> SqlStore<D> {
 
     /// Connects, with a pool of up to `max_connections`, and applies the
     /// embedded migrations.
-    pub async fn connect(options: D::Options, max_connections: u32) -> Result<Self, StoreError>
+    pub(crate) async fn connect(
+        options: D::Options,
+        max_connections: u32,
+    ) -> Result<Self, StoreError>
     where
         Conn<D>: sqlx::migrate::Migrate,
     {
@@ -63,12 +68,17 @@ impl<D: Dialect> SqlStore<D> {
 
     /// Connects, with a pool of up to `max_connections`, without applying
     /// migrations.
-    pub async fn open(options: D::Options, max_connections: u32) -> Result<Self, StoreError> {
+    pub(crate) async fn open(
+        options: D::Options,
+        max_connections: u32,
+    ) -> Result<Self, StoreError> {
         let (pool, dialect) = D::open(options, max_connections).await?;
         Ok(SqlStore::new(pool, dialect))
     }
 
-    pub fn pool(&self) -> &Pool<D::Db> {
+    /// The pool, for the store suite's raw SQL.
+    #[cfg(test)]
+    pub(crate) fn pool(&self) -> &Pool<D::Db> {
         &self.pool
     }
 
@@ -199,11 +209,8 @@ where
                     workspace_id.to_string(),
                 )
                 .await?;
-            Ok(row
-                .as_ref()
-                .map(record_from_row)
-                .transpose()?
-                .map(|(f, rev)| f.into_record(*workspace_id, rev)))
+            row.map(|row| record_from_row(&row, *workspace_id))
+                .transpose()
         })
         .await
     }
@@ -220,18 +227,21 @@ where
                     .bind(id.clone())
                     .fetch_optional(&mut *tx)
                     .await?;
-                let current = row.as_ref().map(record_from_row).transpose()?;
+                let current = row
+                    .map(|row| record_from_row(&row, w.workspace_id))
+                    .transpose()?;
                 let now = Utc::now();
-                let (before, after, revision) =
+                let (before, after) =
                     match plan_write(current, w.workspace_id, w.change, w.expected_revision)? {
                         Plan::Unchanged(record) => {
                             tx.commit().await?;
                             return Ok(record);
                         }
                         Plan::Insert { after } => {
+                            let text = Fields::of(&after);
                             let inserted = self
                                 .dialect
-                                .insert_records(&mut *tx, &[(&id, &after)], now)
+                                .insert_records(&mut *tx, &[(&id, &text)], now)
                                 .await?;
                             if inserted.is_empty() {
                                 // Another writer created it first: retry
@@ -239,44 +249,43 @@ where
                                 tx.rollback().await?;
                                 continue;
                             }
-                            (None, after, 1)
+                            (None, after)
                         }
-                        Plan::Update {
-                            before,
-                            after,
-                            revision,
-                        } => {
+                        Plan::Update { before, after } => {
                             let keep_override = before.override_mode == after.override_mode;
+                            let text = Fields::of(&after);
+                            let keys = text.credential_keys_json();
                             let mut update = sqlx::query(if keep_override {
                                 &self.sql.update_record_keeping_override
                             } else {
                                 &self.sql.update_record
                             })
                             .bind(id.clone())
-                            .bind(after.runtime.clone())
-                            .bind(after.model.clone())
-                            .bind(after.credential_keys_json())
-                            .bind(revision_to_db(revision)?)
+                            .bind(text.runtime)
+                            .bind(text.model)
+                            .bind(keys)
+                            .bind(revision_to_db(after.revision)?)
                             .bind(now);
                             if !keep_override {
-                                update = update.bind(after.override_mode.clone());
+                                update = update.bind(text.override_mode);
                             }
                             update.execute(&mut *tx).await?;
-                            (Some(before), after, revision)
+                            (Some(before), after)
                         }
                     };
+                let before = before.as_ref().map(Fields::of);
                 let audit = AuditRow {
                     id: &id,
-                    revision,
+                    revision: after.revision,
                     before: before.as_ref(),
-                    after: &after,
+                    after: &Fields::of(&after),
                 };
                 self.dialect
                     .log_changes(&mut *tx, &[audit], w.actor, w.reason, now)
                     .await?;
                 tx.commit().await?;
                 self.dialect.committed();
-                return Ok(after.into_record(w.workspace_id, revision));
+                return Ok(after);
             }
             Err(StoreError::internal(
                 "record creation raced twice; refusing to guess",
@@ -302,10 +311,11 @@ where
                 return Ok(Vec::new());
             }
             // Every change is checked before anything is written.
-            let fields = creates
+            let records = creates
                 .iter()
                 .map(|c| plan_create(c.workspace_id, c.change))
-                .collect::<Result<Vec<Fields>, _>>()?;
+                .collect::<Result<Vec<Record>, _>>()?;
+            let fields: Vec<Fields> = records.iter().map(Fields::of).collect();
             let ids: Vec<String> = creates.iter().map(|c| c.workspace_id.to_string()).collect();
             let mut order: Vec<usize> = (0..creates.len()).collect();
             order.sort_by_key(|&i| creates[i].workspace_id);
@@ -333,7 +343,7 @@ where
             }
             let mut audit = Vec::new();
             let mut out = Vec::with_capacity(creates.len());
-            for (i, c) in creates.iter().enumerate() {
+            for (i, (c, record)) in creates.iter().zip(records).enumerate() {
                 if created[i] {
                     audit.push(AuditRow {
                         id: &ids[i],
@@ -341,9 +351,7 @@ where
                         before: None,
                         after: &fields[i],
                     });
-                    out.push(CreateOutcome::Created(
-                        fields[i].clone().into_record(c.workspace_id, 1),
-                    ));
+                    out.push(CreateOutcome::Created(record));
                 } else {
                     let record = existing.get(&c.workspace_id).cloned().ok_or_else(|| {
                         StoreError::internal("a record that refused a create is not there")
@@ -373,11 +381,10 @@ where
                 .bind(w.workspace_id.to_string())
                 .fetch_optional(&self.pool)
                 .await?;
-            let current = row.as_ref().map(record_from_row).transpose()?;
-            Ok(
-                plan_write(current, w.workspace_id, w.change, w.expected_revision)?
-                    .into_record(w.workspace_id),
-            )
+            let current = row
+                .map(|row| record_from_row(&row, w.workspace_id))
+                .transpose()?;
+            Ok(plan_write(current, w.workspace_id, w.change, w.expected_revision)?.into_record())
         })
         .await
     }
@@ -427,7 +434,7 @@ where
     async fn applied_reports(&self) -> Result<Vec<(AppliedReport, Record)>, StoreError> {
         timed("applied_reports", async {
             let rows = sqlx::query(&self.sql.applied).fetch_all(&self.pool).await?;
-            rows.iter().map(applied::applied_from_row).collect()
+            rows.iter().map(applied_from_row).collect()
         })
         .await
     }

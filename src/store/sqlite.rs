@@ -24,22 +24,23 @@ use sqlx::{
 };
 
 use super::dialect::{AuditRow, Dialect, WriteLock};
+use super::row::{listed_from_row, revision_to_db, Fields};
 use super::sql::SqlStore;
-use super::{fields_to_json, listed_from_row, revision_to_db, ChangeListener, StoreError};
-use crate::domain::{Fields, Record};
+use super::{ChangeListener, StoreError};
+use crate::domain::Record;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
 /// The pool's size unless configured (`--db-max-connections`).
-pub const DEFAULT_MAX_CONNECTIONS: u32 = 4;
+pub(crate) const DEFAULT_MAX_CONNECTIONS: u32 = 4;
 
 /// The SQLite store.
-pub type SqliteStore = SqlStore<SqliteDialect>;
+pub(crate) type SqliteStore = SqlStore<SqliteDialect>;
 
 /// SQLite's ways: no casts (ids and JSON are text), the database's write
 /// lock taken up front, one row per statement, the feed woken in process.
 #[derive(Debug)]
-pub struct SqliteDialect {
+pub(crate) struct SqliteDialect {
     /// Bumped after every committed change; listeners wait for it to move.
     committed: tokio::sync::watch::Sender<u64>,
 }
@@ -163,8 +164,8 @@ impl Dialect for SqliteDialect {
             .bind(revision_to_db(r.revision)?)
             .bind(actor)
             .bind(reason)
-            .bind(r.before.map(fields_to_json))
-            .bind(fields_to_json(r.after))
+            .bind(r.before.map(Fields::to_json))
+            .bind(r.after.to_json())
             .bind(at)
             .execute(&mut *conn)
             .await?;

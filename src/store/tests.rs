@@ -28,8 +28,8 @@ use super::{
     StoreError, Write,
 };
 use crate::domain::{
-    resolve, Change, CredentialKeys, Fields, Mode, Model, Patch, Record, Registry, Runtime, Source,
-    Stored, WorkspaceId,
+    resolve, Change, CredentialKeys, Mode, Model, Patch, Record, Registry, Runtime, Source, Stored,
+    WorkspaceId,
 };
 
 // ---------------------------------------------------------------------------
@@ -143,15 +143,26 @@ impl Harness {
 
     /// The one integer a raw query returns.
     async fn query_i64(&self, sql: &str) -> i64 {
+        self.query_one(sql).await
+    }
+
+    /// The one value a raw query returns.
+    async fn query_one<T>(&self, sql: &str) -> T
+    where
+        T: for<'r> sqlx::Decode<'r, sqlx::Sqlite>
+            + sqlx::Type<sqlx::Sqlite>
+            + for<'r> sqlx::Decode<'r, sqlx::Postgres>
+            + sqlx::Type<sqlx::Postgres>,
+    {
         let value = match &self.backend {
             Backend::Sqlite { store, .. } => sqlx::query(sql)
                 .fetch_one(store.pool())
                 .await
-                .and_then(|row| row.try_get::<i64, _>(0)),
+                .and_then(|row| row.try_get::<T, _>(0)),
             Backend::Postgres { store, .. } => sqlx::query(sql)
                 .fetch_one(store.pool())
                 .await
-                .and_then(|row| row.try_get::<i64, _>(0)),
+                .and_then(|row| row.try_get::<T, _>(0)),
         };
         value.unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
@@ -495,7 +506,7 @@ async fn set_on_a_missing_workspace_creates_revision_1_with_an_audit_row(h: &mut
     assert_eq!(row.workspace_id, id);
     assert_eq!(row.revision, 1);
     assert_eq!(row.before, None, "a create has no before");
-    assert_eq!(row.after, expected.fields());
+    assert_eq!(row.after, expected);
     assert_eq!(row.actor, "alice");
     assert_eq!(row.reason, "register");
 
@@ -676,13 +687,13 @@ async fn clear_override_removes_the_override_and_bumps_the_revision(h: &mut Harn
 
     let audit = history(&*store, id).await;
     assert_eq!(revisions(&audit), vec![2, 1]);
-    assert_eq!(audit[0].before, Some(created.fields()));
+    assert_eq!(audit[0].before, Some(created.clone()));
     assert_eq!(
-        audit[0].before.as_ref().unwrap().override_mode.as_deref(),
-        Some("byok")
+        audit[0].before.as_ref().unwrap().override_mode,
+        Stored::Valid(Mode::Byok)
     );
-    assert_eq!(audit[0].after, expected.fields());
-    assert_eq!(audit[0].after.override_mode, None);
+    assert_eq!(audit[0].after, expected);
+    assert_eq!(audit[0].after.override_mode, Stored::Absent);
     assert_eq!(audit[0].actor, "ops");
     assert_eq!(audit[0].reason, "back to derived");
 
@@ -917,8 +928,8 @@ async fn audit_rows_carry_revision_actor_reason_fields_and_time(h: &mut Harness)
         assert_eq!(row.revision, records[i].revision);
         assert_eq!(row.actor, *actor);
         assert_eq!(row.reason, *reason);
-        assert_eq!(row.after, records[i].fields());
-        assert_eq!(row.before, i.checked_sub(1).map(|p| records[p].fields()));
+        assert_eq!(row.after, records[i]);
+        assert_eq!(row.before, i.checked_sub(1).map(|p| records[p].clone()));
         assert!(
             row.at >= t0 - slack && row.at <= t1 + slack,
             "audit time {} is outside [{t0}, {t1}]",
@@ -929,15 +940,26 @@ async fn audit_rows_carry_revision_actor_reason_fields_and_time(h: &mut Harness)
         }
         previous = Some(row.at);
     }
-    // The fields are recorded as stored text.
+    // The fields are recorded as stored text, in the audit log's JSON form.
+    let as_text = if h.backend_name() == "postgres" {
+        "::text"
+    } else {
+        ""
+    };
+    let after: String = h
+        .query_one(&format!(
+            "SELECT after{as_text} FROM billing_audit WHERE workspace_id = '{id}' AND revision = {}",
+            audit[1].revision
+        ))
+        .await;
     assert_eq!(
-        audit[1].after,
-        Fields {
-            runtime: Some("langgraph".into()),
-            model: Some("openai:gpt-4o".into()),
-            credential_keys: vec!["OPENAI_API_KEY".into()],
-            override_mode: Some("byok".into()),
-        }
+        serde_json::from_str::<serde_json::Value>(&after).expect("the audit JSON parses"),
+        serde_json::json!({
+            "runtime": "langgraph",
+            "model": "openai:gpt-4o",
+            "credential_keys": ["OPENAI_API_KEY"],
+            "override_mode": "byok",
+        })
     );
 }
 
@@ -959,7 +981,7 @@ async fn history_is_newest_first_and_pages_by_revision(h: &mut Harness) {
     assert!(all.iter().all(|e| e.workspace_id == id));
     for e in &all {
         assert_eq!(
-            e.after.model.as_deref(),
+            e.after.model.text(Model::as_str),
             Some(format!("model-{}", e.revision).as_str())
         );
     }
@@ -1044,14 +1066,17 @@ async fn concurrent_sets_on_one_workspace_lose_no_update(h: &mut Harness) {
         let writer = by_revision[&row.revision];
         assert_eq!(row.reason, format!("writer {writer}"));
         assert_eq!(
-            row.after.model.as_deref(),
+            row.after.model.text(Model::as_str),
             Some(format!("model-{writer}").as_str())
         );
         // Each change was made on top of the one before it.
         let expected_before = k.checked_sub(1).map(|p| oldest_first[p].after.clone());
         assert_eq!(row.before, expected_before, "revision {}", row.revision);
     }
-    let models: BTreeSet<_> = audit.iter().map(|e| e.after.model.clone()).collect();
+    let models: BTreeSet<_> = audit
+        .iter()
+        .map(|e| e.after.model.text(Model::as_str).map(str::to_owned))
+        .collect();
     assert_eq!(models.len(), N as usize);
 }
 
@@ -1240,10 +1265,15 @@ async fn a_garbled_override_loads_as_invalid_and_resolve_ignores_it(h: &mut Harn
     assert_eq!(repaired.revision, 3);
     let audit = history(&*store, id).await;
     assert_eq!(
-        audit[0].before.as_ref().unwrap().override_mode.as_deref(),
+        audit[0]
+            .before
+            .as_ref()
+            .unwrap()
+            .override_mode
+            .text(|m| m.as_str()),
         Some("BYOK")
     );
-    assert_eq!(audit[0].after.override_mode, None);
+    assert_eq!(audit[0].after.override_mode, Stored::Absent);
 }
 
 async fn garbled_runtime_and_credential_keys_load_as_invalid(h: &mut Harness) {
@@ -1306,7 +1336,12 @@ async fn garbled_runtime_and_credential_keys_load_as_invalid(h: &mut Harness) {
     assert_eq!(repaired.revision, 2);
     let audit = history(&*store, id).await;
     assert_eq!(
-        audit[0].before.as_ref().unwrap().runtime.as_deref(),
+        audit[0]
+            .before
+            .as_ref()
+            .unwrap()
+            .runtime
+            .text(Runtime::as_str),
         Some("claude code")
     );
 }
@@ -1429,8 +1464,14 @@ async fn a_dry_run_answers_as_the_write_would_and_writes_nothing(h: &mut Harness
     // On an existing one: the next revision, the fields after, nothing stored.
     let created = write(&*store, id, &set_model("opus"), None).await.unwrap();
     let would = dry(&set_override(Mode::Disabled), Some(1)).await.unwrap();
-    let real_after = set_override(Mode::Disabled).apply(Some(&created.fields()));
-    assert_eq!(would, real_after.into_record(id, 2));
+    let real_after = set_override(Mode::Disabled).apply(&created);
+    assert_eq!(
+        would,
+        Record {
+            revision: 2,
+            ..real_after
+        }
+    );
     assert_mismatch(
         dry(&set_override(Mode::Disabled), Some(2)).await,
         2,
@@ -1638,8 +1679,14 @@ async fn a_batch_creates_the_missing_in_one_commit_and_leaves_the_existing_untou
         .create_batch(&creates, "importer", "adopt: day one")
         .await
         .expect("create_batch");
-    let a_record = make_a.apply(None).into_record(a, 1);
-    let b_record = make_b.apply(None).into_record(b, 1);
+    let a_record = Record {
+        revision: 1,
+        ..make_a.apply(&Record::new(a))
+    };
+    let b_record = Record {
+        revision: 1,
+        ..make_b.apply(&Record::new(b))
+    };
     let e_record = load(&*store, existing).await;
     assert_eq!(e_record.model, Stored::Valid(model("haiku")), "untouched");
     assert_eq!(e_record.revision, 1);
@@ -1669,7 +1716,7 @@ async fn a_batch_creates_the_missing_in_one_commit_and_leaves_the_existing_untou
             (1, "importer", "adopt: day one")
         );
         assert_eq!(audit[0].before, None);
-        assert_eq!(audit[0].after, record.fields());
+        assert_eq!(audit[0].after, *record);
     }
     assert_eq!(history(&*store, existing).await.len(), 1);
     // One change-log position per created workspace, in batch order.

@@ -5,7 +5,7 @@ use crate::{
     domain::{
         env::{EnvEntry, EnvError, MAX_ENV_ENTRIES},
         resolver::Source,
-        CandidateEnv, Change, CredentialKeys, EnvInput, Fields, Mode, Model, Origin, Patch, Reason,
+        CandidateEnv, Change, CredentialKeys, EnvInput, Mode, Model, Origin, Patch, Reason, Record,
         Resolution, Runtime, WorkspaceId,
     },
     proto,
@@ -339,12 +339,22 @@ pub fn env_to_wire(env: Vec<EnvEntry>) -> Vec<proto::EnvVar> {
         .collect()
 }
 
-fn fields_to_wire(f: &Fields) -> proto::RecordFields {
+/// A record's fields as History shows them: as stored, an invalid
+/// (hand-edited) value verbatim.
+fn fields_to_wire(r: &Record) -> proto::RecordFields {
     proto::RecordFields {
-        runtime: f.runtime.clone().unwrap_or_default(),
-        model: f.model.clone().unwrap_or_default(),
-        credential_keys: f.credential_keys.clone(),
-        override_mode: f.override_mode.clone().unwrap_or_default(),
+        runtime: r
+            .runtime
+            .text(Runtime::as_str)
+            .unwrap_or_default()
+            .to_owned(),
+        model: r.model.text(Model::as_str).unwrap_or_default().to_owned(),
+        credential_keys: r.credential_keys.names(),
+        override_mode: r
+            .override_mode
+            .text(|m| m.as_str())
+            .unwrap_or_default()
+            .to_owned(),
     }
 }
 

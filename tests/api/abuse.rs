@@ -11,7 +11,7 @@ use tokio::sync::oneshot;
 
 use crate::helpers::*;
 use billing_mode::{
-    domain::{build_env, resolve, Fields, Registry, WorkspaceId},
+    domain::{build_env, resolve, Model, Record, Registry, Runtime, Stored, WorkspaceId},
     proto::{
         self, billing_mode_client::BillingModeClient, BuildEnvRequest, ClearRequest,
         CredentialKeys, EnvVar, HistoryRequest, Origin, ResolveRequest, SetRequest,
@@ -676,13 +676,15 @@ fn assert_invalid_argument(what: &str, e: &ApiError) {
 }
 
 /// Records to build envs for: every mode, source and runtime shape,
-/// including garbled stored text.
-fn records() -> Vec<Fields> {
-    let f = |rt: Option<&str>, m: Option<&str>, keys: &[&str], o: Option<&str>| Fields {
-        runtime: rt.map(str::to_owned),
-        model: m.map(str::to_owned),
-        credential_keys: keys.iter().map(|s| s.to_string()).collect(),
-        override_mode: o.map(str::to_owned),
+/// including garbled stored text (loaded as the store loads it).
+fn records(id: WorkspaceId) -> Vec<Record> {
+    let f = |rt: Option<&str>, m: Option<&str>, keys: &[&str], o: Option<&str>| Record {
+        workspace_id: id,
+        runtime: Stored::from_text(rt, Runtime::parse),
+        model: Stored::from_text(m, Model::parse),
+        credential_keys: Stored::from_names(keys),
+        override_mode: Stored::from_text(o, |s| s.parse()),
+        revision: 3,
     };
     vec![
         f(
@@ -807,8 +809,7 @@ fn check_build_env(req: &BuildEnvRequest) {
         Err(e) => return assert_invalid_argument("candidate_env", &e),
     };
     let id = WorkspaceId::parse("6b66de8d-9337-4fb4-be8d-6d49dca0d809").unwrap();
-    for fields in records() {
-        let record = fields.into_record(id, 3);
+    for record in records(id) {
         let resolution = resolve(&record, registry());
         match build_env(&resolution, &record, registry(), &candidate) {
             Ok(built) => {

@@ -13,8 +13,8 @@ mod seeds;
 use std::sync::OnceLock;
 
 use super::{
-    build_env, env::EnvEntry, resolve, BuiltEnv, CandidateEnv, EnvError, EnvInput, Fields, Origin,
-    Record, Registry, Resolution, WorkspaceId,
+    build_env, env::EnvEntry, resolve, BuiltEnv, CandidateEnv, EnvError, EnvInput, Mode, Model,
+    Origin, Record, Registry, Resolution, Runtime, Stored, WorkspaceId,
 };
 
 /// Short names for origins, so env tables read like the contract.
@@ -49,13 +49,38 @@ pub(super) fn record(
     owned: &[&str],
     override_mode: Option<&str>,
 ) -> Record {
-    Fields {
+    StoredText {
         runtime: runtime.map(str::to_owned),
         model: model.map(str::to_owned),
         credential_keys: owned.iter().map(|k| (*k).to_owned()).collect(),
         override_mode: override_mode.map(str::to_owned),
     }
     .into_record(workspace_id(), REVISION)
+}
+
+/// A record's fields as the store holds them (text), for tests that plant
+/// what a hand edit could.
+#[derive(Debug, Clone, Default)]
+pub(super) struct StoredText {
+    pub(super) runtime: Option<String>,
+    pub(super) model: Option<String>,
+    pub(super) credential_keys: Vec<String>,
+    pub(super) override_mode: Option<String>,
+}
+
+impl StoredText {
+    /// The record the store loads from this text: invalid text becomes
+    /// `Stored::Invalid`.
+    pub(super) fn into_record(self, workspace_id: WorkspaceId, revision: u64) -> Record {
+        Record {
+            workspace_id,
+            runtime: Stored::from_text(self.runtime.as_deref(), Runtime::parse),
+            model: Stored::from_text(self.model.as_deref(), Model::parse),
+            credential_keys: Stored::from_names(&self.credential_keys),
+            override_mode: Stored::from_text(self.override_mode.as_deref(), |s| s.parse::<Mode>()),
+            revision,
+        }
+    }
 }
 
 /// Raw candidate entries from (origin, key, value) triples.

@@ -11,12 +11,11 @@ use proptest::{
     sample::{select, subsequence},
 };
 
-use super::{registry, workspace_id, A, G, P, W};
+use super::{registry, workspace_id, StoredText, A, G, P, W};
 use crate::domain::{
     build_env,
     registry::{BILLING_MODE_VARS, PROXY_PREFIX},
-    resolve, CandidateEnv, EnvError, EnvInput, Fields, Mode, Origin, Record, Resolution, Source,
-    Stored,
+    resolve, CandidateEnv, EnvError, EnvInput, Mode, Origin, Record, Resolution, Source, Stored,
 };
 
 /// The usual PLATFORM proxy inputs (random PLATFORM entries may supply others).
@@ -89,7 +88,7 @@ fn arb_name(known: Vec<String>) -> impl Strategy<Value = Option<String>> {
     ]
 }
 
-fn arb_fields() -> impl Strategy<Value = Fields> {
+fn arb_fields() -> impl Strategy<Value = StoredText> {
     let owned = (
         subsequence(credential_names(), 0..=4),
         prop::bool::weighted(0.1),
@@ -111,12 +110,14 @@ fn arb_fields() -> impl Strategy<Value = Fields> {
         owned,
         override_mode,
     )
-        .prop_map(|(runtime, model, credential_keys, override_mode)| Fields {
-            runtime,
-            model,
-            credential_keys,
-            override_mode,
-        })
+        .prop_map(
+            |(runtime, model, credential_keys, override_mode)| StoredText {
+                runtime,
+                model,
+                credential_keys,
+                override_mode,
+            },
+        )
 }
 
 fn arb_origin() -> impl Strategy<Value = Origin> {
@@ -163,7 +164,7 @@ fn entry(origin: Origin, key: &str, value: &str) -> EnvInput {
 /// A candidate env for `fields`: usually the PLATFORM proxy inputs, often a
 /// WORKSPACE credential of the provider the record derives, and random
 /// entries; no key twice under one origin; in random order.
-fn arb_env(fields: &Fields) -> impl Strategy<Value = Vec<EnvInput>> {
+fn arb_env(fields: &StoredText) -> impl Strategy<Value = Vec<EnvInput>> {
     let rec = fields.clone().into_record(workspace_id(), 1);
     let wanted = match resolve(&rec, registry()).provider {
         Some(p) if !p.is_platform => p.credentials,
@@ -201,7 +202,7 @@ fn arb_env(fields: &Fields) -> impl Strategy<Value = Vec<EnvInput>> {
         .prop_shuffle()
 }
 
-fn arb_case() -> impl Strategy<Value = (Fields, Vec<EnvInput>)> {
+fn arb_case() -> impl Strategy<Value = (StoredText, Vec<EnvInput>)> {
     arb_fields().prop_flat_map(|fields| {
         let env = arb_env(&fields);
         (Just(fields), env)
@@ -278,7 +279,7 @@ fn check_resolution(rec: &Record, res: &Resolution) -> Result<(), TestCaseError>
 }
 
 /// BuildEnv, checked against the contract for one record and candidate env.
-fn check_case(fields: &Fields, entries: &[EnvInput]) -> Result<(), TestCaseError> {
+fn check_case(fields: &StoredText, entries: &[EnvInput]) -> Result<(), TestCaseError> {
     let reg = registry();
     let rec = fields.clone().into_record(workspace_id(), 1);
     let res = resolve(&rec, reg);

@@ -1,11 +1,12 @@
 //! The seeds' cases, at the level of the decision core: the same record and
 //! candidate envs the end-to-end tests send over gRPC.
 
+use super::StoredText;
 use super::{
     anthropic_proxy_inputs, build, build_err, build_ok, get, record, registry, strings, triples,
     workspace_id, A, ANTHROPIC_PROXY, G, USAGE_TOKEN, W,
 };
-use crate::domain::{resolve, Change, EnvError, Fields, Mode, Origin, Patch, Source};
+use crate::domain::{resolve, Change, EnvError, Mode, Origin, Patch, Record, Source, Stored};
 
 const CUSTOMER_OAUTH: &str = "customer-oauth-token";
 const PLATFORM_OAUTH: &str = "platform-oauth-token";
@@ -13,43 +14,48 @@ const PLATFORM_API_KEY: &str = "platform-anthropic-api-key";
 
 #[test]
 fn seed1_a_byok_override_wins_until_cleared_and_a_garbled_one_is_ignored() {
-    let before = Fields {
+    let before = StoredText {
         runtime: Some("claude-code".into()),
         model: Some("claude-opus-4-7".into()),
-        ..Fields::default()
-    };
-    let r = resolve(&before.clone().into_record(workspace_id(), 1), registry());
+        ..StoredText::default()
+    }
+    .into_record(workspace_id(), 1);
+    let r = resolve(&before, registry());
     assert_eq!(
         (r.mode, r.source),
         (Mode::PlatformManaged, Source::DerivedProvider)
     );
 
-    let overridden = Change::Set(Patch {
-        override_mode: Some(Mode::Byok),
-        ..Patch::default()
-    })
-    .apply(Some(&before));
-    let r = resolve(
-        &overridden.clone().into_record(workspace_id(), 2),
-        registry(),
-    );
+    let overridden = Record {
+        revision: 2,
+        ..Change::Set(Patch {
+            override_mode: Some(Mode::Byok),
+            ..Patch::default()
+        })
+        .apply(&before)
+    };
+    let r = resolve(&overridden, registry());
     assert_eq!((r.mode, r.source), (Mode::Byok, Source::Override));
     assert_eq!(r.override_mode, Some(Mode::Byok));
     assert_eq!(r.revision, 2);
 
-    let cleared = Change::ClearOverride.apply(Some(&overridden));
-    let r = resolve(&cleared.into_record(workspace_id(), 3), registry());
+    let cleared = Record {
+        revision: 3,
+        ..Change::ClearOverride.apply(&overridden)
+    };
+    let r = resolve(&cleared, registry());
     assert_eq!(
         (r.mode, r.source),
         (Mode::PlatformManaged, Source::DerivedProvider)
     );
     assert_eq!(r.override_mode, None);
 
-    let garbled = Fields {
-        override_mode: Some("byok; DROP TABLE".into()),
+    let garbled = Record {
+        override_mode: Stored::Invalid("byok; DROP TABLE".into()),
+        revision: 4,
         ..before
     };
-    let r = resolve(&garbled.into_record(workspace_id(), 4), registry());
+    let r = resolve(&garbled, registry());
     assert_eq!(
         (r.mode, r.source),
         (Mode::PlatformManaged, Source::DerivedProvider)
