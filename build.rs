@@ -28,12 +28,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out.join("billing_mode_descriptor.bin"),
         prost::Message::encode_to_vec(&served),
     )?;
+    let api = protox::compile([proto], ["proto"])?;
+    // serde for every message, in protobuf's JSON mapping (lowerCamelCase
+    // names, enums by name, defaults omitted): what grpcurl prints, and what
+    // the CLI's --json prints.
+    pbjson_build::Builder::new()
+        .register_descriptors(&prost::Message::encode_to_vec(&api))?
+        .build(&[".molecule.billing.v1"])?;
     tonic_prost_build::configure()
         // Undecodable requests are INVALID_ARGUMENT, not INTERNAL.
         .codec_path("crate::service::codec::Codec")
+        // The one well-known type the API uses, with serde, for the JSON
+        // mapping above.
+        .extern_path(".google.protobuf.Timestamp", "::pbjson_types::Timestamp")
         .build_client(true)
         .build_server(true)
-        .compile_fds(protox::compile([proto], ["proto"])?)?;
+        .compile_fds(api)?;
     Ok(())
 }
 

@@ -91,8 +91,12 @@ pub async fn list(a: ListArgs) -> ExitCode {
             );
         }
         text += &format!("{} workspaces\n", all.len());
-        let workspaces: Vec<_> = all.iter().map(client::resolution_json).collect();
-        Ok((json!({"workspaces": workspaces, "count": all.len()}), text))
+        // Every page as one response: the shape of one ListWorkspaces answer.
+        let j = client::message_json(&proto::ListWorkspacesResponse {
+            resolutions: all,
+            next_page_token: String::new(),
+        })?;
+        Ok((j, text))
     })
     .await
 }

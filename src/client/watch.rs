@@ -6,7 +6,6 @@ use std::process::ExitCode;
 
 use crate::proto::{self, watch_response::Event};
 use clap::Args;
-use serde_json::json;
 use tonic_types::StatusExt;
 
 use crate::client::{self, ClientArgs};
@@ -26,11 +25,15 @@ pub struct WatchArgs {
 }
 
 fn line(m: &proto::WatchResponse, json_out: bool) -> String {
-    match (&m.event, json_out) {
-        (Some(Event::Resolution(r)), true) => {
-            json!({"cursor": m.cursor, "resolution": client::resolution_json(r)}).to_string()
-        }
-        (Some(Event::Resolution(r)), false) => format!(
+    if json_out {
+        // One response message a line, as grpcurl prints the stream.
+        return match client::message_json(m) {
+            Ok(j) => j.to_string(),
+            Err(e) => serde_json::json!({"error": {"message": format!("{e:#}")}}).to_string(),
+        };
+    }
+    match &m.event {
+        Some(Event::Resolution(r)) => format!(
             "{} {} revision {} mode {} source {}",
             m.cursor,
             r.workspace_id,
@@ -38,15 +41,7 @@ fn line(m: &proto::WatchResponse, json_out: bool) -> String {
             client::mode_name(r.mode),
             client::source_name(r.source),
         ),
-        (Some(Event::Progress(p)), true) => json!({
-            "cursor": m.cursor,
-            "progress": {
-                "snapshot_complete": p.snapshot_complete,
-                "time": client::timestamp_text(&p.time),
-            }
-        })
-        .to_string(),
-        (Some(Event::Progress(p)), false) => format!(
+        Some(Event::Progress(p)) => format!(
             "{} progress{} at {}",
             m.cursor,
             if p.snapshot_complete {
@@ -56,7 +51,7 @@ fn line(m: &proto::WatchResponse, json_out: bool) -> String {
             },
             client::timestamp_text(&p.time),
         ),
-        (None, _) => format!("{} (empty message)", m.cursor),
+        None => format!("{} (empty message)", m.cursor),
     }
 }
 

@@ -343,12 +343,12 @@ impl Stream {
     }
 
     fn progress(&self, position: u64, snapshot_complete: bool) -> proto::WatchResponse {
-        let now = std::time::SystemTime::now();
+        let now = chrono::Utc::now();
         proto::WatchResponse {
             cursor: self.cursor(position),
             event: Some(Event::Progress(proto::WatchProgress {
                 snapshot_complete,
-                time: Some(prost_types::Timestamp::from(now)),
+                time: Some(pbjson_types::Timestamp::from(now)),
             })),
         }
     }

@@ -1552,18 +1552,19 @@ async fn the_binary_imports_and_lists(db: TestDb) {
         ]))
         .await,
     );
-    assert_eq!(all["count"], 300);
+    // One ListWorkspacesResponse holding every page.
+    assert_eq!(all["resolutions"].as_array().map(Vec::len), Some(300));
     let byok = json_of(
         &run_bin(bin(&[
             "list", "--server", &server, "--json", "--mode", "byok",
         ]))
         .await,
     );
-    let got: BTreeSet<String> = byok["workspaces"]
+    let got: BTreeSet<String> = byok["resolutions"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|r| r["workspace_id"].as_str().unwrap().to_owned())
+        .map(|r| r["workspaceId"].as_str().unwrap().to_owned())
         .collect();
     let want: BTreeSet<String> = expected
         .iter()

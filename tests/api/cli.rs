@@ -435,13 +435,15 @@ fn set_resolve_clear_and_history_round_trip() {
     let page = json(&s.run(&["history", WS, "--json", "--page-size", "2"]));
     let entries = page["entries"].as_array().expect("entries");
     assert_eq!(entries.len(), 2, "{page}");
-    assert_eq!(entries[0]["revision"], 3);
+    // Protobuf's JSON mapping, as grpcurl prints it: uint64 as a string,
+    // lowerCamelCase names, a default (empty) value omitted.
+    assert_eq!(entries[0]["revision"], "3");
     assert_eq!(entries[0]["actor"], "anonymous");
     assert_eq!(entries[0]["reason"], "back to derived");
-    assert_eq!(entries[0]["before"]["override_mode"], "platform_managed");
-    assert_eq!(entries[0]["after"]["override_mode"], "");
-    assert_eq!(entries[1]["revision"], 2);
-    let token = page["next_page_token"].as_str().expect("a token");
+    assert_eq!(entries[0]["before"]["overrideMode"], "platform_managed");
+    assert_eq!(entries[0]["after"]["overrideMode"], Value::Null, "{page}");
+    assert_eq!(entries[1]["revision"], "2");
+    let token = page["nextPageToken"].as_str().expect("a token");
     assert!(!token.is_empty(), "{page}");
     let page2 = json(&s.run(&[
         "history",
@@ -454,10 +456,14 @@ fn set_resolve_clear_and_history_round_trip() {
     ]));
     let entries = page2["entries"].as_array().expect("entries");
     assert_eq!(entries.len(), 1, "{page2}");
-    assert_eq!(entries[0]["revision"], 1);
+    assert_eq!(entries[0]["revision"], "1");
     assert!(entries[0]["before"].is_null(), "{page2}");
     assert_eq!(entries[0]["after"]["model"], "opus");
-    assert_eq!(page2["next_page_token"], "");
+    assert_eq!(
+        page2["nextPageToken"],
+        Value::Null,
+        "the last page has none"
+    );
     // The text form names the next page.
     let out = ok(&s.run(&["history", WS, "--page-size", "1"]));
     assert!(out.contains("next page: --page-token "), "{out}");
@@ -486,7 +492,7 @@ fn dry_run_set_and_clear_print_the_decision_and_write_nothing() {
     fails_with(&s.run(&["resolve", WS]), "WORKSPACE_NOT_FOUND");
 
     s.register_byok();
-    let v = json(&s.run(&[
+    let o = s.run(&[
         "set",
         WS,
         "--override",
@@ -495,10 +501,13 @@ fn dry_run_set_and_clear_print_the_decision_and_write_nothing() {
         "try it",
         "--dry-run",
         "--json",
-    ]));
-    assert_eq!(v["dry_run"], Value::Bool(true), "{v}");
-    assert_eq!(v["mode"], "disabled", "{v}");
-    assert_eq!(v["revision"], 2, "{v}");
+    ]);
+    let v = json(&o);
+    // Standard output is the SetResponse; the dry run is said on standard error.
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("dry run: nothing was written"), "{err}");
+    assert_eq!(v["resolution"]["mode"], "MODE_DISABLED", "{v}");
+    assert_eq!(v["resolution"]["revision"], "2", "{v}");
     // The same checks as the real write.
     fails_with(
         &s.run(&["set", WS, "--override", "disabled", "--dry-run"]),
@@ -555,15 +564,15 @@ fn watch_prints_each_change_and_the_cursor_to_resume_from_on_ctrl_c() {
     };
     // The snapshot: the one workspace, then its end.
     let entry = next();
-    assert_eq!(entry["resolution"]["workspace_id"], WS, "{entry}");
-    assert_eq!(entry["resolution"]["revision"], 1, "{entry}");
+    assert_eq!(entry["resolution"]["workspaceId"], WS, "{entry}");
+    assert_eq!(entry["resolution"]["revision"], "1", "{entry}");
     let done = next();
-    assert_eq!(done["progress"]["snapshot_complete"], true, "{done}");
+    assert_eq!(done["progress"]["snapshotComplete"], true, "{done}");
     // A change arrives as one line.
     ok(&s.run(&["set", WS, "--override", "disabled", "--reason", "watch it"]));
     let change = next();
-    assert_eq!(change["resolution"]["mode"], "disabled", "{change}");
-    assert_eq!(change["resolution"]["revision"], 2, "{change}");
+    assert_eq!(change["resolution"]["mode"], "MODE_DISABLED", "{change}");
+    assert_eq!(change["resolution"]["revision"], "2", "{change}");
     let cursor = change["cursor"].as_str().unwrap().to_owned();
     // Ctrl-C: the cursor to resume from, on standard error.
     let status = Command::new("kill")
@@ -617,28 +626,39 @@ fn resolve_json_carries_every_field() {
         "CLAUDE_CODE_OAUTH_TOKEN, ANTHROPIC_API_KEY,CLAUDE_CODE_OAUTH_TOKEN",
     ]));
 
-    let r = json(&s.run(&["resolve", WS, "--json"]));
-    assert_eq!(r["workspace_id"], WS, "stored and echoed in lower case");
-    assert_eq!(r["mode"], "byok");
-    assert_eq!(r["source"], "DERIVED_PROVIDER");
+    // The ResolveResponse in protobuf's JSON mapping, as grpcurl prints it:
+    // lowerCamelCase names, enums by name, uint64 as a string, defaults
+    // (false, "", unspecified, empty lists) omitted.
+    let r = &json(&s.run(&["resolve", WS, "--json"]))["resolution"];
+    assert_eq!(r["workspaceId"], WS, "stored and echoed in lower case");
+    assert_eq!(r["mode"], "MODE_BYOK");
+    assert_eq!(r["source"], "SOURCE_DERIVED_PROVIDER");
     assert_eq!(r["provider"], "anthropic-oauth");
-    assert_eq!(r["provider_is_platform"], false);
+    assert_eq!(
+        r["providerIsPlatform"],
+        Value::Null,
+        "false is omitted: {r}"
+    );
     assert_eq!(r["runtime"], "claude-code");
     assert_eq!(r["model"], "opus");
-    assert_eq!(r["override_mode"], "");
-    assert_eq!(r["revision"], 1);
     assert_eq!(
-        strings(&r["credential_keys"]),
+        r["overrideMode"],
+        Value::Null,
+        "unspecified is omitted: {r}"
+    );
+    assert_eq!(r["revision"], "1");
+    assert_eq!(
+        strings(&r["credentialKeys"]),
         ["ANTHROPIC_API_KEY", "CLAUDE_CODE_OAUTH_TOKEN"]
     );
-    assert!(strings(&r["forbidden_secret_keys"]).is_empty(), "{r}");
+    assert!(r["forbiddenSecretKeys"].is_null(), "empty is omitted: {r}");
     let trace = strings(&r["trace"]);
     assert!(trace.len() >= 2, "{r}");
     assert!(trace[0].starts_with("override"), "{r}");
     assert!(trace.last().unwrap().contains("byok"), "{r}");
 
     // An override to platform_managed: forbidden keys appear, sorted.
-    let r = json(&s.run(&[
+    let r = &json(&s.run(&[
         "set",
         WS,
         "--override",
@@ -646,16 +666,16 @@ fn resolve_json_carries_every_field() {
         "--reason",
         "r",
         "--json",
-    ]));
-    assert_eq!(r["mode"], "platform_managed");
-    assert_eq!(r["source"], "OVERRIDE");
-    assert_eq!(r["override_mode"], "platform_managed");
+    ]))["resolution"];
+    assert_eq!(r["mode"], "MODE_PLATFORM_MANAGED");
+    assert_eq!(r["source"], "SOURCE_OVERRIDE");
+    assert_eq!(r["overrideMode"], "MODE_PLATFORM_MANAGED");
     assert_eq!(
         r["provider"], "anthropic-oauth",
         "provider filled under override"
     );
-    assert_eq!(r["revision"], 2);
-    let forbidden = strings(&r["forbidden_secret_keys"]);
+    assert_eq!(r["revision"], "2");
+    let forbidden = strings(&r["forbiddenSecretKeys"]);
     for k in [
         "ANTHROPIC_API_KEY",
         "ANTHROPIC_BASE_URL",
@@ -669,7 +689,7 @@ fn resolve_json_carries_every_field() {
     assert_eq!(forbidden, sorted);
 
     // Clearing fields: "" clears runtime, model and credential keys.
-    let r = json(&s.run(&[
+    let r = &json(&s.run(&[
         "set",
         WS,
         "--runtime",
@@ -679,11 +699,11 @@ fn resolve_json_carries_every_field() {
         "--credential-keys",
         "",
         "--json",
-    ]));
-    assert_eq!(r["runtime"], "");
-    assert_eq!(r["model"], "");
-    assert!(strings(&r["credential_keys"]).is_empty(), "{r}");
-    assert_eq!(r["revision"], 3);
+    ]))["resolution"];
+    assert_eq!(r["runtime"], Value::Null, "empty is omitted: {r}");
+    assert_eq!(r["model"], Value::Null, "empty is omitted: {r}");
+    assert!(r["credentialKeys"].is_null(), "empty is omitted: {r}");
+    assert_eq!(r["revision"], "3");
 
     // Errors under --json: a JSON error object on stdout, the reason on stderr.
     let o = s.run(&["resolve", UNKNOWN_WS, "--json"]);
@@ -805,8 +825,8 @@ fn build_env_from_a_json_file_redacts_unless_asked() {
     let j = json(&o);
     assert!(!text.contains(CUSTOMER_SECRET), "{text}");
     assert!(!text.contains(PLATFORM_SECRET), "{text}");
-    assert_eq!(j["resolution"]["mode"], "byok");
-    assert_eq!(j["resolution"]["revision"], 1);
+    assert_eq!(j["resolution"]["mode"], "MODE_BYOK");
+    assert_eq!(j["resolution"]["revision"], "1");
     let env = j["env"].as_array().expect("env");
     assert!(!env.is_empty());
     for e in env {
@@ -832,21 +852,21 @@ fn build_env_from_a_json_file_redacts_unless_asked() {
     };
     assert_eq!(
         value("CLAUDE_CODE_OAUTH_TOKEN"),
-        Some((CUSTOMER_SECRET.into(), "workspace".into()))
+        Some((CUSTOMER_SECRET.into(), "ORIGIN_WORKSPACE".into()))
     );
     assert_eq!(
         value("MOLECULE_LLM_BILLING_MODE"),
-        Some(("byok".into(), "authority".into()))
+        Some(("byok".into(), "ORIGIN_AUTHORITY".into()))
     );
     assert_eq!(
         value("MODEL_PROVIDER"),
-        Some(("opus".into(), "authority".into()))
+        Some(("opus".into(), "ORIGIN_AUTHORITY".into()))
     );
     assert_eq!(value("ANTHROPIC_API_KEY"), None);
     assert_eq!(value("ANTHROPIC_BASE_URL"), None);
     assert_eq!(value("MOLECULE_LLM_USAGE_TOKEN"), None);
     assert_eq!(
-        strings(&j["removed_keys"]),
+        strings(&j["removedKeys"]),
         [
             "ANTHROPIC_API_KEY",
             "MOLECULE_LLM_ANTHROPIC_BASE_URL",
@@ -854,7 +874,7 @@ fn build_env_from_a_json_file_redacts_unless_asked() {
         ]
     );
     assert_eq!(
-        strings(&j["added_keys"]),
+        strings(&j["addedKeys"]),
         [
             "MODEL_PROVIDER",
             "MOLECULE_LLM_BILLING_MODE",
@@ -863,7 +883,7 @@ fn build_env_from_a_json_file_redacts_unless_asked() {
     );
     // Resolve and BuildEnv agree at the same revision.
     let r = json(&s.run(&["resolve", WS, "--json"]));
-    assert_eq!(j["resolution"], r);
+    assert_eq!(j["resolution"], r["resolution"]);
 }
 
 #[test]
@@ -1142,7 +1162,7 @@ fn a_server_with_tokens_requires_one() {
         &ops_token,
     ]));
     let r = json(&s.run(&["resolve", WS, "--json", "--token", &ci_token]));
-    assert_eq!(r["mode"], "byok");
+    assert_eq!(r["resolution"]["mode"], "MODE_BYOK");
     // Through the environment variable too.
     let mut cmd = s.cmd(&["resolve", WS]);
     cmd.env("BILLING_MODE_TOKEN", &ci_token);
@@ -1215,7 +1235,7 @@ fn the_default_database_is_a_file_in_the_working_directory() {
     // And it is the store in use.
     s.register_byok();
     let r = json(&s.run(&["resolve", WS, "--json"]));
-    assert_eq!(r["revision"], 1);
+    assert_eq!(r["resolution"]["revision"], "1");
 }
 
 #[test]
@@ -1283,9 +1303,9 @@ fn drift_lists_instances_whose_applied_mode_is_no_longer_decided() {
     let j = json(&s.run(&["drift", "--json", "--page-size", "1"]));
     let d = &j["drift"][0];
     assert_eq!(d["instance"], "pod-7");
-    assert_eq!(d["applied_mode"], "byok");
-    assert_eq!(d["applied_revision"], 1);
-    assert_eq!(d["current"]["mode"], "platform_managed");
+    assert_eq!(d["appliedMode"], "MODE_BYOK");
+    assert_eq!(d["appliedRevision"], "1");
+    assert_eq!(d["current"]["mode"], "MODE_PLATFORM_MANAGED");
     let h = json(&s.run(&["history", WS, "--json"]));
     assert_eq!(
         d["since"], h["entries"][0]["time"],
@@ -1303,10 +1323,10 @@ fn check_spend_prints_whether_the_platform_may_pay() {
     let s = Server::start(&[]);
     s.register_byok();
     let j = json(&s.run(&["check-spend", WS, "--json"]));
-    assert_eq!(j["allowed"], false, "{j}");
-    assert_eq!(j["mode"], "byok");
-    assert_eq!(j["revision"], 1);
-    assert!(!j["as_of"].as_str().unwrap().is_empty());
+    assert_eq!(j["allowed"], Value::Null, "false is omitted: {j}");
+    assert_eq!(j["mode"], "MODE_BYOK");
+    assert_eq!(j["revision"], "1");
+    assert!(!j["asOf"].as_str().unwrap().is_empty());
     ok(&s.run(&[
         "set",
         WS,
