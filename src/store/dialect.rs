@@ -80,10 +80,13 @@ pub(crate) trait Dialect: Send + Sync + Sized + 'static {
         now: DateTime<Utc>,
     ) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
 
-    /// The records of `ids` (workspaces as text) that exist, in any order.
+    /// The records of `ids` (workspaces as text) that exist, in any order:
+    /// `listed` (the record columns, id included, `FROM billing_records`)
+    /// with the dialect's condition on the ids.
     fn select_records(
         &self,
         conn: &mut Conn<Self>,
+        listed: &str,
         ids: &[&str],
     ) -> impl Future<Output = Result<Vec<Record>, StoreError>> + Send;
 

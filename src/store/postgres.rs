@@ -156,16 +156,13 @@ impl Dialect for PgDialect {
     async fn select_records(
         &self,
         conn: &mut PgConnection,
+        listed: &str,
         ids: &[&str],
     ) -> Result<Vec<Record>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT workspace_id::text AS workspace_id, runtime, model, \
-             credential_keys::text AS credential_keys, override_mode, revision \
-             FROM billing_records WHERE workspace_id = ANY($1::uuid[])",
-        )
-        .bind(ids)
-        .fetch_all(conn)
-        .await?;
+        let rows = sqlx::query(&format!("{listed} WHERE workspace_id = ANY($1::uuid[])"))
+            .bind(ids)
+            .fetch_all(conn)
+            .await?;
         rows.iter().map(listed_from_row).collect()
     }
 

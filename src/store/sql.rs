@@ -105,6 +105,7 @@ struct Statements {
     history: String,
     log_state: String,
     changes_after: String,
+    listed: String,
     all_records: String,
     first_records: String,
     records_after: String,
@@ -177,6 +178,7 @@ impl Statements {
                  FROM billing_applied a JOIN billing_records r ON r.workspace_id = a.workspace_id \
                  ORDER BY a.workspace_id, a.instance"
             ),
+            listed,
         }
     }
 }
@@ -337,7 +339,11 @@ where
                 .collect();
             let mut existing = HashMap::new();
             if !others.is_empty() {
-                for record in self.dialect.select_records(&mut *tx, &others).await? {
+                for record in self
+                    .dialect
+                    .select_records(&mut *tx, &self.sql.listed, &others)
+                    .await?
+                {
                     existing.insert(record.workspace_id, record);
                 }
             }

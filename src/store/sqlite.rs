@@ -127,17 +127,16 @@ impl Dialect for SqliteDialect {
     async fn select_records(
         &self,
         conn: &mut SqliteConnection,
+        listed: &str,
         ids: &[&str],
     ) -> Result<Vec<Record>, StoreError> {
+        let sql = format!("{listed} WHERE workspace_id = $1");
         let mut records = Vec::with_capacity(ids.len());
         for id in ids {
-            let row = sqlx::query(
-                "SELECT workspace_id, runtime, model, credential_keys, override_mode, revision \
-                 FROM billing_records WHERE workspace_id = $1",
-            )
-            .bind(*id)
-            .fetch_optional(&mut *conn)
-            .await?;
+            let row = sqlx::query(&sql)
+                .bind(*id)
+                .fetch_optional(&mut *conn)
+                .await?;
             if let Some(row) = row {
                 records.push(listed_from_row(&row)?);
             }

@@ -365,6 +365,7 @@ store_tests!(
     the_snapshot_visits_every_record_once_as_of_its_position,
     database_errors_keep_their_class,
     an_audit_entry_that_is_not_the_fields_json_is_corrupt,
+    pruning_drops_the_changes_before_the_cutoff_and_never_moves_back,
 );
 
 // ---------------------------------------------------------------------------
@@ -1962,6 +1963,36 @@ async fn the_snapshot_visits_every_record_once_as_of_its_position(h: &mut Harnes
             Stored::Valid(Mode::Disabled)
         );
     }
+}
+
+async fn pruning_drops_the_changes_before_the_cutoff_and_never_moves_back(h: &mut Harness) {
+    let store = h.store();
+    let id = WorkspaceId::new_random();
+    for m in ["opus", "haiku", "sonnet"] {
+        write(&*store, id, &set_model(m), None).await.unwrap();
+    }
+    let start = store.log_state().await.unwrap();
+    assert_eq!((start.last_position, start.pruned_through), (3, 0));
+
+    // Nothing committed before the cutoff: nothing goes.
+    let long_ago = Utc::now() - Duration::days(1);
+    assert_eq!(store.prune_changes(long_ago).await.unwrap(), 0);
+    let (kept, _) = store.changes_after(0, 10).await.unwrap();
+    assert_eq!(kept.len(), 3);
+
+    // Everything committed before it goes, oldest first.
+    let later = Utc::now() + Duration::seconds(1);
+    assert_eq!(store.prune_changes(later).await.unwrap(), 3);
+    let (kept, state) = store.changes_after(0, 10).await.unwrap();
+    assert!(kept.is_empty(), "{kept:?}");
+    assert_eq!((state.last_position, state.pruned_through), (3, 3));
+
+    // An earlier cutoff never moves it back; new changes keep their places.
+    write(&*store, id, &set_model("opus"), None).await.unwrap();
+    assert_eq!(store.prune_changes(long_ago).await.unwrap(), 3);
+    let (kept, state) = store.changes_after(0, 10).await.unwrap();
+    assert_eq!(kept.iter().map(|c| c.position).collect::<Vec<_>>(), vec![4]);
+    assert_eq!((state.last_position, state.pruned_through), (4, 3));
 }
 
 async fn database_errors_keep_their_class(h: &mut Harness) {
