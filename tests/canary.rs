@@ -192,17 +192,14 @@ fn find_uuid(lower: &str, set: &HashSet<String>) -> Option<usize> {
     None
 }
 
-type Client = BillingModeClient<
-    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, TokenFn>,
->;
+type Client = billing_mode::client::Client;
 
 async fn client_with_header(app: &TestApp, header: &str) -> Client {
     let value: MetadataValue<_> = header.parse().unwrap();
-    let f: TokenFn = Box::new(move |mut req: Request<()>| {
-        req.metadata_mut().insert("authorization", value.clone());
-        Ok(req)
-    });
-    BillingModeClient::with_interceptor(app.channel().await, f)
+    BillingModeClient::with_interceptor(
+        app.channel().await,
+        billing_mode::client::Bearer::from(value),
+    )
 }
 
 /// Checks an error: its code and reason, then searches all of it.

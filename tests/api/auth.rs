@@ -12,7 +12,7 @@ use billing_mode::{
     },
     startup::Application,
 };
-use tonic::{Code, Request, Status};
+use tonic::{Code, Status};
 
 /// The RPCs (and the two kinds of Set) that roles are checked against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,23 +47,18 @@ fn allowed(role: Role, rpc: Rpc) -> bool {
 
 /// A client that sends no authorization metadata, typed like a token client.
 async fn anonymous_client(app: &TestApp) -> TokenClient {
-    let f: TokenFn = Box::new(Ok);
     billing_mode::proto::billing_mode_client::BillingModeClient::with_interceptor(
         app.channel().await,
-        f,
+        billing_mode::client::Bearer::default(),
     )
 }
 
 /// A client sending `authorization: <header>` verbatim.
 async fn raw_header_client(app: &TestApp, header: &str) -> TokenClient {
     let value: tonic::metadata::MetadataValue<_> = header.parse().unwrap();
-    let f: TokenFn = Box::new(move |mut req: Request<()>| {
-        req.metadata_mut().insert("authorization", value.clone());
-        Ok(req)
-    });
     billing_mode::proto::billing_mode_client::BillingModeClient::with_interceptor(
         app.channel().await,
-        f,
+        billing_mode::client::Bearer::from(value),
     )
 }
 
@@ -656,14 +651,10 @@ async fn a_non_loopback_listener_without_tokens_is_refused(db: TestDb) {
         .connect()
         .await
         .unwrap();
-    let header: tonic::metadata::MetadataValue<_> = format!("Bearer {admin}").parse().unwrap();
-    let f: TokenFn = Box::new(move |mut req: Request<()>| {
-        req.metadata_mut().insert("authorization", header.clone());
-        Ok(req)
-    });
+    let bearer = billing_mode::client::Bearer::new(Some(&admin)).unwrap();
     let mut c = billing_mode::proto::billing_mode_client::BillingModeClient::with_interceptor(
         channel.clone(),
-        f,
+        bearer,
     );
     register(&mut c).await;
     let mut anon = billing_mode::proto::billing_mode_client::BillingModeClient::new(channel);

@@ -8,6 +8,7 @@ use std::{future::Future, net::SocketAddr, time::Duration};
 use std::collections::BTreeMap;
 
 use billing_mode::{
+    client::Bearer,
     config::Config,
     proto::{
         billing_mode_client::BillingModeClient, BuildEnvRequest, BuildEnvResponse, EnvVar, Mode,
@@ -17,10 +18,8 @@ use billing_mode::{
 };
 use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::{
-    metadata::MetadataValue,
-    service::interceptor::InterceptedService,
     transport::{Channel, Endpoint},
-    Code, Request, Status,
+    Code, Status,
 };
 use tonic_types::StatusExt;
 
@@ -250,12 +249,8 @@ impl TestApp {
 
     /// A client sending `authorization: Bearer <token>`.
     pub(crate) async fn client_with_token(&self, token: &str) -> TokenClient {
-        let header: MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
-        let f: TokenFn = Box::new(move |mut req: Request<()>| {
-            req.metadata_mut().insert("authorization", header.clone());
-            Ok(req)
-        });
-        BillingModeClient::with_interceptor(self.channel().await, f)
+        let bearer = Bearer::new(Some(token)).expect("a token that is header text");
+        BillingModeClient::with_interceptor(self.channel().await, bearer)
     }
 
     /// Graceful shutdown; returns the server's result.
@@ -275,8 +270,8 @@ impl Drop for TestApp {
     }
 }
 
-pub(crate) type TokenFn = Box<dyn FnMut(Request<()>) -> Result<Request<()>, Status> + Send + Sync>;
-pub(crate) type TokenClient = BillingModeClient<InterceptedService<Channel, TokenFn>>;
+/// The CLI's own client type: every call with the bearer header.
+pub(crate) type TokenClient = billing_mode::client::Client;
 
 /// Asserts a status's code and ErrorInfo reason/domain; returns the message.
 pub(crate) fn assert_error(status: &Status, code: Code, reason: &str) -> String {
