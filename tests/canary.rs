@@ -246,17 +246,6 @@ async fn try_clear(c: &mut Client, ws: &str) -> Result<(), Status> {
     .map(drop)
 }
 
-/// History's first page of `ws`: success or the status.
-async fn try_history(c: &mut Client, ws: &str) -> Result<(), Status> {
-    c.history(HistoryRequest {
-        workspace_id: ws.to_owned(),
-        page_size: 0,
-        page_token: String::new(),
-    })
-    .await
-    .map(drop)
-}
-
 /// Drives every RPC on one backend; returns the secrets and leaks found in
 /// errors, History, the database and the logs.
 async fn drive(db: &TestDb, logs: &Logs) -> Secrets {
@@ -731,7 +720,7 @@ async fn drive(db: &TestDb, logs: &Logs) -> Secrets {
             Code::Unauthenticated,
             "UNAUTHENTICATED",
         );
-        let r = try_history(c, &ws_byok).await;
+        let r = try_history(c, &ws_byok, 0, "").await.map(drop);
         refused(
             &mut s,
             "unauthenticated History",
@@ -784,7 +773,7 @@ async fn drive(db: &TestDb, logs: &Logs) -> Secrets {
         Code::PermissionDenied,
         "PERMISSION_DENIED",
     );
-    let r = try_history(&mut prov, &ws_byok).await;
+    let r = try_history(&mut prov, &ws_byok, 0, "").await.map(drop);
     refused(
         &mut s,
         "provisioner History",
@@ -1220,7 +1209,7 @@ async fn drive(db: &TestDb, logs: &Logs) -> Secrets {
     }
 
     // --- A store failure, with canaries in the request -------------------------
-    drop_tables(db).await;
+    db.break_the_store().await;
     let r = reader
         .list_drift(ListDriftRequest::default())
         .await
@@ -1350,41 +1339,6 @@ async fn raw_applied_rows(db: &TestDb) -> Vec<String> {
         }
     };
     rows.into_iter().map(|(r,)| r).collect()
-}
-
-/// Drops the tables under the running server so the next read fails.
-async fn drop_tables(db: &TestDb) {
-    use sqlx::Connection;
-    match db.backend {
-        Backend::Sqlite => {
-            let mut c = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
-            sqlx::query("DROP TABLE billing_applied")
-                .execute(&mut c)
-                .await
-                .unwrap();
-            sqlx::query("DROP TABLE billing_changes")
-                .execute(&mut c)
-                .await
-                .unwrap();
-            sqlx::query("DROP TABLE billing_audit")
-                .execute(&mut c)
-                .await
-                .unwrap();
-            sqlx::query("DROP TABLE billing_records")
-                .execute(&mut c)
-                .await
-                .unwrap();
-        }
-        Backend::Postgres => {
-            let mut c = sqlx::PgConnection::connect(&db.url).await.unwrap();
-            sqlx::query(
-                "DROP TABLE billing_applied, billing_changes, billing_audit, billing_records",
-            )
-            .execute(&mut c)
-            .await
-            .unwrap();
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

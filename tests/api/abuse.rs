@@ -104,22 +104,6 @@ async fn connect(app: &TestApp) -> Channel {
         .unwrap()
 }
 
-async fn register(c: &mut BillingModeClient<Channel>) -> String {
-    let ws = new_workspace();
-    c.set(SetRequest {
-        workspace_id: ws.clone(),
-        runtime: Some("claude-code".into()),
-        model: Some("opus".into()),
-        credential_keys: Some(CredentialKeys {
-            keys: vec!["CLAUDE_CODE_OAUTH_TOKEN".into()],
-        }),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    ws
-}
-
 /// A valid Resolve, as a probe that a connection still serves.
 async fn probe(channel: Channel, ws: &str) -> Result<(), Status> {
     let mut c = BillingModeClient::new(channel);
@@ -167,7 +151,7 @@ backends!(undecodable_bytes_are_invalid_argument_and_the_server_keeps_serving);
 async fn undecodable_bytes_are_invalid_argument_and_the_server_keeps_serving(db: TestDb) {
     let app = TestApp::spawn(&db).await;
     let mut admin = app.client().await;
-    let ws = register(&mut admin).await;
+    let ws = register_byok(&mut admin).await;
     let attacker = connect(&app).await;
     let bystander = connect(&app).await;
 
@@ -214,7 +198,7 @@ backends!(unknown_fields_and_the_empty_message_decode);
 async fn unknown_fields_and_the_empty_message_decode(db: TestDb) {
     let app = TestApp::spawn(&db).await;
     let mut admin = app.client().await;
-    let ws = register(&mut admin).await;
+    let ws = register_byok(&mut admin).await;
     let ch = connect(&app).await;
 
     // A valid ResolveRequest followed by unknown fields 15 (varint) and
@@ -248,7 +232,7 @@ backends!(oversized_messages_are_refused_and_other_callers_are_served);
 async fn oversized_messages_are_refused_and_other_callers_are_served(db: TestDb) {
     let app = TestApp::spawn(&db).await;
     let mut admin = app.client().await;
-    let ws = register(&mut admin).await;
+    let ws = register_byok(&mut admin).await;
     let attacker = connect(&app).await;
     let bystander = connect(&app).await;
 
@@ -374,7 +358,7 @@ async fn a_call_past_its_deadline_carries_error_info(db: TestDb) {
     config.request_timeout = Duration::from_millis(300);
     let app = TestApp::spawn_with(config).await;
     let mut c = app.client().await;
-    let ws = register(&mut c).await;
+    let ws = register_byok(&mut c).await;
 
     // The server's deadline (--request-timeout).
     let (locked, is_locked) = oneshot::channel();
@@ -398,7 +382,7 @@ backends!(a_request_that_decodes_but_is_invalid_is_invalid_argument_with_its_rea
 async fn a_request_that_decodes_but_is_invalid_is_invalid_argument_with_its_reason(db: TestDb) {
     let app = TestApp::spawn(&db).await;
     let mut c = app.client().await;
-    let ws = register(&mut c).await;
+    let ws = register_byok(&mut c).await;
     let w = || ws.clone();
     let long = "m".repeat(257);
 

@@ -7,8 +7,8 @@ use crate::helpers::*;
 use billing_mode::{
     auth::Role,
     proto::{
-        BuildEnvRequest, ClearRequest, CredentialKeys, HistoryRequest, HistoryResponse, Mode,
-        Origin, ResolveRequest, SetRequest,
+        BuildEnvRequest, ClearRequest, HistoryRequest, HistoryResponse, Mode, Origin,
+        ResolveRequest, SetRequest,
     },
     startup::Application,
 };
@@ -119,34 +119,6 @@ async fn call(c: &mut TokenClient, rpc: Rpc, ws: &str) -> Result<(), Status> {
     }
 }
 
-/// Registers a claude-code + opus byok workspace as `c` (an admin).
-async fn register(c: &mut TokenClient) -> String {
-    let ws = new_workspace();
-    c.set(SetRequest {
-        workspace_id: ws.clone(),
-        runtime: Some("claude-code".into()),
-        model: Some("opus".into()),
-        credential_keys: Some(CredentialKeys {
-            keys: vec!["CLAUDE_CODE_OAUTH_TOKEN".into()],
-        }),
-        ..Default::default()
-    })
-    .await
-    .expect("admin registers the workspace");
-    ws
-}
-
-async fn history(c: &mut TokenClient, ws: &str, size: u32, token: &str) -> HistoryResponse {
-    c.history(HistoryRequest {
-        workspace_id: ws.to_owned(),
-        page_size: size,
-        page_token: token.to_owned(),
-    })
-    .await
-    .expect("history")
-    .into_inner()
-}
-
 struct Tokens {
     reader: String,
     provisioner: String,
@@ -203,7 +175,7 @@ async fn each_role_may_call_exactly_its_rpcs(db: TestDb) {
         let mut c = app.client_with_token(tokens.of(role)).await;
         for rpc in ALL_RPCS {
             // A fresh workspace per call, so every allowed call is valid.
-            let ws = register(&mut admin).await;
+            let ws = register_byok(&mut admin).await;
             let result = call(&mut c, rpc, &ws).await;
             if allowed(role, rpc) {
                 if let Err(s) = &result {
@@ -246,7 +218,7 @@ async fn a_token_with_several_roles_has_the_union_of_their_rights(db: TestDb) {
     let mut admin = app.client_with_token(&admin).await;
     let mut c = app.client_with_token(&both).await;
     for rpc in ALL_RPCS {
-        let ws = register(&mut admin).await;
+        let ws = register_byok(&mut admin).await;
         let result = call(&mut c, rpc, &ws).await;
         let expect = allowed(Role::Reader, rpc) || allowed(Role::Writer, rpc);
         match result {
@@ -264,7 +236,7 @@ backends!(no_token_an_unknown_token_or_a_malformed_header_is_unauthenticated);
 async fn no_token_an_unknown_token_or_a_malformed_header_is_unauthenticated(db: TestDb) {
     let (app, tokens) = spawn_with_roles(&db).await;
     let mut admin = app.client_with_token(&tokens.admin).await;
-    let ws = register(&mut admin).await;
+    let ws = register_byok(&mut admin).await;
     let unknown = format!("bmt_{}", "0".repeat(64));
     let mut clients = vec![
         ("no token", anonymous_client(&app).await),
@@ -293,7 +265,9 @@ async fn no_token_an_unknown_token_or_a_malformed_header_is_unauthenticated(db: 
         }
     }
     // Nothing was written by the refused calls.
-    let h = history(&mut admin, &ws, 0, "").await;
+    let h = try_history(&mut admin, &ws, 0, "")
+        .await
+        .expect("History succeeds");
     assert_eq!(h.entries.len(), 1);
     app.stop().await.unwrap();
 }
@@ -414,12 +388,14 @@ async fn the_actor_of_every_change_is_the_token_name(db: TestDb) {
     let mut admin = app.client_with_token(&tokens.admin).await;
     let mut writer = app.client_with_token(&tokens.writer).await;
     let mut reader = app.client_with_token(&tokens.reader).await;
-    let ws = register(&mut admin).await; // rev 1, admin-bot
+    let ws = register_byok(&mut admin).await; // rev 1, admin-bot
     call(&mut writer, Rpc::SetFields, &ws).await.unwrap(); // rev 2, writer-bot
     call(&mut admin, Rpc::SetOverride, &ws).await.unwrap(); // rev 3, admin-bot
     call(&mut admin, Rpc::Clear, &ws).await.unwrap(); // rev 4, admin-bot
 
-    let h = history(&mut reader, &ws, 0, "").await;
+    let h = try_history(&mut reader, &ws, 0, "")
+        .await
+        .expect("History succeeds");
     let got: Vec<(u64, &str, &str)> = h
         .entries
         .iter()
@@ -484,14 +460,20 @@ async fn history_pages_newest_first(db: TestDb) {
             .unwrap();
     }
 
-    let p1 = history(&mut reader, &ws, 2, "").await;
+    let p1 = try_history(&mut reader, &ws, 2, "")
+        .await
+        .expect("History succeeds");
     let revs = |h: &HistoryResponse| h.entries.iter().map(|e| e.revision).collect::<Vec<_>>();
     assert_eq!(revs(&p1), vec![5, 4]);
     assert!(!p1.next_page_token.is_empty());
-    let p2 = history(&mut reader, &ws, 2, &p1.next_page_token).await;
+    let p2 = try_history(&mut reader, &ws, 2, &p1.next_page_token)
+        .await
+        .expect("History succeeds");
     assert_eq!(revs(&p2), vec![3, 2]);
     assert!(!p2.next_page_token.is_empty());
-    let p3 = history(&mut reader, &ws, 2, &p2.next_page_token).await;
+    let p3 = try_history(&mut reader, &ws, 2, &p2.next_page_token)
+        .await
+        .expect("History succeeds");
     assert_eq!(revs(&p3), vec![1]);
     assert!(p3.next_page_token.is_empty(), "the last page has no token");
     assert_eq!(
@@ -500,12 +482,16 @@ async fn history_pages_newest_first(db: TestDb) {
     );
 
     // An exact multiple of the page size: the second page is the last.
-    let p = history(&mut reader, &ws, 5, "").await;
+    let p = try_history(&mut reader, &ws, 5, "")
+        .await
+        .expect("History succeeds");
     assert_eq!(revs(&p), vec![5, 4, 3, 2, 1]);
     assert!(p.next_page_token.is_empty());
 
     // page_size 0 means 50.
-    let all = history(&mut reader, &ws, 0, "").await;
+    let all = try_history(&mut reader, &ws, 0, "")
+        .await
+        .expect("History succeeds");
     assert_eq!(revs(&all), vec![5, 4, 3, 2, 1]);
     assert!(all.next_page_token.is_empty());
     let big = new_workspace();
@@ -519,12 +505,16 @@ async fn history_pages_newest_first(db: TestDb) {
             .await
             .unwrap();
     }
-    let d1 = history(&mut reader, &big, 0, "").await;
+    let d1 = try_history(&mut reader, &big, 0, "")
+        .await
+        .expect("History succeeds");
     assert_eq!(d1.entries.len(), 50, "page_size 0 gives 50 entries");
     assert_eq!(d1.entries[0].revision, 52);
     assert_eq!(d1.entries[49].revision, 3);
     assert!(!d1.next_page_token.is_empty());
-    let d2 = history(&mut reader, &big, 0, &d1.next_page_token).await;
+    let d2 = try_history(&mut reader, &big, 0, &d1.next_page_token)
+        .await
+        .expect("History succeeds");
     assert_eq!(revs(&d2), vec![2, 1]);
     assert!(d2.next_page_token.is_empty());
 
@@ -590,7 +580,7 @@ async fn a_token_made_by_the_cli_authenticates_as_its_name() {
     tokens.push(e);
     let app = TestApp::spawn_with(config_with_tokens(&db, tokens)).await;
     let mut admin = app.client_with_token(&admin).await;
-    let ws = register(&mut admin).await;
+    let ws = register_byok(&mut admin).await;
     let mut c = app.client_with_token(&token).await;
     call(&mut c, Rpc::Resolve, &ws).await.unwrap();
     let s = call(&mut c, Rpc::SetFields, &ws).await.unwrap_err();
@@ -656,7 +646,7 @@ async fn a_non_loopback_listener_without_tokens_is_refused(db: TestDb) {
         channel.clone(),
         bearer,
     );
-    register(&mut c).await;
+    register_byok(&mut c).await;
     let mut anon = billing_mode::proto::billing_mode_client::BillingModeClient::new(channel);
     let s = anon
         .resolve(ResolveRequest {

@@ -2,17 +2,20 @@
 //! as a child process, driven through its own client subcommands.
 //!
 //! Every test gets a fresh temp directory (database, env files, server log)
-//! and, when it needs one, its own server on a free loopback port. Servers are
-//! killed by a drop guard, so a failing assertion never leaves one behind.
+//! and, when it needs one, its own server on loopback port 0 (the port it
+//! bound read from its ready line, so parallel tests never race for one).
+//! Servers are killed by a drop guard, so a failing assertion never leaves
+//! one behind.
 
 use std::{
     fs::File,
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Output, Stdio},
     time::{Duration, Instant},
 };
 
+use crate::helpers::refusing_addr;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -110,12 +113,6 @@ fn strings(v: &Value) -> Vec<String> {
         .collect()
 }
 
-/// A port nobody listens on (bound, read, released).
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("binding port 0");
-    l.local_addr().expect("local addr").port()
-}
-
 /// Waits for the child to exit, at most `timeout`.
 fn wait_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
     let deadline = Instant::now() + timeout;
@@ -133,7 +130,7 @@ fn wait_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
 /// A running `billing-mode serve`, killed when dropped.
 struct Server {
     child: Child,
-    port: u16,
+    addr: SocketAddr,
     log: PathBuf,
     dir: tempfile::TempDir,
 }
@@ -146,7 +143,7 @@ impl Drop for Server {
 }
 
 impl Server {
-    /// `serve --listen 127.0.0.1:<free> --database-url sqlite:<tmp>/db.sqlite`
+    /// `serve --listen 127.0.0.1:0 --database-url sqlite:<tmp>/db.sqlite`
     /// plus `extra`.
     fn start(extra: &[&str]) -> Server {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -156,16 +153,15 @@ impl Server {
         Server::start_in(dir, &args)
     }
 
-    /// `serve --listen 127.0.0.1:<free>` plus `args`, run in `dir`.
+    /// `serve --listen 127.0.0.1:0` plus `args`, run in `dir`.
     fn start_in(dir: tempfile::TempDir, args: &[&str]) -> Server {
-        let port = free_port();
         let log = dir.path().join("serve.log");
         let log_file = File::create(&log).expect("creating the server log");
         let mut cmd = bin();
         cmd.current_dir(dir.path())
             .arg("serve")
             .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
+            .arg("127.0.0.1:0")
             // Tests run many servers at once: no admin listener on the
             // default port.
             .env("BILLING_MODE_ADMIN_LISTEN", "off")
@@ -175,20 +171,28 @@ impl Server {
         let child = cmd.spawn().expect("spawning billing-mode serve");
         let mut server = Server {
             child,
-            port,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             log,
             dir,
         };
-        server.wait_ready();
+        server.addr = server.wait_ready();
         server
     }
 
-    fn wait_ready(&mut self) {
-        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+    /// Waits for the ready line, which names the bound address (the server
+    /// listens before it says so).
+    fn wait_ready(&mut self) -> SocketAddr {
         let deadline = Instant::now() + STARTUP_TIMEOUT;
         loop {
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                return;
+            let ready = self.log_text().lines().find_map(|line| {
+                line.contains("ready:").then(|| {
+                    line.split_whitespace()
+                        .find_map(|w| w.strip_prefix("addr="))
+                        .and_then(|a| a.parse().ok())
+                })?
+            });
+            if let Some(addr) = ready {
+                return addr;
             }
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 panic!(
@@ -198,7 +202,7 @@ impl Server {
             }
             assert!(
                 Instant::now() < deadline,
-                "the server did not listen on {addr} within {STARTUP_TIMEOUT:?}:\n{}",
+                "the server did not say it was ready within {STARTUP_TIMEOUT:?}:\n{}",
                 self.log_text()
             );
             std::thread::sleep(POLL);
@@ -210,7 +214,7 @@ impl Server {
     }
 
     fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}", self.addr)
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -1036,7 +1040,8 @@ fn env_file_errors_do_not_echo_secret_values() {
     );
     let mut cmd = bin();
     cmd.args(["build-env", WS, "--env-file", &file]);
-    cmd.args(["--server", &format!("http://127.0.0.1:{}", free_port())]);
+    let (_reserved, nobody) = refusing_addr();
+    cmd.args(["--server", &format!("http://{nobody}")]);
     let o = run(cmd);
     let err = fails_with(&o, "line 1");
     assert!(
@@ -1182,7 +1187,7 @@ fn non_loopback_without_tokens_is_refused() {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut cmd = bin();
     cmd.args(["serve", "--listen"])
-        .arg(format!("0.0.0.0:{}", free_port()))
+        .arg("0.0.0.0:0")
         .arg("--database-url")
         .arg(format!("sqlite:{}", dir.path().join("db.sqlite").display()))
         .stdout(Stdio::piped())
@@ -1217,8 +1222,7 @@ fn sigterm_stops_the_server_cleanly() {
         s.log_text()
     );
     // It stopped listening.
-    let addr = SocketAddr::from(([127, 0, 0, 1], s.port));
-    assert!(TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err());
+    assert!(TcpStream::connect_timeout(&s.addr, Duration::from_millis(200)).is_err());
 }
 
 #[test]
@@ -1240,9 +1244,10 @@ fn the_default_database_is_a_file_in_the_working_directory() {
 
 #[test]
 fn an_unreachable_server_is_an_error() {
+    let (_reserved, nobody) = refusing_addr();
     let mut cmd = bin();
     cmd.args(["resolve", WS, "--server"])
-        .arg(format!("http://127.0.0.1:{}", free_port()));
+        .arg(format!("http://{nobody}"));
     fails_with(&run(cmd), "connecting to http://127.0.0.1:");
     let mut cmd = bin();
     cmd.args(["resolve", WS, "--server", "not a url"]);

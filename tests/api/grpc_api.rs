@@ -6,41 +6,13 @@
 
 use crate::helpers::*;
 use billing_mode::proto::{
-    BuildEnvResponse, ClearRequest, CredentialKeys, EnvVar, HistoryRequest, HistoryResponse, Mode,
-    Origin, RecordFields, Resolution, SetRequest, Source,
+    BuildEnvResponse, ClearRequest, EnvVar, Mode, Origin, RecordFields, Resolution, SetRequest,
+    Source,
 };
 use tonic::{Code, Status};
 
 // ---------------------------------------------------------------------------
 // Helpers
-
-fn fields(
-    ws: &str,
-    runtime: Option<&str>,
-    model: Option<&str>,
-    keys: Option<&[&str]>,
-) -> SetRequest {
-    SetRequest {
-        workspace_id: ws.to_owned(),
-        runtime: runtime.map(str::to_owned),
-        model: model.map(str::to_owned),
-        credential_keys: keys.map(|k| CredentialKeys {
-            keys: k.iter().map(|s| (*s).to_owned()).collect(),
-        }),
-        ..SetRequest::default()
-    }
-}
-
-/// Registers `ws` with runtime, model and owned credential names.
-async fn register(
-    c: &mut Client,
-    ws: &str,
-    runtime: &str,
-    model: &str,
-    keys: &[&str],
-) -> Resolution {
-    set(c, fields(ws, Some(runtime), Some(model), Some(keys))).await
-}
 
 async fn clear(c: &mut Client, ws: &str, reason: &str) -> Result<Resolution, Status> {
     c.clear(ClearRequest {
@@ -57,23 +29,8 @@ async fn clear(c: &mut Client, ws: &str, reason: &str) -> Result<Resolution, Sta
     })
 }
 
-async fn history(
-    c: &mut Client,
-    ws: &str,
-    page_size: u32,
-    page_token: &str,
-) -> Result<HistoryResponse, Status> {
-    c.history(HistoryRequest {
-        workspace_id: ws.to_owned(),
-        page_size,
-        page_token: page_token.to_owned(),
-    })
-    .await
-    .map(|r| r.into_inner())
-}
-
 async fn history_revisions(c: &mut Client, ws: &str) -> Vec<u64> {
-    history(c, ws, 0, "")
+    try_history(c, ws, 0, "")
         .await
         .expect("History succeeds")
         .entries
@@ -758,7 +715,9 @@ async fn history_lists_every_change_newest_first_one_page_at_a_time(db: TestDb) 
     set_override(&mut c, &ws, Mode::Byok, "ticket 42").await;
     clear(&mut c, &ws, "ticket 43").await.unwrap();
 
-    let all = history(&mut c, &ws.to_uppercase(), 0, "").await.unwrap();
+    let all = try_history(&mut c, &ws.to_uppercase(), 0, "")
+        .await
+        .unwrap();
     assert!(all.next_page_token.is_empty());
     let revs: Vec<u64> = all.entries.iter().map(|e| e.revision).collect();
     assert_eq!(revs, vec![4, 3, 2, 1]);
@@ -805,13 +764,15 @@ async fn history_lists_every_change_newest_first_one_page_at_a_time(db: TestDb) 
     assert_eq!(e[0].after.as_ref(), Some(&sonnet));
 
     // Paging: 3 + 1.
-    let p1 = history(&mut c, &ws, 3, "").await.unwrap();
+    let p1 = try_history(&mut c, &ws, 3, "").await.unwrap();
     assert_eq!(
         p1.entries.iter().map(|e| e.revision).collect::<Vec<_>>(),
         vec![4, 3, 2]
     );
     assert!(!p1.next_page_token.is_empty());
-    let p2 = history(&mut c, &ws, 3, &p1.next_page_token).await.unwrap();
+    let p2 = try_history(&mut c, &ws, 3, &p1.next_page_token)
+        .await
+        .unwrap();
     assert_eq!(
         p2.entries.iter().map(|e| e.revision).collect::<Vec<_>>(),
         vec![1]
@@ -860,7 +821,7 @@ async fn malformed_workspace_ids_are_invalid_workspace_id_on_every_rpc(db: TestD
         assert_error(&e, Code::InvalidArgument, "INVALID_WORKSPACE_ID");
         let e = build(&mut c, bad, anthropic_proxy()).await.unwrap_err();
         assert_error(&e, Code::InvalidArgument, "INVALID_WORKSPACE_ID");
-        let e = history(&mut c, bad, 0, "").await.unwrap_err();
+        let e = try_history(&mut c, bad, 0, "").await.unwrap_err();
         assert_error(&e, Code::InvalidArgument, "INVALID_WORKSPACE_ID");
     }
     app.stop().await.unwrap();
@@ -949,7 +910,7 @@ async fn malformed_fields_are_invalid_field_and_the_limits_are_inclusive(db: Tes
 
     // History page tokens only come from a previous page.
     for token in ["abc", "0", "-1", "1.5", " 2"] {
-        let e = history(&mut c, &ws, 0, token).await.unwrap_err();
+        let e = try_history(&mut c, &ws, 0, token).await.unwrap_err();
         assert_error(&e, Code::InvalidArgument, "INVALID_FIELD");
     }
     app.stop().await.unwrap();
@@ -1135,7 +1096,7 @@ async fn an_unregistered_workspace_is_not_found_on_resolve_build_env_clear_and_h
     assert_error(&e, Code::NotFound, "WORKSPACE_NOT_FOUND");
     let e = clear(&mut c, &ws, "cleanup").await.unwrap_err();
     assert_error(&e, Code::NotFound, "WORKSPACE_NOT_FOUND");
-    let e = history(&mut c, &ws, 0, "").await.unwrap_err();
+    let e = try_history(&mut c, &ws, 0, "").await.unwrap_err();
     assert_error(&e, Code::NotFound, "WORKSPACE_NOT_FOUND");
     // Clear did not create the record.
     assert_error(
@@ -1486,7 +1447,7 @@ async fn invalid_arguments_beat_not_found_and_aborted_and_model_mismatch_beats_t
     assert_error(&e, Code::InvalidArgument, "DUPLICATE_ENV_KEY");
     let e = clear(&mut c, &unknown, "").await.unwrap_err();
     assert_error(&e, Code::InvalidArgument, "REASON_REQUIRED");
-    let e = history(&mut c, &unknown, 0, "zzz").await.unwrap_err();
+    let e = try_history(&mut c, &unknown, 0, "zzz").await.unwrap_err();
     assert_error(&e, Code::InvalidArgument, "INVALID_FIELD");
 
     // NOT_FOUND before ABORTED.
@@ -1543,53 +1504,6 @@ async fn invalid_arguments_beat_not_found_and_aborted_and_model_mismatch_beats_t
     app.stop().await.unwrap();
 }
 
-/// Drops the store's tables behind the running server's back.
-async fn break_the_store(db: &TestDb) {
-    use sqlx::Connection;
-    match db.backend {
-        Backend::Sqlite => {
-            let mut conn = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
-            sqlx::query("DROP TABLE IF EXISTS billing_applied")
-                .execute(&mut conn)
-                .await
-                .unwrap();
-            sqlx::query("DROP TABLE IF EXISTS billing_changes")
-                .execute(&mut conn)
-                .await
-                .unwrap();
-            sqlx::query("DROP TABLE billing_audit")
-                .execute(&mut conn)
-                .await
-                .unwrap();
-            sqlx::query("DROP TABLE billing_records")
-                .execute(&mut conn)
-                .await
-                .unwrap();
-            conn.close().await.unwrap();
-        }
-        Backend::Postgres => {
-            let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
-            sqlx::query("DROP TABLE IF EXISTS billing_applied")
-                .execute(&mut conn)
-                .await
-                .unwrap();
-            sqlx::query("DROP TABLE IF EXISTS billing_changes")
-                .execute(&mut conn)
-                .await
-                .unwrap();
-            sqlx::query("DROP TABLE billing_audit")
-                .execute(&mut conn)
-                .await
-                .unwrap();
-            sqlx::query("DROP TABLE billing_records")
-                .execute(&mut conn)
-                .await
-                .unwrap();
-            conn.close().await.unwrap();
-        }
-    }
-}
-
 fn assert_store_unavailable(e: &Status) {
     let msg = assert_error(e, Code::Unavailable, "STORE_UNAVAILABLE");
     let lower = msg.to_lowercase();
@@ -1631,7 +1545,7 @@ async fn a_store_that_cannot_be_read_gives_unavailable_and_no_decision_without_l
     .await;
     assert_eq!(resolve(&mut c, &ws).await.mode(), Mode::Byok);
 
-    break_the_store(&db).await;
+    db.break_the_store().await;
 
     assert_store_unavailable(&try_resolve(&mut c, &ws).await.unwrap_err());
     let candidate = vec![env(
@@ -1646,7 +1560,7 @@ async fn a_store_that_cannot_be_read_gives_unavailable_and_no_decision_without_l
             .unwrap_err(),
     );
     assert_store_unavailable(&clear(&mut c, &ws, "why").await.unwrap_err());
-    assert_store_unavailable(&history(&mut c, &ws, 0, "").await.unwrap_err());
+    assert_store_unavailable(&try_history(&mut c, &ws, 0, "").await.unwrap_err());
     // UNAVAILABLE before NOT_FOUND: an unknown workspace cannot be told apart.
     assert_store_unavailable(&try_resolve(&mut c, &new_workspace()).await.unwrap_err());
     // INVALID_ARGUMENT still comes first.
@@ -1697,7 +1611,7 @@ async fn a_stored_entry_the_service_cannot_read_gives_data_loss_without_its_caus
     )
     .await;
 
-    let e = history(&mut c, &ws, 0, "").await.unwrap_err();
+    let e = try_history(&mut c, &ws, 0, "").await.unwrap_err();
     let msg = assert_error(&e, Code::DataLoss, "STORE_CORRUPT");
     // Retrying reads the same bytes: no RetryInfo.
     assert!(tonic_types::StatusExt::get_details_retry_info(&e).is_none());

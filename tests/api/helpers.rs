@@ -11,13 +11,16 @@ use billing_mode::{
     client::Bearer,
     config::Config,
     proto::{
-        billing_mode_client::BillingModeClient, BuildEnvRequest, BuildEnvResponse, EnvVar, Mode,
-        Origin, Resolution, ResolveRequest, SetRequest,
+        billing_mode_client::BillingModeClient, BuildEnvRequest, BuildEnvResponse, CredentialKeys,
+        EnvVar, HistoryRequest, HistoryResponse, Mode, Origin, Resolution, ResolveRequest,
+        SetRequest,
     },
     startup::Application,
 };
 use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::{
+    client::GrpcService,
+    codegen::{Body, Bytes, StdError},
     transport::{Channel, Endpoint},
     Code, Status,
 };
@@ -124,6 +127,51 @@ impl TestDb {
         .await
         .unwrap();
         killed
+    }
+}
+
+impl TestDb {
+    /// Runs `statements` on this database over a connection of its own,
+    /// behind the back of any server using it.
+    pub(crate) async fn execute(&self, statements: &[&str]) {
+        use sqlx::Connection;
+        match self.backend {
+            Backend::Sqlite => {
+                let mut c = sqlx::SqliteConnection::connect(&self.url)
+                    .await
+                    .expect("open the test SQLite database");
+                for s in statements {
+                    sqlx::query(s)
+                        .execute(&mut c)
+                        .await
+                        .unwrap_or_else(|e| panic!("{s}: {e}"));
+                }
+                c.close().await.unwrap();
+            }
+            Backend::Postgres => {
+                let mut c = sqlx::PgConnection::connect(&self.url)
+                    .await
+                    .expect("connect to the test schema");
+                for s in statements {
+                    sqlx::query(s)
+                        .execute(&mut c)
+                        .await
+                        .unwrap_or_else(|e| panic!("{s}: {e}"));
+                }
+                c.close().await.unwrap();
+            }
+        }
+    }
+
+    /// Drops the store's tables behind the running server's back.
+    pub(crate) async fn break_the_store(&self) {
+        self.execute(&[
+            "DROP TABLE billing_applied",
+            "DROP TABLE billing_changes",
+            "DROP TABLE billing_audit",
+            "DROP TABLE billing_records",
+        ])
+        .await;
     }
 }
 
@@ -292,6 +340,18 @@ pub(crate) fn env(origin: Origin, key: &str, value: &str) -> EnvVar {
     }
 }
 
+/// A loopback address nobody listens on, reserved for as long as the
+/// returned socket lives: bound but never listening, so a connection to it
+/// is refused and no other test's server can take the port meanwhile.
+pub(crate) fn refusing_addr() -> (tokio::net::TcpSocket, SocketAddr) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket
+        .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .expect("binding port 0");
+    let addr = socket.local_addr().expect("local addr");
+    (socket, addr)
+}
+
 pub(crate) fn new_workspace() -> String {
     uuid::Uuid::new_v4().to_string()
 }
@@ -423,6 +483,96 @@ pub(crate) async fn raw_record_rows(db: &TestDb) -> Vec<String> {
 // RPC helpers shared by the black-box suites
 
 pub(crate) type Client = BillingModeClient<Channel>;
+
+/// What a generated client calls over: a channel, with or without an
+/// interceptor (the bounds of tonic's generated methods), so that one helper
+/// serves [`Client`] and [`TokenClient`] alike.
+pub(crate) trait Transport:
+    GrpcService<
+    tonic::body::Body,
+    Error: Into<StdError>,
+    ResponseBody: Body<Data = Bytes, Error: Into<StdError> + Send> + Send + 'static,
+>
+{
+}
+
+impl<T> Transport for T where
+    T: GrpcService<
+        tonic::body::Body,
+        Error: Into<StdError>,
+        ResponseBody: Body<Data = Bytes, Error: Into<StdError> + Send> + Send + 'static,
+    >
+{
+}
+
+/// A Set of `ws` carrying the fields given (`Some("")` clears one).
+pub(crate) fn fields(
+    ws: &str,
+    runtime: Option<&str>,
+    model: Option<&str>,
+    keys: Option<&[&str]>,
+) -> SetRequest {
+    SetRequest {
+        workspace_id: ws.to_owned(),
+        runtime: runtime.map(str::to_owned),
+        model: model.map(str::to_owned),
+        credential_keys: keys.map(|k| CredentialKeys {
+            keys: k.iter().map(|s| (*s).to_owned()).collect(),
+        }),
+        ..SetRequest::default()
+    }
+}
+
+/// Registers `ws` with runtime and model (each optional: `"opus"` or
+/// `Some("opus")` or `None`) and the credential names it owns.
+pub(crate) async fn register<'a>(
+    c: &mut Client,
+    ws: &str,
+    runtime: impl Into<Option<&'a str>>,
+    model: impl Into<Option<&'a str>>,
+    keys: &[&str],
+) -> Resolution {
+    set(c, fields(ws, runtime.into(), model.into(), Some(keys))).await
+}
+
+/// A fresh workspace's registration: claude-code on opus, owning its
+/// subscription token (it derives byok).
+pub(crate) fn byok_registration(ws: &str) -> SetRequest {
+    SetRequest {
+        workspace_id: ws.to_owned(),
+        runtime: Some("claude-code".into()),
+        model: Some("opus".into()),
+        credential_keys: Some(CredentialKeys {
+            keys: vec!["CLAUDE_CODE_OAUTH_TOKEN".into()],
+        }),
+        ..Default::default()
+    }
+}
+
+/// Registers a fresh workspace (see [`byok_registration`]); returns its id.
+pub(crate) async fn register_byok<T: Transport>(c: &mut BillingModeClient<T>) -> String {
+    let ws = new_workspace();
+    c.set(byok_registration(&ws))
+        .await
+        .expect("the workspace registers");
+    ws
+}
+
+/// One History page of `ws`.
+pub(crate) async fn try_history<T: Transport>(
+    c: &mut BillingModeClient<T>,
+    ws: &str,
+    page_size: u32,
+    page_token: &str,
+) -> Result<HistoryResponse, Status> {
+    c.history(HistoryRequest {
+        workspace_id: ws.to_owned(),
+        page_size,
+        page_token: page_token.to_owned(),
+    })
+    .await
+    .map(|r| r.into_inner())
+}
 
 pub(crate) async fn set(c: &mut Client, req: SetRequest) -> Resolution {
     c.set(req)

@@ -468,13 +468,8 @@ fn field_addr(line: &str, field: &str) -> SocketAddr {
 
 #[test]
 fn an_unreachable_store_is_retried_until_the_startup_timeout_then_the_server_exits() {
-    // Nothing listens on a port we bound and released.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let url = format!("postgres://billing:s3cret-canary@127.0.0.1:{port}/billing");
+    let (_reserved, nobody) = refusing_addr();
+    let url = format!("postgres://billing:s3cret-canary@{nobody}/billing");
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(binary())
         .current_dir(dir.path())

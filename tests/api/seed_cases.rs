@@ -5,36 +5,12 @@
 use std::collections::BTreeMap;
 
 use crate::helpers::*;
-use billing_mode::proto::{
-    ClearRequest, CredentialKeys, EnvVar, Mode, Origin, Resolution, SetRequest, Source,
-};
+use billing_mode::proto::{ClearRequest, EnvVar, Mode, Origin, SetRequest, Source};
 use rand::{rngs::StdRng, seq::SliceRandom, Rng, SeedableRng};
 use tonic::Code;
 
 // ---------------------------------------------------------------------------
 // Helpers
-
-async fn register(
-    c: &mut Client,
-    ws: &str,
-    runtime: Option<&str>,
-    model: Option<&str>,
-    keys: &[&str],
-) -> Resolution {
-    set(
-        c,
-        SetRequest {
-            workspace_id: ws.to_owned(),
-            runtime: runtime.map(str::to_owned),
-            model: model.map(str::to_owned),
-            credential_keys: Some(CredentialKeys {
-                keys: keys.iter().map(|k| (*k).to_owned()).collect(),
-            }),
-            ..SetRequest::default()
-        },
-    )
-    .await
-}
 
 fn value<'a>(m: &'a BTreeMap<String, (String, Origin)>, key: &str) -> Option<&'a str> {
     m.get(key).map(|(v, _)| v.as_str())
@@ -125,33 +101,6 @@ async fn write_model_by_hand(db: &TestDb, ws: &str, raw: &str) {
                 .execute(&mut conn)
                 .await
                 .unwrap();
-            conn.close().await.unwrap();
-        }
-    }
-}
-
-/// Drops the store's tables behind the running server's back.
-async fn break_the_store(db: &TestDb) {
-    use sqlx::Connection;
-    let statements = [
-        "DROP TABLE IF EXISTS billing_applied",
-        "DROP TABLE IF EXISTS billing_changes",
-        "DROP TABLE billing_audit",
-        "DROP TABLE billing_records",
-    ];
-    match db.backend {
-        Backend::Sqlite => {
-            let mut conn = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
-            for s in statements {
-                sqlx::query(s).execute(&mut conn).await.unwrap();
-            }
-            conn.close().await.unwrap();
-        }
-        Backend::Postgres => {
-            let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
-            for s in statements {
-                sqlx::query(s).execute(&mut conn).await.unwrap();
-            }
             conn.close().await.unwrap();
         }
     }
@@ -680,7 +629,7 @@ async fn case_3_a_store_failure_gives_no_decision_at_all(db: TestDb) {
     }
 
     // No default, no last known answer: no mode and no env.
-    break_the_store(&db).await;
+    db.break_the_store().await;
     for ws in [&byok, &pm] {
         let e = try_resolve(&mut c, ws).await.unwrap_err();
         assert_error(&e, Code::Unavailable, "STORE_UNAVAILABLE");
