@@ -610,10 +610,9 @@ backends!(
 );
 async fn a_concurrent_set_during_an_update_import_is_reported_and_not_lost(db: TestDb) {
     let app = TestApp::spawn(&db).await;
-    let mut c = app.client().await;
     let ws: Vec<String> = (0..6).map(|_| new_workspace()).collect();
     for w in &ws {
-        set(&mut c, set_model(w, "opus")).await;
+        app.set(set_model(w, "opus")).await;
     }
     let text: String = ws
         .iter()
@@ -672,7 +671,7 @@ async fn a_concurrent_set_during_an_update_import_is_reported_and_not_lost(db: T
     assert_eq!(report.updated, 4);
     assert!(import::report_text(&report, &[], 6).contains("changed concurrently"));
     for (i, w) in ws.iter().enumerate() {
-        let r = resolve(&mut c, w).await;
+        let r = app.resolve(w).await;
         let want = if i == 1 || i == 4 {
             "claude-sonnet-4-6"
         } else {
@@ -735,14 +734,13 @@ async fn an_import_never_overwrites_a_registration_made_while_it_runs(db: TestDb
         "{:?}",
         db.backend
     );
-    let mut c = app.client().await;
-    let kept = resolve(&mut c, &ws[7]).await;
+    let kept = app.resolve(&ws[7]).await;
     assert_eq!(
         (kept.model.as_str(), kept.revision),
         ("claude-sonnet-4-6", 1),
         "the registration made meanwhile is kept"
     );
-    assert_eq!(resolve(&mut c, &ws[8]).await.model, "haiku");
+    assert_eq!(app.resolve(&ws[8]).await.model, "haiku");
     let audit = raw_audit_rows(&db).await;
     assert_eq!(audit.len(), 30);
     assert_eq!(
@@ -808,7 +806,7 @@ async fn paging_while_a_writer_adds_and_changes_workspaces_lists_each_one_exactl
     let mut c = app.client().await;
     let mut seeded: Vec<String> = (0..150).map(|_| new_workspace()).collect();
     for w in &seeded {
-        set(&mut c, set_model(w, "opus")).await;
+        app.set(set_model(w, "opus")).await;
     }
     let stop = Arc::new(AtomicBool::new(false));
     let writes = Arc::new(AtomicUsize::new(0));
@@ -905,14 +903,11 @@ async fn filters_select_by_the_decisions_mode_and_source_across_pages(db: TestDb
     for i in 0..40 {
         let (model, o, mode, source) = kinds[i % kinds.len()];
         let ws = new_workspace();
-        set(
-            &mut c,
-            SetRequest {
-                override_mode: o.map(Into::into),
-                reason: "test".into(),
-                ..set_model(&ws, model)
-            },
-        )
+        app.set(SetRequest {
+            override_mode: o.map(Into::into),
+            reason: "test".into(),
+            ..set_model(&ws, model)
+        })
         .await;
         made.push((ws, mode, source));
     }
@@ -947,7 +942,7 @@ async fn a_page_token_the_service_did_not_hand_out_is_invalid_argument(db: TestD
     let app = TestApp::spawn(&db).await;
     let mut c = app.client().await;
     for _ in 0..3 {
-        set(&mut c, set_model(&new_workspace(), "opus")).await;
+        app.set(set_model(&new_workspace(), "opus")).await;
     }
     let good = c
         .list_workspaces(ListWorkspacesRequest {
@@ -1072,7 +1067,7 @@ async fn a_batch_creates_the_missing_workspaces_and_leaves_the_existing_untouche
         new_workspace(),
         new_workspace(),
     );
-    set(&mut c, set_model(&a, "haiku")).await;
+    app.set(set_model(&a, "haiku")).await;
     let mut watch = c
         .watch(WatchRequest::default())
         .await
@@ -1126,7 +1121,7 @@ async fn a_batch_creates_the_missing_workspaces_and_leaves_the_existing_untouche
     // As Resolve answers, and the existing one untouched.
     for r in &results {
         let res = r.resolution.clone().unwrap();
-        assert_eq!(resolve(&mut c, &res.workspace_id).await, res);
+        assert_eq!(app.resolve(&res.workspace_id).await, res);
     }
     let audit = raw_audit_rows(&db).await;
     let of =
@@ -1147,7 +1142,7 @@ async fn a_batch_creates_the_missing_workspaces_and_leaves_the_existing_untouche
 
     // The change stream: one event per created workspace, none for the
     // existing one, then the sentinel's.
-    set(&mut c, set_model(&sentinel, "opus")).await;
+    app.set(set_model(&sentinel, "opus")).await;
     let mut events = Vec::new();
     loop {
         let m = tokio::time::timeout(std::time::Duration::from_secs(10), watch.message())

@@ -126,24 +126,20 @@ async fn resolve_returns_the_recorded_decision_with_provider_trace_and_sorted_cr
     db: TestDb,
 ) {
     let app = TestApp::spawn(&db).await;
-    let mut c = app.client().await;
     let ws = new_workspace();
-    set(
-        &mut c,
-        fields(
-            &ws,
-            Some("claude-code"),
-            Some("opus"),
-            Some(&[
-                "OPENAI_API_KEY",
-                "CLAUDE_CODE_OAUTH_TOKEN",
-                "OPENAI_API_KEY",
-            ]),
-        ),
-    )
+    app.set(fields(
+        &ws,
+        Some("claude-code"),
+        Some("opus"),
+        Some(&[
+            "OPENAI_API_KEY",
+            "CLAUDE_CODE_OAUTH_TOKEN",
+            "OPENAI_API_KEY",
+        ]),
+    ))
     .await;
 
-    let r = resolve(&mut c, &ws).await;
+    let r = app.resolve(&ws).await;
     assert_eq!(r.workspace_id, ws);
     assert_eq!(r.mode(), Mode::Byok);
     assert_eq!(r.source(), Source::DerivedProvider);
@@ -168,7 +164,7 @@ async fn resolve_returns_the_recorded_decision_with_provider_trace_and_sorted_cr
     assert!(trace_has(&r, &["DERIVED_PROVIDER"]), "{:?}", r.trace);
 
     // Any case in, lower case out: the same record.
-    let upper = resolve(&mut c, &ws.to_uppercase()).await;
+    let upper = app.resolve(&ws.to_uppercase()).await;
     assert_eq!(upper, r);
     app.stop().await.unwrap();
 }
@@ -176,18 +172,17 @@ async fn resolve_returns_the_recorded_decision_with_provider_trace_and_sorted_cr
 backends!(set_creates_the_record_then_replaces_only_the_fields_present_and_empty_clears);
 async fn set_creates_the_record_then_replaces_only_the_fields_present_and_empty_clears(db: TestDb) {
     let app = TestApp::spawn(&db).await;
-    let mut c = app.client().await;
     let ws = new_workspace();
 
     // Create with an upper-case id: stored and echoed in lower case.
-    let r1 = register(
-        &mut c,
-        &ws.to_uppercase(),
-        "hermes",
-        "openai/gpt-4o",
-        &["OPENROUTER_API_KEY"],
-    )
-    .await;
+    let r1 = app
+        .register(
+            &ws.to_uppercase(),
+            "hermes",
+            "openai/gpt-4o",
+            &["OPENROUTER_API_KEY"],
+        )
+        .await;
     assert_eq!(r1.workspace_id, ws);
     assert_eq!(r1.revision, 1);
     assert_eq!(
@@ -197,7 +192,9 @@ async fn set_creates_the_record_then_replaces_only_the_fields_present_and_empty_
     assert_eq!(r1.provider, "openrouter");
 
     // Only the credential set changes: runtime and model are kept.
-    let r2 = set(&mut c, fields(&ws, None, None, Some(&["OPENAI_API_KEY"]))).await;
+    let r2 = app
+        .set(fields(&ws, None, None, Some(&["OPENAI_API_KEY"])))
+        .await;
     assert_eq!(r2.revision, 2);
     assert_eq!(
         (r2.runtime.as_str(), r2.model.as_str()),
@@ -207,7 +204,7 @@ async fn set_creates_the_record_then_replaces_only_the_fields_present_and_empty_
     assert_eq!((r2.mode(), r2.provider.as_str()), (Mode::Byok, "openai"));
 
     // A present, empty credential list clears the set: the platform's provider.
-    let r3 = set(&mut c, fields(&ws, None, None, Some(&[]))).await;
+    let r3 = app.set(fields(&ws, None, None, Some(&[]))).await;
     assert_eq!(r3.revision, 3);
     assert!(r3.credential_keys.is_empty());
     assert_eq!(
@@ -219,7 +216,7 @@ async fn set_creates_the_record_then_replaces_only_the_fields_present_and_empty_
     assert_forbidden_list(&r3);
 
     // An empty model clears it: the closed default.
-    let r4 = set(&mut c, fields(&ws, None, Some(""), None)).await;
+    let r4 = app.set(fields(&ws, None, Some(""), None)).await;
     assert_eq!(r4.revision, 4);
     assert_eq!((r4.runtime.as_str(), r4.model.as_str()), ("hermes", ""));
     assert_eq!(
@@ -242,9 +239,9 @@ async fn set_creates_the_record_then_replaces_only_the_fields_present_and_empty_
     );
 
     // An empty runtime clears it too; the record still exists.
-    let r5 = set(&mut c, fields(&ws, Some(""), None, None)).await;
+    let r5 = app.set(fields(&ws, Some(""), None, None)).await;
     assert_eq!((r5.revision, r5.runtime.as_str()), (5, ""));
-    assert_eq!(resolve(&mut c, &ws).await, r5);
+    assert_eq!(app.resolve(&ws).await, r5);
     app.stop().await.unwrap();
 }
 
@@ -255,13 +252,17 @@ async fn an_override_decides_the_mode_the_derived_provider_is_still_shown_and_cl
     let app = TestApp::spawn(&db).await;
     let mut c = app.client().await;
     let ws = new_workspace();
-    let derived = register(&mut c, &ws, "claude-code", "claude-sonnet-4-6", &[]).await;
+    let derived = app
+        .register(&ws, "claude-code", "claude-sonnet-4-6", &[])
+        .await;
     assert_eq!(
         (derived.mode(), derived.provider.as_str()),
         (Mode::PlatformManaged, "platform-anthropic")
     );
 
-    let o = set_override(&mut c, &ws, Mode::Disabled, "customer suspended").await;
+    let o = app
+        .set_override(&ws, Mode::Disabled, "customer suspended")
+        .await;
     assert_eq!(o.revision, 2);
     assert_eq!((o.mode(), o.source()), (Mode::Disabled, Source::Override));
     assert_eq!(o.override_mode(), Mode::Disabled);
@@ -275,9 +276,11 @@ async fn an_override_decides_the_mode_the_derived_provider_is_still_shown_and_cl
         "only platform_managed forbids keys"
     );
     assert!(trace_has(&o, &["override", "disabled"]), "{:?}", o.trace);
-    assert_eq!(resolve(&mut c, &ws).await, o);
+    assert_eq!(app.resolve(&ws).await, o);
 
-    let p = set_override(&mut c, &ws, Mode::PlatformManaged, "explicitly platform").await;
+    let p = app
+        .set_override(&ws, Mode::PlatformManaged, "explicitly platform")
+        .await;
     assert_eq!(
         (p.mode(), p.source(), p.revision),
         (Mode::PlatformManaged, Source::Override, 3)
@@ -291,7 +294,7 @@ async fn an_override_decides_the_mode_the_derived_provider_is_still_shown_and_cl
         (cleared.mode(), cleared.source()),
         (Mode::PlatformManaged, Source::DerivedProvider)
     );
-    assert_eq!(resolve(&mut c, &ws).await, cleared);
+    assert_eq!(app.resolve(&ws).await, cleared);
     app.stop().await.unwrap();
 }
 
@@ -300,9 +303,9 @@ async fn build_env_in_platform_managed_strips_every_vendor_key_and_routes_throug
     db: TestDb,
 ) {
     let app = TestApp::spawn(&db).await;
-    let mut c = app.client().await;
     let ws = new_workspace();
-    register(&mut c, &ws, "claude-code", "claude-sonnet-4-6", &[]).await;
+    app.register(&ws, "claude-code", "claude-sonnet-4-6", &[])
+        .await;
     let mut candidate = vec![
         env(Origin::Workspace, "ANTHROPIC_API_KEY", "customer-key"),
         env(Origin::Global, "ANTHROPIC_API_KEY", "platform-key"),
@@ -328,13 +331,13 @@ async fn build_env_in_platform_managed_strips_every_vendor_key_and_routes_throug
         env(Origin::Platform, "REGION", "eu"),
     ];
     candidate.extend(anthropic_proxy());
-    let resp = build(&mut c, &ws, candidate.clone()).await.unwrap();
+    let resp = app.build(&ws, candidate.clone()).await.unwrap();
     let r = resp.resolution.clone().unwrap();
     assert_eq!(
         (r.mode(), r.provider.as_str()),
         (Mode::PlatformManaged, "platform-anthropic")
     );
-    assert_eq!(r, resolve(&mut c, &ws).await);
+    assert_eq!(r, app.resolve(&ws).await);
     let proxy = "https://proxy.example/anthropic";
     assert_eq!(
         triples(&resp),
@@ -390,7 +393,7 @@ async fn build_env_in_platform_managed_strips_every_vendor_key_and_routes_throug
         "MOLECULE_LLM_OPENAI_BASE_URL",
         "https://proxy.example/openai",
     ));
-    let resp = build(&mut c, &ws, candidate).await.unwrap();
+    let resp = app.build(&ws, candidate).await.unwrap();
     let m = env_map(&resp);
     assert_eq!(
         m["OPENAI_API_KEY"],
@@ -408,16 +411,9 @@ async fn build_env_in_platform_managed_strips_every_vendor_key_and_routes_throug
 backends!(build_env_in_byok_keeps_only_the_workspaces_own_credentials_and_no_proxy);
 async fn build_env_in_byok_keeps_only_the_workspaces_own_credentials_and_no_proxy(db: TestDb) {
     let app = TestApp::spawn(&db).await;
-    let mut c = app.client().await;
     let ws = new_workspace();
-    register(
-        &mut c,
-        &ws,
-        "claude-code",
-        "opus",
-        &["CLAUDE_CODE_OAUTH_TOKEN"],
-    )
-    .await;
+    app.register(&ws, "claude-code", "opus", &["CLAUDE_CODE_OAUTH_TOKEN"])
+        .await;
     let mut candidate = vec![
         env(
             Origin::Workspace,
@@ -439,13 +435,13 @@ async fn build_env_in_byok_keeps_only_the_workspaces_own_credentials_and_no_prox
         env(Origin::Global, "MODEL_PROVIDER", "opus"),
     ];
     candidate.extend(anthropic_proxy());
-    let resp = build(&mut c, &ws, candidate).await.unwrap();
+    let resp = app.build(&ws, candidate).await.unwrap();
     let r = resp.resolution.clone().unwrap();
     assert_eq!(
         (r.mode(), r.provider.as_str()),
         (Mode::Byok, "anthropic-oauth")
     );
-    assert_eq!(r, resolve(&mut c, &ws).await);
+    assert_eq!(r, app.resolve(&ws).await);
     assert_eq!(
         triples(&resp),
         vec![
@@ -491,17 +487,11 @@ async fn build_env_in_byok_keeps_only_the_workspaces_own_credentials_and_no_prox
 backends!(build_env_in_disabled_removes_every_llm_key_and_needs_no_credential_or_proxy);
 async fn build_env_in_disabled_removes_every_llm_key_and_needs_no_credential_or_proxy(db: TestDb) {
     let app = TestApp::spawn(&db).await;
-    let mut c = app.client().await;
     let ws = new_workspace();
-    register(
-        &mut c,
-        &ws,
-        "claude-code",
-        "opus",
-        &["CLAUDE_CODE_OAUTH_TOKEN"],
-    )
-    .await;
-    set_override(&mut c, &ws, Mode::Disabled, "unpaid invoice").await;
+    app.register(&ws, "claude-code", "opus", &["CLAUDE_CODE_OAUTH_TOKEN"])
+        .await;
+    app.set_override(&ws, Mode::Disabled, "unpaid invoice")
+        .await;
     let mut candidate = vec![
         env(
             Origin::Workspace,
@@ -512,7 +502,7 @@ async fn build_env_in_disabled_removes_every_llm_key_and_needs_no_credential_or_
         env(Origin::Workspace, "APP_NAME", "demo"),
     ];
     candidate.extend(anthropic_proxy());
-    let resp = build(&mut c, &ws, candidate).await.unwrap();
+    let resp = app.build(&ws, candidate).await.unwrap();
     assert_eq!(resp.resolution.as_ref().unwrap().mode(), Mode::Disabled);
     assert_eq!(
         triples(&resp),
@@ -537,7 +527,7 @@ async fn build_env_in_disabled_removes_every_llm_key_and_needs_no_credential_or_
         ])
     );
     // Nothing at all in the candidate: still fine.
-    let empty = build(&mut c, &ws, vec![]).await.unwrap();
+    let empty = app.build(&ws, vec![]).await.unwrap();
     assert_eq!(empty.env.len(), 3);
     assert!(empty.removed_keys.is_empty());
     app.stop().await.unwrap();
@@ -546,26 +536,19 @@ async fn build_env_in_disabled_removes_every_llm_key_and_needs_no_credential_or_
 backends!(build_env_for_hermes_writes_every_model_variable_of_the_runtime);
 async fn build_env_for_hermes_writes_every_model_variable_of_the_runtime(db: TestDb) {
     let app = TestApp::spawn(&db).await;
-    let mut c = app.client().await;
     let ws = new_workspace();
-    register(
-        &mut c,
-        &ws,
-        "hermes",
-        "openai/gpt-4o",
-        &["OPENROUTER_API_KEY"],
-    )
-    .await;
-    let resp = build(
-        &mut c,
-        &ws,
-        vec![
-            env(Origin::Workspace, "OPENROUTER_API_KEY", "customer-or"),
-            env(Origin::Global, "HERMES_DEFAULT_MODEL", "openai/gpt-4o"),
-        ],
-    )
-    .await
-    .unwrap();
+    app.register(&ws, "hermes", "openai/gpt-4o", &["OPENROUTER_API_KEY"])
+        .await;
+    let resp = app
+        .build(
+            &ws,
+            vec![
+                env(Origin::Workspace, "OPENROUTER_API_KEY", "customer-or"),
+                env(Origin::Global, "HERMES_DEFAULT_MODEL", "openai/gpt-4o"),
+            ],
+        )
+        .await
+        .unwrap();
     let r = resp.resolution.clone().unwrap();
     assert_eq!((r.mode(), r.provider.as_str()), (Mode::Byok, "openrouter"));
     let m = env_map(&resp);
@@ -584,16 +567,16 @@ async fn build_env_for_hermes_writes_every_model_variable_of_the_runtime(db: Tes
     assert!(resp.added_keys.contains(&"HERMES_DEFAULT_MODEL".to_owned()));
 
     // A hermes-only model variable naming another model is refused.
-    let err = build(
-        &mut c,
-        &ws,
-        vec![
-            env(Origin::Workspace, "OPENROUTER_API_KEY", "customer-or"),
-            env(Origin::Global, "HERMES_DEFAULT_MODEL", "anthropic/claude-3"),
-        ],
-    )
-    .await
-    .unwrap_err();
+    let err = app
+        .build(
+            &ws,
+            vec![
+                env(Origin::Workspace, "OPENROUTER_API_KEY", "customer-or"),
+                env(Origin::Global, "HERMES_DEFAULT_MODEL", "anthropic/claude-3"),
+            ],
+        )
+        .await
+        .unwrap_err();
     assert_error(&err, Code::FailedPrecondition, "MODEL_MISMATCH");
     app.stop().await.unwrap();
 }
@@ -601,10 +584,9 @@ async fn build_env_for_hermes_writes_every_model_variable_of_the_runtime(db: Tes
 backends!(build_env_without_a_recorded_model_writes_no_model_variable);
 async fn build_env_without_a_recorded_model_writes_no_model_variable(db: TestDb) {
     let app = TestApp::spawn(&db).await;
-    let mut c = app.client().await;
     let ws = new_workspace();
-    set(&mut c, fields(&ws, Some("claude-code"), None, None)).await;
-    let resp = build(&mut c, &ws, anthropic_proxy()).await.unwrap();
+    app.set(fields(&ws, Some("claude-code"), None, None)).await;
+    let resp = app.build(&ws, anthropic_proxy()).await.unwrap();
     let r = resp.resolution.clone().unwrap();
     assert_eq!(
         (r.mode(), r.source()),
@@ -621,25 +603,27 @@ async fn build_env_without_a_recorded_model_writes_no_model_variable(db: TestDb)
 backends!(a_byok_override_over_a_platform_provider_accepts_any_own_vendor_credential);
 async fn a_byok_override_over_a_platform_provider_accepts_any_own_vendor_credential(db: TestDb) {
     let app = TestApp::spawn(&db).await;
-    let mut c = app.client().await;
     let ws = new_workspace();
-    register(&mut c, &ws, "claude-code", "claude-sonnet-4-6", &[]).await;
-    let o = set_override(&mut c, &ws, Mode::Byok, "customer brings a key").await;
+    app.register(&ws, "claude-code", "claude-sonnet-4-6", &[])
+        .await;
+    let o = app
+        .set_override(&ws, Mode::Byok, "customer brings a key")
+        .await;
     assert_eq!(
         (o.mode(), o.source(), o.provider.as_str()),
         (Mode::Byok, Source::Override, "platform-anthropic")
     );
 
-    let resp = build(
-        &mut c,
-        &ws,
-        vec![
-            env(Origin::Workspace, "OPENAI_API_KEY", "customer-openai"),
-            env(Origin::Global, "ANTHROPIC_API_KEY", "platform-key"),
-        ],
-    )
-    .await
-    .unwrap();
+    let resp = app
+        .build(
+            &ws,
+            vec![
+                env(Origin::Workspace, "OPENAI_API_KEY", "customer-openai"),
+                env(Origin::Global, "ANTHROPIC_API_KEY", "platform-key"),
+            ],
+        )
+        .await
+        .unwrap();
     let m = env_map(&resp);
     assert_eq!(
         m["OPENAI_API_KEY"],
@@ -652,13 +636,13 @@ async fn a_byok_override_over_a_platform_provider_accepts_any_own_vendor_credent
     assert_eq!(m["MOLECULE_LLM_BILLING_MODE"].0, "byok");
 
     // Only the platform's credential: refused, never used instead.
-    let err = build(
-        &mut c,
-        &ws,
-        vec![env(Origin::Global, "ANTHROPIC_API_KEY", "platform-key")],
-    )
-    .await
-    .unwrap_err();
+    let err = app
+        .build(
+            &ws,
+            vec![env(Origin::Global, "ANTHROPIC_API_KEY", "platform-key")],
+        )
+        .await
+        .unwrap_err();
     assert_error(&err, Code::FailedPrecondition, "MISSING_BYOK_CREDENTIAL");
     app.stop().await.unwrap();
 }
@@ -666,22 +650,21 @@ async fn a_byok_override_over_a_platform_provider_accepts_any_own_vendor_credent
 backends!(the_same_key_under_two_origins_resolves_workspace_over_global_over_platform);
 async fn the_same_key_under_two_origins_resolves_workspace_over_global_over_platform(db: TestDb) {
     let app = TestApp::spawn(&db).await;
-    let mut c = app.client().await;
     let ws = new_workspace();
-    set_override(&mut c, &ws, Mode::Disabled, "no llm").await;
-    let resp = build(
-        &mut c,
-        &ws,
-        vec![
-            env(Origin::Platform, "A_SETTING", "platform"),
-            env(Origin::Global, "A_SETTING", "global"),
-            env(Origin::Workspace, "A_SETTING", "workspace"),
-            env(Origin::Platform, "B_SETTING", "platform"),
-            env(Origin::Global, "B_SETTING", "global"),
-        ],
-    )
-    .await
-    .unwrap();
+    app.set_override(&ws, Mode::Disabled, "no llm").await;
+    let resp = app
+        .build(
+            &ws,
+            vec![
+                env(Origin::Platform, "A_SETTING", "platform"),
+                env(Origin::Global, "A_SETTING", "global"),
+                env(Origin::Workspace, "A_SETTING", "workspace"),
+                env(Origin::Platform, "B_SETTING", "platform"),
+                env(Origin::Global, "B_SETTING", "global"),
+            ],
+        )
+        .await
+        .unwrap();
     let m = env_map(&resp);
     assert_eq!(m["A_SETTING"], ("workspace".to_owned(), Origin::Workspace));
     assert_eq!(m["B_SETTING"], ("global".to_owned(), Origin::Global));
@@ -698,26 +681,22 @@ async fn history_lists_every_change_newest_first_one_page_at_a_time(db: TestDb) 
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64;
-    set(
-        &mut c,
-        SetRequest {
-            reason: "onboarding".into(),
-            ..fields(
-                &ws,
-                Some("claude-code"),
-                Some("opus"),
-                Some(&["CLAUDE_CODE_OAUTH_TOKEN"]),
-            )
-        },
-    )
+    app.set(SetRequest {
+        reason: "onboarding".into(),
+        ..fields(
+            &ws,
+            Some("claude-code"),
+            Some("opus"),
+            Some(&["CLAUDE_CODE_OAUTH_TOKEN"]),
+        )
+    })
     .await;
-    set(&mut c, fields(&ws, None, Some("claude-sonnet-4-6"), None)).await;
-    set_override(&mut c, &ws, Mode::Byok, "ticket 42").await;
+    app.set(fields(&ws, None, Some("claude-sonnet-4-6"), None))
+        .await;
+    app.set_override(&ws, Mode::Byok, "ticket 42").await;
     clear(&mut c, &ws, "ticket 43").await.unwrap();
 
-    let all = try_history(&mut c, &ws.to_uppercase(), 0, "")
-        .await
-        .unwrap();
+    let all = app.history(&ws.to_uppercase(), 0, "").await.unwrap();
     assert!(all.next_page_token.is_empty());
     let revs: Vec<u64> = all.entries.iter().map(|e| e.revision).collect();
     assert_eq!(revs, vec![4, 3, 2, 1]);
@@ -764,15 +743,13 @@ async fn history_lists_every_change_newest_first_one_page_at_a_time(db: TestDb) 
     assert_eq!(e[0].after.as_ref(), Some(&sonnet));
 
     // Paging: 3 + 1.
-    let p1 = try_history(&mut c, &ws, 3, "").await.unwrap();
+    let p1 = app.history(&ws, 3, "").await.unwrap();
     assert_eq!(
         p1.entries.iter().map(|e| e.revision).collect::<Vec<_>>(),
         vec![4, 3, 2]
     );
     assert!(!p1.next_page_token.is_empty());
-    let p2 = try_history(&mut c, &ws, 3, &p1.next_page_token)
-        .await
-        .unwrap();
+    let p2 = app.history(&ws, 3, &p1.next_page_token).await.unwrap();
     assert_eq!(
         p2.entries.iter().map(|e| e.revision).collect::<Vec<_>>(),
         vec![1]
@@ -806,7 +783,7 @@ async fn malformed_workspace_ids_are_invalid_workspace_id_on_every_rpc(db: TestD
     let app = TestApp::spawn(&db).await;
     let mut c = app.client().await;
     for bad in BAD_IDS {
-        let e = try_resolve(&mut c, bad).await.unwrap_err();
+        let e = app.try_resolve(bad).await.unwrap_err();
         let msg = assert_error(&e, Code::InvalidArgument, "INVALID_WORKSPACE_ID");
         assert!(
             msg.contains("workspace_id"),
@@ -819,9 +796,9 @@ async fn malformed_workspace_ids_are_invalid_workspace_id_on_every_rpc(db: TestD
         assert_error(&e, Code::InvalidArgument, "INVALID_WORKSPACE_ID");
         let e = clear(&mut c, bad, "why").await.unwrap_err();
         assert_error(&e, Code::InvalidArgument, "INVALID_WORKSPACE_ID");
-        let e = build(&mut c, bad, anthropic_proxy()).await.unwrap_err();
+        let e = app.build(bad, anthropic_proxy()).await.unwrap_err();
         assert_error(&e, Code::InvalidArgument, "INVALID_WORKSPACE_ID");
-        let e = try_history(&mut c, bad, 0, "").await.unwrap_err();
+        let e = app.history(bad, 0, "").await.unwrap_err();
         assert_error(&e, Code::InvalidArgument, "INVALID_WORKSPACE_ID");
     }
     app.stop().await.unwrap();
@@ -846,7 +823,7 @@ async fn set_refuses_an_unspecified_or_unknown_override_mode_with_invalid_mode(d
     }
     // Nothing was written.
     assert_error(
-        &try_resolve(&mut c, &ws).await.unwrap_err(),
+        &app.try_resolve(&ws).await.unwrap_err(),
         Code::NotFound,
         "WORKSPACE_NOT_FOUND",
     );
@@ -884,11 +861,14 @@ async fn malformed_fields_are_invalid_field_and_the_limits_are_inclusive(db: Tes
         .unwrap_err();
     assert_error(&e, Code::InvalidArgument, "INVALID_FIELD");
     // 256 bytes is allowed (multi-byte characters count in bytes).
-    let r = set(
-        &mut c,
-        fields(&ws, Some(&"r".repeat(256)), Some(&"é".repeat(128)), None),
-    )
-    .await;
+    let r = app
+        .set(fields(
+            &ws,
+            Some(&"r".repeat(256)),
+            Some(&"é".repeat(128)),
+            None,
+        ))
+        .await;
     assert_eq!((r.runtime.len(), r.model.len()), (256, 256));
     let e = c
         .set(fields(&ws, None, Some(&"é".repeat(129)), None))
@@ -904,13 +884,13 @@ async fn malformed_fields_are_invalid_field_and_the_limits_are_inclusive(db: Tes
             value: "demo".into(),
             origin,
         });
-        let e = build(&mut c, &ws, candidate).await.unwrap_err();
+        let e = app.build(&ws, candidate).await.unwrap_err();
         assert_error(&e, Code::InvalidArgument, "INVALID_FIELD");
     }
 
     // History page tokens only come from a previous page.
     for token in ["abc", "0", "-1", "1.5", " 2"] {
-        let e = try_history(&mut c, &ws, 0, token).await.unwrap_err();
+        let e = app.history(&ws, 0, token).await.unwrap_err();
         assert_error(&e, Code::InvalidArgument, "INVALID_FIELD");
     }
     app.stop().await.unwrap();
@@ -921,7 +901,7 @@ async fn a_set_carrying_only_a_reason_or_expected_revision_is_nothing_to_set(db:
     let app = TestApp::spawn(&db).await;
     let mut c = app.client().await;
     let ws = new_workspace();
-    register(&mut c, &ws, "claude-code", "opus", &[]).await;
+    app.register(&ws, "claude-code", "opus", &[]).await;
     for (reason, expected) in [
         ("", None),
         ("just because", None),
@@ -940,7 +920,7 @@ async fn a_set_carrying_only_a_reason_or_expected_revision_is_nothing_to_set(db:
             .unwrap_err();
         assert_error(&e, Code::InvalidArgument, "NOTHING_TO_SET");
     }
-    assert_eq!(resolve(&mut c, &ws).await.revision, 1);
+    assert_eq!(app.resolve(&ws).await.revision, 1);
     app.stop().await.unwrap();
 }
 
@@ -949,7 +929,7 @@ async fn overrides_and_clears_without_a_real_reason_are_reason_required(db: Test
     let app = TestApp::spawn(&db).await;
     let mut c = app.client().await;
     let ws = new_workspace();
-    register(&mut c, &ws, "claude-code", "opus", &[]).await;
+    app.register(&ws, "claude-code", "opus", &[]).await;
     for reason in ["", "   ", " \t\n "] {
         let e = c
             .set(SetRequest {
@@ -966,15 +946,12 @@ async fn overrides_and_clears_without_a_real_reason_are_reason_required(db: Test
     }
     // Fields other than the override need no reason.
     assert_eq!(
-        set(&mut c, fields(&ws, None, Some("sonnet"), None))
+        app.set(fields(&ws, None, Some("sonnet"), None))
             .await
             .revision,
         2
     );
-    assert_eq!(
-        resolve(&mut c, &ws).await.override_mode(),
-        Mode::Unspecified
-    );
+    assert_eq!(app.resolve(&ws).await.override_mode(), Mode::Unspecified);
     app.stop().await.unwrap();
 }
 
@@ -983,10 +960,11 @@ async fn malformed_env_and_credential_keys_are_invalid_env_key(db: TestDb) {
     let app = TestApp::spawn(&db).await;
     let mut c = app.client().await;
     let ws = new_workspace();
-    set_override(&mut c, &ws, Mode::Disabled, "off").await;
+    app.set_override(&ws, Mode::Disabled, "off").await;
     let long = "K".repeat(257);
     for key in ["", "1ABC", "A-B", "A B", "A=B", "Ä", "KEY\n", long.as_str()] {
-        let e = build(&mut c, &ws, vec![env(Origin::Workspace, key, "v")])
+        let e = app
+            .build(&ws, vec![env(Origin::Workspace, key, "v")])
             .await
             .unwrap_err();
         assert_error(&e, Code::InvalidArgument, "INVALID_ENV_KEY");
@@ -997,34 +975,29 @@ async fn malformed_env_and_credential_keys_are_invalid_env_key(db: TestDb) {
         assert_error(&e, Code::InvalidArgument, "INVALID_ENV_KEY");
     }
     // The longest valid key is fine.
-    build(
-        &mut c,
-        &ws,
-        vec![env(Origin::Workspace, &"K".repeat(256), "v")],
-    )
-    .await
-    .unwrap();
+    app.build(&ws, vec![env(Origin::Workspace, &"K".repeat(256), "v")])
+        .await
+        .unwrap();
     app.stop().await.unwrap();
 }
 
 backends!(a_key_repeated_under_one_origin_is_duplicate_env_key);
 async fn a_key_repeated_under_one_origin_is_duplicate_env_key(db: TestDb) {
     let app = TestApp::spawn(&db).await;
-    let mut c = app.client().await;
     let ws = new_workspace();
-    set_override(&mut c, &ws, Mode::Disabled, "off").await;
+    app.set_override(&ws, Mode::Disabled, "off").await;
     for origin in [Origin::Workspace, Origin::Global, Origin::Platform] {
-        let e = build(
-            &mut c,
-            &ws,
-            vec![
-                env(origin, "APP_NAME", "one"),
-                env(Origin::Workspace, "OTHER", "x"),
-                env(origin, "APP_NAME", "two"),
-            ],
-        )
-        .await
-        .unwrap_err();
+        let e = app
+            .build(
+                &ws,
+                vec![
+                    env(origin, "APP_NAME", "one"),
+                    env(Origin::Workspace, "OTHER", "x"),
+                    env(origin, "APP_NAME", "two"),
+                ],
+            )
+            .await
+            .unwrap_err();
         let msg = assert_error(&e, Code::InvalidArgument, "DUPLICATE_ENV_KEY");
         assert!(msg.contains("APP_NAME"), "{msg}");
         assert!(
@@ -1040,39 +1013,38 @@ async fn env_size_value_size_and_credential_count_limits_are_limit_exceeded(db: 
     let app = TestApp::spawn(&db).await;
     let mut c = app.client().await;
     let ws = new_workspace();
-    set_override(&mut c, &ws, Mode::Disabled, "off").await;
+    app.set_override(&ws, Mode::Disabled, "off").await;
 
     let filler = |n: usize| -> Vec<EnvVar> {
         (0..n)
             .map(|i| env(Origin::Global, &format!("SETTING_{i}"), "v"))
             .collect()
     };
-    let ok = build(&mut c, &ws, filler(1024)).await.unwrap();
+    let ok = app.build(&ws, filler(1024)).await.unwrap();
     assert_eq!(ok.env.len(), 1024 + 2);
-    let e = build(&mut c, &ws, filler(1025)).await.unwrap_err();
+    let e = app.build(&ws, filler(1025)).await.unwrap_err();
     assert_error(&e, Code::InvalidArgument, "LIMIT_EXCEEDED");
 
-    build(
-        &mut c,
+    app.build(
         &ws,
         vec![env(Origin::Workspace, "BIG", &"v".repeat(64 * 1024))],
     )
     .await
     .unwrap();
-    let e = build(
-        &mut c,
-        &ws,
-        vec![env(Origin::Workspace, "BIG", &"v".repeat(64 * 1024 + 1))],
-    )
-    .await
-    .unwrap_err();
+    let e = app
+        .build(
+            &ws,
+            vec![env(Origin::Workspace, "BIG", &"v".repeat(64 * 1024 + 1))],
+        )
+        .await
+        .unwrap_err();
     let msg = assert_error(&e, Code::InvalidArgument, "LIMIT_EXCEEDED");
     assert!(msg.contains("BIG"), "names the key: {msg}");
 
     let keys = |n: usize| -> Vec<String> { (0..n).map(|i| format!("KEY_{i:03}")).collect() };
     let k64 = keys(64);
     let k64: Vec<&str> = k64.iter().map(String::as_str).collect();
-    let r = set(&mut c, fields(&ws, None, None, Some(&k64))).await;
+    let r = app.set(fields(&ws, None, None, Some(&k64))).await;
     assert_eq!(r.credential_keys.len(), 64);
     for n in [65, 300] {
         let kn = keys(n);
@@ -1080,7 +1052,7 @@ async fn env_size_value_size_and_credential_count_limits_are_limit_exceeded(db: 
         let e = c.set(fields(&ws, None, None, Some(&kn))).await.unwrap_err();
         assert_error(&e, Code::InvalidArgument, "LIMIT_EXCEEDED");
     }
-    assert_eq!(resolve(&mut c, &ws).await.credential_keys.len(), 64);
+    assert_eq!(app.resolve(&ws).await.credential_keys.len(), 64);
     app.stop().await.unwrap();
 }
 
@@ -1089,18 +1061,18 @@ async fn an_unregistered_workspace_is_not_found_on_resolve_build_env_clear_and_h
     let app = TestApp::spawn(&db).await;
     let mut c = app.client().await;
     let ws = new_workspace();
-    let e = try_resolve(&mut c, &ws).await.unwrap_err();
+    let e = app.try_resolve(&ws).await.unwrap_err();
     let msg = assert_error(&e, Code::NotFound, "WORKSPACE_NOT_FOUND");
     assert!(msg.contains("Set"), "tells the caller what to do: {msg}");
-    let e = build(&mut c, &ws, anthropic_proxy()).await.unwrap_err();
+    let e = app.build(&ws, anthropic_proxy()).await.unwrap_err();
     assert_error(&e, Code::NotFound, "WORKSPACE_NOT_FOUND");
     let e = clear(&mut c, &ws, "cleanup").await.unwrap_err();
     assert_error(&e, Code::NotFound, "WORKSPACE_NOT_FOUND");
-    let e = try_history(&mut c, &ws, 0, "").await.unwrap_err();
+    let e = app.history(&ws, 0, "").await.unwrap_err();
     assert_error(&e, Code::NotFound, "WORKSPACE_NOT_FOUND");
     // Clear did not create the record.
     assert_error(
-        &try_resolve(&mut c, &ws).await.unwrap_err(),
+        &app.try_resolve(&ws).await.unwrap_err(),
         Code::NotFound,
         "WORKSPACE_NOT_FOUND",
     );
@@ -1124,14 +1096,12 @@ async fn a_stale_or_create_only_expected_revision_is_aborted_and_the_current_one
         .await
         .unwrap_err();
     assert_error(&e, Code::Aborted, "REVISION_MISMATCH");
-    let r1 = set(
-        &mut c,
-        SetRequest {
+    let r1 = app
+        .set(SetRequest {
             expected_revision: Some(0),
             ..fields(&ws, Some("claude-code"), None, None)
-        },
-    )
-    .await;
+        })
+        .await;
     assert_eq!(r1.revision, 1);
     // Create-only on an existing record.
     let e = c
@@ -1144,14 +1114,12 @@ async fn a_stale_or_create_only_expected_revision_is_aborted_and_the_current_one
     let msg = assert_error(&e, Code::Aborted, "REVISION_MISMATCH");
     assert!(msg.contains('1'), "names the current revision: {msg}");
 
-    let r2 = set(
-        &mut c,
-        SetRequest {
+    let r2 = app
+        .set(SetRequest {
             expected_revision: Some(1),
             ..fields(&ws, None, Some("opus"), None)
-        },
-    )
-    .await;
+        })
+        .await;
     assert_eq!(r2.revision, 2);
     // Stale Set.
     let e = c
@@ -1163,17 +1131,15 @@ async fn a_stale_or_create_only_expected_revision_is_aborted_and_the_current_one
         .unwrap_err();
     assert_error(&e, Code::Aborted, "REVISION_MISMATCH");
 
-    let o = set(
-        &mut c,
-        SetRequest {
+    let o = app
+        .set(SetRequest {
             workspace_id: ws.clone(),
             override_mode: Some(Mode::PlatformManaged.into()),
             expected_revision: Some(2),
             reason: "pilot".into(),
             ..SetRequest::default()
-        },
-    )
-    .await;
+        })
+        .await;
     assert_eq!(o.revision, 3);
     // Stale Clear, then the current one.
     for stale in [0, 2, 4] {
@@ -1204,7 +1170,7 @@ async fn a_stale_or_create_only_expected_revision_is_aborted_and_the_current_one
         (cleared.revision, cleared.override_mode()),
         (4, Mode::Unspecified)
     );
-    let r = resolve(&mut c, &ws).await;
+    let r = app.resolve(&ws).await;
     assert_eq!(
         (r.revision, r.model.as_str()),
         (4, "opus"),
@@ -1218,16 +1184,9 @@ async fn byok_without_the_workspaces_own_credential_fails_closed_even_with_the_p
     db: TestDb,
 ) {
     let app = TestApp::spawn(&db).await;
-    let mut c = app.client().await;
     let ws = new_workspace();
-    register(
-        &mut c,
-        &ws,
-        "claude-code",
-        "opus",
-        &["CLAUDE_CODE_OAUTH_TOKEN"],
-    )
-    .await;
+    app.register(&ws, "claude-code", "opus", &["CLAUDE_CODE_OAUTH_TOKEN"])
+        .await;
     let mut platform_only = vec![
         env(
             Origin::Global,
@@ -1243,7 +1202,7 @@ async fn byok_without_the_workspaces_own_credential_fails_closed_even_with_the_p
         ),
     ];
     platform_only.extend(anthropic_proxy());
-    let e = build(&mut c, &ws, platform_only.clone()).await.unwrap_err();
+    let e = app.build(&ws, platform_only.clone()).await.unwrap_err();
     let msg = assert_error(&e, Code::FailedPrecondition, "MISSING_BYOK_CREDENTIAL");
     assert!(
         msg.contains("CLAUDE_CODE_OAUTH_TOKEN"),
@@ -1253,7 +1212,7 @@ async fn byok_without_the_workspaces_own_credential_fails_closed_even_with_the_p
 
     // An empty value counts as absent.
     platform_only.push(env(Origin::Workspace, "CLAUDE_CODE_OAUTH_TOKEN", ""));
-    let e = build(&mut c, &ws, platform_only).await.unwrap_err();
+    let e = app.build(&ws, platform_only).await.unwrap_err();
     assert_error(&e, Code::FailedPrecondition, "MISSING_BYOK_CREDENTIAL");
     app.stop().await.unwrap();
 }
@@ -1261,9 +1220,9 @@ async fn byok_without_the_workspaces_own_credential_fails_closed_even_with_the_p
 backends!(platform_managed_without_the_platform_origin_proxy_inputs_fails_closed);
 async fn platform_managed_without_the_platform_origin_proxy_inputs_fails_closed(db: TestDb) {
     let app = TestApp::spawn(&db).await;
-    let mut c = app.client().await;
     let ws = new_workspace();
-    register(&mut c, &ws, "claude-code", "claude-sonnet-4-6", &[]).await;
+    app.register(&ws, "claude-code", "claude-sonnet-4-6", &[])
+        .await;
     let base = (
         "MOLECULE_LLM_ANTHROPIC_BASE_URL",
         "https://proxy.example/anthropic",
@@ -1302,7 +1261,7 @@ async fn platform_managed_without_the_platform_origin_proxy_inputs_fails_closed(
         ],
     ];
     for candidate in cases {
-        let e = build(&mut c, &ws, candidate.clone()).await.unwrap_err();
+        let e = app.build(&ws, candidate.clone()).await.unwrap_err();
         let msg = assert_error(&e, Code::FailedPrecondition, "MISSING_PLATFORM_PROXY");
         assert!(
             msg.contains("MOLECULE_LLM_"),
@@ -1316,12 +1275,12 @@ async fn platform_managed_without_the_platform_origin_proxy_inputs_fails_closed(
 
     // An OpenAI-family platform provider needs the OpenAI proxy.
     let ws2 = new_workspace();
-    let r = register(&mut c, &ws2, "hermes", "openai/gpt-4o", &[]).await;
+    let r = app.register(&ws2, "hermes", "openai/gpt-4o", &[]).await;
     assert_eq!(
         (r.mode(), r.provider.as_str()),
         (Mode::PlatformManaged, "platform-openai")
     );
-    let e = build(&mut c, &ws2, anthropic_proxy()).await.unwrap_err();
+    let e = app.build(&ws2, anthropic_proxy()).await.unwrap_err();
     let msg = assert_error(&e, Code::FailedPrecondition, "MISSING_PLATFORM_PROXY");
     assert!(msg.contains("MOLECULE_LLM_OPENAI_BASE_URL"), "{msg}");
     app.stop().await.unwrap();
@@ -1332,31 +1291,24 @@ async fn a_candidate_naming_another_model_is_model_mismatch_and_the_value_is_not
     db: TestDb,
 ) {
     let app = TestApp::spawn(&db).await;
-    let mut c = app.client().await;
     let ws = new_workspace();
-    register(
-        &mut c,
-        &ws,
-        "claude-code",
-        "opus",
-        &["CLAUDE_CODE_OAUTH_TOKEN"],
-    )
-    .await;
+    app.register(&ws, "claude-code", "opus", &["CLAUDE_CODE_OAUTH_TOKEN"])
+        .await;
     let own = env(
         Origin::Workspace,
         "CLAUDE_CODE_OAUTH_TOKEN",
         "customer-oauth",
     );
-    let e = build(
-        &mut c,
-        &ws,
-        vec![
-            own.clone(),
-            env(Origin::Global, "MODEL_PROVIDER", "secret-model-x"),
-        ],
-    )
-    .await
-    .unwrap_err();
+    let e = app
+        .build(
+            &ws,
+            vec![
+                own.clone(),
+                env(Origin::Global, "MODEL_PROVIDER", "secret-model-x"),
+            ],
+        )
+        .await
+        .unwrap_err();
     let msg = assert_error(&e, Code::FailedPrecondition, "MODEL_MISMATCH");
     assert!(msg.contains("MODEL_PROVIDER"), "{msg}");
     assert!(
@@ -1365,33 +1317,32 @@ async fn a_candidate_naming_another_model_is_model_mismatch_and_the_value_is_not
     );
 
     // Matching is case-sensitive.
-    let e = build(
-        &mut c,
-        &ws,
-        vec![
-            own.clone(),
-            env(Origin::Workspace, "MODEL_PROVIDER", "Opus"),
-        ],
-    )
-    .await
-    .unwrap_err();
+    let e = app
+        .build(
+            &ws,
+            vec![
+                own.clone(),
+                env(Origin::Workspace, "MODEL_PROVIDER", "Opus"),
+            ],
+        )
+        .await
+        .unwrap_err();
     assert_error(&e, Code::FailedPrecondition, "MODEL_MISMATCH");
 
     // The winning value after precedence is the one compared.
-    let e = build(
-        &mut c,
-        &ws,
-        vec![
-            own.clone(),
-            env(Origin::Workspace, "MODEL_PROVIDER", "sonnet"),
-            env(Origin::Global, "MODEL_PROVIDER", "opus"),
-        ],
-    )
-    .await
-    .unwrap_err();
+    let e = app
+        .build(
+            &ws,
+            vec![
+                own.clone(),
+                env(Origin::Workspace, "MODEL_PROVIDER", "sonnet"),
+                env(Origin::Global, "MODEL_PROVIDER", "opus"),
+            ],
+        )
+        .await
+        .unwrap_err();
     assert_error(&e, Code::FailedPrecondition, "MODEL_MISMATCH");
-    build(
-        &mut c,
+    app.build(
         &ws,
         vec![
             own.clone(),
@@ -1404,10 +1355,10 @@ async fn a_candidate_naming_another_model_is_model_mismatch_and_the_value_is_not
 
     // No recorded model: a candidate naming one is a mismatch too.
     let ws2 = new_workspace();
-    set(&mut c, fields(&ws2, Some("claude-code"), None, None)).await;
+    app.set(fields(&ws2, Some("claude-code"), None, None)).await;
     let mut candidate = anthropic_proxy();
     candidate.push(env(Origin::Global, "MODEL_PROVIDER", "opus"));
-    let e = build(&mut c, &ws2, candidate).await.unwrap_err();
+    let e = app.build(&ws2, candidate).await.unwrap_err();
     assert_error(&e, Code::FailedPrecondition, "MODEL_MISMATCH");
     app.stop().await.unwrap();
 }
@@ -1421,33 +1372,27 @@ async fn invalid_arguments_beat_not_found_and_aborted_and_model_mismatch_beats_t
     let unknown = new_workspace();
 
     // INVALID_ARGUMENT before NOT_FOUND.
-    let e = build(
-        &mut c,
-        &unknown,
-        vec![env(Origin::Workspace, "BAD-KEY", "v")],
-    )
-    .await
-    .unwrap_err();
+    let e = app
+        .build(&unknown, vec![env(Origin::Workspace, "BAD-KEY", "v")])
+        .await
+        .unwrap_err();
     assert_error(&e, Code::InvalidArgument, "INVALID_ENV_KEY");
-    let e = build(
-        &mut c,
-        &unknown,
-        vec![env(Origin::Unspecified, "OK_KEY", "v")],
-    )
-    .await
-    .unwrap_err();
+    let e = app
+        .build(&unknown, vec![env(Origin::Unspecified, "OK_KEY", "v")])
+        .await
+        .unwrap_err();
     assert_error(&e, Code::InvalidArgument, "INVALID_FIELD");
-    let e = build(
-        &mut c,
-        &unknown,
-        vec![env(Origin::Global, "A", "1"), env(Origin::Global, "A", "2")],
-    )
-    .await
-    .unwrap_err();
+    let e = app
+        .build(
+            &unknown,
+            vec![env(Origin::Global, "A", "1"), env(Origin::Global, "A", "2")],
+        )
+        .await
+        .unwrap_err();
     assert_error(&e, Code::InvalidArgument, "DUPLICATE_ENV_KEY");
     let e = clear(&mut c, &unknown, "").await.unwrap_err();
     assert_error(&e, Code::InvalidArgument, "REASON_REQUIRED");
-    let e = try_history(&mut c, &unknown, 0, "zzz").await.unwrap_err();
+    let e = app.history(&unknown, 0, "zzz").await.unwrap_err();
     assert_error(&e, Code::InvalidArgument, "INVALID_FIELD");
 
     // NOT_FOUND before ABORTED.
@@ -1464,14 +1409,8 @@ async fn invalid_arguments_beat_not_found_and_aborted_and_model_mismatch_beats_t
 
     // INVALID_ARGUMENT before ABORTED.
     let ws = new_workspace();
-    register(
-        &mut c,
-        &ws,
-        "claude-code",
-        "opus",
-        &["CLAUDE_CODE_OAUTH_TOKEN"],
-    )
-    .await;
+    app.register(&ws, "claude-code", "opus", &["CLAUDE_CODE_OAUTH_TOKEN"])
+        .await;
     let e = c
         .set(SetRequest {
             expected_revision: Some(9),
@@ -1482,24 +1421,19 @@ async fn invalid_arguments_beat_not_found_and_aborted_and_model_mismatch_beats_t
     assert_error(&e, Code::InvalidArgument, "INVALID_FIELD");
 
     // MODEL_MISMATCH before MISSING_BYOK_CREDENTIAL ...
-    let e = build(
-        &mut c,
-        &ws,
-        vec![env(Origin::Global, "MODEL_PROVIDER", "sonnet")],
-    )
-    .await
-    .unwrap_err();
+    let e = app
+        .build(&ws, vec![env(Origin::Global, "MODEL_PROVIDER", "sonnet")])
+        .await
+        .unwrap_err();
     assert_error(&e, Code::FailedPrecondition, "MODEL_MISMATCH");
     // ... and before MISSING_PLATFORM_PROXY.
     let pm = new_workspace();
-    register(&mut c, &pm, "claude-code", "claude-sonnet-4-6", &[]).await;
-    let e = build(
-        &mut c,
-        &pm,
-        vec![env(Origin::Global, "MODEL_PROVIDER", "sonnet")],
-    )
-    .await
-    .unwrap_err();
+    app.register(&pm, "claude-code", "claude-sonnet-4-6", &[])
+        .await;
+    let e = app
+        .build(&pm, vec![env(Origin::Global, "MODEL_PROVIDER", "sonnet")])
+        .await
+        .unwrap_err();
     assert_error(&e, Code::FailedPrecondition, "MODEL_MISMATCH");
     app.stop().await.unwrap();
 }
@@ -1535,36 +1469,30 @@ async fn a_store_that_cannot_be_read_gives_unavailable_and_no_decision_without_l
     let app = TestApp::spawn(&db).await;
     let mut c = app.client().await;
     let ws = new_workspace();
-    register(
-        &mut c,
-        &ws,
-        "claude-code",
-        "opus",
-        &["CLAUDE_CODE_OAUTH_TOKEN"],
-    )
-    .await;
-    assert_eq!(resolve(&mut c, &ws).await.mode(), Mode::Byok);
+    app.register(&ws, "claude-code", "opus", &["CLAUDE_CODE_OAUTH_TOKEN"])
+        .await;
+    assert_eq!(app.resolve(&ws).await.mode(), Mode::Byok);
 
     db.break_the_store().await;
 
-    assert_store_unavailable(&try_resolve(&mut c, &ws).await.unwrap_err());
+    assert_store_unavailable(&app.try_resolve(&ws).await.unwrap_err());
     let candidate = vec![env(
         Origin::Workspace,
         "CLAUDE_CODE_OAUTH_TOKEN",
         "customer-oauth",
     )];
-    assert_store_unavailable(&build(&mut c, &ws, candidate).await.unwrap_err());
+    assert_store_unavailable(&app.build(&ws, candidate).await.unwrap_err());
     assert_store_unavailable(
         &c.set(fields(&ws, None, Some("sonnet"), None))
             .await
             .unwrap_err(),
     );
     assert_store_unavailable(&clear(&mut c, &ws, "why").await.unwrap_err());
-    assert_store_unavailable(&try_history(&mut c, &ws, 0, "").await.unwrap_err());
+    assert_store_unavailable(&app.history(&ws, 0, "").await.unwrap_err());
     // UNAVAILABLE before NOT_FOUND: an unknown workspace cannot be told apart.
-    assert_store_unavailable(&try_resolve(&mut c, &new_workspace()).await.unwrap_err());
+    assert_store_unavailable(&app.try_resolve(&new_workspace()).await.unwrap_err());
     // INVALID_ARGUMENT still comes first.
-    let e = try_resolve(&mut c, "nope").await.unwrap_err();
+    let e = app.try_resolve("nope").await.unwrap_err();
     assert_error(&e, Code::InvalidArgument, "INVALID_WORKSPACE_ID");
     app.stop().await.unwrap();
 }
@@ -1591,14 +1519,8 @@ async fn a_stored_entry_the_service_cannot_read_gives_data_loss_without_its_caus
     let app = TestApp::spawn(&db).await;
     let mut c = app.client().await;
     let ws = new_workspace();
-    register(
-        &mut c,
-        &ws,
-        "claude-code",
-        "opus",
-        &["CLAUDE_CODE_OAUTH_TOKEN"],
-    )
-    .await;
+    app.register(&ws, "claude-code", "opus", &["CLAUDE_CODE_OAUTH_TOKEN"])
+        .await;
     assert_eq!(history_revisions(&mut c, &ws).await, vec![1]);
 
     // Valid JSON (Postgres checks that), but not a record's fields.
@@ -1611,7 +1533,7 @@ async fn a_stored_entry_the_service_cannot_read_gives_data_loss_without_its_caus
     )
     .await;
 
-    let e = try_history(&mut c, &ws, 0, "").await.unwrap_err();
+    let e = app.history(&ws, 0, "").await.unwrap_err();
     let msg = assert_error(&e, Code::DataLoss, "STORE_CORRUPT");
     // Retrying reads the same bytes: no RetryInfo.
     assert!(tonic_types::StatusExt::get_details_retry_info(&e).is_none());
@@ -1635,7 +1557,7 @@ async fn a_stored_entry_the_service_cannot_read_gives_data_loss_without_its_caus
         "tells the caller what to do: {msg}"
     );
     // The record itself is still read.
-    assert_eq!(resolve(&mut c, &ws).await.mode(), Mode::Byok);
+    assert_eq!(app.resolve(&ws).await.mode(), Mode::Byok);
     app.stop().await.unwrap();
 }
 
@@ -1647,52 +1569,52 @@ async fn repeating_the_same_set_keeps_the_revision_and_writes_no_history(db: Tes
     let app = TestApp::spawn(&db).await;
     let mut c = app.client().await;
     let ws = new_workspace();
-    let first = register(
-        &mut c,
-        &ws,
-        "claude-code",
-        "opus",
-        &["CLAUDE_CODE_OAUTH_TOKEN", "OPENAI_API_KEY"],
-    )
-    .await;
-    let again = register(
-        &mut c,
-        &ws,
-        "claude-code",
-        "opus",
-        &["CLAUDE_CODE_OAUTH_TOKEN", "OPENAI_API_KEY"],
-    )
-    .await;
+    let first = app
+        .register(
+            &ws,
+            "claude-code",
+            "opus",
+            &["CLAUDE_CODE_OAUTH_TOKEN", "OPENAI_API_KEY"],
+        )
+        .await;
+    let again = app
+        .register(
+            &ws,
+            "claude-code",
+            "opus",
+            &["CLAUDE_CODE_OAUTH_TOKEN", "OPENAI_API_KEY"],
+        )
+        .await;
     assert_eq!(again, first);
     // The same set in another order, with duplicates: the same record.
-    let reordered = register(
-        &mut c,
-        &ws,
-        "claude-code",
-        "opus",
-        &[
-            "OPENAI_API_KEY",
-            "CLAUDE_CODE_OAUTH_TOKEN",
-            "OPENAI_API_KEY",
-        ],
-    )
-    .await;
+    let reordered = app
+        .register(
+            &ws,
+            "claude-code",
+            "opus",
+            &[
+                "OPENAI_API_KEY",
+                "CLAUDE_CODE_OAUTH_TOKEN",
+                "OPENAI_API_KEY",
+            ],
+        )
+        .await;
     assert_eq!(reordered.revision, 1);
     assert_eq!(history_revisions(&mut c, &ws).await, vec![1]);
 
-    let o1 = set_override(&mut c, &ws, Mode::PlatformManaged, "pilot").await;
-    let o2 = set_override(&mut c, &ws, Mode::PlatformManaged, "pilot, retried").await;
+    let o1 = app.set_override(&ws, Mode::PlatformManaged, "pilot").await;
+    let o2 = app
+        .set_override(&ws, Mode::PlatformManaged, "pilot, retried")
+        .await;
     assert_eq!((o1.revision, o2.revision), (2, 2));
     assert_eq!(o2, o1);
     // A retry with the expected revision it was sent with is no conflict.
-    let retry = set(
-        &mut c,
-        SetRequest {
+    let retry = app
+        .set(SetRequest {
             expected_revision: Some(2),
             ..fields(&ws, Some("claude-code"), None, None)
-        },
-    )
-    .await;
+        })
+        .await;
     assert_eq!(retry.revision, 2);
     assert_eq!(history_revisions(&mut c, &ws).await, vec![2, 1]);
     app.stop().await.unwrap();
@@ -1703,10 +1625,10 @@ async fn clearing_when_there_is_no_override_keeps_the_revision_and_writes_no_his
     let app = TestApp::spawn(&db).await;
     let mut c = app.client().await;
     let ws = new_workspace();
-    let r = register(&mut c, &ws, "claude-code", "opus", &[]).await;
+    let r = app.register(&ws, "claude-code", "opus", &[]).await;
     let c1 = clear(&mut c, &ws, "tidy up").await.unwrap();
     assert_eq!(c1, r);
-    set_override(&mut c, &ws, Mode::Disabled, "pause").await;
+    app.set_override(&ws, Mode::Disabled, "pause").await;
     let c2 = clear(&mut c, &ws, "resume").await.unwrap();
     assert_eq!(c2.revision, 3);
     let c3 = clear(&mut c, &ws, "resume (retry)").await.unwrap();
@@ -1890,9 +1812,8 @@ backends!(the_server_shuts_down_gracefully_and_then_refuses_connections);
 async fn the_server_shuts_down_gracefully_and_then_refuses_connections(db: TestDb) {
     let app = TestApp::spawn(&db).await;
     let addr = app.endpoint();
-    let mut c = app.client().await;
     let ws = new_workspace();
-    register(&mut c, &ws, "claude-code", "opus", &[]).await;
+    app.register(&ws, "claude-code", "opus", &[]).await;
     app.stop().await.expect("graceful shutdown returns Ok");
     let reconnect = tonic::transport::Endpoint::from_shared(addr)
         .unwrap()

@@ -234,11 +234,15 @@ macro_rules! backends {
 }
 pub(crate) use backends;
 
-/// A running server.
+/// A running server, and typed calls to it as an anonymous client (the
+/// default configuration has no tokens).
 pub(crate) struct TestApp {
     pub addr: SocketAddr,
     /// The admin HTTP listener, unless the configuration turned it off.
     pub admin_addr: Option<SocketAddr>,
+    /// What the call methods use: plaintext, connected on first use (a TLS
+    /// server's tests make their own clients).
+    client: Client,
     shutdown: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -269,9 +273,16 @@ impl TestApp {
         let handle = tokio::spawn(app.run_until(async {
             let _ = rx.await;
         }));
+        let client = BillingModeClient::new(
+            Endpoint::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .connect_timeout(Duration::from_secs(5))
+                .connect_lazy(),
+        );
         TestApp {
             addr,
             admin_addr,
+            client,
             shutdown: Some(tx),
             handle: Some(handle),
         }
@@ -299,6 +310,55 @@ impl TestApp {
     pub(crate) async fn client_with_token(&self, token: &str) -> TokenClient {
         let bearer = Bearer::new(Some(token)).expect("a token that is header text");
         BillingModeClient::with_interceptor(self.channel().await, bearer)
+    }
+
+    /// Set, which must succeed; its resolution.
+    pub(crate) async fn set(&self, req: SetRequest) -> Resolution {
+        set(&mut self.client.clone(), req).await
+    }
+
+    /// See [`set_override`].
+    pub(crate) async fn set_override(&self, ws: &str, mode: Mode, reason: &str) -> Resolution {
+        set_override(&mut self.client.clone(), ws, mode, reason).await
+    }
+
+    /// See [`register`].
+    pub(crate) async fn register<'a>(
+        &self,
+        ws: &str,
+        runtime: impl Into<Option<&'a str>>,
+        model: impl Into<Option<&'a str>>,
+        keys: &[&str],
+    ) -> Resolution {
+        register(&mut self.client.clone(), ws, runtime, model, keys).await
+    }
+
+    /// Resolve, which must succeed.
+    pub(crate) async fn resolve(&self, ws: &str) -> Resolution {
+        resolve(&mut self.client.clone(), ws).await
+    }
+
+    pub(crate) async fn try_resolve(&self, ws: &str) -> Result<Resolution, Status> {
+        try_resolve(&mut self.client.clone(), ws).await
+    }
+
+    /// BuildEnv of `ws` with the candidate `env`.
+    pub(crate) async fn build(
+        &self,
+        ws: &str,
+        env: Vec<EnvVar>,
+    ) -> Result<BuildEnvResponse, Status> {
+        build(&mut self.client.clone(), ws, env).await
+    }
+
+    /// One History page of `ws`.
+    pub(crate) async fn history(
+        &self,
+        ws: &str,
+        page_size: u32,
+        page_token: &str,
+    ) -> Result<HistoryResponse, Status> {
+        try_history(&mut self.client.clone(), ws, page_size, page_token).await
     }
 
     /// Graceful shutdown; returns the server's result.

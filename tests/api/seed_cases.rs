@@ -117,38 +117,29 @@ async fn case_1_a_byok_override_beats_the_derivation_until_cleared_and_a_garbled
     let mut c = app.client().await;
     let ws = new_workspace();
     // A model that derives platform_managed: versioned id, no key of the customer's.
-    let derived = register(
-        &mut c,
-        &ws,
-        Some("claude-code"),
-        Some("claude-sonnet-4-6"),
-        &[],
-    )
-    .await;
+    let derived = app
+        .register(&ws, Some("claude-code"), Some("claude-sonnet-4-6"), &[])
+        .await;
     assert_eq!(
         (derived.mode(), derived.source()),
         (Mode::PlatformManaged, Source::DerivedProvider)
     );
     assert_eq!(derived.provider, "platform-anthropic");
 
-    let o = set_override(
-        &mut c,
-        &ws,
-        Mode::Byok,
-        "customer brings their own Anthropic key",
-    )
-    .await;
+    let o = app
+        .set_override(&ws, Mode::Byok, "customer brings their own Anthropic key")
+        .await;
     assert_eq!(
         (o.mode(), o.source(), o.override_mode()),
         (Mode::Byok, Source::Override, Mode::Byok)
     );
     assert_eq!(o.revision, 2);
     assert!(o.forbidden_secret_keys.is_empty());
-    assert_eq!(resolve(&mut c, &ws).await, o);
+    assert_eq!(app.resolve(&ws).await, o);
     let own_key = env(Origin::Workspace, "ANTHROPIC_API_KEY", "customer-key");
     let mut candidate = proxy_inputs();
     candidate.push(own_key.clone());
-    let built = build(&mut c, &ws, candidate.clone()).await.unwrap();
+    let built = app.build(&ws, candidate.clone()).await.unwrap();
     assert_eq!(built.resolution.as_ref(), Some(&o));
     let m = env_map(&built);
     assert_eq!(value(&m, "MOLECULE_LLM_BILLING_MODE"), Some("byok"));
@@ -178,8 +169,8 @@ async fn case_1_a_byok_override_beats_the_derivation_until_cleared_and_a_garbled
         (cleared.override_mode(), cleared.revision),
         (Mode::Unspecified, 3)
     );
-    assert_eq!(resolve(&mut c, &ws).await, cleared);
-    let m = env_map(&build(&mut c, &ws, candidate.clone()).await.unwrap());
+    assert_eq!(app.resolve(&ws).await, cleared);
+    let m = env_map(&app.build(&ws, candidate.clone()).await.unwrap());
     assert_eq!(
         value(&m, "MOLECULE_LLM_BILLING_MODE"),
         Some("platform_managed")
@@ -200,7 +191,7 @@ async fn case_1_a_byok_override_beats_the_derivation_until_cleared_and_a_garbled
         Some(sqlx::error::ErrorKind::CheckViolation),
         "{refused}"
     );
-    assert_eq!(resolve(&mut c, &ws).await, cleared);
+    assert_eq!(app.resolve(&ws).await, cleared);
 
     // ... so an operator has to bypass the CHECK to write one.
     for garbled in ["Byok", "byok ", "bring-your-own-key"] {
@@ -210,7 +201,7 @@ async fn case_1_a_byok_override_beats_the_derivation_until_cleared_and_a_garbled
                 .unwrap(),
             1
         );
-        let r = resolve(&mut c, &ws).await;
+        let r = app.resolve(&ws).await;
         assert_eq!(r.override_mode(), Mode::Unspecified, "{garbled:?}");
         assert_eq!(
             (r.mode(), r.source()),
@@ -232,7 +223,7 @@ async fn case_1_a_byok_override_beats_the_derivation_until_cleared_and_a_garbled
         absent.trace.retain(|l| !l.starts_with("override"));
         assert_eq!(without, absent);
         // The provision path ignores it too.
-        let built = build(&mut c, &ws, candidate.clone()).await.unwrap();
+        let built = app.build(&ws, candidate.clone()).await.unwrap();
         assert_eq!(built.resolution.as_ref(), Some(&r));
         assert_eq!(
             value(&env_map(&built), "MOLECULE_LLM_BILLING_MODE"),
@@ -247,21 +238,20 @@ async fn case_1_a_garbled_stored_model_is_ignored_named_in_the_trace_and_never_p
     db: TestDb,
 ) {
     let app = TestApp::spawn(&db).await;
-    let mut c = app.client().await;
     let ws = new_workspace();
-    let byok = register(
-        &mut c,
-        &ws,
-        Some("claude-code"),
-        Some("opus"),
-        &["CLAUDE_CODE_OAUTH_TOKEN"],
-    )
-    .await;
+    let byok = app
+        .register(
+            &ws,
+            Some("claude-code"),
+            Some("opus"),
+            &["CLAUDE_CODE_OAUTH_TOKEN"],
+        )
+        .await;
     assert_eq!(byok.mode(), Mode::Byok);
 
     // "op us" can only get there by hand; it must not keep the workspace byok.
     write_model_by_hand(&db, &ws, "op us").await;
-    let r = resolve(&mut c, &ws).await;
+    let r = app.resolve(&ws).await;
     assert_eq!(
         (r.mode(), r.source()),
         (Mode::PlatformManaged, Source::Default),
@@ -285,7 +275,7 @@ async fn case_1_a_garbled_stored_model_is_ignored_named_in_the_trace_and_never_p
         "CLAUDE_CODE_OAUTH_TOKEN",
         "customer-oauth",
     ));
-    let built = build(&mut c, &ws, candidate.clone()).await.unwrap();
+    let built = app.build(&ws, candidate.clone()).await.unwrap();
     assert_eq!(built.resolution.as_ref(), Some(&r));
     let m = env_map(&built);
     assert_eq!(
@@ -298,19 +288,17 @@ async fn case_1_a_garbled_stored_model_is_ignored_named_in_the_trace_and_never_p
     );
     assert!(!m.contains_key("CLAUDE_CODE_OAUTH_TOKEN"));
     candidate.push(env(Origin::Global, "MODEL_PROVIDER", "op us"));
-    let e = build(&mut c, &ws, candidate).await.unwrap_err();
+    let e = app.build(&ws, candidate).await.unwrap_err();
     assert_error(&e, Code::FailedPrecondition, "MODEL_MISMATCH");
 
     // Recording a valid model repairs it.
-    let fixed = set(
-        &mut c,
-        SetRequest {
+    let fixed = app
+        .set(SetRequest {
             workspace_id: ws.clone(),
             model: Some("opus".into()),
             ..SetRequest::default()
-        },
-    )
-    .await;
+        })
+        .await;
     assert_eq!((fixed.mode(), fixed.revision), (Mode::Byok, 2));
     app.stop().await.unwrap();
 }
@@ -323,7 +311,6 @@ async fn case_2_byok_keeps_the_customers_own_token_and_platform_managed_is_force
     db: TestDb,
 ) {
     let app = TestApp::spawn(&db).await;
-    let mut c = app.client().await;
     let mut candidate = vec![
         env(
             Origin::Workspace,
@@ -343,15 +330,14 @@ async fn case_2_byok_keeps_the_customers_own_token_and_platform_managed_is_force
     candidate.extend(proxy_inputs());
 
     let byok = new_workspace();
-    register(
-        &mut c,
+    app.register(
         &byok,
         Some("claude-code"),
         Some("opus"),
         &["CLAUDE_CODE_OAUTH_TOKEN"],
     )
     .await;
-    let built = build(&mut c, &byok, candidate.clone()).await.unwrap();
+    let built = app.build(&byok, candidate.clone()).await.unwrap();
     assert_eq!(built.resolution.as_ref().unwrap().mode(), Mode::Byok);
     let m = env_map(&built);
     assert_eq!(
@@ -380,23 +366,18 @@ async fn case_2_byok_keeps_the_customers_own_token_and_platform_managed_is_force
     // "No ANTHROPIC_API_KEY" means none injected: one the workspace owns is kept.
     let mut with_own = candidate.clone();
     with_own.push(env(Origin::Workspace, "ANTHROPIC_API_KEY", "customer-key"));
-    let m = env_map(&build(&mut c, &byok, with_own).await.unwrap());
+    let m = env_map(&app.build(&byok, with_own).await.unwrap());
     assert_eq!(
         m["ANTHROPIC_API_KEY"],
         ("customer-key".to_owned(), Origin::Workspace)
     );
 
     let pm = new_workspace();
-    let r = register(
-        &mut c,
-        &pm,
-        Some("claude-code"),
-        Some("claude-sonnet-4-6"),
-        &[],
-    )
-    .await;
+    let r = app
+        .register(&pm, Some("claude-code"), Some("claude-sonnet-4-6"), &[])
+        .await;
     assert_eq!(r.mode(), Mode::PlatformManaged);
-    let built = build(&mut c, &pm, candidate.clone()).await.unwrap();
+    let built = app.build(&pm, candidate.clone()).await.unwrap();
     let m = env_map(&built);
     // Every vendor key stripped, whatever its origin ...
     for key in &r.forbidden_secret_keys {
@@ -454,7 +435,6 @@ async fn case_3_customer_provider_is_byok_platform_provider_is_platform_managed_
     db: TestDb,
 ) {
     let app = TestApp::spawn(&db).await;
-    let mut c = app.client().await;
 
     let cases: [Case3; 11] = [
         (
@@ -560,8 +540,8 @@ async fn case_3_customer_provider_is_byok_platform_provider_is_platform_managed_
     ];
     for (runtime, model, keys, mode, source, provider, is_platform) in cases {
         let ws = new_workspace();
-        register(&mut c, &ws, runtime, model, keys).await;
-        let r = resolve(&mut c, &ws).await;
+        app.register(&ws, runtime, model, keys).await;
+        let r = app.resolve(&ws).await;
         let what = format!("{runtime:?} {model:?} {keys:?}");
         assert_eq!(
             (r.mode(), r.source()),
@@ -599,10 +579,8 @@ async fn case_3_customer_provider_is_byok_platform_provider_is_platform_managed_
 backends!(case_3_a_store_failure_gives_no_decision_at_all);
 async fn case_3_a_store_failure_gives_no_decision_at_all(db: TestDb) {
     let app = TestApp::spawn(&db).await;
-    let mut c = app.client().await;
     let byok = new_workspace();
-    register(
-        &mut c,
+    app.register(
         &byok,
         Some("claude-code"),
         Some("opus"),
@@ -610,14 +588,8 @@ async fn case_3_a_store_failure_gives_no_decision_at_all(db: TestDb) {
     )
     .await;
     let pm = new_workspace();
-    register(
-        &mut c,
-        &pm,
-        Some("claude-code"),
-        Some("claude-sonnet-4-6"),
-        &[],
-    )
-    .await;
+    app.register(&pm, Some("claude-code"), Some("claude-sonnet-4-6"), &[])
+        .await;
     let mut candidate = proxy_inputs();
     candidate.push(env(
         Origin::Workspace,
@@ -625,15 +597,15 @@ async fn case_3_a_store_failure_gives_no_decision_at_all(db: TestDb) {
         "customer-oauth",
     ));
     for ws in [&byok, &pm] {
-        build(&mut c, ws, candidate.clone()).await.unwrap();
+        app.build(ws, candidate.clone()).await.unwrap();
     }
 
     // No default, no last known answer: no mode and no env.
     db.break_the_store().await;
     for ws in [&byok, &pm] {
-        let e = try_resolve(&mut c, ws).await.unwrap_err();
+        let e = app.try_resolve(ws).await.unwrap_err();
         assert_error(&e, Code::Unavailable, "STORE_UNAVAILABLE");
-        let e = build(&mut c, ws, candidate.clone()).await.unwrap_err();
+        let e = app.build(ws, candidate.clone()).await.unwrap_err();
         assert_error(&e, Code::Unavailable, "STORE_UNAVAILABLE");
     }
     app.stop().await.unwrap();
@@ -647,10 +619,8 @@ async fn case_4_claude_code_on_opus_is_byok_on_read_and_provision_and_never_bill
     db: TestDb,
 ) {
     let app = TestApp::spawn(&db).await;
-    let mut c = app.client().await;
     let ws = new_workspace();
-    register(
-        &mut c,
+    app.register(
         &ws,
         Some("claude-code"),
         Some("opus"),
@@ -658,7 +628,7 @@ async fn case_4_claude_code_on_opus_is_byok_on_read_and_provision_and_never_bill
     )
     .await;
 
-    let read = resolve(&mut c, &ws).await;
+    let read = app.resolve(&ws).await;
     assert_eq!(
         (read.mode(), read.source()),
         (Mode::Byok, Source::DerivedProvider)
@@ -680,7 +650,7 @@ async fn case_4_claude_code_on_opus_is_byok_on_read_and_provision_and_never_bill
     let mut first = base.clone();
     first.push(env(Origin::Global, "MODEL_PROVIDER", "opus"));
 
-    let provision = build(&mut c, &ws, first).await.unwrap();
+    let provision = app.build(&ws, first).await.unwrap();
     assert_eq!(
         provision.resolution.as_ref(),
         Some(&read),
@@ -703,7 +673,7 @@ async fn case_4_claude_code_on_opus_is_byok_on_read_and_provision_and_never_bill
     assert_eq!(value(&m, "MODEL_PROVIDER"), Some("opus"));
 
     // Re-provision: the request carries no model at all. Same answer.
-    let again = build(&mut c, &ws, base.clone()).await.unwrap();
+    let again = app.build(&ws, base.clone()).await.unwrap();
     assert_eq!(again.resolution.as_ref(), Some(&read));
     assert_eq!(again.env, provision.env);
 
@@ -713,7 +683,7 @@ async fn case_4_claude_code_on_opus_is_byok_on_read_and_provision_and_never_bill
         .filter(|e| e.origin() != Origin::Workspace)
         .cloned()
         .collect();
-    let e = build(&mut c, &ws, platform_only).await.unwrap_err();
+    let e = app.build(&ws, platform_only).await.unwrap_err();
     assert_error(&e, Code::FailedPrecondition, "MISSING_BYOK_CREDENTIAL");
 
     // "Whatever else is present": other owned keys, or none recorded, change nothing.
@@ -726,13 +696,15 @@ async fn case_4_claude_code_on_opus_is_byok_on_read_and_provision_and_never_bill
         &["ANTHROPIC_API_KEY"][..],
         &[][..],
     ] {
-        let r = register(&mut c, &ws, Some("claude-code"), Some("opus"), keys).await;
+        let r = app
+            .register(&ws, Some("claude-code"), Some("opus"), keys)
+            .await;
         assert_eq!(
             (r.mode(), r.provider.as_str()),
             (Mode::Byok, "anthropic-oauth"),
             "{keys:?}"
         );
-        let b = build(&mut c, &ws, base.clone()).await.unwrap();
+        let b = app.build(&ws, base.clone()).await.unwrap();
         assert_eq!(b.resolution.as_ref(), Some(&r));
     }
     app.stop().await.unwrap();
@@ -836,22 +808,21 @@ backends!(build_env_and_resolve_make_the_same_decision_for_sixty_random_workspac
 /// the real one (`MOLECULE_LLM_BILLING_MODE` differs from Resolve's mode).
 async fn build_env_and_resolve_make_the_same_decision_for_sixty_random_workspaces(db: TestDb) {
     let app = TestApp::spawn(&db).await;
-    let mut c = app.client().await;
     // The same workspaces on both backends.
     let mut rng = StdRng::seed_from_u64(0x00b1_11ed);
     let mut successes: BTreeMap<&'static str, usize> = BTreeMap::new();
     let mut refusals: BTreeMap<String, usize> = BTreeMap::new();
     // Every LLM key, by name: what a platform_managed resolution forbids.
     let reference = new_workspace();
-    let llm_keys = register(
-        &mut c,
-        &reference,
-        Some("claude-code"),
-        Some("claude-sonnet-4-6"),
-        &[],
-    )
-    .await
-    .forbidden_secret_keys;
+    let llm_keys = app
+        .register(
+            &reference,
+            Some("claude-code"),
+            Some("claude-sonnet-4-6"),
+            &[],
+        )
+        .await
+        .forbidden_secret_keys;
     assert!(llm_keys.len() > 10, "{llm_keys:?}");
 
     for i in 0..60 {
@@ -880,9 +851,9 @@ async fn build_env_and_resolve_make_the_same_decision_for_sixty_random_workspace
             3 => Some(Mode::Disabled),
             _ => None,
         };
-        register(&mut c, &ws, Some(runtime), Some(model), &keys).await;
+        app.register(&ws, Some(runtime), Some(model), &keys).await;
         if let Some(m) = over {
-            set_override(&mut c, &ws, m, "parity test").await;
+            app.set_override(&ws, m, "parity test").await;
         }
 
         // The candidate env, built from the record's inputs only.
@@ -931,9 +902,9 @@ async fn build_env_and_resolve_make_the_same_decision_for_sixty_random_workspace
         };
         candidate.shuffle(&mut rng);
 
-        let read = resolve(&mut c, &ws).await;
+        let read = app.resolve(&ws).await;
         let what = format!("#{i} {runtime:?} {model:?} {keys:?} override {over:?}");
-        match build(&mut c, &ws, candidate).await {
+        match app.build(&ws, candidate).await {
             Ok(resp) => {
                 assert!(!wrong_model, "{what}: a wrong model was accepted");
                 assert_eq!(

@@ -112,9 +112,9 @@ async fn report_applied_is_checked_against_the_decision_at_its_revision(db: Test
     let app = TestApp::spawn(&db).await;
     let mut c = app.client().await;
     let ws = new_workspace();
-    let r1 = set_override(&mut c, &ws, Mode::Byok, "r1").await;
-    let r2 = set_override(&mut c, &ws, Mode::PlatformManaged, "r2").await;
-    let r3 = set_override(&mut c, &ws, Mode::Disabled, "r3").await;
+    let r1 = app.set_override(&ws, Mode::Byok, "r1").await;
+    let r2 = app.set_override(&ws, Mode::PlatformManaged, "r2").await;
+    let r3 = app.set_override(&ws, Mode::Disabled, "r3").await;
     assert_eq!((r1.revision, r2.revision, r3.revision), (1, 2, 3));
 
     // Current and stale reports.
@@ -149,9 +149,8 @@ async fn report_applied_is_checked_against_the_decision_at_its_revision(db: Test
     // decided again from the audit log: claude-code + opus with the
     // customer's token, then the model removed.
     let ws2 = new_workspace();
-    let d1 = set(
-        &mut c,
-        SetRequest {
+    let d1 = app
+        .set(SetRequest {
             workspace_id: ws2.clone(),
             runtime: Some("claude-code".into()),
             model: Some("opus".into()),
@@ -159,18 +158,15 @@ async fn report_applied_is_checked_against_the_decision_at_its_revision(db: Test
                 keys: vec!["CLAUDE_CODE_OAUTH_TOKEN".into()],
             }),
             ..SetRequest::default()
-        },
-    )
-    .await;
-    let d2 = set(
-        &mut c,
-        SetRequest {
+        })
+        .await;
+    let d2 = app
+        .set(SetRequest {
             workspace_id: ws2.clone(),
             model: Some(String::new()),
             ..SetRequest::default()
-        },
-    )
-    .await;
+        })
+        .await;
     assert_ne!(d1.mode, d2.mode, "the test needs two different decisions");
     assert!(
         !report(&mut c, &ws2, 1, d1.mode(), "vm-1")
@@ -323,7 +319,7 @@ async fn list_drift_pages_oldest_first_and_a_current_report_ends_drift(db: TestD
     let mut wss = Vec::new();
     for _ in 0..7 {
         let ws = new_workspace();
-        set_override(&mut c, &ws, Mode::PlatformManaged, "start").await;
+        app.set_override(&ws, Mode::PlatformManaged, "start").await;
         for i in ["a", "b"] {
             report(&mut c, &ws, 1, Mode::PlatformManaged, i)
                 .await
@@ -341,13 +337,14 @@ async fn list_drift_pages_oldest_first_and_a_current_report_ends_drift(db: TestD
     // flip. wss[1] flips to byok and back: no drift.
     let mut flipped_at = HashMap::new();
     for (k, ws) in wss.iter().enumerate().rev() {
-        let r = set_override(&mut c, ws, Mode::Byok, "flip").await;
+        let r = app.set_override(ws, Mode::Byok, "flip").await;
         flipped_at.insert(ws.clone(), r.revision);
         if k == 1 {
-            set_override(&mut c, ws, Mode::PlatformManaged, "flip back").await;
+            app.set_override(ws, Mode::PlatformManaged, "flip back")
+                .await;
         }
     }
-    set_override(&mut c, &wss[0], Mode::Disabled, "again").await;
+    app.set_override(&wss[0], Mode::Disabled, "again").await;
 
     let mut expected: Vec<(pbjson_types::Timestamp, String)> = Vec::new();
     for (k, ws) in wss.iter().enumerate() {
@@ -393,7 +390,7 @@ async fn list_drift_pages_oldest_first_and_a_current_report_ends_drift(db: TestD
     // A current report for one instance ends its drift; the other
     // instance of that workspace still drifts.
     let ws = &expected[0].1;
-    let cur = resolve(&mut c, ws).await;
+    let cur = app.resolve(ws).await;
     assert!(
         report(&mut c, ws, cur.revision, cur.mode(), "a")
             .await
@@ -696,7 +693,7 @@ async fn spend_checks_fail_closed_while_the_store_is_down_and_recover_without_re
     let app = TestApp::spawn(&db).await;
     let mut c = app.client().await;
     let ws = new_workspace();
-    set_override(&mut c, &ws, Mode::PlatformManaged, "start").await;
+    app.set_override(&ws, Mode::PlatformManaged, "start").await;
     assert!(answered_at(&mut c, &ws, 1, BOUND).await.allowed);
     assert_eq!(health(&app).await, SERVING);
 
@@ -742,7 +739,7 @@ async fn spend_checks_fail_closed_while_the_store_is_down_and_recover_without_re
     }
     assert!(check(&mut c, &ws).await.unwrap().allowed);
     // And it follows changes again.
-    let r = set_override(&mut c, &ws, Mode::Byok, "after the outage").await;
+    let r = app.set_override(&ws, Mode::Byok, "after the outage").await;
     assert!(!answered_at(&mut c, &ws, r.revision, BOUND).await.allowed);
     app.stop().await.unwrap();
 }
@@ -771,7 +768,7 @@ async fn a_stuck_change_feed_fails_closed_though_the_store_answers(db: TestDb) {
     let app = TestApp::spawn(&db).await;
     let mut c = app.client().await;
     let ws = new_workspace();
-    set_override(&mut c, &ws, Mode::PlatformManaged, "start").await;
+    app.set_override(&ws, Mode::PlatformManaged, "start").await;
     assert!(answered_at(&mut c, &ws, 1, BOUND).await.allowed);
     assert_eq!(health(&app).await, SERVING);
 
@@ -794,7 +791,7 @@ async fn a_stuck_change_feed_fails_closed_though_the_store_answers(db: TestDb) {
         assert!(Instant::now() < deadline, "still answering: {answer:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(resolve(&mut c, &ws).await.revision, 1, "{:?}", db.backend);
+    assert_eq!(app.resolve(&ws).await.revision, 1, "{:?}", db.backend);
 
     // Readable again: both recover without a restart.
     execute(
@@ -807,6 +804,6 @@ async fn a_stuck_change_feed_fails_closed_though_the_store_answers(db: TestDb) {
         assert!(Instant::now() < deadline, "did not recover");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let r = set_override(&mut c, &ws, Mode::Byok, "after").await;
+    let r = app.set_override(&ws, Mode::Byok, "after").await;
     assert!(!answered_at(&mut c, &ws, r.revision, BOUND).await.allowed);
 }

@@ -99,7 +99,7 @@ async fn a_dry_run_answers_as_the_write_would_and_writes_nothing(db: TestDb) {
     assert_eq!(would.mode(), Mode::Byok);
     assert_eq!(stored_state(&db).await, (vec![], vec![]), "a dry run wrote");
     assert_error(
-        &try_resolve(&mut c, &ws).await.unwrap_err(),
+        &app.try_resolve(&ws).await.unwrap_err(),
         Code::NotFound,
         "WORKSPACE_NOT_FOUND",
     );
@@ -108,7 +108,7 @@ async fn a_dry_run_answers_as_the_write_would_and_writes_nothing(db: TestDb) {
     assert_error(&err, Code::NotFound, "WORKSPACE_NOT_FOUND");
 
     // Registered: the answer carries the revision the write would get.
-    let created = set(&mut c, set_model_req(&ws, "opus", false)).await;
+    let created = app.set(set_model_req(&ws, "opus", false)).await;
     assert_eq!(created.revision, 1);
     let before = stored_state(&db).await;
     let would = c
@@ -155,14 +155,12 @@ async fn a_dry_run_answers_as_the_write_would_and_writes_nothing(db: TestDb) {
     // Nothing of it was written: record, audit rows, History, revision.
     assert_eq!(stored_state(&db).await, before, "a dry run wrote");
     assert_eq!(history_len(&mut c, &ws).await, 1);
-    assert_eq!(resolve(&mut c, &ws).await, created);
+    assert_eq!(app.resolve(&ws).await, created);
 
     // The dry run's answer is the real write's.
-    let real = set(
-        &mut c,
-        set_override_req(&ws, Mode::Disabled, Some(1), false),
-    )
-    .await;
+    let real = app
+        .set(set_override_req(&ws, Mode::Disabled, Some(1), false))
+        .await;
     assert_eq!(real, would);
     let would_clear = c
         .clear(clear_req(&ws, Some(2), true))
@@ -172,7 +170,7 @@ async fn a_dry_run_answers_as_the_write_would_and_writes_nothing(db: TestDb) {
         .resolution
         .unwrap();
     assert_eq!(would_clear.revision, 3);
-    assert_eq!(resolve(&mut c, &ws).await.revision, 2);
+    assert_eq!(app.resolve(&ws).await.revision, 2);
     let real_clear = c
         .clear(clear_req(&ws, Some(2), false))
         .await
@@ -740,7 +738,7 @@ async fn an_idle_stream_sends_progress_with_its_cursor(db: TestDb) {
     }
     // After a change, progress carries the change's cursor.
     let ws = new_workspace();
-    set(&mut c, set_model_req(&ws, "opus", false)).await;
+    app.set(set_model_req(&ws, "opus", false)).await;
     let (after, r) = next_change(&mut s).await;
     assert_eq!(r.workspace_id, ws);
     let m = next_ok(&mut s).await;
@@ -757,10 +755,10 @@ async fn no_op_refused_and_dry_run_writes_yield_no_event(db: TestDb) {
     let app = TestApp::spawn(&db).await;
     let mut c = app.client().await;
     let ws = new_workspace();
-    set(&mut c, set_model_req(&ws, "opus", false)).await;
+    app.set(set_model_req(&ws, "opus", false)).await;
     let (mut s, _) = watch_from_now(&mut c, &[]).await;
     // A no-op, refused writes, dry runs.
-    set(&mut c, set_model_req(&ws, "opus", false)).await;
+    app.set(set_model_req(&ws, "opus", false)).await;
     assert!(c
         .set(set_override_req(&ws, Mode::Byok, Some(9), false))
         .await
@@ -778,7 +776,7 @@ async fn no_op_refused_and_dry_run_writes_yield_no_event(db: TestDb) {
     c.clear(clear_req(&ws, None, true)).await.unwrap();
     // Then one real change: the first event is it.
     let marker = new_workspace();
-    set(&mut c, set_model_req(&marker, "opus", false)).await;
+    app.set(set_model_req(&marker, "opus", false)).await;
     let (_, r) = next_change(&mut s).await;
     assert_eq!((r.workspace_id.as_str(), r.revision), (marker.as_str(), 1));
 }
@@ -844,7 +842,7 @@ async fn a_cursor_older_than_the_retained_log_has_expired(db: TestDb) {
     let mut c = app.client().await;
     let (_, old) = watch_from_now(&mut c, &[]).await;
     let ws = new_workspace();
-    set(&mut c, set_model_req(&ws, "opus", false)).await;
+    app.set(set_model_req(&ws, "opus", false)).await;
     // The pruning job runs on its own; wait for it (bounded).
     let deadline = tokio::time::Instant::now() + PATIENCE;
     let err = loop {
@@ -925,7 +923,6 @@ async fn a_slow_consumer_is_cut_off_while_writers_and_other_streams_keep_going(d
         ..config(&db)
     })
     .await;
-    let mut c = app.client().await;
     // The slow consumer: opens, then reads nothing for a while; its
     // HTTP/2 window is tiny, so what it does not read stays queued on
     // the server.
@@ -948,7 +945,8 @@ async fn a_slow_consumer_is_cut_off_while_writers_and_other_streams_keep_going(d
         revisions
     });
     for i in 0..300 {
-        set(&mut c, set_model_req(&ws, &format!("opus-{i}"), false)).await;
+        app.set(set_model_req(&ws, &format!("opus-{i}"), false))
+            .await;
     }
     // Writers kept going, the brisk stream got everything.
     assert_eq!(reader.await.unwrap(), (1..=300).collect::<Vec<u64>>());
