@@ -38,9 +38,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         // Undecodable requests are INVALID_ARGUMENT, not INTERNAL.
         .codec_path("crate::service::codec::Codec")
-        // The one well-known type the API uses, with serde, for the JSON
-        // mapping above.
-        .extern_path(".google.protobuf.Timestamp", "::pbjson_types::Timestamp")
+        // The one well-known type the API uses, with serde in the JSON
+        // mapping above (src/wire/timestamp.rs).
+        .extern_path(".google.protobuf.Timestamp", "crate::wire::Timestamp")
         .build_client(true)
         .build_server(true)
         .compile_fds(api)?;

@@ -602,7 +602,7 @@ pub struct DriftArgs {
     client: ClientArgs,
 }
 
-pub fn timestamp_text(t: &Option<pbjson_types::Timestamp>) -> String {
+pub fn timestamp_text(t: &Option<crate::wire::Timestamp>) -> String {
     t.as_ref()
         .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos.max(0) as u32))
         .map(|t| t.to_rfc3339())

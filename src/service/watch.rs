@@ -348,7 +348,7 @@ impl Stream {
             cursor: self.cursor(position),
             event: Some(Event::Progress(proto::WatchProgress {
                 snapshot_complete,
-                time: Some(pbjson_types::Timestamp::from(now)),
+                time: Some(crate::wire::Timestamp::from(now)),
             })),
         }
     }

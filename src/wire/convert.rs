@@ -363,7 +363,7 @@ pub fn audit_to_wire(a: &AuditEntry) -> proto::AuditEntry {
         revision: a.revision,
         actor: a.actor.clone(),
         reason: a.reason.clone(),
-        time: Some(pbjson_types::Timestamp {
+        time: Some(crate::wire::Timestamp {
             seconds: a.at.timestamp(),
             nanos: i32::try_from(a.at.timestamp_subsec_nanos()).unwrap_or(0),
         }),

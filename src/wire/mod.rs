@@ -3,3 +3,6 @@
 
 pub mod convert;
 pub mod names;
+pub mod timestamp;
+
+pub use timestamp::Timestamp;

@@ -70,7 +70,7 @@ async fn all_drift(c: &mut Client, size: u32) -> Vec<Drift> {
 }
 
 /// The commit time of `revision`, from History.
-async fn commit_time(c: &mut Client, ws: &str, revision: u64) -> pbjson_types::Timestamp {
+async fn commit_time(c: &mut Client, ws: &str, revision: u64) -> billing_mode::wire::Timestamp {
     let h = c
         .history(HistoryRequest {
             workspace_id: ws.to_owned(),
@@ -346,7 +346,7 @@ async fn list_drift_pages_oldest_first_and_a_current_report_ends_drift(db: TestD
     }
     app.set_override(&wss[0], Mode::Disabled, "again").await;
 
-    let mut expected: Vec<(pbjson_types::Timestamp, String)> = Vec::new();
+    let mut expected: Vec<(billing_mode::wire::Timestamp, String)> = Vec::new();
     for (k, ws) in wss.iter().enumerate() {
         if k != 1 {
             expected.push((commit_time(&mut c, ws, flipped_at[ws]).await, ws.clone()));
@@ -354,7 +354,7 @@ async fn list_drift_pages_oldest_first_and_a_current_report_ends_drift(db: TestD
     }
     expected.sort_by_key(|(t, ws)| (t.seconds, t.nanos, ws.clone()));
 
-    let check = |drift: &[Drift], expected: &[(pbjson_types::Timestamp, String)]| {
+    let check = |drift: &[Drift], expected: &[(billing_mode::wire::Timestamp, String)]| {
         let got: Vec<_> = drift
             .iter()
             .map(|d| (d.since.unwrap(), d.workspace_id.clone(), d.instance.clone()))
