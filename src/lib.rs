@@ -3,7 +3,8 @@
 //!
 //! Layers, dependencies pointing one way: [`service`] → [`domain`],
 //! [`service`] → [`store`]; [`store`] knows [`domain`] types; [`domain`]
-//! knows neither.
+//! knows neither. [`wire`] is where proto names meet domain values: the
+//! server's handlers and the operator CLI ([`client`]) both go through it.
 #![forbid(unsafe_code)]
 
 pub mod admin;
