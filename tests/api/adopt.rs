@@ -992,11 +992,8 @@ async fn a_page_token_the_service_did_not_hand_out_is_invalid_argument(db: TestD
     assert_error(&e, Code::InvalidArgument, "INVALID_FIELD");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn readers_and_admins_may_list_workspaces_and_no_one_else() {
-    let Some(db) = TestDb::new(Backend::Sqlite).await else {
-        return;
-    };
+backends!(sqlite: readers_and_admins_may_list_workspaces_and_no_one_else, flavor = "multi_thread", worker_threads = 4);
+async fn readers_and_admins_may_list_workspaces_and_no_one_else(db: TestDb) {
     let roles = [
         (Role::Reader, true),
         (Role::Admin, true),
@@ -1275,11 +1272,8 @@ async fn a_bad_item_fails_the_whole_batch_naming_its_index_and_field_and_never_i
     app.stop().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn batch_create_needs_the_roles_of_set_and_reading_an_existing_one_needs_reader() {
-    let Some(db) = TestDb::new(Backend::Sqlite).await else {
-        return;
-    };
+backends!(sqlite: batch_create_needs_the_roles_of_set_and_reading_an_existing_one_needs_reader, flavor = "multi_thread", worker_threads = 4);
+async fn batch_create_needs_the_roles_of_set_and_reading_an_existing_one_needs_reader(db: TestDb) {
     let roles: [&[Role]; 6] = [
         &[Role::Admin],
         &[Role::Writer],

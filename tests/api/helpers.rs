@@ -61,17 +61,7 @@ impl TestDb {
                 })
             }
             Backend::Postgres => {
-                let Some(base) = std::env::var("DATABASE_URL")
-                    .ok()
-                    .filter(|u| u.starts_with("postgres"))
-                else {
-                    assert!(
-                        std::env::var_os("CI").is_none(),
-                        "CI must run the Postgres tests: set DATABASE_URL=postgres://…"
-                    );
-                    eprintln!("SKIPPED: Postgres black-box test: DATABASE_URL is not set to a postgres:// URL");
-                    return None;
-                };
+                let base = postgres_url("Postgres black-box test")?;
                 use sqlx::Connection;
                 let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
                 let mut conn = sqlx::PgConnection::connect(&base)
@@ -91,6 +81,23 @@ impl TestDb {
             }
         }
     }
+}
+
+/// The Postgres server the tests use (`DATABASE_URL`). `None` (after saying
+/// so loudly) when it is not set to a postgres:// URL; under CI (`CI` set)
+/// that is a failure instead.
+pub(crate) fn postgres_url(purpose: &str) -> Option<String> {
+    let url = std::env::var("DATABASE_URL")
+        .ok()
+        .filter(|u| u.starts_with("postgres"));
+    if url.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must run the Postgres tests: set DATABASE_URL=postgres://…"
+        );
+        eprintln!("SKIPPED: {purpose}: DATABASE_URL is not set to a postgres:// URL");
+    }
+    url
 }
 
 impl TestDb {
@@ -217,7 +224,25 @@ async fn drop_schema(base: &str, schema: &str) {
 /// [`run_on`], so that a failure on one backend never hides the other.
 /// Arguments after the name go to `#[tokio::test(...)]`:
 /// `backends!(name, flavor = "multi_thread", worker_threads = 4)`.
+/// `backends!(postgres: name)` (or `sqlite:`) declares the one test
+/// `name::postgres` for what only that backend has.
 macro_rules! backends {
+    (postgres: $name:ident $(, $($runtime:tt)+)?) => {
+        mod $name {
+            #[tokio::test$(($($runtime)+))?]
+            async fn postgres() {
+                crate::helpers::run_on(crate::helpers::Backend::Postgres, super::$name).await;
+            }
+        }
+    };
+    (sqlite: $name:ident $(, $($runtime:tt)+)?) => {
+        mod $name {
+            #[tokio::test$(($($runtime)+))?]
+            async fn sqlite() {
+                crate::helpers::run_on(crate::helpers::Backend::Sqlite, super::$name).await;
+            }
+        }
+    };
     ($name:ident $(, $($runtime:tt)+)?) => {
         mod $name {
             #[tokio::test$(($($runtime)+))?]

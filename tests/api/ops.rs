@@ -257,11 +257,8 @@ async fn with_migrations_left_to_the_migrate_step_the_server_waits_not_ready(db:
     app.stop().await.unwrap();
 }
 
-#[tokio::test]
-async fn probes_work_on_the_admin_port_with_mtls_on_the_grpc_port() {
-    let Some(db) = TestDb::new(Backend::Sqlite).await else {
-        return;
-    };
+backends!(sqlite: probes_work_on_the_admin_port_with_mtls_on_the_grpc_port);
+async fn probes_work_on_the_admin_port_with_mtls_on_the_grpc_port(db: TestDb) {
     let dir = tempfile::tempdir().unwrap();
     let ca = rcgen::generate_simple_self_signed(vec!["billing-mode test CA".into()]).unwrap();
     let server = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
@@ -741,16 +738,13 @@ async fn sighup_never_swaps_the_registry_a_change_needs_a_rolling_restart() {
 // ---------------------------------------------------------------------------
 // Lost store connections on the read path
 
+backends!(postgres: resolve_answers_from_a_fresh_connection_after_the_store_cut_them_all, flavor = "multi_thread", worker_threads = 2);
 /// Resolve reads through connections that are not pinged before each use
 /// (docs/performance.md): when the database cuts them all (a failover, an
 /// idle cut, `pg_terminate_backend`), the next Resolve must still answer from
 /// the store, on a fresh connection, and never with an error a client would
 /// have to retry.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn resolve_answers_from_a_fresh_connection_after_the_store_cut_them_all() {
-    let Some(db) = TestDb::new(Backend::Postgres).await else {
-        return;
-    };
+async fn resolve_answers_from_a_fresh_connection_after_the_store_cut_them_all(db: TestDb) {
     let app_name = format!("reads_{}", uuid::Uuid::new_v4().simple());
     let app = TestApp::spawn_with(db.config_named(&app_name)).await;
     let mut c = app.client().await;

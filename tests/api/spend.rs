@@ -681,8 +681,7 @@ async fn a_replica_started_during_writes_misses_no_change(db: TestDb) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn spend_checks_fail_closed_while_the_store_is_down_and_recover_without_restart() {
-    if !std::env::var("DATABASE_URL").is_ok_and(|u| u.starts_with("postgres")) {
-        eprintln!("SKIPPED: the store-outage test needs Postgres (DATABASE_URL=postgres://…)");
+    if postgres_url("the store-outage test needs Postgres").is_none() {
         return;
     }
     let Some(pg) = PrivatePostgres::start("spend checks while the store is down") else {

@@ -8,6 +8,10 @@
 //! spans for the store and the decision, the caller's `traceparent` and
 //! `tracestate` continued, and that no credential value sent in a BuildEnv
 //! reaches any exported span, attribute or event.
+//!
+//! The server runs as a process of its own, so its exporter and its global
+//! subscriber are not this test binary's: unlike the canary test, this one
+//! can share the binary with the others.
 
 use std::{
     collections::HashMap,

@@ -540,11 +540,10 @@ async fn every_committed_revision_arrives_exactly_once_in_order_across_held_tran
 // Replicas and the store connection
 // ---------------------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_write_through_one_replica_reaches_watch_on_another_and_cursors_move_between_them() {
-    let Some(db) = TestDb::new(Backend::Postgres).await else {
-        return;
-    };
+backends!(postgres: a_write_through_one_replica_reaches_watch_on_another_and_cursors_move_between_them, flavor = "multi_thread", worker_threads = 4);
+async fn a_write_through_one_replica_reaches_watch_on_another_and_cursors_move_between_them(
+    db: TestDb,
+) {
     let one = TestApp::spawn(&db).await;
     let two = TestApp::spawn(&db).await;
     let mut writer = one.client().await;
@@ -576,11 +575,8 @@ async fn a_write_through_one_replica_reaches_watch_on_another_and_cursors_move_b
     assert_eq!(all, got);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_killed_store_connection_under_a_live_stream_loses_and_repeats_nothing() {
-    let Some(db) = TestDb::new(Backend::Postgres).await else {
-        return;
-    };
+backends!(postgres: a_killed_store_connection_under_a_live_stream_loses_and_repeats_nothing, flavor = "multi_thread", worker_threads = 4);
+async fn a_killed_store_connection_under_a_live_stream_loses_and_repeats_nothing(db: TestDb) {
     // Name this server's connections, to cut exactly them.
     let app_name = format!("watch_{}", uuid::Uuid::new_v4().simple());
     let app = TestApp::spawn_with(db.config_named(&app_name)).await;
