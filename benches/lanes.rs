@@ -40,6 +40,10 @@
 //! The targets, each a ratio from the same run (see [`targets`]), are printed
 //! with PASS or MISS; timing is never asserted, here or in tests.
 //!
+//! `LANES_SERVER_WRAPPER` (a command and its arguments, e.g. `valgrind
+//! --tool=callgrind`) runs the server child under that command: instruction
+//! counts per request are stable where timings are not.
+//!
 //! Adding a lane: write a `fn(&Ctx) -> Call` (one request; see the existing
 //! lanes) and add a [`Lane`] to [`lanes`]; a ratio target goes in [`targets`].
 
@@ -691,7 +695,20 @@ impl Server {
         dir: &std::path::Path,
     ) -> anyhow::Result<Server> {
         let log = dir.join("server.log");
-        let mut child = Command::new(std::env::current_exe()?)
+        // `LANES_SERVER_WRAPPER="valgrind --tool=callgrind"` (any command and
+        // its arguments) runs the server under it, to count its instructions
+        // per request; the load generator runs as usual.
+        let wrapper = std::env::var("LANES_SERVER_WRAPPER").unwrap_or_default();
+        let mut wrapper = wrapper.split_whitespace();
+        let mut command = match wrapper.next() {
+            Some(program) => {
+                let mut c = Command::new(program);
+                c.args(wrapper).arg(std::env::current_exe()?);
+                c
+            }
+            None => Command::new(std::env::current_exe()?),
+        };
+        let mut child = command
             .arg("--lanes-server")
             .env("LANES_DATABASE_URL", database_url)
             .env("LANES_TOKEN_LINE", token_line)
