@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod auth;
 pub mod client;
+mod coalesced_io;
 pub mod config;
 pub mod domain;
 pub mod feed;

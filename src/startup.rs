@@ -13,6 +13,7 @@ use std::{
 
 use anyhow::{bail, Context};
 use tokio::{net::TcpListener, task::JoinSet};
+use tokio_stream::StreamExt as _;
 use tonic::service::Routes;
 use tonic::transport::{server::TcpIncoming, Certificate, Identity, Server, ServerTlsConfig};
 use tower::limit::GlobalConcurrencyLimitLayer;
@@ -20,6 +21,7 @@ use tower::limit::GlobalConcurrencyLimitLayer;
 use crate::{
     admin,
     auth::Authenticator,
+    coalesced_io::CoalescedIo,
     config::{Config, DatabaseUrl, MAX_MESSAGE_BYTES},
     domain::Registry,
     feed::{Feed, FeedConfig},
@@ -325,6 +327,7 @@ impl Application {
             .add_service(billing);
 
         let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
+        let tls = self.config.tls.is_some();
         let feed = self.feed.clone();
         let shutdown = async move {
             shutdown.await;
@@ -333,10 +336,18 @@ impl Application {
             // Watch streams end with SHUTTING_DOWN, so in-flight calls finish.
             feed.shutdown();
         };
-        router
-            .serve_with_incoming_shutdown(incoming, shutdown)
-            .await
-            .context("serving")?;
+        let served = if tls {
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+        } else {
+            // One write per flush (see `coalesced_io`).
+            let incoming = incoming.map(|conn| conn.map(CoalescedIo::new));
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+        };
+        served.context("serving")?;
         drop(tasks);
         tracing::info!("stopped");
         Ok(())
