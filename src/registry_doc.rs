@@ -17,7 +17,7 @@ fn registry() -> Registry {
 }
 
 /// `a`, `b` (each in backticks), or nothing.
-fn code_list(items: &[String]) -> String {
+fn code_list(items: &[impl std::fmt::Display]) -> String {
     items
         .iter()
         .map(|i| format!("`{i}`"))

@@ -322,12 +322,12 @@ fn route_through_proxy(
         let Some(url) = candidate.get(Origin::Platform, &family.proxy_base_url) else {
             continue;
         };
-        written.insert(family.proxy_base_url.clone(), url.to_owned());
+        written.insert(family.proxy_base_url.to_string(), url.to_owned());
         for var in &family.endpoints {
-            written.insert(var.clone(), url.to_owned());
+            written.insert(var.to_string(), url.to_owned());
         }
         for var in &family.credentials {
-            written.insert(var.clone(), token.to_owned());
+            written.insert(var.to_string(), token.to_owned());
         }
     }
     Ok(())

@@ -140,11 +140,11 @@ struct RawRule {
 pub struct Family {
     pub id: String,
     /// The PLATFORM-origin variable holding the proxy's base URL for this family.
-    pub proxy_base_url: String,
+    pub proxy_base_url: EnvKey,
     /// Variables set to the proxy's base URL in `platform_managed`.
-    pub endpoints: Vec<String>,
+    pub endpoints: Vec<EnvKey>,
     /// Variables set to the usage token in `platform_managed`.
-    pub credentials: Vec<String>,
+    pub credentials: Vec<EnvKey>,
 }
 
 /// A way of paying for LLM calls: a vendor account, the customer's
@@ -155,9 +155,9 @@ pub struct Provider {
     pub platform: bool,
     pub family: Option<String>,
     /// Any one of these authenticates the provider.
-    pub credentials: Vec<String>,
+    pub credentials: Vec<EnvKey>,
     /// Variables that point a client at an endpoint.
-    pub endpoints: Vec<String>,
+    pub endpoints: Vec<EnvKey>,
 }
 
 /// Runtime + model pattern → candidate providers, in order.
@@ -187,10 +187,10 @@ impl Rule {
 #[derive(Debug, Clone)]
 pub struct Registry {
     source_name: String,
-    usage_token: String,
+    usage_token: EnvKey,
     default_family: Family,
-    model_vars: Vec<String>,
-    runtime_model_vars: BTreeMap<String, Vec<String>>,
+    model_vars: Vec<EnvKey>,
+    runtime_model_vars: BTreeMap<String, Vec<EnvKey>>,
     families: Vec<Family>,
     providers: Vec<Provider>,
     rules: Vec<Rule>,
@@ -212,19 +212,38 @@ impl Checker<'_> {
         }
     }
 
-    fn keys(&self, entry: &str, field: &str, keys: &[String]) -> Result<(), RegistryError> {
-        for k in keys {
-            EnvKey::parse(k).map_err(|_| {
-                self.err(
-                    entry,
-                    RegistryProblem::InvalidEnvKey {
-                        field: field.to_owned(),
-                        key: k.clone(),
-                    },
-                )
-            })?;
-        }
-        Ok(())
+    /// Each of `keys` as an [`EnvKey`], or the error naming the bad one.
+    fn keys(
+        &self,
+        entry: &str,
+        field: &str,
+        keys: &[String],
+    ) -> Result<Vec<EnvKey>, RegistryError> {
+        keys.iter()
+            .map(|k| {
+                EnvKey::parse(k).map_err(|_| {
+                    self.err(
+                        entry,
+                        RegistryProblem::InvalidEnvKey {
+                            field: field.to_owned(),
+                            key: k.clone(),
+                        },
+                    )
+                })
+            })
+            .collect()
+    }
+
+    fn key(&self, entry: &str, field: &str, key: &str) -> Result<EnvKey, RegistryError> {
+        EnvKey::parse(key).map_err(|_| {
+            self.err(
+                entry,
+                RegistryProblem::InvalidEnvKey {
+                    field: field.to_owned(),
+                    key: key.to_owned(),
+                },
+            )
+        })
     }
 }
 
@@ -247,19 +266,16 @@ impl Registry {
         if !raw.usage_token.starts_with(PROXY_PREFIX) {
             return Err(c.err("usage_token", RegistryProblem::UsageTokenPrefix));
         }
-        c.keys(
-            "usage_token",
-            "usage_token",
-            std::slice::from_ref(&raw.usage_token),
-        )?;
+        let usage_token = c.key("usage_token", "usage_token", &raw.usage_token)?;
         if raw.model_vars.is_empty() {
             return Err(c.err("model_vars", RegistryProblem::NoModelVar));
         }
-        c.keys("model_vars", "model_vars", &raw.model_vars)?;
+        let model_vars = c.keys("model_vars", "model_vars", &raw.model_vars)?;
+        let mut runtime_model_vars = BTreeMap::new();
         for (rt, vars) in &raw.runtime_model_vars {
             let entry = format!("runtime_model_vars.{rt}");
             Runtime::parse(rt).map_err(|e| c.err(&entry, RegistryProblem::InvalidRuntime(e)))?;
-            c.keys(&entry, "variables", vars)?;
+            runtime_model_vars.insert(rt.clone(), c.keys(&entry, "variables", vars)?);
         }
 
         let mut families = Vec::new();
@@ -275,21 +291,17 @@ impl Registry {
             if !f.proxy_base_url.starts_with(PROXY_PREFIX) {
                 return Err(c.err(entry, RegistryProblem::ProxyBaseUrlPrefix));
             }
-            c.keys(
-                &entry,
-                "proxy_base_url",
-                std::slice::from_ref(&f.proxy_base_url),
-            )?;
+            let proxy_base_url = c.key(&entry, "proxy_base_url", &f.proxy_base_url)?;
             if f.endpoints.is_empty() || f.credentials.is_empty() {
                 return Err(c.err(entry, RegistryProblem::FamilyWithoutVariables));
             }
-            c.keys(&entry, "endpoints", &f.endpoints)?;
-            c.keys(&entry, "credentials", &f.credentials)?;
+            let endpoints = c.keys(&entry, "endpoints", &f.endpoints)?;
+            let credentials = c.keys(&entry, "credentials", &f.credentials)?;
             families.push(Family {
                 id: f.id,
-                proxy_base_url: f.proxy_base_url,
-                endpoints: f.endpoints,
-                credentials: f.credentials,
+                proxy_base_url,
+                endpoints,
+                credentials,
             });
         }
         let Some(default_family) = families
@@ -317,8 +329,8 @@ impl Registry {
             if p.credentials.is_empty() {
                 return Err(c.err(entry, RegistryProblem::ProviderWithoutCredential));
             }
-            c.keys(&entry, "credentials", &p.credentials)?;
-            c.keys(&entry, "endpoints", &p.endpoints)?;
+            let credentials = c.keys(&entry, "credentials", &p.credentials)?;
+            let endpoints = c.keys(&entry, "endpoints", &p.endpoints)?;
             match &p.family {
                 Some(f) if !family_ids.contains(f) => {
                     return Err(c.err(entry, RegistryProblem::UndeclaredFamily(f.clone())));
@@ -332,8 +344,8 @@ impl Registry {
                 id: p.id,
                 platform: p.platform,
                 family: p.family,
-                credentials: p.credentials,
-                endpoints: p.endpoints,
+                credentials,
+                endpoints,
             });
         }
 
@@ -384,26 +396,27 @@ impl Registry {
             });
         }
 
+        let name = |k: &EnvKey| k.as_str().to_owned();
         let vendor_credentials: BTreeSet<String> = providers
             .iter()
-            .flat_map(|p| p.credentials.iter().cloned())
+            .flat_map(|p| p.credentials.iter().map(name))
             .collect();
         let mut llm_keys = vendor_credentials.clone();
-        llm_keys.extend(providers.iter().flat_map(|p| p.endpoints.iter().cloned()));
+        llm_keys.extend(providers.iter().flat_map(|p| p.endpoints.iter().map(name)));
         for f in &families {
-            llm_keys.extend(f.endpoints.iter().cloned());
-            llm_keys.extend(f.credentials.iter().cloned());
-            llm_keys.insert(f.proxy_base_url.clone());
+            llm_keys.extend(f.endpoints.iter().map(name));
+            llm_keys.extend(f.credentials.iter().map(name));
+            llm_keys.insert(name(&f.proxy_base_url));
         }
-        llm_keys.insert(raw.usage_token.clone());
+        llm_keys.insert(name(&usage_token));
         let forbidden_secret_keys = llm_keys.iter().cloned().collect();
 
         Ok(Registry {
             source_name: source_name.to_owned(),
-            usage_token: raw.usage_token,
+            usage_token,
             default_family,
-            model_vars: raw.model_vars,
-            runtime_model_vars: raw.runtime_model_vars,
+            model_vars,
+            runtime_model_vars,
             families,
             providers,
             rules,
@@ -469,13 +482,13 @@ impl Registry {
 
     /// The extra model variables of particular runtimes, by runtime.
     #[cfg(test)]
-    pub(crate) fn runtime_model_vars(&self) -> &BTreeMap<String, Vec<String>> {
+    pub(crate) fn runtime_model_vars(&self) -> &BTreeMap<String, Vec<EnvKey>> {
         &self.runtime_model_vars
     }
 
     /// The variables that carry the model to a container of this runtime.
     pub fn model_vars(&self, runtime: Option<&Runtime>) -> Vec<&str> {
-        let mut vars: Vec<&str> = self.model_vars.iter().map(String::as_str).collect();
+        let mut vars: Vec<&str> = self.model_vars.iter().map(EnvKey::as_str).collect();
         if let Some(extra) = runtime.and_then(|r| self.runtime_model_vars.get(r.as_str())) {
             for v in extra {
                 if !vars.contains(&v.as_str()) {

@@ -35,7 +35,7 @@ impl DerivedProvider {
             id: p.id.clone(),
             is_platform: p.platform,
             family: p.family.clone(),
-            credentials: p.credentials.clone(),
+            credentials: p.credentials.iter().map(|k| k.to_string()).collect(),
         }
     }
 }

@@ -227,6 +227,25 @@ impl std::borrow::Borrow<str> for EnvKey {
     }
 }
 
+impl std::ops::Deref for EnvKey {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl PartialEq<str> for EnvKey {
+    fn eq(&self, other: &str) -> bool {
+        self.0 == other
+    }
+}
+
+impl PartialEq<&str> for EnvKey {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
+    }
+}
+
 /// The names (never values) of the LLM credentials a workspace owns: at most
 /// 64, duplicates merged, kept sorted.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

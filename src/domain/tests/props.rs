@@ -73,7 +73,7 @@ fn credential_names() -> Vec<String> {
         registry()
             .providers()
             .iter()
-            .flat_map(|p| p.credentials.iter().cloned()),
+            .flat_map(|p| p.credentials.iter().map(|k| k.to_string())),
     )
 }
 
@@ -385,7 +385,7 @@ fn check_case(fields: &StoredText, entries: &[EnvInput]) -> Result<(), TestCaseE
             return token;
         }
         for (f, url) in &routed {
-            if key == f.proxy_base_url || f.endpoints.iter().any(|k| k == key) {
+            if f.proxy_base_url == key || f.endpoints.iter().any(|k| k == key) {
                 return Some(url);
             }
             if f.credentials.iter().any(|k| k == key) {
