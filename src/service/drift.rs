@@ -41,15 +41,7 @@ pub struct ReportInput {
 /// Validates a ReportApplied request before any I/O.
 pub fn report_request(req: &proto::ReportAppliedRequest) -> Result<ReportInput, ApiError> {
     let workspace_id = convert::workspace_id(&req.workspace_id)?;
-    let mode = match proto::Mode::try_from(req.mode) {
-        Ok(proto::Mode::PlatformManaged) => Mode::PlatformManaged,
-        Ok(proto::Mode::Byok) => Mode::Byok,
-        Ok(proto::Mode::Disabled) => Mode::Disabled,
-        Ok(proto::Mode::Unspecified) | Err(_) => return Err(ApiError::new(
-            ErrorReason::InvalidMode,
-            "mode: report the resolution.mode of the BuildEnv result the instance was started with",
-        )),
-    };
+    let mode = convert::applied_mode(req.mode)?;
     let instance = Instance::parse(&req.instance).map_err(|e| ApiError::field("instance", &e))?;
     Ok(ReportInput {
         workspace_id,

@@ -38,36 +38,8 @@ struct Query {
 }
 
 fn query(req: &proto::ListWorkspacesRequest) -> Result<Query, ApiError> {
-    let mode = match proto::Mode::try_from(req.mode) {
-        Ok(proto::Mode::Unspecified) => None,
-        Ok(proto::Mode::PlatformManaged) => Some(Mode::PlatformManaged),
-        Ok(proto::Mode::Byok) => Some(Mode::Byok),
-        Ok(proto::Mode::Disabled) => Some(Mode::Disabled),
-        Err(_) => {
-            return Err(ApiError::new(
-                ErrorReason::InvalidMode,
-                format!(
-                    "mode: {} is not a mode (0 any, 1 platform_managed, 2 byok, 3 disabled)",
-                    req.mode
-                ),
-            ))
-        }
-    };
-    let source = match proto::Source::try_from(req.source) {
-        Ok(proto::Source::Unspecified) => None,
-        Ok(proto::Source::Override) => Some(Source::Override),
-        Ok(proto::Source::DerivedProvider) => Some(Source::DerivedProvider),
-        Ok(proto::Source::Default) => Some(Source::Default),
-        Err(_) => {
-            return Err(ApiError::new(
-                ErrorReason::InvalidField,
-                format!(
-                    "source: {} is not a source (0 any, 1 OVERRIDE, 2 DERIVED_PROVIDER, 3 DEFAULT)",
-                    req.source
-                ),
-            ))
-        }
-    };
+    let mode = convert::mode_filter(req.mode)?;
+    let source = convert::source_filter(req.source)?;
     Ok(Query {
         page_size: convert::page_size(req.page_size),
         after: decode_token(&req.page_token)?,

@@ -26,13 +26,68 @@ pub fn mode_to_wire(m: Mode) -> proto::Mode {
     }
 }
 
+/// A proto mode as the domain's; `None` for `MODE_UNSPECIFIED`.
+pub fn mode_from_proto(m: proto::Mode) -> Option<Mode> {
+    match m {
+        proto::Mode::PlatformManaged => Some(Mode::PlatformManaged),
+        proto::Mode::Byok => Some(Mode::Byok),
+        proto::Mode::Disabled => Some(Mode::Disabled),
+        proto::Mode::Unspecified => None,
+    }
+}
+
+/// A proto source as the domain's; `None` for `SOURCE_UNSPECIFIED`.
+fn source_from_proto(s: proto::Source) -> Option<Source> {
+    match s {
+        proto::Source::Override => Some(Source::Override),
+        proto::Source::DerivedProvider => Some(Source::DerivedProvider),
+        proto::Source::Default => Some(Source::Default),
+        proto::Source::Unspecified => None,
+    }
+}
+
+/// ListWorkspaces' mode filter: unspecified is any mode.
+pub fn mode_filter(v: i32) -> Result<Option<Mode>, ApiError> {
+    proto::Mode::try_from(v).map(mode_from_proto).map_err(|_| {
+        ApiError::new(
+            ErrorReason::InvalidMode,
+            format!("mode: {v} is not a mode (0 any, 1 platform_managed, 2 byok, 3 disabled)"),
+        )
+    })
+}
+
+/// ListWorkspaces' source filter: unspecified is any source.
+pub fn source_filter(v: i32) -> Result<Option<Source>, ApiError> {
+    proto::Source::try_from(v)
+        .map(source_from_proto)
+        .map_err(|_| {
+            ApiError::new(
+                ErrorReason::InvalidField,
+                format!(
+                "source: {v} is not a source (0 any, 1 OVERRIDE, 2 DERIVED_PROVIDER, 3 DEFAULT)"
+            ),
+            )
+        })
+}
+
+/// The mode a ReportApplied request says an instance runs.
+pub fn applied_mode(v: i32) -> Result<Mode, ApiError> {
+    proto::Mode::try_from(v)
+        .ok()
+        .and_then(mode_from_proto)
+        .ok_or_else(|| {
+            ApiError::new(
+                ErrorReason::InvalidMode,
+                "mode: report the resolution.mode of the BuildEnv result the instance was started with",
+            )
+        })
+}
+
 /// A requested mode: `MODE_UNSPECIFIED` and unknown numbers are refused.
 pub fn mode_from_wire(v: i32) -> Result<Mode, ApiError> {
-    match proto::Mode::try_from(v) {
-        Ok(proto::Mode::PlatformManaged) => Ok(Mode::PlatformManaged),
-        Ok(proto::Mode::Byok) => Ok(Mode::Byok),
-        Ok(proto::Mode::Disabled) => Ok(Mode::Disabled),
-        Ok(proto::Mode::Unspecified) => Err(ApiError::new(
+    match proto::Mode::try_from(v).map(mode_from_proto) {
+        Ok(Some(m)) => Ok(m),
+        Ok(None) => Err(ApiError::new(
             ErrorReason::InvalidMode,
             "override_mode: MODE_UNSPECIFIED is not a mode; to remove an override use Clear",
         )),

@@ -14,10 +14,10 @@ use super::convert;
 
 /// `platform_managed`, `byok` or `disabled`.
 pub fn mode_name(v: i32) -> Option<&'static str> {
-    match proto::Mode::try_from(v) {
-        Ok(proto::Mode::Unspecified) | Err(_) => None,
-        Ok(_) => convert::mode_from_wire(v).ok().map(Mode::as_str),
-    }
+    proto::Mode::try_from(v)
+        .ok()
+        .and_then(convert::mode_from_proto)
+        .map(Mode::as_str)
 }
 
 /// `OVERRIDE`, `DERIVED_PROVIDER` or `DEFAULT`.
