@@ -84,8 +84,8 @@ impl CandidateEnv {
             if index >= MAX_ENV_ENTRIES {
                 return Err(EnvError::TooManyEntries { count: index + 1 });
             }
-            let key =
-                EnvKey::parse(&e.key).map_err(|source| EnvError::InvalidKey { index, source })?;
+            let key = EnvKey::from_string(e.key)
+                .map_err(|source| EnvError::InvalidKey { index, source })?;
             let map = match e.origin {
                 Origin::Workspace => &mut env.workspace,
                 Origin::Global => &mut env.global,
@@ -192,8 +192,10 @@ pub fn build_env(
         }
     }
 
+    // Borrowed keys and values until the env is handed out: one copy of
+    // each entry, made at the end.
     let mode = resolution.mode;
-    let mut out: BTreeMap<String, (String, Origin)> = BTreeMap::new();
+    let mut out: BTreeMap<&str, (&str, Origin)> = BTreeMap::new();
     for (key, (value, origin)) in &merged {
         let keep = if !registry.is_llm_key(key) {
             true
@@ -206,11 +208,11 @@ pub fn build_env(
             }
         };
         if keep {
-            out.insert((*key).to_owned(), ((*value).to_owned(), *origin));
+            out.insert(key, (value, *origin));
         }
     }
 
-    let mut written: BTreeMap<String, String> = BTreeMap::new();
+    let mut written: BTreeMap<&str, &str> = BTreeMap::new();
     match mode {
         Mode::Byok => check_byok_credential(resolution, registry, candidate)?,
         Mode::PlatformManaged => {
@@ -219,15 +221,15 @@ pub fn build_env(
         Mode::Disabled => {}
     }
     for var in BILLING_MODE_VARS {
-        written.insert(var.to_owned(), mode.as_str().to_owned());
+        written.insert(var, mode.as_str());
     }
     if let Some(model) = recorded_model {
         for var in &model_vars {
-            written.insert((*var).to_owned(), model.as_str().to_owned());
+            written.insert(var, model.as_str());
         }
     }
 
-    let added_keys: Vec<String> = written.keys().cloned().collect();
+    let added_keys: Vec<String> = written.keys().map(|k| (*k).to_owned()).collect();
     for (k, v) in written {
         out.insert(k, (v, Origin::Authority));
     }
@@ -238,7 +240,11 @@ pub fn build_env(
         .collect();
     let env = out
         .into_iter()
-        .map(|(key, (value, origin))| EnvEntry { key, value, origin })
+        .map(|(key, (value, origin))| EnvEntry {
+            key: key.to_owned(),
+            value: value.to_owned(),
+            origin,
+        })
         .collect();
     Ok(BuiltEnv {
         env,
@@ -290,11 +296,11 @@ fn check_byok_credential(
 
 /// `platform_managed`: every family with a PLATFORM base URL is pointed at the
 /// proxy with the usage token; the required family must be among them.
-fn route_through_proxy(
+fn route_through_proxy<'a>(
     resolution: &Resolution,
-    registry: &Registry,
-    candidate: &CandidateEnv,
-    written: &mut BTreeMap<String, String>,
+    registry: &'a Registry,
+    candidate: &'a CandidateEnv,
+    written: &mut BTreeMap<&'a str, &'a str>,
 ) -> Result<(), EnvError> {
     let required: &Family = resolution
         .provider
@@ -317,17 +323,17 @@ fn route_through_proxy(
             missing: missing.join(", "),
         });
     };
-    written.insert(token_var.to_owned(), token.to_owned());
+    written.insert(token_var, token);
     for family in registry.families() {
         let Some(url) = candidate.get(Origin::Platform, &family.proxy_base_url) else {
             continue;
         };
-        written.insert(family.proxy_base_url.to_string(), url.to_owned());
+        written.insert(family.proxy_base_url.as_str(), url);
         for var in &family.endpoints {
-            written.insert(var.to_string(), url.to_owned());
+            written.insert(var.as_str(), url);
         }
         for var in &family.credentials {
-            written.insert(var.to_string(), token.to_owned());
+            written.insert(var.as_str(), token);
         }
     }
     Ok(())

@@ -198,13 +198,25 @@ pub struct EnvKey(String);
 
 impl EnvKey {
     pub fn parse(s: &str) -> Result<Self, ValidationError> {
+        Self::check(s)?;
+        Ok(EnvKey(s.to_owned()))
+    }
+
+    /// [`EnvKey::parse`] of a string the caller gives up: the key keeps it,
+    /// no copy.
+    pub fn from_string(s: String) -> Result<Self, ValidationError> {
+        Self::check(&s)?;
+        Ok(EnvKey(s))
+    }
+
+    fn check(s: &str) -> Result<(), ValidationError> {
         let b = s.as_bytes();
         let ok = !b.is_empty()
             && b.len() <= MAX_ENV_KEY_BYTES
             && (b[0].is_ascii_alphabetic() || b[0] == b'_')
             && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'_');
         if ok {
-            Ok(EnvKey(s.to_owned()))
+            Ok(())
         } else {
             Err(ValidationError::EnvKey)
         }

@@ -325,10 +325,10 @@ impl BillingMode for BillingModeService {
         let run = async {
             let who = principal(&request)?;
             who.require(Action::BuildEnv)?;
-            let req = request.get_ref();
+            let req = request.into_inner();
             let id = convert::workspace_id(&req.workspace_id)?;
             record_workspace(&id);
-            let candidate = convert::candidate_env(&req.env)?;
+            let candidate = convert::candidate_env(req.env)?;
             let record = self.load(&id).await?;
             // The same decision Resolve makes, on the same record.
             let resolution = resolve(&record, &self.registry);

@@ -364,7 +364,9 @@ pub fn clear_request(req: &proto::ClearRequest) -> Result<SetInput, ApiError> {
 }
 
 /// The candidate env, validated before any I/O.
-pub fn candidate_env(env: &[proto::EnvVar]) -> Result<CandidateEnv, ApiError> {
+/// Takes the request's entries: their keys and values move into the
+/// candidate, uncopied.
+pub fn candidate_env(env: Vec<proto::EnvVar>) -> Result<CandidateEnv, ApiError> {
     if env.len() > MAX_ENV_ENTRIES {
         return Err(ApiError::new(
             ErrorReason::LimitExceeded,
@@ -374,9 +376,9 @@ pub fn candidate_env(env: &[proto::EnvVar]) -> Result<CandidateEnv, ApiError> {
             ),
         ));
     }
-    let inputs = env.iter().map(|e| EnvInput {
-        key: e.key.clone(),
-        value: e.value.clone(),
+    let inputs = env.into_iter().map(|e| EnvInput {
+        key: e.key,
+        value: e.value,
         // UNSPECIFIED, AUTHORITY and unknown numbers are all refused by the
         // domain as an invalid origin for a candidate entry.
         origin: origin_from_wire(e.origin).unwrap_or(Origin::Authority),

@@ -788,7 +788,7 @@ fn check_build_env(req: &BuildEnvRequest) {
     let _ = convert::workspace_id(&req.workspace_id).map_err(|e| {
         assert_invalid_argument("workspace_id", &e);
     });
-    let candidate = match convert::candidate_env(&req.env) {
+    let candidate = match convert::candidate_env(req.env.clone()) {
         Ok(c) => c,
         Err(e) => return assert_invalid_argument("candidate_env", &e),
     };
