@@ -141,6 +141,23 @@ impl CandidateEnv {
         out
     }
 
+    /// [`CandidateEnv::merged`] as a vector sorted by key (no map built):
+    /// each origin's entries, highest precedence first, sorted stably (the
+    /// three runs are each sorted already) and the later duplicates dropped.
+    fn merged_sorted(&self) -> Vec<(&str, &str, Origin)> {
+        let mut out: Vec<(&str, &str, Origin)> = Vec::with_capacity(self.len());
+        for origin in [Origin::Workspace, Origin::Global, Origin::Platform] {
+            out.extend(
+                self.origin_map(origin)
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str(), origin)),
+            );
+        }
+        out.sort_by(|a, b| a.0.cmp(b.0));
+        out.dedup_by(|later, first| later.0 == first.0);
+        out
+    }
+
     pub fn len(&self) -> usize {
         self.workspace.len() + self.global.len() + self.platform.len()
     }
@@ -175,14 +192,20 @@ pub fn build_env(
     candidate: &CandidateEnv,
 ) -> Result<BuiltEnv, EnvError> {
     debug_assert_eq!(resolution.revision, record.revision);
-    let merged = candidate.merged();
+    let merged = candidate.merged_sorted();
+    let merged_get = |key: &str| {
+        merged
+            .binary_search_by(|e| e.0.cmp(key))
+            .ok()
+            .map(|i| (merged[i].1, merged[i].2))
+    };
     let recorded_model = resolution.model.as_ref();
     let model_vars = registry.model_vars(resolution.runtime.as_ref());
 
     // The container must run the model the decision was made on.
     for var in &model_vars {
-        if let Some((value, _)) = merged.get(var).filter(|(v, _)| !v.is_empty()) {
-            if recorded_model.map(|m| m.as_str()) != Some(*value) {
+        if let Some((value, _)) = merged_get(var).filter(|(v, _)| !v.is_empty()) {
+            if recorded_model.map(|m| m.as_str()) != Some(value) {
                 return Err(EnvError::ModelMismatch {
                     found_in: (*var).to_owned(),
                     recorded: recorded_model
@@ -192,26 +215,9 @@ pub fn build_env(
         }
     }
 
-    // Borrowed keys and values until the env is handed out: one copy of
-    // each entry, made at the end.
+    // What the authority writes, keys sorted (and winning over a candidate's
+    // entry of the same key).
     let mode = resolution.mode;
-    let mut out: BTreeMap<&str, (&str, Origin)> = BTreeMap::new();
-    for (key, (value, origin)) in &merged {
-        let keep = if !registry.is_llm_key(key) {
-            true
-        } else {
-            match mode {
-                // Only the customer's own credentials and endpoints; never a
-                // proxy input, whatever its origin.
-                Mode::Byok => *origin == Origin::Workspace && !key.starts_with(PROXY_PREFIX),
-                Mode::PlatformManaged | Mode::Disabled => false,
-            }
-        };
-        if keep {
-            out.insert(key, (value, *origin));
-        }
-    }
-
     let mut written: BTreeMap<&str, &str> = BTreeMap::new();
     match mode {
         Mode::Byok => check_byok_credential(resolution, registry, candidate)?,
@@ -229,23 +235,47 @@ pub fn build_env(
         }
     }
 
-    let added_keys: Vec<String> = written.keys().map(|k| (*k).to_owned()).collect();
-    for (k, v) in written {
-        out.insert(k, (v, Origin::Authority));
+    // The candidate's entries kept, in key order, and
+    // those neither kept nor rewritten: removed.
+    let mut kept: Vec<(&str, &str, Origin)> = Vec::with_capacity(merged.len());
+    let mut removed_keys = Vec::new();
+    for &(key, value, origin) in &merged {
+        let keep = if !registry.is_llm_key(key) {
+            true
+        } else {
+            match mode {
+                // Only the customer's own credentials and endpoints; never a
+                // proxy input, whatever its origin.
+                Mode::Byok => origin == Origin::Workspace && !key.starts_with(PROXY_PREFIX),
+                Mode::PlatformManaged | Mode::Disabled => false,
+            }
+        };
+        if keep {
+            kept.push((key, value, origin));
+        } else if !written.contains_key(key) {
+            removed_keys.push(key.to_owned());
+        }
     }
-    let removed_keys = merged
-        .keys()
-        .filter(|k| !out.contains_key(**k))
-        .map(|k| (*k).to_owned())
-        .collect();
-    let env = out
-        .into_iter()
-        .map(|(key, (value, origin))| EnvEntry {
-            key: key.to_owned(),
-            value: value.to_owned(),
-            origin,
-        })
-        .collect();
+
+    // Both sorted: merged into the env in key order, one copy of each entry.
+    let added_keys: Vec<String> = written.keys().map(|k| (*k).to_owned()).collect();
+    let entry = |key: &str, value: &str, origin| EnvEntry {
+        key: key.to_owned(),
+        value: value.to_owned(),
+        origin,
+    };
+    let mut env = Vec::with_capacity(kept.len() + written.len());
+    let mut authority = written.into_iter().peekable();
+    for (key, value, origin) in kept {
+        while let Some((k, v)) = authority.next_if(|(k, _)| *k < key) {
+            env.push(entry(k, v, Origin::Authority));
+        }
+        if authority.peek().is_some_and(|(k, _)| *k == key) {
+            continue;
+        }
+        env.push(entry(key, value, origin));
+    }
+    env.extend(authority.map(|(k, v)| entry(k, v, Origin::Authority)));
     Ok(BuiltEnv {
         env,
         removed_keys,
