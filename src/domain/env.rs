@@ -130,21 +130,12 @@ impl CandidateEnv {
             .filter(|v| !v.is_empty())
     }
 
-    /// One entry per key, the highest-precedence origin winning.
-    pub fn merged(&self) -> BTreeMap<&str, (&str, Origin)> {
-        let mut out: BTreeMap<&str, (&str, Origin)> = BTreeMap::new();
-        for origin in [Origin::Platform, Origin::Global, Origin::Workspace] {
-            for (k, v) in self.origin_map(origin) {
-                out.insert(k.as_str(), (v.as_str(), origin));
-            }
-        }
-        out
-    }
-
-    /// [`CandidateEnv::merged`] as a vector sorted by key (no map built):
-    /// each origin's entries, highest precedence first, sorted stably (the
-    /// three runs are each sorted already) and the later duplicates dropped.
-    fn merged_sorted(&self) -> Vec<(&str, &str, Origin)> {
+    /// One entry per key, the highest-precedence origin winning
+    /// (workspace, then global, then platform), sorted by key: each origin's
+    /// entries, highest precedence first, sorted stably (the three runs are
+    /// each sorted already) and the later duplicates dropped. No map is
+    /// built: `build_env` looks keys up by binary search.
+    pub fn merged(&self) -> Vec<(&str, &str, Origin)> {
         let mut out: Vec<(&str, &str, Origin)> = Vec::with_capacity(self.len());
         for origin in [Origin::Workspace, Origin::Global, Origin::Platform] {
             out.extend(
@@ -192,7 +183,7 @@ pub fn build_env(
     candidate: &CandidateEnv,
 ) -> Result<BuiltEnv, EnvError> {
     debug_assert_eq!(resolution.revision, record.revision);
-    let merged = candidate.merged_sorted();
+    let merged = candidate.merged();
     let merged_get = |key: &str| {
         merged
             .binary_search_by(|e| e.0.cmp(key))
