@@ -1,9 +1,14 @@
 //! What differs between the SQL backends, and nothing else: the casts in
-//! their SQL text, how a write takes its lock, how many rows one statement
-//! writes, how `load` reaches the database and how the change feed is woken.
+//! their SQL text (none in plain SQL), how a write takes its lock, how the
+//! snapshot begins, the embedded migrations and pool size, how many rows one
+//! statement writes and how `load` reaches the database ([`Queries`]), and
+//! how the change feed is woken.
 //!
 //! [`super::sql::SqlStore`] is the one implementation of the store, generic
-//! over a [`Dialect`]; `postgres.rs` and `sqlite.rs` each implement it.
+//! over a [`Dialect`] and its [`Queries`]; `postgres.rs` and `sqlite.rs` each
+//! implement them, stating only what plain SQL would not do: a default
+//! (the casts, the snapshot's `BEGIN`, [`Queries`] through
+//! [`PlainSql`](super::sql::PlainSql)) is what plain SQL does.
 
 use std::future::Future;
 
@@ -16,6 +21,9 @@ use crate::domain::Record;
 
 /// A backend's connection (what a transaction dereferences to).
 pub(crate) type Conn<D> = <<D as Dialect>::Db as Database>::Connection;
+
+/// What a backend connects with (its connection's options).
+pub(crate) type Options<D> = <Conn<D> as sqlx::Connection>::Options;
 
 /// One audit row to insert: the workspace (text), the revision the change
 /// made and the fields' text before (`None`: created) and after it.
@@ -31,37 +39,60 @@ pub(crate) struct AuditRow<'a> {
 pub(crate) trait Dialect: Send + Sync + Sized + 'static {
     /// The sqlx database.
     type Db: Database;
-    /// What [`Dialect::open`] connects with.
-    type Options: Send;
 
     /// The backend's name, for logs ([`super::Store::backend`]).
     const BACKEND: &'static str;
     /// The span attribute `db.system.name` (OpenTelemetry's name for it).
     const SYSTEM: &'static str;
-    /// Appended to a parameter compared with or stored as a workspace id.
-    const UUID: &'static str;
-    /// Appended to a text parameter stored in a JSON column.
-    const JSON: &'static str;
-    /// Appended to a workspace-id or JSON column read as text.
-    const TEXT: &'static str;
+    /// Appended to a parameter compared with or stored as a workspace id
+    /// (plain SQL: nothing, the id is text).
+    const UUID: &'static str = "";
+    /// Appended to a text parameter stored in a JSON column (plain SQL:
+    /// nothing, JSON is text).
+    const JSON: &'static str = "";
+    /// Appended to a workspace-id or JSON column read as text (plain SQL:
+    /// nothing, they are text).
+    const TEXT: &'static str = "";
     /// How a write keeps other writers out between its read and its commit.
     const WRITE_LOCK: WriteLock;
     /// Starts the snapshot's read-only transaction, one view of the data
-    /// from its first read (`None`: the pool's plain `BEGIN`).
-    const BEGIN_SNAPSHOT: Option<&'static str>;
+    /// from its first read (`None`, the default: the pool's plain `BEGIN`).
+    const BEGIN_SNAPSHOT: Option<&'static str> = None;
     /// One boolean: whether sqlx's migrations table exists.
     const MIGRATIONS_TABLE_EXISTS: &'static str;
-
     /// The embedded migrations.
-    fn migrator() -> &'static sqlx::migrate::Migrator;
+    const MIGRATOR: &'static sqlx::migrate::Migrator;
+    /// The pool's size unless configured (`--db-max-connections`).
+    const DEFAULT_MAX_CONNECTIONS: u32;
 
     /// Connects: the pool, with up to `max_connections`, and the dialect's
     /// own state.
     fn open(
-        options: Self::Options,
+        options: Options<Self>,
         max_connections: u32,
     ) -> impl Future<Output = Result<(Pool<Self::Db>, Self), StoreError>> + Send;
 
+    /// Called after a transaction that logged a change has committed.
+    fn committed(&self) {}
+
+    /// A listener woken by committed changes.
+    fn listen<'a>(
+        &'a self,
+        pool: &'a Pool<Self::Db>,
+    ) -> impl Future<Output = Result<Box<dyn ChangeListener>, StoreError>> + Send + 'a;
+
+    /// Connections the backend holds outside the pool: (open, idle).
+    fn other_connections(&self) -> (u32, usize) {
+        (0, 0)
+    }
+}
+
+/// The statements a backend may run its own way: `load`'s read, and the
+/// records, audit rows and change-log entries a write or a batch inserts
+/// and reads back. A backend that runs them as plain SQL, one row per
+/// statement, on the store's pool, says so with
+/// [`PlainSql`](super::sql::PlainSql) and implements nothing here.
+pub(crate) trait Queries: Dialect {
     /// Runs `load`'s one statement (`sql`, the workspace id bound as `$1`).
     fn load<'a>(
         &'a self,
@@ -102,22 +133,7 @@ pub(crate) trait Dialect: Send + Sync + Sized + 'static {
         reason: &str,
         at: DateTime<Utc>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
-
-    /// Called after a transaction that logged a change has committed.
-    fn committed(&self) {}
-
-    /// A listener woken by committed changes.
-    fn listen<'a>(
-        &'a self,
-        pool: &'a Pool<Self::Db>,
-    ) -> impl Future<Output = Result<Box<dyn ChangeListener>, StoreError>> + Send + 'a;
-
-    /// Connections the backend holds outside the pool: (open, idle).
-    fn other_connections(&self) -> (u32, usize) {
-        (0, 0)
-    }
 }
-
 /// How a write keeps other writers out between reading a record and
 /// committing its change: the write's read and its transaction's start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

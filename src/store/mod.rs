@@ -25,6 +25,15 @@ mod sqlite;
 
 pub use applied::AppliedReport;
 
+use dialect::Dialect;
+use postgres::PgDialect;
+use sqlite::SqliteDialect;
+
+/// The Postgres store.
+pub(crate) type PostgresStore = sql::SqlStore<PgDialect>;
+/// The SQLite store.
+pub(crate) type SqliteStore = sql::SqlStore<SqliteDialect>;
+
 #[cfg(test)]
 mod tests;
 
@@ -505,8 +514,8 @@ pub async fn connect(database_url: &str) -> Result<Arc<dyn Store>, StoreError> {
 
 /// Connects to `database_url`, applying the embedded migrations when
 /// `migrate` is true (otherwise see [`Store::pending_migrations`]), with a
-/// pool of up to `max_connections` (`None`: the backend's default,
-/// `postgres::DEFAULT_MAX_CONNECTIONS` or `sqlite::DEFAULT_MAX_CONNECTIONS`).
+/// pool of up to `max_connections` (`None`: the backend's default, its
+/// dialect's `DEFAULT_MAX_CONNECTIONS`).
 pub async fn open(
     database_url: &str,
     migrate: bool,
@@ -514,19 +523,19 @@ pub async fn open(
 ) -> Result<Arc<dyn Store>, StoreError> {
     if database_url.starts_with("postgres:") || database_url.starts_with("postgresql:") {
         let opts = sqlx::postgres::PgConnectOptions::from_str(database_url)?;
-        let size = max_connections.unwrap_or(postgres::DEFAULT_MAX_CONNECTIONS);
+        let size = max_connections.unwrap_or(PgDialect::DEFAULT_MAX_CONNECTIONS);
         Ok(Arc::new(if migrate {
-            postgres::PostgresStore::connect(opts, size).await?
+            PostgresStore::connect(opts, size).await?
         } else {
-            postgres::PostgresStore::open(opts, size).await?
+            PostgresStore::open(opts, size).await?
         }))
     } else if database_url.starts_with("sqlite:") {
         let opts = sqlx::sqlite::SqliteConnectOptions::from_str(database_url)?;
-        let size = max_connections.unwrap_or(sqlite::DEFAULT_MAX_CONNECTIONS);
+        let size = max_connections.unwrap_or(SqliteDialect::DEFAULT_MAX_CONNECTIONS);
         Ok(Arc::new(if migrate {
-            sqlite::SqliteStore::connect(opts, size).await?
+            SqliteStore::connect(opts, size).await?
         } else {
-            sqlite::SqliteStore::open(opts, size).await?
+            SqliteStore::open(opts, size).await?
         }))
     } else {
         Err(StoreError::Unavailable(sqlx::Error::Configuration(

@@ -37,21 +37,11 @@ use sqlx::{
     PgConnection, Postgres,
 };
 
-use super::dialect::{AuditRow, Dialect, WriteLock};
+use super::dialect::{AuditRow, Dialect, Queries, WriteLock};
 use super::pg_reads::ReadPool;
 use super::row::{listed_from_row, revision_to_db, Fields};
-use super::sql::SqlStore;
 use super::{ChangeListener, StoreError};
 use crate::domain::Record;
-
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
-
-/// The size of each of the two pools (`load`'s reads, and the rest) unless
-/// configured (`--db-max-connections`).
-pub(crate) const DEFAULT_MAX_CONNECTIONS: u32 = 16;
-
-/// The Postgres store.
-pub(crate) type PostgresStore = SqlStore<PgDialect>;
 
 /// Postgres's ways: casts to `uuid` and `jsonb`, the row lock, many rows
 /// per statement (`UNNEST` of arrays), `load` through its own connections.
@@ -63,7 +53,6 @@ pub(crate) struct PgDialect {
 
 impl Dialect for PgDialect {
     type Db = Postgres;
-    type Options = PgConnectOptions;
 
     const BACKEND: &'static str = "postgres";
     const SYSTEM: &'static str = "postgresql";
@@ -75,10 +64,9 @@ impl Dialect for PgDialect {
         Some("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY");
     const MIGRATIONS_TABLE_EXISTS: &'static str =
         "SELECT to_regclass('_sqlx_migrations') IS NOT NULL";
-
-    fn migrator() -> &'static sqlx::migrate::Migrator {
-        &MIGRATOR
-    }
+    const MIGRATOR: &'static sqlx::migrate::Migrator = &sqlx::migrate!("./migrations/postgres");
+    /// The size of each of the two pools (`load`'s reads, and the rest).
+    const DEFAULT_MAX_CONNECTIONS: u32 = 16;
 
     /// Two pools of `max_connections` each: `load`'s reads, and the rest.
     async fn open(
@@ -103,6 +91,26 @@ impl Dialect for PgDialect {
         Ok((pool, PgDialect { reads }))
     }
 
+    /// `LISTEN` on its own connection, on the channel that names the store.
+    async fn listen<'a>(&'a self, pool: &'a PgPool) -> Result<Box<dyn ChangeListener>, StoreError> {
+        let store_id: String = sqlx::query_scalar("SELECT store_id FROM billing_change_log")
+            .fetch_one(pool)
+            .await?;
+        let mut listener = PgListener::connect_with(pool).await?;
+        listener
+            .listen(&format!("billing_changes_{store_id}"))
+            .await?;
+        Ok(Box::new(PgChangeListener(listener)))
+    }
+
+    fn other_connections(&self) -> (u32, usize) {
+        self.reads.status()
+    }
+}
+
+/// `load` through its own connections, and a batch's rows with one
+/// statement each, however many (`UNNEST` of arrays: module docs).
+impl Queries for PgDialect {
     async fn load<'a>(
         &'a self,
         _pool: &'a PgPool,
@@ -215,22 +223,6 @@ impl Dialect for PgDialect {
         .execute(conn)
         .await?;
         Ok(())
-    }
-
-    /// `LISTEN` on its own connection, on the channel that names the store.
-    async fn listen<'a>(&'a self, pool: &'a PgPool) -> Result<Box<dyn ChangeListener>, StoreError> {
-        let store_id: String = sqlx::query_scalar("SELECT store_id FROM billing_change_log")
-            .fetch_one(pool)
-            .await?;
-        let mut listener = PgListener::connect_with(pool).await?;
-        listener
-            .listen(&format!("billing_changes_{store_id}"))
-            .await?;
-        Ok(Box::new(PgChangeListener(listener)))
-    }
-
-    fn other_connections(&self) -> (u32, usize) {
-        self.reads.status()
     }
 }
 

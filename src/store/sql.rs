@@ -7,6 +7,9 @@
 //! create that loses a race with another create (the row appeared between
 //! the read and the insert) is retried once as an update; where the write
 //! lock is the database's, that race cannot happen.
+//!
+//! [`PlainSql`] runs a dialect's [`Queries`] as plain SQL, one row per
+//! statement: what a backend without statements of its own (SQLite) runs.
 
 use std::collections::{HashMap, HashSet};
 
@@ -15,7 +18,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{ColumnIndex, Database, Decode, Encode, Executor, IntoArguments, Pool, Type};
 use tokio_stream::StreamExt as _;
 
-use super::dialect::{AuditRow, Conn, Dialect};
+use super::dialect::{AuditRow, Conn, Dialect, Options, Queries};
 use super::metered::timed;
 use super::row::{
     applied_from_row, audit_from_row, change_from_row, listed_from_row, log_state_from_row,
@@ -55,21 +58,21 @@ impl<D: Dialect> SqlStore<D> {
     /// Connects, with a pool of up to `max_connections`, and applies the
     /// embedded migrations.
     pub(crate) async fn connect(
-        options: D::Options,
+        options: Options<D>,
         max_connections: u32,
     ) -> Result<Self, StoreError>
     where
         Conn<D>: sqlx::migrate::Migrate,
     {
         let store = Self::open(options, max_connections).await?;
-        D::migrator().run(&store.pool).await?;
+        D::MIGRATOR.run(&store.pool).await?;
         Ok(store)
     }
 
     /// Connects, with a pool of up to `max_connections`, without applying
     /// migrations.
     pub(crate) async fn open(
-        options: D::Options,
+        options: Options<D>,
         max_connections: u32,
     ) -> Result<Self, StoreError> {
         let (pool, dialect) = D::open(options, max_connections).await?;
@@ -183,12 +186,137 @@ impl Statements {
     }
 }
 
+/// A dialect whose [`Queries`] are plain SQL, one row per statement (`$n`
+/// parameters, no casts), and `load` on the store's pool.
+pub(crate) trait PlainSql: Dialect {}
+
+// What plain SQL asks of a backend's sqlx types, stated once for its four
+// statements (see the bounds on `Store` below for why they are stated).
+impl<D: PlainSql> Queries for D
+where
+    for<'c> &'c mut Conn<D>: Executor<'c, Database = D::Db>,
+    for<'q> <D::Db as Database>::Arguments<'q>: IntoArguments<'q, D::Db>,
+    for<'r> &'r str: ColumnIndex<<D::Db as Database>::Row>,
+    usize: ColumnIndex<<D::Db as Database>::Row>,
+    for<'q> &'q str: Encode<'q, D::Db> + Type<D::Db>,
+    for<'q> Option<&'q str>: Encode<'q, D::Db>,
+    for<'q> String: Encode<'q, D::Db> + Decode<'q, D::Db> + Type<D::Db>,
+    for<'q> Option<String>: Encode<'q, D::Db>,
+    for<'q> i64: Encode<'q, D::Db> + Decode<'q, D::Db> + Type<D::Db>,
+    for<'q> DateTime<Utc>: Encode<'q, D::Db> + Decode<'q, D::Db> + Type<D::Db>,
+{
+    async fn load<'a>(
+        &'a self,
+        pool: &'a Pool<D::Db>,
+        sql: &'a str,
+        id: String,
+    ) -> Result<Option<<D::Db as Database>::Row>, sqlx::Error> {
+        sqlx::query(sql).bind(id).fetch_optional(pool).await
+    }
+
+    async fn insert_records(
+        &self,
+        conn: &mut Conn<D>,
+        records: &[(&str, &Fields)],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut inserted = Vec::with_capacity(records.len());
+        for (id, f) in records {
+            let row: Option<String> = sqlx::query_scalar(
+                "INSERT INTO billing_records \
+                 (workspace_id, runtime, model, credential_keys, override_mode, revision, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, 1, $6) \
+                 ON CONFLICT (workspace_id) DO NOTHING RETURNING workspace_id",
+            )
+            .bind(*id)
+            .bind(f.runtime.as_deref())
+            .bind(f.model.as_deref())
+            .bind(f.credential_keys_json())
+            .bind(f.override_mode.as_deref())
+            .bind(now)
+            .fetch_optional(&mut *conn)
+            .await?;
+            inserted.extend(row);
+        }
+        Ok(inserted)
+    }
+
+    async fn select_records(
+        &self,
+        conn: &mut Conn<D>,
+        listed: &str,
+        ids: &[&str],
+    ) -> Result<Vec<Record>, StoreError> {
+        let sql = format!("{listed} WHERE workspace_id = $1");
+        let mut records = Vec::with_capacity(ids.len());
+        for id in ids {
+            let row = sqlx::query(&sql)
+                .bind(*id)
+                .fetch_optional(&mut *conn)
+                .await?;
+            if let Some(row) = row {
+                records.push(listed_from_row(&row)?);
+            }
+        }
+        Ok(records)
+    }
+
+    /// One statement a row, and the counter row taken once for all the
+    /// changes. The feed is woken by [`Dialect::committed`], not here.
+    async fn log_changes(
+        &self,
+        conn: &mut Conn<D>,
+        rows: &[AuditRow<'_>],
+        actor: &str,
+        reason: &str,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        for r in rows {
+            sqlx::query(
+                "INSERT INTO billing_audit (workspace_id, revision, actor, reason, before, after, at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(r.id)
+            .bind(revision_to_db(r.revision)?)
+            .bind(actor)
+            .bind(reason)
+            .bind(r.before.map(Fields::to_json))
+            .bind(r.after.to_json())
+            .bind(at)
+            .execute(&mut *conn)
+            .await?;
+        }
+        let count = i64::try_from(rows.len())
+            .map_err(|_| StoreError::internal("too many changes in one transaction"))?;
+        let (last,): (i64,) = sqlx::query_as(
+            "UPDATE billing_change_log SET last_position = last_position + $1 \
+             RETURNING last_position",
+        )
+        .bind(count)
+        .fetch_one(&mut *conn)
+        .await?;
+        for (position, r) in (last - count + 1..).zip(rows) {
+            sqlx::query(
+                "INSERT INTO billing_changes (position, workspace_id, revision, committed_at) \
+                 VALUES ($1, $2, $3, $4)",
+            )
+            .bind(position)
+            .bind(r.id)
+            .bind(revision_to_db(r.revision)?)
+            .bind(Utc::now())
+            .execute(&mut *conn)
+            .await?;
+        }
+        Ok(())
+    }
+}
+
 // The bounds say what the one implementation asks of a backend's sqlx types:
 // an executor for its connections, and the Rust types it binds and reads.
-// Rust does not carry such bounds along with `D`, so they are stated here,
-// once, on the one `impl` that runs SQL.
+// Rust does not carry such bounds along with `D`, so they are stated on each
+// `impl` that runs SQL: here, once, and on plain SQL's `Queries` above.
 #[async_trait]
-impl<D: Dialect> Store for SqlStore<D>
+impl<D: Queries> Store for SqlStore<D>
 where
     for<'c> &'c mut Conn<D>: Executor<'c, Database = D::Db>,
     for<'q> <D::Db as Database>::Arguments<'q>: IntoArguments<'q, D::Db>,
@@ -579,7 +707,7 @@ where
             } else {
                 Vec::new()
             };
-            Ok(super::pending_migrations(D::migrator(), &applied))
+            Ok(super::pending_migrations(D::MIGRATOR, &applied))
         })
         .await
     }

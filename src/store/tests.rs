@@ -24,8 +24,8 @@ use sqlx::{
 use tempfile::TempDir;
 
 use super::{
-    postgres::PostgresStore, sqlite::SqliteStore, AuditEntry, Create, CreateOutcome, Store,
-    StoreError, Write,
+    dialect::Dialect, postgres::PgDialect, sqlite::SqliteDialect, AuditEntry, Create,
+    CreateOutcome, PostgresStore, SqliteStore, Store, StoreError, Write,
 };
 use crate::domain::{
     resolve, Change, CredentialKeys, Mode, Model, Patch, Record, Registry, Runtime, Source, Stored,
@@ -64,7 +64,7 @@ impl Harness {
         let dir = TempDir::new().expect("temporary directory");
         let path = dir.path().join("billing.db");
         let opts = SqliteConnectOptions::new().filename(&path);
-        let store = SqliteStore::connect(opts.clone(), super::sqlite::DEFAULT_MAX_CONNECTIONS)
+        let store = SqliteStore::connect(opts.clone(), SqliteDialect::DEFAULT_MAX_CONNECTIONS)
             .await
             .expect("connect to a fresh SQLite file");
         Harness {
@@ -99,7 +99,7 @@ impl Harness {
         let opts = PgConnectOptions::from_str(&url)
             .expect("DATABASE_URL parses")
             .options([("search_path", guard.schema.as_str())]);
-        let store = PostgresStore::connect(opts.clone(), super::postgres::DEFAULT_MAX_CONNECTIONS)
+        let store = PostgresStore::connect(opts.clone(), PgDialect::DEFAULT_MAX_CONNECTIONS)
             .await
             .expect("connect to Postgres in the test schema");
         let sep = if url.contains('?') { '&' } else { '?' };
@@ -213,7 +213,7 @@ impl Harness {
             Backend::Sqlite { store, opts, .. } => {
                 store.pool().close().await;
                 *store = Arc::new(
-                    SqliteStore::connect(opts.clone(), super::sqlite::DEFAULT_MAX_CONNECTIONS)
+                    SqliteStore::connect(opts.clone(), SqliteDialect::DEFAULT_MAX_CONNECTIONS)
                         .await
                         .expect("reconnect to SQLite"),
                 );
@@ -221,7 +221,7 @@ impl Harness {
             Backend::Postgres { store, opts } => {
                 store.pool().close().await;
                 *store = Arc::new(
-                    PostgresStore::connect(opts.clone(), super::postgres::DEFAULT_MAX_CONNECTIONS)
+                    PostgresStore::connect(opts.clone(), PgDialect::DEFAULT_MAX_CONNECTIONS)
                         .await
                         .expect("reconnect to Postgres"),
                 );
