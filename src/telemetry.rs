@@ -23,6 +23,7 @@ use tracing_subscriber::{
 };
 
 pub mod rpc_span;
+mod text;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -127,6 +128,8 @@ impl Sink {
             LogFormat::Text => tracing_subscriber::fmt::layer()
                 .with_ansi(self.ansi)
                 .with_span_events(span_events)
+                .event_format(text::TextFormat::default())
+                .fmt_fields(text::TextFields)
                 .with_writer(self.writer)
                 .boxed(),
             LogFormat::Json => tracing_subscriber::fmt::layer()
