@@ -386,6 +386,67 @@ fn every_grpcurl_example_in_the_readme_works_as_documented() {
     eprintln!("{ran} README grpcurl examples ran as documented");
 }
 
+/// `billing-mode resolve --json` prints what grpcurl prints for the same
+/// Resolve: the same fields, in the same (the proto's) order, the same
+/// values and layout. Go's encoder escapes `<`, `>` and `&` as `\u003c`...
+/// in strings (the same JSON), which is undone before comparing the text.
+#[test]
+fn resolve_json_from_the_cli_is_the_text_grpcurl_prints() {
+    let grpcurl_dir = grpcurl_dir();
+    let path_env = match &grpcurl_dir {
+        Some(dir) => format!(
+            "{}:{}",
+            dir.display(),
+            std::env::var("PATH").unwrap_or_default()
+        ),
+        None => std::env::var("PATH").unwrap_or_default(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let database_url = format!("sqlite:{}", dir.path().join("billing-mode.db").display());
+    let server = ServerProcess::start(&database_url, &[], &[]);
+    let workspace = "6b66de8d-9337-4fb4-be8d-6d49dca0d809";
+    let cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_billing-mode"))
+            .args(args)
+            .args(["--server", &format!("http://{}", server.addr)])
+            .output()
+            .expect("run billing-mode");
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    cli(&[
+        "set",
+        workspace,
+        "--runtime",
+        "claude-code",
+        "--model",
+        "opus",
+        "--credential-keys",
+        "CLAUDE_CODE_OAUTH_TOKEN,ANTHROPIC_API_KEY",
+        "--reason",
+        "register",
+    ]);
+    let ours = cli(&["resolve", workspace, "--json"]);
+    let outcome = run(
+        &format!(
+            "grpcurl -plaintext -d '{{\"workspace_id\": \"{workspace}\"}}' {} \
+             molecule.billing.v1.BillingMode/Resolve",
+            server.addr
+        ),
+        dir.path(),
+        &path_env,
+        "",
+    );
+    assert_eq!(outcome.exit, Some(0), "{}", outcome.output);
+    let grpcurl = outcome
+        .output
+        .replace("\\u003c", "<")
+        .replace("\\u003e", ">")
+        .replace("\\u0026", "&");
+    assert!(ours.contains("\"credentialKeys\""), "{ours}");
+    assert_eq!(ours.trim_end(), grpcurl.trim_end());
+}
+
 #[test]
 fn the_extractor_reads_commands_their_continuations_and_answers() {
     let md = "Text with `grpcurl list` inline is prose.\n\n    grpcurl -plaintext 127.0.0.1:50051 list\n    grpcurl -plaintext -d '{\n      \"a\": 1\n    }' 127.0.0.1:50051 x.Y/Z\n    {\n      \"b\": 2\n    }\n\n    # a comment\n    grpcurl -H \"k: v\" \\\n      127.0.0.1:50051 x.Y/W\n\n```\n$ grpcurl -max-time 1 127.0.0.1:50051 x.Y/Watch\n```\n";
