@@ -180,8 +180,8 @@ pub fn record_decision(rpc: &'static str, mode: &'static str, source: &'static s
 }
 
 /// Counts one refused call: its `ErrorInfo` reason when it is one of the
-/// contract's reasons, `UNSPECIFIED` when the error carries none (e.g.
-/// UNIMPLEMENTED from the framework).
+/// contract's reasons, `UNSPECIFIED` when the error carries none (every
+/// answer of the service and of its gRPC layer does: a safety net).
 fn record_refusal(method: &str, headers: &http::HeaderMap) {
     let status = tonic::Status::from_header_map(headers);
     let reason = status

@@ -55,10 +55,13 @@ pub enum ErrorReason {
     /// The call ran past its deadline (the server's request timeout, or the
     /// caller's `grpc-timeout`); answered as tonic does, `CANCELLED`.
     DeadlineExceeded,
+    /// A method or service this server does not have (a client newer than
+    /// the server, or a misspelled method); raised by the gRPC layer.
+    Unimplemented,
 }
 
 impl ErrorReason {
-    pub const ALL: [ErrorReason; 24] = [
+    pub const ALL: [ErrorReason; 25] = [
         ErrorReason::InvalidWorkspaceId,
         ErrorReason::InvalidMode,
         ErrorReason::InvalidField,
@@ -83,6 +86,7 @@ impl ErrorReason {
         ErrorReason::Internal,
         ErrorReason::MessageTooLarge,
         ErrorReason::DeadlineExceeded,
+        ErrorReason::Unimplemented,
     ];
 
     pub fn code(self) -> Code {
@@ -110,6 +114,7 @@ impl ErrorReason {
             ErrorReason::Internal => Code::Internal,
             ErrorReason::MessageTooLarge => Code::OutOfRange,
             ErrorReason::DeadlineExceeded => Code::Cancelled,
+            ErrorReason::Unimplemented => Code::Unimplemented,
         }
     }
 
@@ -146,7 +151,8 @@ impl ErrorReason {
             | ErrorReason::ConsumerTooSlow
             | ErrorReason::Internal
             | ErrorReason::MessageTooLarge
-            | ErrorReason::DeadlineExceeded => None,
+            | ErrorReason::DeadlineExceeded
+            | ErrorReason::Unimplemented => None,
         }
     }
 
@@ -177,6 +183,7 @@ impl ErrorReason {
             ErrorReason::Internal => "INTERNAL",
             ErrorReason::MessageTooLarge => "MESSAGE_TOO_LARGE",
             ErrorReason::DeadlineExceeded => "DEADLINE_EXCEEDED",
+            ErrorReason::Unimplemented => "UNIMPLEMENTED",
         }
     }
 }
@@ -339,6 +346,7 @@ mod tests {
             ("INTERNAL", Code::Internal),
             ("MESSAGE_TOO_LARGE", Code::OutOfRange),
             ("DEADLINE_EXCEEDED", Code::Cancelled),
+            ("UNIMPLEMENTED", Code::Unimplemented),
         ];
         assert_eq!(ErrorReason::ALL.len(), expected.len());
         for (reason, (name, code)) in ErrorReason::ALL.iter().zip(expected) {

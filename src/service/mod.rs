@@ -409,8 +409,8 @@ impl BillingMode for BillingModeService {
         run.await.map(Response::new).map_err(|e| refuse("Watch", e))
     }
 
-    // Part two of the contract: implemented by the spend check, drift and
-    // listing work; until then they answer UNIMPLEMENTED.
+    // Part two of the contract: the spend check, drift reports and the
+    // workspace list.
     #[tracing::instrument(level = "debug", name = "handler.check_spend", skip_all)]
     async fn check_spend(
         &self,

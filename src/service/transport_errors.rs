@@ -1,15 +1,17 @@
 //! Errors raised by tonic itself, before or around a handler, carry an
 //! `ErrorInfo` like every other error.
 //!
-//! Two come from tonic's own machinery rather than from [`ApiError`]: a
-//! request over the message size limit (tonic's codec answers `OUT_OF_RANGE`)
-//! and the per-request deadline. [`TransportErrorsLayer`] runs the deadline
+//! Three come from tonic's own machinery rather than from [`ApiError`]: a
+//! request over the message size limit (tonic's codec answers `OUT_OF_RANGE`),
+//! a method or service the server does not have (`UNIMPLEMENTED`, from the
+//! router or the service) and the per-request deadline. [`TransportErrorsLayer`] runs the deadline
 //! itself (the server's `--request-timeout`, or the caller's `grpc-timeout`
 //! when that is shorter, as tonic's own timeout did) and answers it as tonic
 //! did (`CANCELLED`, "Timeout expired") with reason `DEADLINE_EXCEEDED`; and
 //! it adds an `ErrorInfo` to a trailers-only error answer that has no details
-//! (reason `MESSAGE_TOO_LARGE` for the size limit). Everything else passes
-//! through untouched.
+//! (reason `MESSAGE_TOO_LARGE` for the size limit, `UNIMPLEMENTED`, with a
+//! message saying what to check, for a missing method). Everything else
+//! passes through untouched.
 //!
 //! [`ApiError`]: super::error::ApiError
 
@@ -150,9 +152,17 @@ fn reason_of(status: &Status) -> Option<ErrorReason> {
         {
             Some(ErrorReason::MessageTooLarge)
         }
+        // The router's answer for an unknown service, and a service's for an
+        // unknown method (every method this server has is implemented).
+        Code::Unimplemented => Some(ErrorReason::Unimplemented),
         _ => None,
     }
 }
+
+/// What an answer without a message says (tonic's UNIMPLEMENTED has none).
+const UNIMPLEMENTED_MESSAGE: &str =
+    "this server has no such method: check the method's name, or the server's version \
+     (a client newer than the server calls methods it does not have yet)";
 
 /// Adds an `ErrorInfo` to a trailers-only error answer that has none.
 fn add_error_info(headers: &mut http::HeaderMap) {
@@ -165,7 +175,11 @@ fn add_error_info(headers: &mut http::HeaderMap) {
     let Some(reason) = reason_of(&status) else {
         return;
     };
-    let with_info = with_reason(status.code(), status.message(), reason);
+    let message = match status.message() {
+        "" if reason == ErrorReason::Unimplemented => UNIMPLEMENTED_MESSAGE,
+        message => message,
+    };
+    let with_info = with_reason(status.code(), message, reason);
     // Rewrites grpc-status and grpc-message with the same values.
     let _ = with_info.add_header(headers);
 }
@@ -227,10 +241,23 @@ mod tests {
         add_error_info(&mut headers);
         assert_eq!(headers, before);
         let mut headers = http::HeaderMap::new();
-        Status::unimplemented("").add_header(&mut headers).unwrap();
+        Status::not_found("").add_header(&mut headers).unwrap();
         let before = headers.clone();
         add_error_info(&mut headers);
         assert_eq!(headers, before);
+    }
+
+    #[test]
+    fn unimplemented_gets_its_reason_and_a_message_saying_what_to_check() {
+        let mut headers = http::HeaderMap::new();
+        Status::unimplemented("").add_header(&mut headers).unwrap();
+        add_error_info(&mut headers);
+        let status = Status::from_header_map(&headers).expect("a status");
+        assert_eq!(status.code(), Code::Unimplemented);
+        assert_eq!(status.message(), UNIMPLEMENTED_MESSAGE);
+        let info = status.get_details_error_info().expect("ErrorInfo");
+        assert_eq!(info.reason, "UNIMPLEMENTED");
+        assert_eq!(info.domain, ERROR_DOMAIN);
     }
 
     #[test]

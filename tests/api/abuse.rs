@@ -302,6 +302,32 @@ async fn oversized_messages_are_refused_and_other_callers_are_served(db: TestDb)
     app.stop().await.unwrap();
 }
 
+backends!(a_method_or_service_the_server_does_not_have_is_unimplemented_with_its_reason);
+async fn a_method_or_service_the_server_does_not_have_is_unimplemented_with_its_reason(db: TestDb) {
+    let app = TestApp::spawn(&db).await;
+    for path in [
+        // A method a newer client knows and this server does not.
+        "/molecule.billing.v1.BillingMode/NoSuchMethod",
+        // A service this server does not serve.
+        "/molecule.billing.v2.BillingMode/Resolve",
+    ] {
+        let status = raw_call(connect(&app).await, path, Vec::new())
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unimplemented, "{path}: {status:?}");
+        assert_reason(&status, "UNIMPLEMENTED");
+        assert!(
+            status.message().contains("no such method"),
+            "{path}: a message saying what to check: {status:?}"
+        );
+    }
+    // The connection that asked still serves.
+    let mut c = app.client().await;
+    let ws = register_byok(&mut c).await;
+    probe(connect(&app).await, &ws).await.unwrap();
+    app.stop().await.unwrap();
+}
+
 /// The status's ErrorInfo has `reason`, in the service's domain.
 fn assert_reason(status: &Status, reason: &str) {
     let info = tonic_types::StatusExt::get_details_error_info(status)
