@@ -282,7 +282,7 @@ async fn migrate(level: &LogLevel, format: LogFormat, db: DatabaseArgs) -> anyho
     let store = store::connect(db.database_url.expose())
         .await
         .with_context(|| format!("migrating {}", db.database_url))?;
-    println!("migrations applied ({})", store.backend());
+    client::write_stdout(format_args!("migrations applied ({})\n", store.backend()));
     Ok(())
 }
 
@@ -293,8 +293,7 @@ fn create_token(name: &str, roles: &[String]) -> anyhow::Result<()> {
         .collect::<Result<BTreeSet<_>, _>>()
         .map_err(anyhow::Error::msg)?;
     let (token, entry) = auth::generate_token(name, roles).map_err(anyhow::Error::msg)?;
-    println!("token: {token}");
-    println!("line:  {}", entry.line());
+    client::write_stdout(format_args!("token: {token}\nline:  {}\n", entry.line()));
     eprintln!(
         "Give the token to the caller (it is shown only now); add the line to the server's tokens file."
     );

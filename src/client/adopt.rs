@@ -157,7 +157,7 @@ pub async fn import(a: ImportArgs) -> ExitCode {
     };
     if !parsed.errors.is_empty() && !a.skip_invalid {
         if a.client.json {
-            println!(
+            outln!(
                 "{}",
                 serde_json::to_string_pretty(&json!({
                     "lines": parsed.lines,
@@ -223,7 +223,7 @@ pub async fn import(a: ImportArgs) -> ExitCode {
     bar.finish_and_clear();
     on_interrupt.abort();
     if a.client.json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&import::report_json(
                 &report,
@@ -233,7 +233,7 @@ pub async fn import(a: ImportArgs) -> ExitCode {
             .unwrap_or_default()
         );
     } else {
-        print!(
+        out!(
             "{}",
             import::report_text(&report, &parsed.errors, parsed.lines)
         );

@@ -24,8 +24,40 @@ use crate::{
     wire::names,
 };
 
+/// Writes to standard output, as `print!` does, through [`write_stdout`].
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::client::write_stdout(format_args!($($arg)*))
+    };
+}
+
+/// Writes a line to standard output, as `println!` does, through
+/// [`write_stdout`].
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::client::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
 pub mod adopt;
 pub mod watch;
+
+/// Writes to standard output and flushes. A reader that has gone away (`|
+/// head`, a closed pager) ends the command at once and quietly, with the
+/// status a program killed by `SIGPIPE` has (141), as `cat` ends: there is
+/// nobody left to tell, and `print!` would panic. Any other failure to write
+/// is said on standard error, exit status 1.
+pub fn write_stdout(text: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(text).and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(141);
+        }
+        eprintln!("error: writing to standard output: {e}");
+        std::process::exit(1);
+    }
+}
 
 #[derive(Args, Clone)]
 pub struct ClientArgs {
@@ -246,9 +278,9 @@ where
     match f.await {
         Ok((j, text)) => {
             if json_out {
-                println!("{}", serde_json::to_string_pretty(&j).unwrap_or_default());
+                outln!("{}", serde_json::to_string_pretty(&j).unwrap_or_default());
             } else {
-                print!("{text}");
+                out!("{text}");
             }
             ExitCode::SUCCESS
         }
@@ -260,7 +292,7 @@ where
                         .map(|i| i.reason)
                         .unwrap_or_default();
                     if json_out {
-                        println!(
+                        outln!(
                             "{}",
                             json!({"error": {"code": format!("{:?}", s.code()), "reason": reason, "message": s.message()}})
                         );
@@ -269,7 +301,7 @@ where
                 }
                 None => {
                     if json_out {
-                        println!("{}", json!({"error": {"message": format!("{e:#}")}}));
+                        outln!("{}", json!({"error": {"message": format!("{e:#}")}}));
                     }
                     eprintln!("error: {e:#}");
                 }

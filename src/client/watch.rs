@@ -96,7 +96,7 @@ pub async fn watch(a: WatchArgs) -> ExitCode {
                 tokio::select! {
                     m = stream.message() => match m {
                         Ok(Some(m)) => {
-                            println!("{}", line(&m, a.client.json));
+                            outln!("{}", line(&m, a.client.json));
                             cursor = m.cursor;
                         }
                         Ok(None) => break Ok(()),

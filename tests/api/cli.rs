@@ -614,6 +614,34 @@ fn watch_prints_each_change_and_the_cursor_to_resume_from_on_ctrl_c() {
     }
 }
 
+/// A reader that goes away (`billing-mode … | head`, a closed pager) ends a
+/// command quietly: no panic, nothing on standard error, and the status of a
+/// program `SIGPIPE` ended (141), as `cat` has.
+#[test]
+fn a_reader_that_goes_away_ends_a_command_quietly() {
+    let s = Server::start(&[]);
+    s.register_byok();
+    let commands: [&[&str]; 4] = [
+        &["history", WS],
+        &["resolve", WS, "--json"],
+        &["resolve", UNKNOWN_WS, "--json"],
+        &["watch", "--snapshot"],
+    ];
+    for args in commands {
+        let mut cmd = s.cmd(args);
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawning billing-mode");
+        // The reader is gone before the command writes its first line.
+        drop(child.stdout.take());
+        let exit = wait_exit(&mut child, EXIT_TIMEOUT)
+            .unwrap_or_else(|| panic!("{args:?} did not end when its reader went away"));
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        assert!(err.is_empty(), "{args:?}: {err}");
+        assert_eq!(exit.code(), Some(141), "{args:?}: {exit}: {err}");
+    }
+}
+
 #[test]
 fn resolve_json_carries_every_field() {
     let s = Server::start(&[]);
