@@ -18,7 +18,9 @@
 //! HdrHistograms. CPU seconds come from `/proc`: the server process, the
 //! Postgres backends of the server's pool (found by `application_name` in
 //! `pg_stat_activity`), and this process (the load generator, or the plain
-//! loop of lane D).
+//! loop of lane D); for the process doing a lane's work, also the kernel's
+//! share of its CPU and its threads' context switches per request (where a
+//! request's cost is waiting and waking rather than instructions).
 //!
 //! The lanes:
 //!
@@ -432,6 +434,11 @@ struct Phase {
     cpu_svc: f64,
     cpu_pg: Option<f64>,
     cpu_gen: Option<f64>,
+    /// The share of `cpu_svc` spent in the kernel (system calls, wake-ups).
+    svc_sys: f64,
+    /// Context switches of the process doing the lane's work, per request
+    /// (a thread that waits and is woken, or is preempted).
+    svc_switches: f64,
 }
 
 impl Phase {
@@ -456,13 +463,36 @@ struct CpuProbe {
 
 #[derive(Default)]
 struct CpuSnap {
-    server: f64,
-    harness: f64,
+    server: ProcCpu,
+    harness: ProcCpu,
     pg: HashMap<u32, f64>,
 }
 
-/// utime + stime of a process (all its threads, live and exited), in µs.
-fn proc_cpu_us(pid: &str, tick_us: f64) -> Option<f64> {
+/// One process's CPU time, in µs, and its threads' context switches.
+#[derive(Default, Clone, Copy)]
+struct ProcCpu {
+    user: f64,
+    sys: f64,
+    switches: f64,
+}
+
+impl ProcCpu {
+    fn of(pid: &str, tick_us: f64) -> ProcCpu {
+        let (user, sys) = proc_cpu_us(pid, tick_us).unwrap_or_default();
+        ProcCpu {
+            user,
+            sys,
+            switches: proc_switches(pid).unwrap_or_default(),
+        }
+    }
+
+    fn total(self) -> f64 {
+        self.user + self.sys
+    }
+}
+
+/// utime and stime of a process (all its threads, live and exited), in µs.
+fn proc_cpu_us(pid: &str, tick_us: f64) -> Option<(f64, f64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the parenthesised command name; utime and stime are the
     // 14th and 15th fields of the line.
@@ -470,14 +500,35 @@ fn proc_cpu_us(pid: &str, tick_us: f64) -> Option<f64> {
     let f: Vec<&str> = rest.split_whitespace().collect();
     let utime: f64 = f.get(11)?.parse().ok()?;
     let stime: f64 = f.get(12)?.parse().ok()?;
-    Some((utime + stime) * tick_us)
+    Some((utime * tick_us, stime * tick_us))
+}
+
+/// The context switches (voluntary and not) of a process's live threads.
+/// (A thread that exited during a phase takes its count with it; the
+/// server's runtime workers and connection threads live for the whole run.)
+fn proc_switches(pid: &str) -> Option<f64> {
+    let mut total = 0.0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let Ok(status) = std::fs::read_to_string(task.ok()?.path().join("status")) else {
+            continue;
+        };
+        for line in status.lines() {
+            if let Some(n) = line
+                .strip_prefix("voluntary_ctxt_switches:")
+                .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+            {
+                total += n.trim().parse::<f64>().unwrap_or(0.0);
+            }
+        }
+    }
+    Some(total)
 }
 
 impl CpuProbe {
     async fn snap(&self) -> CpuSnap {
         let mut s = CpuSnap {
-            server: proc_cpu_us(&self.server_pid.to_string(), self.tick_us).unwrap_or(0.0),
-            harness: proc_cpu_us("self", self.tick_us).unwrap_or(0.0),
+            server: ProcCpu::of(&self.server_pid.to_string(), self.tick_us),
+            harness: ProcCpu::of("self", self.tick_us),
             pg: HashMap::new(),
         };
         if let Some((pool, names)) = &self.pg {
@@ -489,8 +540,8 @@ impl CpuProbe {
             .await
             .unwrap_or_default();
             for pid in pids {
-                if let Some(us) = proc_cpu_us(&pid.to_string(), self.tick_us) {
-                    s.pg.insert(pid as u32, us);
+                if let Some((user, sys)) = proc_cpu_us(&pid.to_string(), self.tick_us) {
+                    s.pg.insert(pid as u32, user + sys);
                 }
             }
         }
@@ -571,12 +622,18 @@ async fn phase(
         );
     }
     let per = |us: f64| us / count.max(1) as f64;
-    let harness = per(after.harness - before.harness);
-    let server = per(after.server - before.server);
+    let harness = per(after.harness.total() - before.harness.total());
+    let server = per(after.server.total() - before.server.total());
     let (cpu_svc, cpu_gen) = match lane.side {
         Side::Server => (server, Some(harness)),
         Side::Harness => (harness, None),
     };
+    let (svc_before, svc_after) = match lane.side {
+        Side::Server => (before.server, after.server),
+        Side::Harness => (before.harness, after.harness),
+    };
+    let svc_sys = (svc_after.sys - svc_before.sys)
+        / (svc_after.total() - svc_before.total()).max(f64::MIN_POSITIVE);
     Ok(Phase {
         rate: count as f64 / elapsed,
         p50: hist.value_at_quantile(0.50) as f64 / 1000.0,
@@ -584,6 +641,8 @@ async fn phase(
         cpu_svc,
         cpu_pg: cpu.pg.as_ref().map(|_| per(pg_delta(&before, &after))),
         cpu_gen,
+        svc_sys,
+        svc_switches: per(svc_after.switches - svc_before.switches),
     })
 }
 
@@ -1324,7 +1383,7 @@ fn print_table(
         backend.name, seeded, opts.warmup, opts.measure, opts.concurrency, opts.connections
     );
     println!(
-        "{:<9} {:<38} | {:>8} {:>8} | {:>9} {:>8} {:>8} | {:>8} {:>8} {:>8}",
+        "{:<9} {:<38} | {:>8} {:>8} | {:>9} {:>8} {:>8} | {:>8} {:>8} {:>8} | {:>7} {:>7}",
         "lane",
         "",
         "c1 p50",
@@ -1334,16 +1393,18 @@ fn print_table(
         "cN p99",
         "cpu svc",
         "cpu pg",
-        "cpu gen"
+        "cpu gen",
+        "svc sys",
+        "svc cs"
     );
     println!(
-        "{:<9} {:<38} | {:>8} {:>8} | {:>9} {:>8} {:>8} | {:>8} {:>8} {:>8}",
-        "", "", "µs", "µs", "", "µs", "µs", "µs/req", "µs/req", "µs/req"
+        "{:<9} {:<38} | {:>8} {:>8} | {:>9} {:>8} {:>8} | {:>8} {:>8} {:>8} | {:>7} {:>7}",
+        "", "", "µs", "µs", "", "µs", "µs", "µs/req", "µs/req", "µs/req", "%", "/req"
     );
     for lane in lanes {
         let Some(l) = r.get(lane.key) else { continue };
         println!(
-            "{:<9} {:<38} | {:>8.0} {:>8.0} | {:>9.0} {:>8.0} {:>8.0} | {:>8.1} {:>8} {:>8}",
+            "{:<9} {:<38} | {:>8.0} {:>8.0} | {:>9.0} {:>8.0} {:>8.0} | {:>8.1} {:>8} {:>8} | {:>7.0} {:>7.2}",
             lane.key,
             lane.what,
             l.c1.p50,
@@ -1354,11 +1415,14 @@ fn print_table(
             l.cn.cpu_svc,
             opt(l.cn.cpu_pg),
             opt(l.cn.cpu_gen),
+            100.0 * l.cn.svc_sys,
+            l.cn.svc_switches,
         );
     }
     println!(
         "  (cpu svc: the server process, or this process for D; cpu pg: the Postgres backends; \
-         cpu gen: this process as load generator; all per request, from the cN phase)"
+         cpu gen: this process as load generator; svc sys: the share of cpu svc in the kernel; \
+         svc cs: context switches of cpu svc's process; all per request, from the cN phase)"
     );
     println!("targets ({}):", backend.name);
     for (what, measured, limit, pass) in targets(r) {
