@@ -134,6 +134,7 @@ pub(crate) trait Queries: Dialect {
         at: DateTime<Utc>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
+
 /// How a write keeps other writers out between reading a record and
 /// committing its change: the write's read and its transaction's start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
