@@ -136,6 +136,9 @@ fn rfc3339_micros(t: &chrono::DateTime<chrono::Utc>) -> Option<[u8; 27]> {
     Some(out)
 }
 
+/// The largest field buffer a thread keeps between uses, in bytes.
+const MAX_KEPT_SCRATCH: usize = 16 * 1024;
+
 /// Formats fields (an event's, a span's): the text of `DefaultFields`.
 #[derive(Debug, Default)]
 pub(crate) struct TextFields;
@@ -174,8 +177,13 @@ impl<'w> FormatFields<'w> for TextFields {
                 result: Ok(()),
             };
             fields.record(&mut visitor);
-            visitor.result?;
-            writer.write_str(visitor.out)
+            let written = visitor.result.and_then(|()| writer.write_str(visitor.out));
+            // A rare large field does not keep its buffer for the thread's
+            // life.
+            if out.capacity() > MAX_KEPT_SCRATCH {
+                *out = String::new();
+            }
+            written
         })
     }
 }
