@@ -139,7 +139,7 @@ pub async fn report_applied(
     );
     Ok(proto::ReportAppliedResponse {
         current,
-        resolution: Some(convert::resolution_to_wire(&resolution)),
+        resolution: Some(convert::resolution_to_wire(resolution)),
     })
 }
 
@@ -346,7 +346,7 @@ fn drift_to_wire(d: &Drift) -> proto::Drift {
         instance: d.report.instance.as_str().to_owned(),
         applied_mode: convert::mode_to_wire(d.report.mode).into(),
         applied_revision: d.report.revision,
-        current: Some(convert::resolution_to_wire(&d.current)),
+        current: Some(convert::resolution_to_wire(d.current.clone())),
         since: Some(crate::wire::Timestamp {
             seconds: d.since.timestamp(),
             nanos: i32::try_from(d.since.timestamp_subsec_nanos()).unwrap_or(0),

@@ -96,7 +96,7 @@ pub(super) async fn list_workspaces(
             last_scanned = Some(record.workspace_id);
             let r = resolve(record, registry);
             if q.mode.is_none_or(|m| m == r.mode) && q.source.is_none_or(|s| s == r.source) {
-                resolutions.push(convert::resolution_to_wire(&r));
+                resolutions.push(convert::resolution_to_wire(r));
                 if resolutions.len() == wanted {
                     // The rest of the batch is read again by the next page.
                     exhausted =

@@ -178,7 +178,7 @@ impl BillingMode for BillingModeService {
             let resolution = resolve(&record, &self.registry);
             log_decision("Resolve", &who.name, &resolution, None);
             Ok(proto::ResolveResponse {
-                resolution: Some(convert::resolution_to_wire(&resolution)),
+                resolution: Some(convert::resolution_to_wire(resolution)),
             })
         };
         run.await
@@ -211,7 +211,7 @@ impl BillingMode for BillingModeService {
             let resolution = self.write(&who, input).await?;
             log_decision(rpc, &who.name, &resolution, None);
             Ok(proto::SetResponse {
-                resolution: Some(convert::resolution_to_wire(&resolution)),
+                resolution: Some(convert::resolution_to_wire(resolution)),
             })
         };
         run.await.map(Response::new).map_err(|e| refuse("Set", e))
@@ -263,13 +263,13 @@ impl BillingMode for BillingModeService {
                             log_decision_line("BatchCreateWorkspaces", &who.name, &r, None);
                             proto::BatchCreateResult {
                                 created: true,
-                                resolution: Some(convert::resolution_to_wire(&r)),
+                                resolution: Some(convert::resolution_to_wire(r)),
                             }
                         }
                         CreateOutcome::Existing(record) => proto::BatchCreateResult {
                             created: false,
                             resolution: may_read.then(|| {
-                                convert::resolution_to_wire(&crate::domain::resolve(
+                                convert::resolution_to_wire(crate::domain::resolve(
                                     record,
                                     &self.registry,
                                 ))
@@ -311,7 +311,7 @@ impl BillingMode for BillingModeService {
             let resolution = self.write(&who, input).await?;
             log_decision(rpc, &who.name, &resolution, None);
             Ok(proto::ClearResponse {
-                resolution: Some(convert::resolution_to_wire(&resolution)),
+                resolution: Some(convert::resolution_to_wire(resolution)),
             })
         };
         run.await.map(Response::new).map_err(|e| refuse("Clear", e))
@@ -335,7 +335,7 @@ impl BillingMode for BillingModeService {
             let built = build_env(&resolution, &record, &self.registry, &candidate)?;
             log_decision("BuildEnv", &who.name, &resolution, Some(&built));
             Ok(proto::BuildEnvResponse {
-                resolution: Some(convert::resolution_to_wire(&resolution)),
+                resolution: Some(convert::resolution_to_wire(resolution)),
                 env: convert::env_to_wire(built.env),
                 removed_keys: built.removed_keys,
                 added_keys: built.added_keys,

@@ -335,7 +335,7 @@ impl Stream {
     fn resolution(&self, record: &Record, position: u64) -> proto::WatchResponse {
         proto::WatchResponse {
             cursor: self.cursor(position),
-            event: Some(Event::Resolution(convert::resolution_to_wire(&resolve(
+            event: Some(Event::Resolution(convert::resolution_to_wire(resolve(
                 record,
                 &self.registry,
             )))),

@@ -134,17 +134,10 @@ pub fn source_name(s: Source) -> &'static str {
     name.strip_prefix("SOURCE_").unwrap_or(name)
 }
 
-/// The resolver's trace as the API shows it: the rungs evaluated, then the
-/// decision and the source that made it.
-pub fn trace(r: &Resolution) -> Vec<String> {
-    let mut trace = Vec::with_capacity(r.trace.len() + 1);
-    trace.extend(r.trace.iter().cloned());
-    trace.push(format!(
-        "decision: {} (source {})",
-        r.mode,
-        source_name(r.source)
-    ));
-    trace
+/// The trace's closing line: the decision, its source named as the API
+/// names it.
+fn decision_line(r: &Resolution) -> String {
+    format!("decision: {} (source {})", r.mode, source_name(r.source))
 }
 
 /// The API's message for an env that could not be built: it names origins
@@ -177,31 +170,30 @@ pub fn env_error_message(e: &EnvError) -> String {
     }
 }
 
-pub fn resolution_to_wire(r: &Resolution) -> proto::Resolution {
+/// The decision as the API sends it; its trace is the resolver's rungs, then
+/// the decision and the source that made it. By value: the strings move into
+/// the message rather than being copied (a caller that keeps its resolution
+/// clones it).
+pub fn resolution_to_wire(r: Resolution) -> proto::Resolution {
+    let decision = decision_line(&r);
+    let mut trace = r.trace;
+    trace.push(decision);
     proto::Resolution {
         workspace_id: r.workspace_id.to_string(),
         mode: mode_to_wire(r.mode).into(),
         source: source_to_wire(r.source).into(),
-        provider: r
-            .provider
-            .as_ref()
-            .map(|p| p.id.clone())
-            .unwrap_or_default(),
         provider_is_platform: r.provider.as_ref().is_some_and(|p| p.is_platform),
-        runtime: r
-            .runtime
-            .as_ref()
-            .map(|x| x.to_string())
-            .unwrap_or_default(),
-        model: r.model.as_ref().map(|x| x.to_string()).unwrap_or_default(),
+        provider: r.provider.map(|p| p.id).unwrap_or_default(),
+        runtime: r.runtime.map(Runtime::into_string).unwrap_or_default(),
+        model: r.model.map(Model::into_string).unwrap_or_default(),
         override_mode: r
             .override_mode
             .map_or(proto::Mode::Unspecified, mode_to_wire)
             .into(),
         revision: r.revision,
-        trace: trace(r),
-        forbidden_secret_keys: r.forbidden_secret_keys.clone(),
-        credential_keys: r.credential_keys.clone(),
+        trace,
+        forbidden_secret_keys: r.forbidden_secret_keys,
+        credential_keys: r.credential_keys,
     }
 }
 

@@ -273,7 +273,7 @@ fn check_resolution(rec: &Record, res: &Resolution) -> Result<(), TestCaseError>
         res.mode,
         crate::wire::convert::source_name(res.source)
     );
-    let trace = crate::wire::convert::trace(res);
+    let trace = crate::wire::convert::resolution_to_wire(res.clone()).trace;
     prop_assert_eq!(trace.last(), Some(&decision));
     Ok(())
 }

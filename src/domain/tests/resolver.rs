@@ -44,7 +44,7 @@ fn check(cases: &[Case]) {
             "provider_is_platform: {description}"
         );
         // The trace as the API shows it, the decision line included.
-        let trace = convert::trace(&r);
+        let trace = convert::resolution_to_wire(r.clone()).trace;
         let mut from = 0;
         for fragment in c.trace {
             let found = trace[from..].iter().position(|l| l.contains(fragment));
@@ -844,7 +844,7 @@ fn the_trace_lists_every_rung_evaluated_in_order() {
         registry(),
     );
     assert_eq!(
-        convert::trace(&r),
+        convert::resolution_to_wire(r.clone()).trace,
         strings(&[
             "override: none",
             "derive: rule 2 (runtime claude-code, pattern \"claude-(sonnet|opus|haiku)-.*\") matches model claude-opus-4-7; candidates anthropic, platform-anthropic",
@@ -856,7 +856,7 @@ fn the_trace_lists_every_rung_evaluated_in_order() {
 
     let r = resolve(&record(None, None, &[], Some("byok ")), registry());
     assert_eq!(
-        convert::trace(&r),
+        convert::resolution_to_wire(r.clone()).trace,
         strings(&[
             "override: stored value \"byok \" is not a valid mode; ignored",
             "derive: no runtime and no model recorded",
