@@ -99,7 +99,7 @@ pub fn resolve(record: &Record, registry: &Registry) -> Resolution {
         (None, None) => (Mode::PlatformManaged, Source::Default),
     };
     // The closing `decision:` line names the source as the API does, so the
-    // wire writes it (`wire::convert::trace`).
+    // wire writes it (`wire::convert::resolution_to_wire`).
 
     let forbidden_secret_keys = if mode == Mode::PlatformManaged {
         registry.forbidden_secret_keys().to_vec()
@@ -167,15 +167,15 @@ fn derive_provider(
         quoted(&rule.pattern),
         rule.candidate_ids().collect::<Vec<_>>().join(", ")
     ));
-    let candidates: Vec<&Provider> = rule.candidates.iter().collect();
+    let candidates = rule.candidates.as_slice();
 
-    let chosen = if candidates.len() == 1 {
-        candidates[0]
+    let chosen: &Provider = if candidates.len() == 1 {
+        &candidates[0]
     } else if let Some((p, key)) = candidates.iter().find_map(|p| {
         p.credentials
             .iter()
             .find(|k| owned.contains(k))
-            .map(|k| (*p, k))
+            .map(|k| (p, k))
     }) {
         trace.push(format!(
             "derive: workspace owns {key}, a credential of {}",
@@ -193,7 +193,7 @@ fn derive_provider(
             "derive: workspace owns no candidate's credential; first candidate {}",
             candidates[0].id
         ));
-        candidates[0]
+        &candidates[0]
     };
     trace.push(format!(
         "derive: provider {} is {}",

@@ -347,10 +347,7 @@ fn drift_to_wire(d: &Drift) -> proto::Drift {
         applied_mode: convert::mode_to_wire(d.report.mode).into(),
         applied_revision: d.report.revision,
         current: Some(convert::resolution_to_wire(d.current.clone())),
-        since: Some(crate::wire::Timestamp {
-            seconds: d.since.timestamp(),
-            nanos: i32::try_from(d.since.timestamp_subsec_nanos()).unwrap_or(0),
-        }),
+        since: Some(d.since.into()),
     }
 }
 

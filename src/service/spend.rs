@@ -34,10 +34,7 @@ pub fn check_spend(
                 allowed: answer.allowed(),
                 mode: convert::mode_to_wire(answer.mode).into(),
                 revision: answer.revision,
-                as_of: Some(crate::wire::Timestamp {
-                    seconds: answer.as_of.timestamp(),
-                    nanos: i32::try_from(answer.as_of.timestamp_subsec_nanos()).unwrap_or(0),
-                }),
+                as_of: Some(answer.as_of.into()),
             })
         }
         Err(SpendError::NotFound) => Err(StoreError::NotFound.into()),

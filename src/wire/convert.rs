@@ -37,7 +37,7 @@ pub fn mode_from_proto(m: proto::Mode) -> Option<Mode> {
 }
 
 /// A proto source as the domain's; `None` for `SOURCE_UNSPECIFIED`.
-fn source_from_proto(s: proto::Source) -> Option<Source> {
+pub(crate) fn source_from_proto(s: proto::Source) -> Option<Source> {
     match s {
         proto::Source::Override => Some(Source::Override),
         proto::Source::DerivedProvider => Some(Source::DerivedProvider),
@@ -412,10 +412,7 @@ pub fn audit_to_wire(a: &AuditEntry) -> proto::AuditEntry {
         revision: a.revision,
         actor: a.actor.clone(),
         reason: a.reason.clone(),
-        time: Some(crate::wire::Timestamp {
-            seconds: a.at.timestamp(),
-            nanos: i32::try_from(a.at.timestamp_subsec_nanos()).unwrap_or(0),
-        }),
+        time: Some(a.at.into()),
         before: a.before.as_ref().map(fields_to_wire),
         after: Some(fields_to_wire(&a.after)),
     }

@@ -22,14 +22,10 @@ pub fn mode_name(v: i32) -> Option<&'static str> {
 
 /// `OVERRIDE`, `DERIVED_PROVIDER` or `DEFAULT`.
 pub fn source_name(v: i32) -> Option<&'static str> {
-    match proto::Source::try_from(v) {
-        Ok(proto::Source::Unspecified) | Err(_) => None,
-        Ok(s) => Some(
-            s.as_str_name()
-                .strip_prefix("SOURCE_")
-                .unwrap_or(s.as_str_name()),
-        ),
-    }
+    proto::Source::try_from(v)
+        .ok()
+        .and_then(convert::source_from_proto)
+        .map(convert::source_name)
 }
 
 /// `workspace`, `global`, `platform` or `authority`.
