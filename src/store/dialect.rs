@@ -65,6 +65,14 @@ pub(crate) trait Dialect: Send + Sync + Sized + 'static {
     /// The pool's size unless configured (`--db-max-connections`).
     const DEFAULT_MAX_CONNECTIONS: u32;
 
+    /// The statement that reads several workspaces at once, for a backend
+    /// whose `load`s may go together: `columns` (the record's, as `load`
+    /// selects them) after each row's 1-based position in the array of ids
+    /// bound as `$1` (`None`, the default: each `load` reads alone).
+    fn load_many(_columns: &str) -> Option<String> {
+        None
+    }
+
     /// Connects: the pool, with up to `max_connections`, and the dialect's
     /// own state.
     fn open(
@@ -93,11 +101,13 @@ pub(crate) trait Dialect: Send + Sync + Sized + 'static {
 /// statement, on the store's pool, says so with
 /// [`PlainSql`](super::sql::PlainSql) and implements nothing here.
 pub(crate) trait Queries: Dialect {
-    /// Runs `load`'s one statement (`sql`, the workspace id bound as `$1`).
+    /// Runs `load`'s one statement (`sql`, the workspace id bound as `$1`),
+    /// or, with others waiting, `many` ([`Dialect::load_many`]).
     fn load<'a>(
         &'a self,
         pool: &'a Pool<Self::Db>,
         sql: &'a str,
+        many: Option<&'a str>,
         id: String,
     ) -> impl Future<Output = Result<Option<<Self::Db as Database>::Row>, sqlx::Error>> + Send + 'a;
 

@@ -17,6 +17,7 @@ use crate::domain::{Change, Record, WorkspaceId};
 pub mod applied;
 mod dialect;
 pub mod metered;
+mod pg_batch;
 mod pg_reads;
 mod postgres;
 mod row;

@@ -77,11 +77,20 @@ impl ReadPool {
         Ok(ReadPool { pool })
     }
 
-    /// Runs one read `query` (built anew for each attempt). On a lost
+    /// [`ReadPool::fetch`] of a statement that returns at most one row.
+    pub(crate) async fn fetch_optional<'q, F>(&self, query: F) -> Result<Option<PgRow>, sqlx::Error>
+    where
+        F: Fn() -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    {
+        Ok(self.fetch(query).await?.pop())
+    }
+
+    /// Runs one read `query` (built anew for each attempt) for all its rows
+    /// (one statement's worth). On a lost
     /// connection the pool's idle connections are dropped too (a failover or
     /// a restart takes them all; one killed backend costs only reconnects)
-    /// and the query runs again, on a connection checked first.
-    pub(crate) async fn fetch_optional<'q, F>(&self, query: F) -> Result<Option<PgRow>, sqlx::Error>
+    /// and the read runs again, on a connection checked first.
+    pub(crate) async fn fetch<'q, F>(&self, query: F) -> Result<Vec<PgRow>, sqlx::Error>
     where
         F: Fn() -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
     {
@@ -98,10 +107,10 @@ impl ReadPool {
                     return Err(e);
                 }
             }
-            match query().fetch_optional(conn.get()).await {
-                Ok(row) => {
+            match query().fetch_all(conn.get()).await {
+                Ok(rows) => {
                     conn.finished();
-                    return Ok(row);
+                    return Ok(rows);
                 }
                 // `conn` is dropped unfinished, so it is closed, not reused.
                 Err(e) if !last && is_lost_connection(&e) => {
@@ -120,6 +129,12 @@ impl ReadPool {
             managed::PoolError::Closed => sqlx::Error::PoolClosed,
             other => sqlx::Error::Configuration(other.to_string().into()),
         })
+    }
+
+    /// Takes a connection from the pool until the returned one is dropped.
+    #[cfg(test)]
+    pub(crate) async fn hold(&self) -> Object<Manager> {
+        self.get().await.expect("a read connection")
     }
 
     /// (connections open, connections idle).

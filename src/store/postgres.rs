@@ -38,6 +38,7 @@ use sqlx::{
 };
 
 use super::dialect::{AuditRow, Dialect, Queries, WriteLock};
+use super::pg_batch::Batcher;
 use super::pg_reads::ReadPool;
 use super::row::{listed_from_row, revision_to_db, Fields};
 use super::{ChangeListener, StoreError};
@@ -49,6 +50,8 @@ use crate::domain::Record;
 pub(crate) struct PgDialect {
     /// `load`'s connections (see `store::pg_reads`).
     reads: ReadPool,
+    /// `load`s that wait, read together (see `store::pg_batch`).
+    batches: Batcher,
 }
 
 impl Dialect for PgDialect {
@@ -67,6 +70,14 @@ impl Dialect for PgDialect {
     const MIGRATOR: &'static sqlx::migrate::Migrator = &sqlx::migrate!("./migrations/postgres");
     /// The size of each of the two pools (`load`'s reads, and the rest).
     const DEFAULT_MAX_CONNECTIONS: u32 = 16;
+
+    /// Row n answers the n-th id of the array (`store::pg_batch`).
+    fn load_many(columns: &str) -> Option<String> {
+        Some(format!(
+            "SELECT t.n, {columns} FROM UNNEST($1::uuid[]) WITH ORDINALITY AS t(id, n) \
+             JOIN billing_records ON workspace_id = t.id"
+        ))
+    }
 
     /// Two pools of `max_connections` each: `load`'s reads, and the rest.
     async fn open(
@@ -88,7 +99,11 @@ impl Dialect for PgDialect {
             .acquire_timeout(acquire_timeout)
             .connect_with(opts)
             .await?;
-        Ok((pool, PgDialect { reads }))
+        // A quarter of the read connections read at once (4 of the default
+        // 16); the rest serve the reads of a statement that failed, which
+        // each run alone (store::pg_batch).
+        let batches = Batcher::new(max_connections.div_ceil(4) as usize);
+        Ok((pool, PgDialect { reads, batches }))
     }
 
     /// `LISTEN` on its own connection, on the channel that names the store.
@@ -108,6 +123,16 @@ impl Dialect for PgDialect {
     }
 }
 
+#[cfg(test)]
+impl PgDialect {
+    /// Loads answered by a statement another load sent.
+    pub(crate) fn loads_answered_together(&self) -> usize {
+        self.batches
+            .answered_together
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// `load` through its own connections, and a batch's rows with one
 /// statement each, however many (`UNNEST` of arrays: module docs).
 impl Queries for PgDialect {
@@ -115,11 +140,17 @@ impl Queries for PgDialect {
         &'a self,
         _pool: &'a PgPool,
         sql: &'a str,
+        many: Option<&'a str>,
         id: String,
     ) -> Result<Option<PgRow>, sqlx::Error> {
-        self.reads
-            .fetch_optional(|| sqlx::query(sql).bind(id.clone()))
-            .await
+        match many {
+            Some(many) => self.batches.load(&self.reads, sql, many, id).await,
+            None => {
+                self.reads
+                    .fetch_optional(|| sqlx::query(sql).bind(&id))
+                    .await
+            }
+        }
     }
 
     /// One statement; `ON CONFLICT DO NOTHING` waits for a transaction

@@ -79,6 +79,12 @@ impl<D: Dialect> SqlStore<D> {
         Ok(SqlStore::new(pool, dialect))
     }
 
+    /// The dialect, for the store suite.
+    #[cfg(test)]
+    pub(crate) fn dialect(&self) -> &D {
+        &self.dialect
+    }
+
     /// The pool, for the store suite's raw SQL.
     #[cfg(test)]
     pub(crate) fn pool(&self) -> &Pool<D::Db> {
@@ -102,6 +108,7 @@ impl<D: Dialect> SqlStore<D> {
 #[derive(Debug)]
 struct Statements {
     select_record: String,
+    load_many: Option<String>,
     select_record_locked: String,
     update_record: String,
     update_record_keeping_override: String,
@@ -120,10 +127,11 @@ struct Statements {
 impl Statements {
     fn new<D: Dialect>() -> Self {
         let (uuid, json, text) = (D::UUID, D::JSON, D::TEXT);
-        let select_record = format!(
-            "SELECT runtime, model, credential_keys{text} AS credential_keys, override_mode, \
-             revision FROM billing_records WHERE workspace_id = $1{uuid}"
+        let columns = format!(
+            "runtime, model, credential_keys{text} AS credential_keys, override_mode, revision"
         );
+        let select_record =
+            format!("SELECT {columns} FROM billing_records WHERE workspace_id = $1{uuid}");
         let listed = format!(
             "SELECT workspace_id{text} AS workspace_id, runtime, model, \
              credential_keys{text} AS credential_keys, override_mode, revision FROM billing_records"
@@ -139,6 +147,7 @@ impl Statements {
         Statements {
             select_record_locked: format!("{select_record}{}", D::WRITE_LOCK.read_suffix()),
             select_record,
+            load_many: D::load_many(&columns),
             update_record: format!("{update}, override_mode = $7 WHERE workspace_id = $1{uuid}"),
             update_record_keeping_override: format!("{update} WHERE workspace_id = $1{uuid}"),
             history: format!(
@@ -209,6 +218,7 @@ where
         &'a self,
         pool: &'a Pool<D::Db>,
         sql: &'a str,
+        _many: Option<&'a str>,
         id: String,
     ) -> Result<Option<<D::Db as Database>::Row>, sqlx::Error> {
         sqlx::query(sql).bind(id).fetch_optional(pool).await
@@ -336,6 +346,7 @@ where
                 .load(
                     &self.pool,
                     &self.sql.select_record,
+                    self.sql.load_many.as_deref(),
                     workspace_id.to_string(),
                 )
                 .await?;

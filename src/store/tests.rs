@@ -351,6 +351,7 @@ store_tests!(
     history_is_newest_first_and_pages_by_revision,
     concurrent_sets_on_one_workspace_lose_no_update,
     concurrent_creates_of_one_workspace_do_not_fail,
+    concurrent_loads_each_get_their_own_record,
     the_database_refuses_an_invalid_override_mode,
     a_garbled_override_loads_as_invalid_and_resolve_ignores_it,
     garbled_runtime_and_credential_keys_load_as_invalid,
@@ -1079,6 +1080,63 @@ async fn concurrent_sets_on_one_workspace_lose_no_update(h: &mut Harness) {
         .map(|e| e.after.model.text(Model::as_str).map(str::to_owned))
         .collect();
     assert_eq!(models.len(), N as usize);
+}
+
+/// Many loads at once, of many workspaces, some asked for twice and some
+/// with no record: each gets its own workspace's record (on Postgres most of
+/// them read together with others, `store::pg_batch`; checked below).
+async fn concurrent_loads_each_get_their_own_record(h: &mut Harness) {
+    const STORED: u64 = 40;
+    let store = h.store();
+    let mut expected = Vec::new();
+    for i in 0..STORED {
+        let id = WorkspaceId::new_random();
+        // Revisions differ too (1 to 3), so that no two records are alike.
+        for k in 0..=(i % 3) {
+            write(&*store, id, &set_model(&format!("model-{i}-{k}")), None)
+                .await
+                .expect("write");
+        }
+        expected.push((id, Some((format!("model-{i}-{}", i % 3), i % 3 + 1))));
+    }
+    for _ in 0..10 {
+        expected.push((WorkspaceId::new_random(), None));
+    }
+    // Every workspace 12 times over, interleaved.
+    let loads: Vec<_> = (0..12)
+        .flat_map(|_| expected.iter().cloned())
+        .map(|(id, want)| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let got = store.load(&id).await.expect("load");
+                (id, want, got)
+            })
+        })
+        .collect();
+    // A load left waiting for ever would hang the suite: fail instead.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    for load in loads {
+        let (id, want, got) = tokio::time::timeout_at(deadline, load)
+            .await
+            .expect("every load answered within a minute")
+            .expect("load task");
+        match (want, got) {
+            (None, None) => {}
+            (Some((m, revision)), Some(record)) => {
+                assert_eq!(record.workspace_id, id, "another workspace's record");
+                assert_eq!(record.model, Stored::Valid(model(&m)), "{id}");
+                assert_eq!(record.revision, revision, "{id}");
+            }
+            (want, got) => panic!("{id}: expected {want:?}, loaded {got:?}"),
+        }
+    }
+    if let Backend::Postgres { store, .. } = &h.backend {
+        assert!(
+            store.dialect().loads_answered_together() > 0,
+            "600 loads at once and none read together with another: the test \
+             did not exercise what it is for"
+        );
+    }
 }
 
 async fn concurrent_creates_of_one_workspace_do_not_fail(h: &mut Harness) {
@@ -2049,4 +2107,86 @@ async fn an_audit_entry_that_is_not_the_fields_json_is_corrupt(h: &mut Harness) 
     assert!(source.is_some(), "the JSON error is kept as the source");
     // The record itself still loads.
     assert_eq!(load(&*store, id).await.revision, 1);
+}
+
+// ---------------------------------------------------------------------------
+// Postgres only: loads that wait go together (`store::pg_batch`)
+// ---------------------------------------------------------------------------
+
+/// A load that holds the one turn and is cancelled hands the turn on: the
+/// loads waiting behind it are read (together) and each gets its own row,
+/// a workspace asked for twice included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_load_hands_its_turn_to_the_loads_waiting() {
+    use super::{pg_batch::Batcher, pg_reads::ReadPool};
+
+    let test = "a_cancelled_load_hands_its_turn_to_the_loads_waiting";
+    let Some((h, schema)) = Harness::postgres(test).await else {
+        return;
+    };
+    run(
+        async move {
+            let store = h.store();
+            let ids: Vec<WorkspaceId> = (0..3).map(|_| WorkspaceId::new_random()).collect();
+            for (i, id) in ids.iter().enumerate() {
+                write(&*store, *id, &set_model(&format!("model-{i}")), None)
+                    .await
+                    .expect("write");
+            }
+            let Backend::Postgres { opts, .. } = &h.backend else {
+                unreachable!("a Postgres harness")
+            };
+            let one = "SELECT model FROM billing_records WHERE workspace_id = $1::uuid";
+            let many = PgDialect::load_many("model").expect("Postgres reads together");
+            let reads = Arc::new(
+                ReadPool::new(opts.clone(), 1, std::time::Duration::from_secs(5)).expect("pool"),
+            );
+            let batcher = Arc::new(Batcher::new(1));
+
+            // The pool's one connection is taken, so the first load takes the
+            // one turn and then waits for a connection.
+            let held = reads.hold().await;
+            let mut first = Box::pin(batcher.load(&reads, one, &many, ids[0].to_string()));
+            tokio::select! {
+                biased;
+                _ = &mut first => panic!("the first load finished without a connection"),
+                _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
+            }
+            let waiting: Vec<_> = [1, 2, 1]
+                .into_iter()
+                .map(|i| {
+                    let (reads, batcher, many) = (reads.clone(), batcher.clone(), many.clone());
+                    let id = ids[i];
+                    tokio::spawn(async move {
+                        let row = batcher.load(&reads, one, &many, id.to_string()).await;
+                        (i, row)
+                    })
+                })
+                .collect();
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            assert!(
+                waiting.iter().all(|w| !w.is_finished()),
+                "a load did not wait for the turn"
+            );
+            drop(first);
+            drop(held);
+            for w in waiting {
+                let (i, row) = tokio::time::timeout(std::time::Duration::from_secs(10), w)
+                    .await
+                    .expect("the waiting loads were answered (the turn was handed on)")
+                    .expect("load task");
+                let row = row.expect("load").expect("a stored workspace");
+                assert_eq!(row.get::<String, _>("model"), format!("model-{i}"));
+            }
+            assert_eq!(
+                batcher
+                    .answered_together
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                2,
+                "the three waiting loads were read by one statement"
+            );
+        },
+        Some(schema),
+    )
+    .await;
 }
