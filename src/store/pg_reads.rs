@@ -85,11 +85,10 @@ impl ReadPool {
         Ok(self.fetch(query).await?.pop())
     }
 
-    /// Runs one read `query` (built anew for each attempt) for all its rows
-    /// (one statement's worth). On a lost
-    /// connection the pool's idle connections are dropped too (a failover or
-    /// a restart takes them all; one killed backend costs only reconnects)
-    /// and the read runs again, on a connection checked first.
+    /// Runs one read `query` (built anew for each attempt) for all its rows.
+    /// On a lost connection the pool's idle connections are dropped too (a
+    /// failover or a restart takes them all; one killed backend costs only
+    /// reconnects) and the read runs again, on a connection checked first.
     pub(crate) async fn fetch<'q, F>(&self, query: F) -> Result<Vec<PgRow>, sqlx::Error>
     where
         F: Fn() -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,

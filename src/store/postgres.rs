@@ -79,7 +79,8 @@ impl Dialect for PgDialect {
         ))
     }
 
-    /// Two pools of `max_connections` each: `load`'s reads, and the rest.
+    /// Two pools of `max_connections` each: `load`'s reads, and the rest
+    /// (at least two: the change feed's `LISTEN` holds one).
     async fn open(
         opts: PgConnectOptions,
         max_connections: u32,
@@ -95,7 +96,9 @@ impl Dialect for PgDialect {
         let acquire_timeout = std::time::Duration::from_secs(5);
         let reads = ReadPool::new(opts.clone(), max_connections as usize, acquire_timeout)?;
         let pool = PgPoolOptions::new()
-            .max_connections(max_connections)
+            // The change feed's `LISTEN` holds one of these for good, so
+            // there are at least two: one left for writes.
+            .max_connections(max_connections.max(2))
             .acquire_timeout(acquire_timeout)
             .connect_with(opts)
             .await?;

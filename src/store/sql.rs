@@ -132,10 +132,8 @@ impl Statements {
         );
         let select_record =
             format!("SELECT {columns} FROM billing_records WHERE workspace_id = $1{uuid}");
-        let listed = format!(
-            "SELECT workspace_id{text} AS workspace_id, runtime, model, \
-             credential_keys{text} AS credential_keys, override_mode, revision FROM billing_records"
-        );
+        let listed =
+            format!("SELECT workspace_id{text} AS workspace_id, {columns} FROM billing_records");
         // The override is set only when it changes: SQLite re-checks a CHECK
         // constraint only when its column is in the SET list, so leaving an
         // unchanged (possibly hand-garbled) override out keeps unrelated Sets

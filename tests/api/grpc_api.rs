@@ -5,6 +5,7 @@
 //! Postgres, on Postgres too.
 
 use crate::helpers::*;
+use billing_mode::config::Config;
 use billing_mode::proto::{
     BuildEnvResponse, ClearRequest, EnvVar, Mode, Origin, RecordFields, Resolution, SetRequest,
     Source,
@@ -1878,5 +1879,72 @@ async fn concurrent_compare_and_set_writers_let_exactly_one_win(db: TestDb) {
     assert_eq!(r, winners[0]);
     assert_eq!(r.revision, 2);
     assert_eq!(history_revisions(&mut c, &ws).await, vec![2, 1]);
+    app.stop().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// Many Resolves at once
+
+backends!(
+    many_resolves_at_once_each_answer_their_own_workspace,
+    flavor = "multi_thread",
+    worker_threads = 4
+);
+/// 330 Resolves at once over 30 workspaces with different modes and
+/// revisions, and 3 that have no record: each answer is its own
+/// workspace's. On Postgres, most of these reads go to the database
+/// together with others (`store::pg_batch`), which must never hand one
+/// workspace's decision to another's request (seen to fail with the rows
+/// handed out in reverse order).
+async fn many_resolves_at_once_each_answer_their_own_workspace(db: TestDb) {
+    // One connection (on Postgres, one read at a time): every read that
+    // comes while one runs waits, and goes with the others waiting.
+    let app = TestApp::spawn_with(Config {
+        db_max_connections: Some(1),
+        ..config(&db)
+    })
+    .await;
+    let modes = [Mode::PlatformManaged, Mode::Byok, Mode::Disabled];
+    let mut expected = Vec::new();
+    for i in 0..30 {
+        let ws = new_workspace();
+        app.register(&ws, "claude-code", "opus", &["CLAUDE_CODE_OAUTH_TOKEN"])
+            .await;
+        // Revisions 2 to 4, modes in turn.
+        let mut last = None;
+        for k in 0..=(i % 3) {
+            let mode = modes[(i + k) % 3];
+            last = Some(app.set_override(&ws, mode, &format!("step {k}")).await);
+        }
+        let last = last.expect("at least one override");
+        expected.push((ws, Some((last.mode, last.revision))));
+    }
+    for _ in 0..3 {
+        expected.push((new_workspace(), None));
+    }
+    let client = app.client().await;
+    let calls: Vec<_> = (0..10)
+        .flat_map(|_| expected.iter().cloned())
+        .map(|(ws, want)| {
+            let mut c = client.clone();
+            tokio::spawn(async move {
+                let got = try_resolve(&mut c, &ws).await;
+                (ws, want, got)
+            })
+        })
+        .collect();
+    for call in calls {
+        let (ws, want, got) = call.await.expect("call task");
+        match (want, got) {
+            (Some((mode, revision)), Ok(r)) => {
+                assert_eq!(r.workspace_id, ws, "another workspace's answer");
+                assert_eq!((r.mode, r.revision), (mode, revision), "{ws}");
+            }
+            (None, Err(e)) => {
+                assert_error(&e, Code::NotFound, "WORKSPACE_NOT_FOUND");
+            }
+            (want, got) => panic!("{ws}: expected {want:?}, got {got:?}"),
+        }
+    }
     app.stop().await.unwrap();
 }
