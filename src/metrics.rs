@@ -24,7 +24,8 @@ use std::{
 };
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// Buckets for call and store durations, in seconds: the OpenTelemetry
@@ -49,6 +50,8 @@ pub struct Metrics {
     pub store_operation_duration: HistogramVec,
     /// Store connection pool, by state (`in_use`, `idle`).
     pub store_pool_connections: IntGaugeVec,
+    /// Loads each Postgres read statement answered (`store::pg_batch`).
+    pub store_loads_per_read: Histogram,
     /// Always 1; the labels carry the version and the git commit.
     pub build_info: IntGaugeVec,
 }
@@ -109,6 +112,15 @@ impl Metrics {
             &["state"],
         )
         .expect("valid metric");
+        let store_loads_per_read = Histogram::with_opts(
+            HistogramOpts::new(
+                "billing_mode_store_loads_per_read",
+                "Loads (Resolve's and BuildEnv's reads) each Postgres read statement answered: \
+                 1 when a load read alone, more when loads that waited were read together.",
+            )
+            .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]),
+        )
+        .expect("valid metric");
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "billing_mode_build_info",
@@ -126,6 +138,7 @@ impl Metrics {
             Box::new(refusals.clone()),
             Box::new(store_operation_duration.clone()),
             Box::new(store_pool_connections.clone()),
+            Box::new(store_loads_per_read.clone()),
             Box::new(build_info.clone()),
         ] {
             registry
@@ -139,6 +152,7 @@ impl Metrics {
             refusals,
             store_operation_duration,
             store_pool_connections,
+            store_loads_per_read,
             build_info,
         }
     }

@@ -146,6 +146,9 @@ impl Batcher {
                     Err(_) => continue,
                 },
             };
+            crate::metrics::global()
+                .store_loads_per_read
+                .observe((others.len() + 1) as f64);
             let row = if others.is_empty() {
                 reads.fetch_optional(|| sqlx::query(one).bind(&id)).await
             } else {

@@ -208,6 +208,14 @@ async fn the_admin_port_answers_probes_and_serves_metrics_promtool_accepts(db: T
         ) >= 2.0,
         "{after}"
     );
+    // The loads above read one at a time, each its own Postgres statement;
+    // SQLite's reads are not counted.
+    let loads_read = delta("billing_mode_store_loads_per_read_sum");
+    let statements = delta("billing_mode_store_loads_per_read_count");
+    match db.backend {
+        Backend::Postgres => assert!(statements >= 2.0 && loads_read >= statements, "{after}"),
+        Backend::Sqlite => assert_eq!((statements, loads_read), (0.0, 0.0), "{after}"),
+    }
     assert!(after.contains("billing_mode_store_pool_connections{state=\"idle\"}"));
     assert!(after.contains("billing_mode_store_pool_connections{state=\"in_use\"}"));
     assert!(after.contains(&format!(
