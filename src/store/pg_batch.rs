@@ -31,7 +31,7 @@ use tokio::sync::oneshot;
 use super::pg_reads::ReadPool;
 
 /// The most loads one statement reads; more waiting go in the next.
-pub(crate) const MOST_PER_STATEMENT: usize = 64;
+const MOST_PER_STATEMENT: usize = 64;
 
 /// Loads running now, and those waiting for one of them to end.
 #[derive(Debug)]
@@ -181,9 +181,7 @@ async fn read_together(
     let rows = match rows {
         Ok(rows) => rows,
         Err(e) => {
-            for w in others {
-                let _ = w.answer.send(Answer::Alone);
-            }
+            each_alone(others);
             return Err(e);
         }
     };
@@ -202,9 +200,7 @@ async fn read_together(
             // each reads its own.
             _ => {
                 tracing::error!("a batched read answered a position it was not asked for");
-                for w in others {
-                    let _ = w.answer.send(Answer::Alone);
-                }
+                each_alone(others);
                 return reads.fetch_optional(|| sqlx::query(one).bind(&id)).await;
             }
         }
@@ -216,4 +212,12 @@ async fn read_together(
         let _ = w.answer.send(Answer::Row(row));
     }
     Ok(mine)
+}
+
+/// Tells each of `others` to read on its own.
+fn each_alone(others: Vec<Waiter>) {
+    for w in others {
+        // A load whose request was cancelled no longer listens.
+        let _ = w.answer.send(Answer::Alone);
+    }
 }
