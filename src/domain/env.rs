@@ -67,94 +67,148 @@ pub struct EnvInput {
     pub origin: Origin,
 }
 
-/// A validated candidate env: one map per origin.
+/// A validated candidate env: every entry, sorted by key and, within a key,
+/// by precedence (workspace, then global, then platform; [`Origin`]'s
+/// order), no (key, origin) twice. Sorted once when parsed, so the merged
+/// view ([`CandidateEnv::merged`]) is a scan and a lookup a binary search.
+/// A sorted vector, not a map per origin: a BuildEnv request carries tens of
+/// entries, and three B-tree maps of them cost a node allocation and a
+/// search per insert, and a sort again to merge them (docs/performance.md).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CandidateEnv {
-    workspace: BTreeMap<EnvKey, String>,
-    global: BTreeMap<EnvKey, String>,
-    platform: BTreeMap<EnvKey, String>,
+    entries: Vec<Candidate>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Candidate {
+    key: EnvKey,
+    value: String,
+    origin: Origin,
 }
 
 impl CandidateEnv {
     /// Validates keys, origins, limits and duplicates. Runs before any I/O.
+    /// The first failing entry, in the order given, decides the error (a key
+    /// fails as a duplicate at its second occurrence).
     pub fn parse(entries: impl IntoIterator<Item = EnvInput>) -> Result<Self, EnvError> {
         let entries = entries.into_iter();
-        let mut env = CandidateEnv::default();
+        // Each entry with its position, for the duplicate check below.
+        let mut valid: Vec<(Candidate, usize)> =
+            Vec::with_capacity(entries.size_hint().0.min(MAX_ENV_ENTRIES));
         for (index, e) in entries.enumerate() {
-            if index >= MAX_ENV_ENTRIES {
-                return Err(EnvError::TooManyEntries { count: index + 1 });
+            match Self::check(index, e) {
+                Ok(c) => valid.push((c, index)),
+                // A duplicate among the entries before this one fails first.
+                Err(failure) => return Err(Self::sort(&mut valid).unwrap_or(failure)),
             }
-            let key = EnvKey::from_string(e.key)
-                .map_err(|source| EnvError::InvalidKey { index, source })?;
-            let map = match e.origin {
-                Origin::Workspace => &mut env.workspace,
-                Origin::Global => &mut env.global,
-                Origin::Platform => &mut env.platform,
-                Origin::Authority => {
-                    return Err(EnvError::InvalidOrigin {
-                        index,
-                        key: key.to_string(),
-                    })
-                }
-            };
-            if e.value.len() > MAX_ENV_VALUE_BYTES {
-                return Err(EnvError::ValueTooLong {
-                    key: key.to_string(),
-                    len: e.value.len(),
-                });
-            }
-            if map.contains_key(&key) {
-                return Err(EnvError::DuplicateKey {
-                    key: key.to_string(),
-                    origin: e.origin,
-                });
-            }
-            map.insert(key, e.value);
         }
-        Ok(env)
+        match Self::sort(&mut valid) {
+            Some(duplicate) => Err(duplicate),
+            None => Ok(CandidateEnv {
+                entries: valid.into_iter().map(|(c, _)| c).collect(),
+            }),
+        }
     }
 
-    fn origin_map(&self, origin: Origin) -> &BTreeMap<EnvKey, String> {
-        match origin {
-            Origin::Workspace => &self.workspace,
-            Origin::Global => &self.global,
-            Origin::Platform | Origin::Authority => &self.platform,
+    /// One entry on its own: its position, key, origin and value length.
+    fn check(index: usize, e: EnvInput) -> Result<Candidate, EnvError> {
+        if index >= MAX_ENV_ENTRIES {
+            return Err(EnvError::TooManyEntries { count: index + 1 });
         }
+        let key =
+            EnvKey::from_string(e.key).map_err(|source| EnvError::InvalidKey { index, source })?;
+        if e.origin == Origin::Authority {
+            return Err(EnvError::InvalidOrigin {
+                index,
+                key: key.to_string(),
+            });
+        }
+        if e.value.len() > MAX_ENV_VALUE_BYTES {
+            return Err(EnvError::ValueTooLong {
+                key: key.to_string(),
+                len: e.value.len(),
+            });
+        }
+        Ok(Candidate {
+            key,
+            value: e.value,
+            origin: e.origin,
+        })
+    }
+
+    /// Sorts `valid` by key and precedence (stably: equal ones stay in the
+    /// order given) and returns, if any (key, origin) is there twice, the
+    /// one whose second occurrence came first in the order given.
+    fn sort(valid: &mut [(Candidate, usize)]) -> Option<EnvError> {
+        valid.sort_by(|(a, _), (b, _)| (&a.key, a.origin).cmp(&(&b.key, b.origin)));
+        valid
+            .windows(2)
+            .filter(|w| w[0].0.key == w[1].0.key && w[0].0.origin == w[1].0.origin)
+            .map(|w| &w[1])
+            .min_by_key(|(_, index)| *index)
+            .map(|(c, _)| EnvError::DuplicateKey {
+                key: c.key.to_string(),
+                origin: c.origin,
+            })
+    }
+
+    /// The entries of `key`, highest precedence first.
+    fn of_key(&self, key: &str) -> &[Candidate] {
+        let start = self.entries.partition_point(|c| c.key.as_str() < key);
+        let len = self.entries[start..]
+            .iter()
+            .take_while(|c| c.key.as_str() == key)
+            .count();
+        &self.entries[start..start + len]
     }
 
     /// A non-empty value of `key` under exactly `origin`.
     fn get(&self, origin: Origin, key: &str) -> Option<&str> {
-        self.origin_map(origin)
-            .get(key)
-            .map(String::as_str)
+        self.of_key(key)
+            .iter()
+            .find(|c| c.origin == origin)
+            .map(|c| c.value.as_str())
             .filter(|v| !v.is_empty())
     }
 
+    /// The winning entry of `key`: the one of highest precedence.
+    fn winner(&self, key: &str) -> Option<(&str, Origin)> {
+        self.of_key(key)
+            .first()
+            .map(|c| (c.value.as_str(), c.origin))
+    }
+
     /// One entry per key, the highest-precedence origin winning
-    /// (workspace, then global, then platform), sorted by key: each origin's
-    /// entries, highest precedence first, sorted stably (the three runs are
-    /// each sorted already) and the later duplicates dropped. No map is
-    /// built: `build_env` looks keys up by binary search.
+    /// (workspace, then global, then platform), sorted by key.
     pub fn merged(&self) -> Vec<(&str, &str, Origin)> {
-        let mut out: Vec<(&str, &str, Origin)> = Vec::with_capacity(self.len());
-        for origin in [Origin::Workspace, Origin::Global, Origin::Platform] {
-            out.extend(
-                self.origin_map(origin)
-                    .iter()
-                    .map(|(k, v)| (k.as_str(), v.as_str(), origin)),
-            );
-        }
-        out.sort_by(|a, b| a.0.cmp(b.0));
-        out.dedup_by(|later, first| later.0 == first.0);
-        out
+        self.winners()
+            .map(|c| (c.key.as_str(), c.value.as_str(), c.origin))
+            .collect()
+    }
+
+    /// The first of each key's run (the entries are sorted by precedence
+    /// within a key).
+    fn winners(&self) -> impl Iterator<Item = &Candidate> {
+        self.entries
+            .iter()
+            .enumerate()
+            .filter(|(i, c)| *i == 0 || self.entries[i - 1].key != c.key)
+            .map(|(_, c)| c)
+    }
+
+    /// [`CandidateEnv::winners`], by value.
+    fn into_winners(self) -> impl Iterator<Item = Candidate> {
+        let mut entries = self.entries;
+        entries.dedup_by(|later, first| later.key == first.key);
+        entries.into_iter()
     }
 
     pub fn len(&self) -> usize {
-        self.workspace.len() + self.global.len() + self.platform.len()
+        self.entries.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.entries.is_empty()
     }
 }
 
@@ -175,27 +229,21 @@ pub struct BuiltEnv {
 }
 
 /// Shapes the provisioning env for `resolution` (made by `resolve` on
-/// `record`), or fails closed with no env.
+/// `record`), or fails closed with no env. Takes the candidate by value: the
+/// entries it keeps are moved into the env, not copied.
 pub fn build_env(
     resolution: &Resolution,
     record: &Record,
     registry: &Registry,
-    candidate: &CandidateEnv,
+    candidate: CandidateEnv,
 ) -> Result<BuiltEnv, EnvError> {
     debug_assert_eq!(resolution.revision, record.revision);
-    let merged = candidate.merged();
-    let merged_get = |key: &str| {
-        merged
-            .binary_search_by(|e| e.0.cmp(key))
-            .ok()
-            .map(|i| (merged[i].1, merged[i].2))
-    };
     let recorded_model = resolution.model.as_ref();
     let model_vars = registry.model_vars(resolution.runtime.as_ref());
 
     // The container must run the model the decision was made on.
     for var in &model_vars {
-        if let Some((value, _)) = merged_get(var).filter(|(v, _)| !v.is_empty()) {
+        if let Some((value, _)) = candidate.winner(var).filter(|(v, _)| !v.is_empty()) {
             if recorded_model.map(|m| m.as_str()) != Some(value) {
                 return Err(EnvError::ModelMismatch {
                     found_in: (*var).to_owned(),
@@ -209,64 +257,73 @@ pub fn build_env(
     // What the authority writes, keys sorted (and winning over a candidate's
     // entry of the same key).
     let mode = resolution.mode;
-    let mut written: BTreeMap<&str, &str> = BTreeMap::new();
-    match mode {
-        Mode::Byok => check_byok_credential(resolution, registry, candidate)?,
-        Mode::PlatformManaged => {
-            route_through_proxy(resolution, registry, candidate, &mut written)?
+    let authority: Vec<EnvEntry> = {
+        let mut written: BTreeMap<&str, &str> = BTreeMap::new();
+        match mode {
+            Mode::Byok => check_byok_credential(resolution, registry, &candidate)?,
+            Mode::PlatformManaged => {
+                route_through_proxy(resolution, registry, &candidate, &mut written)?
+            }
+            Mode::Disabled => {}
         }
-        Mode::Disabled => {}
-    }
-    for var in BILLING_MODE_VARS {
-        written.insert(var, mode.as_str());
-    }
-    if let Some(model) = recorded_model {
-        for var in &model_vars {
-            written.insert(var, model.as_str());
+        for var in BILLING_MODE_VARS {
+            written.insert(var, mode.as_str());
         }
-    }
+        if let Some(model) = recorded_model {
+            for var in &model_vars {
+                written.insert(var, model.as_str());
+            }
+        }
+        written
+            .into_iter()
+            .map(|(key, value)| EnvEntry {
+                key: key.to_owned(),
+                value: value.to_owned(),
+                origin: Origin::Authority,
+            })
+            .collect()
+    };
+    let added_keys: Vec<String> = authority.iter().map(|e| e.key.clone()).collect();
+    let written = |key: &str| added_keys.binary_search_by(|k| k.as_str().cmp(key)).is_ok();
 
-    // The candidate's entries kept, in key order, and
-    // those neither kept nor rewritten: removed.
-    let mut kept: Vec<(&str, &str, Origin)> = Vec::with_capacity(merged.len());
+    // The candidate's winning entries kept, merged in key order with the
+    // authority's (which win a key both have); those neither kept nor
+    // rewritten: removed.
+    let mut env = Vec::with_capacity(candidate.len() + authority.len());
     let mut removed_keys = Vec::new();
-    for &(key, value, origin) in &merged {
-        let keep = if !registry.is_llm_key(key) {
+    let mut authority = authority.into_iter().peekable();
+    for Candidate { key, value, origin } in candidate.into_winners() {
+        let keep = if !registry.is_llm_key(key.as_str()) {
             true
         } else {
             match mode {
                 // Only the customer's own credentials and endpoints; never a
                 // proxy input, whatever its origin.
-                Mode::Byok => origin == Origin::Workspace && !key.starts_with(PROXY_PREFIX),
+                Mode::Byok => {
+                    origin == Origin::Workspace && !key.as_str().starts_with(PROXY_PREFIX)
+                }
                 Mode::PlatformManaged | Mode::Disabled => false,
             }
         };
-        if keep {
-            kept.push((key, value, origin));
-        } else if !written.contains_key(key) {
-            removed_keys.push(key.to_owned());
-        }
-    }
-
-    // Both sorted: merged into the env in key order, one copy of each entry.
-    let added_keys: Vec<String> = written.keys().map(|k| (*k).to_owned()).collect();
-    let entry = |key: &str, value: &str, origin| EnvEntry {
-        key: key.to_owned(),
-        value: value.to_owned(),
-        origin,
-    };
-    let mut env = Vec::with_capacity(kept.len() + written.len());
-    let mut authority = written.into_iter().peekable();
-    for (key, value, origin) in kept {
-        while let Some((k, v)) = authority.next_if(|(k, _)| *k < key) {
-            env.push(entry(k, v, Origin::Authority));
-        }
-        if authority.peek().is_some_and(|(k, _)| *k == key) {
+        if !keep {
+            if !written(key.as_str()) {
+                removed_keys.push(key.into_string());
+            }
             continue;
         }
-        env.push(entry(key, value, origin));
+        while let Some(e) = authority.next_if(|e| e.key.as_str() < key.as_str()) {
+            env.push(e);
+        }
+        if authority.peek().is_some_and(|e| e.key == key.as_str()) {
+            continue;
+        }
+        env.push(EnvEntry {
+            key: key.into_string(),
+            value,
+            origin,
+        });
     }
-    env.extend(authority.map(|(k, v)| entry(k, v, Origin::Authority)));
+    env.extend(authority);
     Ok(BuiltEnv {
         env,
         removed_keys,
@@ -296,10 +353,11 @@ fn check_byok_credential(
         // credential the workspace itself owns will do.
         _ => {
             debug_assert_eq!(resolution.source, Source::Override);
-            let any = candidate
-                .workspace
-                .iter()
-                .any(|(k, v)| !v.is_empty() && registry.is_vendor_credential(k.as_str()));
+            let any = candidate.entries.iter().any(|c| {
+                c.origin == Origin::Workspace
+                    && !c.value.is_empty()
+                    && registry.is_vendor_credential(c.key.as_str())
+            });
             if any {
                 Ok(())
             } else {

@@ -332,7 +332,7 @@ impl BillingMode for BillingModeService {
             let record = self.load(&id).await?;
             // The same decision Resolve makes, on the same record.
             let resolution = resolve(&record, &self.registry);
-            let built = build_env(&resolution, &record, &self.registry, &candidate)?;
+            let built = build_env(&resolution, &record, &self.registry, candidate)?;
             log_decision("BuildEnv", &who.name, &resolution, Some(&built));
             Ok(proto::BuildEnvResponse {
                 resolution: Some(convert::resolution_to_wire(resolution)),

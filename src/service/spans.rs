@@ -24,7 +24,7 @@ pub fn build_env(
     resolution: &Resolution,
     record: &Record,
     registry: &Registry,
-    candidate: &CandidateEnv,
+    candidate: CandidateEnv,
 ) -> Result<BuiltEnv, EnvError> {
     let span = info_span!("build_env");
     let built = span.in_scope(|| domain::build_env(resolution, record, registry, candidate));

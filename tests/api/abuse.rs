@@ -821,7 +821,7 @@ fn check_build_env(req: &BuildEnvRequest) {
     let id = WorkspaceId::parse("6b66de8d-9337-4fb4-be8d-6d49dca0d809").unwrap();
     for record in records(id) {
         let resolution = resolve(&record, registry());
-        match build_env(&resolution, &record, registry(), &candidate) {
+        match build_env(&resolution, &record, registry(), candidate.clone()) {
             Ok(built) => {
                 let keys: Vec<&str> = built.env.iter().map(|e| e.key.as_str()).collect();
                 let mut sorted = keys.clone();

@@ -1145,6 +1145,46 @@ fn candidate_env_validation_names_the_failing_entry() {
                 count: MAX_ENV_ENTRIES + 1,
             },
         ),
+        (
+            // B is twice at its second occurrence (index 2) before A is (index
+            // 3), though A sorts first.
+            "two keys twice: the earlier second occurrence",
+            inputs(&[(W, "A", "1"), (W, "B", "1"), (W, "B", "2"), (W, "A", "2")]),
+            EnvError::DuplicateKey {
+                key: "B".into(),
+                origin: W,
+            },
+        ),
+        (
+            "a duplicate before an invalid key",
+            inputs(&[(G, "A", "1"), (G, "A", "2"), (G, "NOT-OK", "3")]),
+            EnvError::DuplicateKey {
+                key: "A".into(),
+                origin: G,
+            },
+        ),
+        (
+            "an invalid key before a duplicate",
+            inputs(&[(P, "A", "1"), (P, "NOT-OK", "2"), (P, "A", "3")]),
+            EnvError::InvalidKey {
+                index: 1,
+                source: ValidationError::EnvKey,
+            },
+        ),
+        (
+            "a duplicate before too many entries",
+            (0..=MAX_ENV_ENTRIES)
+                .map(|i| EnvInput {
+                    key: format!("K{}", i.min(1)),
+                    value: String::new(),
+                    origin: W,
+                })
+                .collect(),
+            EnvError::DuplicateKey {
+                key: "K1".into(),
+                origin: W,
+            },
+        ),
     ];
     for (description, entries, want) in cases {
         assert_eq!(CandidateEnv::parse(entries), Err(want), "{description}");

@@ -114,7 +114,7 @@ pub(super) fn build(
     entries: &[(Origin, &str, &str)],
 ) -> (Resolution, Result<BuiltEnv, EnvError>) {
     let resolution = resolve(record, registry());
-    let built = build_env(&resolution, record, registry(), &candidate(entries));
+    let built = build_env(&resolution, record, registry(), candidate(entries));
     (resolution, built)
 }
 

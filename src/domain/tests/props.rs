@@ -323,7 +323,7 @@ fn check_case(fields: &StoredText, entries: &[EnvInput]) -> Result<(), TestCaseE
     let token = non_empty(P, reg.usage_token_var());
     let proxy_ok = token.is_some() && non_empty(P, &required.proxy_base_url).is_some();
 
-    let result = build_env(&res, &rec, reg, &candidate);
+    let result = build_env(&res, &rec, reg, candidate);
 
     // Which failure, if any, and in which order.
     if let Some(var) = mismatch {
@@ -531,8 +531,8 @@ proptest! {
         let forward = CandidateEnv::parse(entries.clone()).unwrap();
         let backward = CandidateEnv::parse(entries.into_iter().rev()).unwrap();
         prop_assert_eq!(
-            build_env(&res, &rec, registry(), &forward),
-            build_env(&res, &rec, registry(), &backward)
+            build_env(&res, &rec, registry(), forward),
+            build_env(&res, &rec, registry(), backward)
         );
     }
 
