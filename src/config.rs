@@ -167,6 +167,9 @@ pub struct Config {
     /// pools: `load`'s reads and the rest); `None`: the backend's default
     /// (16 on Postgres, 4 on SQLite).
     pub db_max_connections: Option<u32>,
+    /// Postgres: loads read at once (`store::PoolSize::reads_in_flight`);
+    /// `None`: a quarter of the read pool.
+    pub db_reads_in_flight: Option<u32>,
     /// The admin HTTP listener; `None` disables it. (`serve` defaults to
     /// [`DEFAULT_ADMIN_LISTEN`].)
     pub admin_listen: Option<SocketAddr>,
@@ -202,6 +205,7 @@ impl Default for Config {
             concurrency_limit: 256,
             max_concurrent_per_connection: DEFAULT_MAX_CONCURRENT_PER_CONNECTION,
             db_max_connections: None,
+            db_reads_in_flight: None,
             // Off for servers embedded in tests and benchmarks, which start
             // many at once; the command line defaults to DEFAULT_ADMIN_LISTEN.
             admin_listen: None,

@@ -85,7 +85,10 @@ impl Application {
         let store = open_store(
             &config.database_url,
             config.migrate,
-            config.db_max_connections,
+            store::PoolSize {
+                max_connections: config.db_max_connections,
+                reads_in_flight: config.db_reads_in_flight,
+            },
             config.startup_timeout,
         )
         .await?;
@@ -359,7 +362,7 @@ impl Application {
 async fn open_store(
     url: &DatabaseUrl,
     migrate: bool,
-    max_connections: Option<u32>,
+    size: store::PoolSize,
     timeout: Duration,
 ) -> anyhow::Result<Arc<dyn Store>> {
     // Shown redacted (its Display).
@@ -369,19 +372,15 @@ async fn open_store(
     let mut attempt = 1u32;
     loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
-        let error = match tokio::time::timeout(
-            remaining,
-            store::open(url.expose(), migrate, max_connections),
-        )
-        .await
-        {
-            Ok(Ok(store)) => return Ok(store),
-            Ok(Err(e)) if !is_transient(&e) => {
-                return Err(e).with_context(|| format!("opening the store ({shown})"))
-            }
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => "no answer in time".to_owned(),
-        };
+        let error =
+            match tokio::time::timeout(remaining, store::open(url.expose(), migrate, size)).await {
+                Ok(Ok(store)) => return Ok(store),
+                Ok(Err(e)) if !is_transient(&e) => {
+                    return Err(e).with_context(|| format!("opening the store ({shown})"))
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "no answer in time".to_owned(),
+            };
         let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
             bail!(

@@ -16,7 +16,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{Database, Pool};
 
 use super::row::Fields;
-use super::{ChangeListener, StoreError};
+use super::{ChangeListener, PoolSize, StoreError};
 use crate::domain::Record;
 
 /// A backend's connection (what a transaction dereferences to).
@@ -73,11 +73,11 @@ pub(crate) trait Dialect: Send + Sync + Sized + 'static {
         None
     }
 
-    /// Connects: the pool, with up to `max_connections`, and the dialect's
-    /// own state.
+    /// Connects: the pool, sized by `size` (its `None`s: this dialect's
+    /// defaults), and the dialect's own state.
     fn open(
         options: Options<Self>,
-        max_connections: u32,
+        size: PoolSize,
     ) -> impl Future<Output = Result<(Pool<Self::Db>, Self), StoreError>> + Send;
 
     /// Called after a transaction that logged a change has committed.

@@ -26,9 +26,23 @@ mod sqlite;
 
 pub use applied::AppliedReport;
 
-use dialect::Dialect;
 use postgres::PgDialect;
 use sqlite::SqliteDialect;
+
+/// How the store connects: its pools' size and, on Postgres, how many reads
+/// run at once ([`open`]). The default is each backend's own.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolSize {
+    /// Connections of each pool at most (`--db-max-connections`); `None`:
+    /// the backend's default (16 on Postgres, 4 on SQLite).
+    pub max_connections: Option<u32>,
+    /// Postgres: loads read at once, each its own statement; a load that
+    /// arrives while that many run waits, and those waiting go to the
+    /// database together in one statement (`--db-reads-in-flight`, see
+    /// `store::pg_batch`). `None`: a quarter of `max_connections`. SQLite,
+    /// whose reads are in process, has no use for it.
+    pub reads_in_flight: Option<u32>,
+}
 
 /// The Postgres store.
 pub(crate) type PostgresStore = sql::SqlStore<PgDialect>;
@@ -510,21 +524,19 @@ pub fn plan_create(workspace_id: WorkspaceId, change: &Change) -> Result<Record,
 /// Connects to `database_url` (`postgres://…` or `sqlite:…`) with the
 /// backend's default pool size and applies the embedded migrations.
 pub async fn connect(database_url: &str) -> Result<Arc<dyn Store>, StoreError> {
-    open(database_url, true, None).await
+    open(database_url, true, PoolSize::default()).await
 }
 
 /// Connects to `database_url`, applying the embedded migrations when
-/// `migrate` is true (otherwise see [`Store::pending_migrations`]), with a
-/// pool of up to `max_connections` (`None`: the backend's default, its
-/// dialect's `DEFAULT_MAX_CONNECTIONS`).
+/// `migrate` is true (otherwise see [`Store::pending_migrations`]), with
+/// pools of `size`.
 pub async fn open(
     database_url: &str,
     migrate: bool,
-    max_connections: Option<u32>,
+    size: PoolSize,
 ) -> Result<Arc<dyn Store>, StoreError> {
     if database_url.starts_with("postgres:") || database_url.starts_with("postgresql:") {
         let opts = sqlx::postgres::PgConnectOptions::from_str(database_url)?;
-        let size = max_connections.unwrap_or(PgDialect::DEFAULT_MAX_CONNECTIONS);
         Ok(Arc::new(if migrate {
             PostgresStore::connect(opts, size).await?
         } else {
@@ -532,7 +544,6 @@ pub async fn open(
         }))
     } else if database_url.starts_with("sqlite:") {
         let opts = sqlx::sqlite::SqliteConnectOptions::from_str(database_url)?;
-        let size = max_connections.unwrap_or(SqliteDialect::DEFAULT_MAX_CONNECTIONS);
         Ok(Arc::new(if migrate {
             SqliteStore::connect(opts, size).await?
         } else {

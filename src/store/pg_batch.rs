@@ -99,6 +99,12 @@ impl Drop for Turn {
 }
 
 impl Batcher {
+    /// Statements read at once, at most.
+    #[cfg(test)]
+    pub(crate) fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
     /// Up to `in_flight` (at least 1) statements at once.
     pub(crate) fn new(in_flight: usize) -> Self {
         Batcher {

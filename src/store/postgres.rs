@@ -41,7 +41,7 @@ use super::dialect::{AuditRow, Dialect, Queries, WriteLock};
 use super::pg_batch::Batcher;
 use super::pg_reads::ReadPool;
 use super::row::{listed_from_row, revision_to_db, Fields};
-use super::{ChangeListener, StoreError};
+use super::{ChangeListener, PoolSize, StoreError};
 use crate::domain::Record;
 
 /// Postgres's ways: casts to `uuid` and `jsonb`, the row lock, many rows
@@ -79,12 +79,9 @@ impl Dialect for PgDialect {
         ))
     }
 
-    /// Two pools of `max_connections` each: `load`'s reads, and the rest
-    /// (at least two: the change feed's `LISTEN` holds one).
-    async fn open(
-        opts: PgConnectOptions,
-        max_connections: u32,
-    ) -> Result<(PgPool, Self), StoreError> {
+    /// Two pools of `size.max_connections` each: `load`'s reads, and the
+    /// rest (at least two: the change feed's `LISTEN` holds one).
+    async fn open(opts: PgConnectOptions, size: PoolSize) -> Result<(PgPool, Self), StoreError> {
         // One plain connection first: it fails at once with the real cause
         // (refused, unknown host, bad login), where the pool would keep
         // retrying until its acquire timeout and report only that.
@@ -92,7 +89,10 @@ impl Dialect for PgDialect {
             <sqlx::PgConnection as sqlx::Connection>::connect_with(&opts).await?,
         )
         .await?;
-        let max_connections = max_connections.max(1);
+        let max_connections = size
+            .max_connections
+            .unwrap_or(Self::DEFAULT_MAX_CONNECTIONS)
+            .max(1);
         let acquire_timeout = std::time::Duration::from_secs(5);
         let reads = ReadPool::new(opts.clone(), max_connections as usize, acquire_timeout)?;
         let pool = PgPoolOptions::new()
@@ -102,10 +102,14 @@ impl Dialect for PgDialect {
             .acquire_timeout(acquire_timeout)
             .connect_with(opts)
             .await?;
-        // A quarter of the read connections read at once (4 of the default
-        // 16); the rest serve the reads of a statement that failed, which
-        // each run alone (store::pg_batch).
-        let batches = Batcher::new(max_connections.div_ceil(4) as usize);
+        // Unless configured, a quarter of the read connections read at once
+        // (4 of the default 16); the rest serve the reads of a statement that
+        // failed, which each run alone (store::pg_batch).
+        let in_flight = size
+            .reads_in_flight
+            .unwrap_or(max_connections.div_ceil(4))
+            .clamp(1, max_connections);
+        let batches = Batcher::new(in_flight as usize);
         Ok((pool, PgDialect { reads, batches }))
     }
 
@@ -133,6 +137,11 @@ impl PgDialect {
         self.batches
             .answered_together
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Loads read at once (`PoolSize::reads_in_flight`, resolved).
+    pub(crate) fn reads_in_flight(&self) -> usize {
+        self.batches.in_flight()
     }
 }
 

@@ -26,7 +26,7 @@ use super::row::{
 };
 use super::{
     plan_create, plan_write, AppliedReport, AuditEntry, ChangeListener, Create, CreateOutcome,
-    LogState, LoggedChange, Plan, PoolStatus, Store, StoreError, Visit, Write,
+    LogState, LoggedChange, Plan, PoolSize, PoolStatus, Store, StoreError, Visit, Write,
 };
 use crate::domain::{Record, WorkspaceId};
 
@@ -55,27 +55,19 @@ impl<D: Dialect> SqlStore<D> {
         }
     }
 
-    /// Connects, with a pool of up to `max_connections`, and applies the
-    /// embedded migrations.
-    pub(crate) async fn connect(
-        options: Options<D>,
-        max_connections: u32,
-    ) -> Result<Self, StoreError>
+    /// Connects, with pools of `size`, and applies the embedded migrations.
+    pub(crate) async fn connect(options: Options<D>, size: PoolSize) -> Result<Self, StoreError>
     where
         Conn<D>: sqlx::migrate::Migrate,
     {
-        let store = Self::open(options, max_connections).await?;
+        let store = Self::open(options, size).await?;
         D::MIGRATOR.run(&store.pool).await?;
         Ok(store)
     }
 
-    /// Connects, with a pool of up to `max_connections`, without applying
-    /// migrations.
-    pub(crate) async fn open(
-        options: Options<D>,
-        max_connections: u32,
-    ) -> Result<Self, StoreError> {
-        let (pool, dialect) = D::open(options, max_connections).await?;
+    /// Connects, with pools of `size`, without applying migrations.
+    pub(crate) async fn open(options: Options<D>, size: PoolSize) -> Result<Self, StoreError> {
+        let (pool, dialect) = D::open(options, size).await?;
         Ok(SqlStore::new(pool, dialect))
     }
 

@@ -26,7 +26,7 @@ use sqlx::{
 
 use super::dialect::{Dialect, WriteLock};
 use super::sql::PlainSql;
-use super::{ChangeListener, StoreError};
+use super::{ChangeListener, PoolSize, StoreError};
 
 /// SQLite's ways: plain SQL (no casts: ids and JSON are text; one row per
 /// statement; `load` on the pool), the database's write lock taken up front,
@@ -52,8 +52,11 @@ impl Dialect for SqliteDialect {
     /// Creates the file if missing; WAL, so reads go on while one writes.
     async fn open(
         opts: SqliteConnectOptions,
-        max_connections: u32,
+        size: PoolSize,
     ) -> Result<(SqlitePool, Self), StoreError> {
+        let max_connections = size
+            .max_connections
+            .unwrap_or(Self::DEFAULT_MAX_CONNECTIONS);
         let opts = opts
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)

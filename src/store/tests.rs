@@ -24,8 +24,8 @@ use sqlx::{
 use tempfile::TempDir;
 
 use super::{
-    dialect::Dialect, postgres::PgDialect, sqlite::SqliteDialect, AuditEntry, Create,
-    CreateOutcome, PostgresStore, SqliteStore, Store, StoreError, Write,
+    dialect::Dialect, postgres::PgDialect, AuditEntry, Create, CreateOutcome, PoolSize,
+    PostgresStore, SqliteStore, Store, StoreError, Write,
 };
 use crate::domain::{
     resolve, Change, CredentialKeys, Mode, Model, Patch, Record, Registry, Runtime, Source, Stored,
@@ -64,7 +64,7 @@ impl Harness {
         let dir = TempDir::new().expect("temporary directory");
         let path = dir.path().join("billing.db");
         let opts = SqliteConnectOptions::new().filename(&path);
-        let store = SqliteStore::connect(opts.clone(), SqliteDialect::DEFAULT_MAX_CONNECTIONS)
+        let store = SqliteStore::connect(opts.clone(), PoolSize::default())
             .await
             .expect("connect to a fresh SQLite file");
         Harness {
@@ -99,7 +99,7 @@ impl Harness {
         let opts = PgConnectOptions::from_str(&url)
             .expect("DATABASE_URL parses")
             .options([("search_path", guard.schema.as_str())]);
-        let store = PostgresStore::connect(opts.clone(), PgDialect::DEFAULT_MAX_CONNECTIONS)
+        let store = PostgresStore::connect(opts.clone(), PoolSize::default())
             .await
             .expect("connect to Postgres in the test schema");
         let sep = if url.contains('?') { '&' } else { '?' };
@@ -213,7 +213,7 @@ impl Harness {
             Backend::Sqlite { store, opts, .. } => {
                 store.pool().close().await;
                 *store = Arc::new(
-                    SqliteStore::connect(opts.clone(), SqliteDialect::DEFAULT_MAX_CONNECTIONS)
+                    SqliteStore::connect(opts.clone(), PoolSize::default())
                         .await
                         .expect("reconnect to SQLite"),
                 );
@@ -221,7 +221,7 @@ impl Harness {
             Backend::Postgres { store, opts } => {
                 store.pool().close().await;
                 *store = Arc::new(
-                    PostgresStore::connect(opts.clone(), PgDialect::DEFAULT_MAX_CONNECTIONS)
+                    PostgresStore::connect(opts.clone(), PoolSize::default())
                         .await
                         .expect("reconnect to Postgres"),
                 );
@@ -2112,6 +2112,45 @@ async fn an_audit_entry_that_is_not_the_fields_json_is_corrupt(h: &mut Harness) 
 // ---------------------------------------------------------------------------
 // Postgres only: loads that wait go together (`store::pg_batch`)
 // ---------------------------------------------------------------------------
+
+/// `PoolSize::reads_in_flight` decides how many loads read at once; unset,
+/// a quarter of the read connections; never more than there are.
+#[tokio::test]
+async fn reads_in_flight_is_the_setting_or_a_quarter_of_the_connections() {
+    let test = "reads_in_flight_is_the_setting_or_a_quarter_of_the_connections";
+    let Some((h, schema)) = Harness::postgres(test).await else {
+        return;
+    };
+    let Backend::Postgres { opts, .. } = &h.backend else {
+        unreachable!("a Postgres harness");
+    };
+    let opts = opts.clone();
+    run(
+        async move {
+            let size = |max_connections, reads_in_flight| PoolSize {
+                max_connections,
+                reads_in_flight,
+            };
+            for (size, want) in [
+                (PoolSize::default(), 4),
+                (size(Some(8), None), 2),
+                (size(Some(1), None), 1),
+                (size(None, Some(1)), 1),
+                (size(Some(8), Some(3)), 3),
+                (size(Some(2), Some(5)), 2),
+            ] {
+                let store = PostgresStore::open(opts.clone(), size)
+                    .await
+                    .expect("open the store");
+                assert_eq!(store.dialect().reads_in_flight(), want, "{size:?}");
+                store.pool().close().await;
+            }
+            h.close().await;
+        },
+        Some(schema),
+    )
+    .await;
+}
 
 /// A load that holds the one turn and is cancelled hands the turn on: the
 /// loads waiting behind it are read (together) and each gets its own row,
