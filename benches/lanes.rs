@@ -7,6 +7,8 @@
 //! `--only` takes lane keys (`N,D,Resolve`, see [`lanes`]) and `import` and
 //! `stream` for the import and the change-stream figures; without it,
 //! everything runs. `--backend postgres|sqlite` runs one backend.
+//! `--reads-in-flight N` sets the server's `--db-reads-in-flight` and lane
+//! D's store alike (Postgres; default: the server's default).
 //!
 //! The real server (`startup::Application`, production layers, decision log
 //! at INFO to a file) runs as a child process of this binary, on Postgres
@@ -418,6 +420,9 @@ struct Opts {
     only: Option<Vec<String>>,
     /// `--backend postgres|sqlite`: run just this backend.
     backend: Option<String>,
+    /// `--reads-in-flight N`: the server's `--db-reads-in-flight`, and lane
+    /// D's store's.
+    reads_in_flight: Option<u32>,
 }
 
 /// One phase of one lane.
@@ -717,6 +722,10 @@ fn serve_child(database_url: String, token_line: String) -> anyhow::Result<()> {
             database_url: database_url.into(),
             tokens: billing_mode::auth::parse_token_lines(&token_line, "lanes")
                 .map_err(anyhow::Error::msg)?,
+            db_reads_in_flight: match std::env::var("LANES_READS_IN_FLIGHT") {
+                Ok(n) if !n.is_empty() => Some(n.parse().context("LANES_READS_IN_FLIGHT")?),
+                _ => None,
+            },
             ..Config::default()
         };
         let app = Application::build(config)
@@ -752,6 +761,7 @@ impl Server {
         database_url: &str,
         token_line: &str,
         dir: &std::path::Path,
+        reads_in_flight: Option<u32>,
     ) -> anyhow::Result<Server> {
         let log = dir.join("server.log");
         // `LANES_SERVER_WRAPPER="valgrind --tool=callgrind"` (any command and
@@ -771,6 +781,10 @@ impl Server {
             .arg("--lanes-server")
             .env("LANES_DATABASE_URL", database_url)
             .env("LANES_TOKEN_LINE", token_line)
+            .env(
+                "LANES_READS_IN_FLIGHT",
+                reads_in_flight.map(|n| n.to_string()).unwrap_or_default(),
+            )
             .env_remove("RUST_LOG")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -1005,7 +1019,15 @@ async fn run_backend(backend: &Backend, opts: &Opts) -> anyhow::Result<()> {
 
     // The store of lane D: the same constructor (pool type and settings) as
     // the server's. Connecting applies the migrations.
-    let store = store::connect(&direct_url).await?;
+    let store = store::open(
+        &direct_url,
+        true,
+        store::PoolSize {
+            max_connections: None,
+            reads_in_flight: opts.reads_in_flight,
+        },
+    )
+    .await?;
     let t = Instant::now();
     let ids = Arc::new(seed(&backend.url, WORKSPACES).await?);
     let seeded = t.elapsed();
@@ -1013,7 +1035,7 @@ async fn run_backend(backend: &Backend, opts: &Opts) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let (token, entry) =
         generate_token("lanes", [Role::Admin].into()).map_err(anyhow::Error::msg)?;
-    let server = Server::spawn(&server_url, &entry.line(), dir.path())?;
+    let server = Server::spawn(&server_url, &entry.line(), dir.path(), opts.reads_in_flight)?;
     let mut channels = Vec::new();
     for _ in 0..opts.connections.max(1) {
         // One HTTP/2 connection each.
@@ -1210,7 +1232,7 @@ async fn change_stream_lanes(
     let changes = if opts.quick { 100 } else { 1_000 };
     let replica_dir = dir.join("replica");
     std::fs::create_dir_all(&replica_dir)?;
-    let replica = Server::spawn(server_url, token_line, &replica_dir)?;
+    let replica = Server::spawn(server_url, token_line, &replica_dir, opts.reads_in_flight)?;
     let replica_channel = Endpoint::from_shared(format!("http://{}", replica.addr))?
         .tcp_nodelay(true)
         .connect()
@@ -1475,6 +1497,10 @@ fn main() -> anyhow::Result<()> {
         },
         concurrency: flag("--concurrency").unwrap_or(16),
         connections: flag("--connections").unwrap_or(4),
+        reads_in_flight: match text_flag("--reads-in-flight") {
+            Some(n) => Some(n.parse().context("--reads-in-flight takes a number")?),
+            None => None,
+        },
         only: text_flag("--only").map(|s| s.split(',').map(str::to_owned).collect()),
         backend: text_flag("--backend").map(|s| s.to_lowercase()),
     };
