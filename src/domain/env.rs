@@ -179,24 +179,16 @@ impl CandidateEnv {
     }
 
     /// One entry per key, the highest-precedence origin winning
-    /// (workspace, then global, then platform), sorted by key.
+    /// (workspace, then global, then platform), sorted by key: the first of
+    /// each key's run.
     pub fn merged(&self) -> Vec<(&str, &str, Origin)> {
-        self.winners()
-            .map(|c| (c.key.as_str(), c.value.as_str(), c.origin))
+        self.entries
+            .chunk_by(|a, b| a.key == b.key)
+            .map(|run| (run[0].key.as_str(), run[0].value.as_str(), run[0].origin))
             .collect()
     }
 
-    /// The first of each key's run (the entries are sorted by precedence
-    /// within a key).
-    fn winners(&self) -> impl Iterator<Item = &Candidate> {
-        self.entries
-            .iter()
-            .enumerate()
-            .filter(|(i, c)| *i == 0 || self.entries[i - 1].key != c.key)
-            .map(|(_, c)| c)
-    }
-
-    /// [`CandidateEnv::winners`], by value.
+    /// [`CandidateEnv::merged`], by value.
     fn into_winners(self) -> impl Iterator<Item = Candidate> {
         let mut entries = self.entries;
         entries.dedup_by(|later, first| later.key == first.key);
