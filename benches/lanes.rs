@@ -707,9 +707,7 @@ mod echo {
 /// In the child: serve like `billing-mode serve` (same runtime, same log
 /// set-up), plus the echo service; print the address; stop when stdin closes.
 fn serve_child(database_url: String, token_line: String) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let runtime = telemetry::runtime()?;
     runtime.block_on(async move {
         let _guard = telemetry::init(
             &LogLevel::from_flag(None),

@@ -168,7 +168,7 @@ pub struct Config {
     /// (16 on Postgres, 4 on SQLite).
     pub db_max_connections: Option<u32>,
     /// Postgres: loads read at once (`store::PoolSize::reads_in_flight`);
-    /// `None`: a quarter of the read pool.
+    /// `None`: one per 16 connections of the read pool.
     pub db_reads_in_flight: Option<u32>,
     /// The admin HTTP listener; `None` disables it. (`serve` defaults to
     /// [`DEFAULT_ADMIN_LISTEN`].)

@@ -150,7 +150,7 @@ struct ServeArgs {
     db_max_connections: Option<u32>,
     /// Postgres: reads run at once, each its own statement; reads arriving
     /// while that many run wait and go to the database together, in one
-    /// statement (default: a quarter of --db-max-connections, 4 of 16).
+    /// statement (default: one per 16 of --db-max-connections, 1 of 16).
     /// Fewer: larger statements, less database CPU per read; more: less
     /// waiting on a database with cores to spare. Unused on SQLite.
     #[arg(long, env = "BILLING_MODE_DB_READS_IN_FLIGHT",
@@ -224,10 +224,7 @@ impl ServeArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match telemetry::runtime() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

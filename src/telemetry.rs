@@ -22,6 +22,7 @@ use tracing_subscriber::{
     EnvFilter, Layer, Registry,
 };
 
+pub mod lines;
 pub mod rpc_span;
 mod text;
 
@@ -87,11 +88,12 @@ impl std::fmt::Debug for Sink {
 }
 
 impl Sink {
-    /// Standard error, the server's: text in colour when it is a terminal.
+    /// Standard error, the server's: text in colour when it is a terminal;
+    /// many lines a write on a runtime built by [`runtime`] ([`lines`]).
     pub fn stderr(format: LogFormat) -> Sink {
         Sink {
             format,
-            writer: BoxMakeWriter::new(std::io::stderr),
+            writer: BoxMakeWriter::new(lines::Stderr),
             ansi: std::io::IsTerminal::is_terminal(&std::io::stderr()),
             span_events: false,
         }
@@ -161,7 +163,19 @@ impl Drop for TelemetryGuard {
         if let Some(p) = self.provider.take() {
             let _ = p.shutdown();
         }
+        lines::flush_all();
     }
+}
+
+/// The server's async runtime (and the CLI's): one worker thread per core;
+/// each worker writes its log lines out when it runs out of work
+/// ([`lines`]).
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .on_thread_park(lines::worker_parks)
+        .on_thread_stop(lines::worker_stops)
+        .build()
 }
 
 /// Installs the global subscriber: log lines, filtered by `level` (see

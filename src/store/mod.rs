@@ -39,7 +39,8 @@ pub struct PoolSize {
     /// Postgres: loads read at once, each its own statement; a load that
     /// arrives while that many run waits, and those waiting go to the
     /// database together in one statement (`--db-reads-in-flight`, see
-    /// `store::pg_batch`). `None`: a quarter of `max_connections`. SQLite,
+    /// `store::pg_batch`). `None`: one per 16 of `max_connections` (1 of
+    /// the default 16). SQLite,
     /// whose reads are in process, has no use for it.
     pub reads_in_flight: Option<u32>,
 }

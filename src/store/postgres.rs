@@ -102,12 +102,15 @@ impl Dialect for PgDialect {
             .acquire_timeout(acquire_timeout)
             .connect_with(opts)
             .await?;
-        // Unless configured, a quarter of the read connections read at once
-        // (4 of the default 16); the rest serve the reads of a statement that
+        // Unless configured, one statement reads at a time per 16 read
+        // connections (1 of the default 16): under load every load that
+        // waits goes in the next statement, so Postgres and the server are
+        // woken once for many requests (docs/performance.md, change 9). The
+        // rest of the connections serve the reads of a statement that
         // failed, which each run alone (store::pg_batch).
         let in_flight = size
             .reads_in_flight
-            .unwrap_or(max_connections.div_ceil(4))
+            .unwrap_or(max_connections.div_ceil(16))
             .clamp(1, max_connections);
         let batches = Batcher::new(in_flight as usize);
         Ok((pool, PgDialect { reads, batches }))

@@ -2114,10 +2114,10 @@ async fn an_audit_entry_that_is_not_the_fields_json_is_corrupt(h: &mut Harness) 
 // ---------------------------------------------------------------------------
 
 /// `PoolSize::reads_in_flight` decides how many loads read at once; unset,
-/// a quarter of the read connections; never more than there are.
+/// one per 16 read connections (rounded up); never more than there are.
 #[tokio::test]
-async fn reads_in_flight_is_the_setting_or_a_quarter_of_the_connections() {
-    let test = "reads_in_flight_is_the_setting_or_a_quarter_of_the_connections";
+async fn reads_in_flight_is_the_setting_or_one_per_16_connections() {
+    let test = "reads_in_flight_is_the_setting_or_one_per_16_connections";
     let Some((h, schema)) = Harness::postgres(test).await else {
         return;
     };
@@ -2132,8 +2132,10 @@ async fn reads_in_flight_is_the_setting_or_a_quarter_of_the_connections() {
                 reads_in_flight,
             };
             for (size, want) in [
-                (PoolSize::default(), 4),
-                (size(Some(8), None), 2),
+                (PoolSize::default(), 1),
+                (size(Some(8), None), 1),
+                (size(Some(17), None), 2),
+                (size(Some(64), None), 4),
                 (size(Some(1), None), 1),
                 (size(None, Some(1)), 1),
                 (size(Some(8), Some(3)), 3),

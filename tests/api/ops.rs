@@ -132,6 +132,69 @@ fn promtool_check(text: &str) -> Option<()> {
 }
 
 // ---------------------------------------------------------------------------
+// The decision log of the server process
+
+backends!(each_decision_line_is_out_while_the_server_runs_and_none_is_lost_at_exit);
+async fn each_decision_line_is_out_while_the_server_runs_and_none_is_lost_at_exit(db: TestDb) {
+    // The binary's own runtime, whose workers hold their lines and write
+    // them out many at a time (src/telemetry/lines.rs).
+    let app = ServerProcess::start(&db.url, &[], &[]);
+    let mut c = BillingModeClient::connect(format!("http://{}", app.addr))
+        .await
+        .expect("connect to the server");
+    let ws = new_workspace();
+    set_override(&mut c, &ws, Mode::Disabled, "decision lines").await;
+    let lines = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains(r#"rpc="Resolve""#) && l.contains(&ws))
+            .count()
+    };
+
+    // One call at a time: each line is out while the server runs, with no
+    // other call or shutdown to push it out.
+    for made in 1..=3 {
+        resolve(&mut c, &ws).await;
+        let start = Instant::now();
+        while lines(&app.log()) < made {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "decision {made} is not in the log of the running server:\n{}",
+                app.log()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    // Many at once, and the server stopped as soon as they are answered:
+    // every line is in the log when it has exited.
+    let calls: Vec<_> = (0..300)
+        .map(|_| {
+            let (mut c, ws) = (c.clone(), ws.clone());
+            tokio::spawn(async move { resolve(&mut c, &ws).await })
+        })
+        .collect();
+    for call in calls {
+        call.await.expect("a Resolve task");
+    }
+    // The server finishes its open connections before it exits: the
+    // client's is closed by this runtime while the wait blocks elsewhere.
+    drop(c);
+    let (status, app) = tokio::task::spawn_blocking(move || {
+        let mut app = app;
+        (app.terminate(), app)
+    })
+    .await
+    .unwrap();
+    assert!(status.success(), "{status:?}");
+    // The log is read by a thread of the harness until the pipe closes.
+    let start = Instant::now();
+    while lines(&app.log()) < 303 && start.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(lines(&app.log()), 303, "{}", app.log());
+}
+
+// ---------------------------------------------------------------------------
 // Admin port and metrics
 
 backends!(the_admin_port_answers_probes_and_serves_metrics_promtool_accepts);
