@@ -179,12 +179,7 @@ async fn each_decision_line_is_out_while_the_server_runs_and_none_is_lost_at_exi
     // The server finishes its open connections before it exits: the
     // client's is closed by this runtime while the wait blocks elsewhere.
     drop(c);
-    let (status, app) = tokio::task::spawn_blocking(move || {
-        let mut app = app;
-        (app.terminate(), app)
-    })
-    .await
-    .unwrap();
+    let (status, app) = app.stop().await;
     assert!(status.success(), "{status:?}");
     // The log is read by a thread of the harness until the pipe closes.
     let start = Instant::now();
@@ -294,13 +289,8 @@ async fn the_admin_port_answers_probes_and_serves_metrics_promtool_accepts(db: T
     // The server finishes its open connections before it exits: the
     // client's is closed by this runtime while the wait blocks elsewhere.
     drop(c);
-    let (status, log) = tokio::task::spawn_blocking(move || {
-        let mut app = app;
-        (app.terminate(), app.log())
-    })
-    .await
-    .unwrap();
-    assert!(status.success(), "{status}:\n{log}");
+    let (status, app) = app.stop().await;
+    assert!(status.success(), "{status}:\n{}", app.log());
     drop(db); // it owns the SQLite file: kept until the server is gone
 }
 

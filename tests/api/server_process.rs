@@ -116,6 +116,19 @@ impl ServerProcess {
         }
     }
 
+    /// [`ServerProcess::terminate`] from a test's async body: waited for
+    /// off the runtime, which meanwhile serves what the test still runs on
+    /// it (a client's connection closing, which the server waits for
+    /// before it exits; a receiver of what it sends on the way out).
+    pub(crate) async fn stop(self) -> (ExitStatus, ServerProcess) {
+        tokio::task::spawn_blocking(move || {
+            let mut server = self;
+            (server.terminate(), server)
+        })
+        .await
+        .expect("wait for the server to stop")
+    }
+
     /// The log so far.
     pub(crate) fn log(&self) -> String {
         self.log.lock().unwrap().clone()

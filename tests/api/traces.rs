@@ -242,12 +242,7 @@ async fn exported_spans_follow_the_rpc_conventions_and_continue_the_callers_trac
 
     // SIGTERM: the server finishes, flushing its spans on the way out.
     // (Waited for off the runtime, which serves the receiver meanwhile.)
-    let (status, server) = tokio::task::spawn_blocking(move || {
-        let mut server = server;
-        (server.terminate(), server)
-    })
-    .await
-    .unwrap();
+    let (status, server) = server.stop().await;
     assert!(status.success(), "exit {status:?}:\n{}", server.log());
 
     let received = receiver.received.lock().unwrap().clone();
