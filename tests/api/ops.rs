@@ -189,6 +189,48 @@ async fn each_decision_line_is_out_while_the_server_runs_and_none_is_lost_at_exi
     assert_eq!(lines(&app.log()), 303, "{}", app.log());
 }
 
+backends!(the_log_level_decides_which_lines_the_server_writes);
+async fn the_log_level_decides_which_lines_the_server_writes(db: TestDb) {
+    // The harness needs the start-up module's ready line. Then: no decision
+    // line; decision lines by their target; everything at DEBUG.
+    let startup = "billing_mode::startup=info";
+    for (level, decisions, debug) in [
+        (format!("{startup},warn"), false, false),
+        (
+            format!("{startup},billing_mode::decision=info,warn"),
+            true,
+            false,
+        ),
+        ("debug".to_owned(), true, true),
+    ] {
+        let app = ServerProcess::start(&db.url, &[], &[("BILLING_MODE_LOG", &level)]);
+        let mut c = BillingModeClient::connect(format!("http://{}", app.addr))
+            .await
+            .expect("connect to the server");
+        let ws = new_workspace();
+        set_override(&mut c, &ws, Mode::Disabled, "log level").await;
+        resolve(&mut c, &ws).await;
+        drop(c);
+        let (status, app) = app.stop().await;
+        assert!(status.success(), "{status:?}");
+        let log = app.log();
+        assert!(log.contains("WARN"), "{level}: no warning:\n{log}");
+        // INFO of another module: written only at DEBUG here.
+        assert_eq!(
+            log.contains(" INFO billing_mode::health"),
+            debug,
+            "{level}: INFO lines of health:\n{log}"
+        );
+        let decision = log.contains(r#"rpc="Resolve""#) && log.contains(&ws);
+        assert_eq!(decision, decisions, "{level}: decision line:\n{log}");
+        assert_eq!(
+            log.contains(" DEBUG "),
+            debug,
+            "{level}: DEBUG lines:\n{log}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Admin port and metrics
 
