@@ -227,8 +227,9 @@ pub fn init(level: &LogLevel, sinks: Vec<Sink>) -> anyhow::Result<TelemetryGuard
         // Without export, the log filter is the only one: applied to the
         // whole subscriber, a span or event it rejects is never created,
         // and one it accepts is not checked again against a per-layer
-        // filter each time it is entered, exited or closed (about 8 % of
-        // a Resolve's instructions; docs/performance.md, change 13). The
+        // filter each time it is entered, exited or closed (entering and
+        // exiting spans were 8 % of a Resolve's instructions, and this
+        // takes about half of that; docs/performance.md, change 13). The
         // same lines are written either way.
         None => tracing_subscriber::registry()
             .with(logs)
