@@ -174,7 +174,6 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .on_thread_park(lines::worker_parks)
-        .on_thread_stop(lines::worker_stops)
         .build()
 }
 

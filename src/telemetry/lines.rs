@@ -12,8 +12,8 @@
 //! thread, for a worker kept busy by requests that log nothing). So a line
 //! is out as soon as the worker is idle, and within [`FLUSH_EVERY`] under
 //! any load. [`flush_all`] writes everything out (the telemetry guard calls
-//! it when it is dropped, and a thread's buffer is written out when the
-//! thread stops).
+//! it when it is dropped), and a thread's buffer is written out when the
+//! thread stops (its thread-local is dropped).
 //!
 //! Lines are written whole and each buffer keeps its lines' order; lines of
 //! two threads can reach the output up to [`FLUSH_EVERY`] apart from the
@@ -119,15 +119,6 @@ pub fn worker_parks() {
     });
 }
 
-/// For the runtime's `on_thread_stop`: writes out what this thread holds.
-pub fn worker_stops() {
-    let _ = MINE.try_with(|m| {
-        if let Some(b) = &m.borrow().0 {
-            write_out(b);
-        }
-    });
-}
-
 /// Writes out every buffer, and from now on every line goes straight
 /// through (for shutdown: nothing logged after it waits).
 pub fn flush_all() {
@@ -146,9 +137,13 @@ fn write_out_all() {
 }
 
 fn write_out(b: &Buffer) {
-    let mut held = lock(b);
+    drain(&mut lock(b));
+}
+
+/// Writes out what `held` holds, in one piece, and empties it.
+fn drain(held: &mut Vec<u8>) {
     if !held.is_empty() {
-        out(&held);
+        out(held);
         held.clear();
     }
 }
@@ -201,8 +196,7 @@ impl Write for Line {
                 let mut held = lock(b);
                 held.extend_from_slice(bytes);
                 if held.len() >= WRITE_AT {
-                    out(&held);
-                    held.clear();
+                    drain(&mut held);
                 }
                 Some(())
             })
@@ -300,11 +294,10 @@ pub(crate) mod tests {
         std::thread::spawn(|| {
             worker_parks();
             log("stopping 1\n");
-            worker_stops();
-            assert!(written().contains("stopping 1\n"));
         })
         .join()
         .unwrap();
+        assert!(written().contains("stopping 1\n"));
 
         // Shutdown: what is held is written, and from then on every line
         // goes straight through, on any thread.
