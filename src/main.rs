@@ -276,8 +276,19 @@ async fn run_server(level: &LogLevel, format: LogFormat, args: ServeArgs) -> Exi
         Err(e) => return report(Err(e)),
     };
     let result = async {
-        let app = Application::build(args.into_config()?).await?;
-        app.run_until(startup::shutdown_signal()).await
+        let shutdown = startup::shutdown_signal()?;
+        tokio::pin!(shutdown);
+        // A stop asked for while the server starts (waiting for the store,
+        // migrating) ends it there: each migration is one transaction, so
+        // one in progress is rolled back when its connection goes.
+        let app = tokio::select! {
+            app = Application::build(args.into_config()?) => app?,
+            () = &mut shutdown => {
+                tracing::info!("stopped before ready");
+                return Ok(());
+            }
+        };
+        app.run_until(shutdown).await
     }
     .await;
     if let Err(e) = &result {

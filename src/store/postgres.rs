@@ -112,6 +112,15 @@ impl Dialect for PgDialect {
             .reads_in_flight
             .unwrap_or(max_connections.div_ceil(16))
             .clamp(1, max_connections);
+        if let Some(asked) = size.reads_in_flight.filter(|&n| n > in_flight) {
+            // More statements at once than there are read connections
+            // cannot run; say what runs instead of ignoring the setting.
+            tracing::warn!(
+                db_reads_in_flight = asked,
+                db_max_connections = max_connections,
+                "reads in flight capped at the read connections"
+            );
+        }
         let batches = Batcher::new(in_flight as usize);
         Ok((pool, PgDialect { reads, batches }))
     }

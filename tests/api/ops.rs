@@ -231,6 +231,39 @@ async fn the_log_level_decides_which_lines_the_server_writes(db: TestDb) {
     }
 }
 
+backends!(postgres: more_reads_in_flight_than_read_connections_are_capped_and_said_so);
+/// `--db-reads-in-flight` above `--db-max-connections` cannot run: the
+/// server runs as many as it has connections and says so at start-up; a
+/// setting that fits is used without a word.
+async fn more_reads_in_flight_than_read_connections_are_capped_and_said_so(db: TestDb) {
+    let warning = "reads in flight capped at the read connections";
+    for (reads_in_flight, warned) in [("5", true), ("2", false)] {
+        let app = ServerProcess::start(
+            &db.url,
+            &[
+                "--db-max-connections",
+                "2",
+                "--db-reads-in-flight",
+                reads_in_flight,
+            ],
+            &[],
+        );
+        let (status, app) = app.stop().await;
+        assert!(status.success(), "{status:?}");
+        let log = app.log();
+        let line = log.lines().find(|l| l.contains(warning));
+        assert_eq!(line.is_some(), warned, "{reads_in_flight}:\n{log}");
+        if let Some(line) = line {
+            assert!(
+                line.contains(" WARN ")
+                    && line.contains("db_reads_in_flight=5")
+                    && line.contains("db_max_connections=2"),
+                "{line}"
+            );
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Admin port and metrics
 
@@ -615,6 +648,58 @@ fn an_unreachable_store_is_retried_until_the_startup_timeout_then_the_server_exi
         !stderr.contains("s3cret-canary"),
         "the password never appears:\n{stderr}"
     );
+}
+
+backends!(a_sigterm_the_moment_after_the_ready_line_is_a_graceful_stop);
+/// An orchestrator may stop a server as soon as it has said it is ready
+/// (a rollout replaced at once). The signal must reach the graceful stop
+/// (exit 0, `stopped`), never the default action's kill, which would drop
+/// in-flight calls and the log lines not yet written.
+async fn a_sigterm_the_moment_after_the_ready_line_is_a_graceful_stop(db: TestDb) {
+    for attempt in 1..=3 {
+        let app = ServerProcess::start(&db.url, &[], &[]);
+        let (status, app) = app.stop().await;
+        let log = app.log();
+        assert!(status.success(), "attempt {attempt}: {status:?}\n{log}");
+        assert!(
+            log.contains("shutting down") && log.contains(" stopped"),
+            "attempt {attempt}: a graceful stop:\n{log}"
+        );
+    }
+}
+
+#[test]
+fn a_sigterm_while_start_up_waits_for_the_store_stops_the_server_at_once() {
+    let (_reserved, nobody) = refusing_addr();
+    let url = format!("postgres://billing@{nobody}/billing");
+    let mut server = Child::serve(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "off",
+            "--startup-timeout",
+            "120s",
+            "--database-url",
+            &url,
+        ],
+        &[],
+    );
+    server.wait_for(&["the store is not reachable yet"]);
+    let asked = Instant::now();
+    server.signal("TERM");
+    let status = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            asked.elapsed() < Duration::from_secs(20),
+            "still waiting for the store after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    server.wait_for(&["stopped before ready"]);
+    assert!(status.success(), "{status:?}");
 }
 
 #[test]
