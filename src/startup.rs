@@ -451,11 +451,16 @@ fn tls_config(files: &crate::config::TlsFiles) -> anyhow::Result<ServerTlsConfig
 /// Completes on SIGINT or SIGTERM. The handlers are installed by this call,
 /// not when the future is first polled: call it before anything announces the
 /// process (the ready line), so that a SIGTERM sent the moment after is a
-/// graceful stop, not the default action's kill.
+/// graceful stop, not the default action's kill. SIGHUP, whose default
+/// action kills too, is taken over as well: one sent while the server starts
+/// is ignored, and the running server's reloads (`reload::on_sighup`).
 pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ()> + Send> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
+        // Once registered, tokio's handler replaces the default action for
+        // the rest of the process, listener or not.
+        drop(signal(SignalKind::hangup())?);
         let mut term = signal(SignalKind::terminate())?;
         let mut interrupt = signal(SignalKind::interrupt())?;
         Ok(async move {

@@ -669,7 +669,7 @@ async fn a_sigterm_the_moment_after_the_ready_line_is_a_graceful_stop(db: TestDb
 }
 
 #[test]
-fn a_sigterm_while_start_up_waits_for_the_store_stops_the_server_at_once() {
+fn while_start_up_waits_for_the_store_a_sighup_is_ignored_and_a_sigterm_stops_it_at_once() {
     let (_reserved, nobody) = refusing_addr();
     let url = format!("postgres://billing@{nobody}/billing");
     let mut server = Child::serve(
@@ -685,7 +685,15 @@ fn a_sigterm_while_start_up_waits_for_the_store_stops_the_server_at_once() {
         ],
         &[],
     );
-    server.wait_for(&["the store is not reachable yet"]);
+    server.wait_for(&["the store is not reachable yet", "\"attempt\":1,"]);
+    // A reload asked for meanwhile (SIGHUP, whose default action kills) is
+    // not a stop: start-up goes on.
+    server.signal("HUP");
+    server.wait_for(&["the store is not reachable yet", "\"attempt\":3,"]);
+    assert!(
+        server.child.try_wait().unwrap().is_none(),
+        "a SIGHUP during start-up stopped the server"
+    );
     let asked = Instant::now();
     server.signal("TERM");
     let status = loop {
