@@ -453,7 +453,7 @@ fn tls_config(files: &crate::config::TlsFiles) -> anyhow::Result<ServerTlsConfig
 /// process (the ready line), so that a SIGTERM sent the moment after is a
 /// graceful stop, not the default action's kill. SIGHUP, whose default
 /// action kills too, is taken over as well: one sent while the server starts
-/// is ignored, and the running server's reloads (`reload::on_sighup`).
+/// is ignored; one sent to the running server reloads (`reload::on_sighup`).
 pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ()> + Send> {
     #[cfg(unix)]
     {
