@@ -156,25 +156,42 @@ impl Reloader {
     }
 }
 
-/// Calls [`Reloader::reload`] on every SIGHUP, for as long as it runs.
-pub async fn on_sighup(reloader: Reloader) {
+/// SIGHUPs, counted from when [`Hangups::listen`] was called: one sent
+/// after that and before [`on_sighup`] runs is reloaded for when it does.
+#[derive(Debug)]
+pub struct Hangups {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::hangup()) {
-            Ok(mut hup) => {
-                while hup.recv().await.is_some() {
-                    reloader.reload();
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGHUP: reloading is off")
-            }
+    signal: Option<tokio::signal::unix::Signal>,
+}
+
+impl Hangups {
+    /// Starts listening (on a runtime). When the signal cannot be listened
+    /// for, says so: reloading is then off.
+    pub fn listen() -> Hangups {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let signal = signal(SignalKind::hangup())
+                .inspect_err(
+                    |e| tracing::warn!(error = %e, "cannot listen for SIGHUP: reloading is off"),
+                )
+                .ok();
+            Hangups { signal }
+        }
+        #[cfg(not(unix))]
+        Hangups {}
+    }
+}
+
+/// Calls [`Reloader::reload`] on every SIGHUP, for as long as it runs.
+pub async fn on_sighup(reloader: Reloader, hangups: Hangups) {
+    #[cfg(unix)]
+    if let Some(mut hup) = hangups.signal {
+        while hup.recv().await.is_some() {
+            reloader.reload();
         }
     }
     #[cfg(not(unix))]
-    {
-        let _ = reloader;
-        std::future::pending::<()>().await
-    }
+    let _ = (reloader, hangups);
+    std::future::pending::<()>().await
 }

@@ -48,6 +48,8 @@ pub struct Application {
     extra_routes: Routes,
     feed: Feed,
     spend: SpendSnapshot,
+    /// SIGHUPs since start-up began, for the reload task.
+    hangups: reload::Hangups,
 }
 
 impl std::fmt::Debug for Application {
@@ -61,6 +63,9 @@ impl std::fmt::Debug for Application {
 
 impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
+        // Before the files are read: a SIGHUP from here on reloads them once
+        // the server runs, so a rotation during start-up is not missed.
+        let hangups = reload::Hangups::listen();
         let auth = Authenticator::new(reload::load_tokens(
             config.tokens_file.as_deref(),
             &config.tokens,
@@ -173,6 +178,7 @@ impl Application {
             extra_routes: Routes::default(),
             feed,
             spend,
+            hangups,
         })
     }
 
@@ -283,13 +289,16 @@ impl Application {
             crate::service::watch::Watcher::new(self.feed.clone(), &self.config),
         )
         .with_spend(self.spend.clone());
-        tasks.spawn(reload::on_sighup(reload::Reloader {
-            auth: self.auth.clone(),
-            tokens_file: self.config.tokens_file.clone(),
-            inline_tokens: self.config.tokens.clone(),
-            registry: self.registry.clone(),
-            registry_path: self.config.registry_path.clone(),
-        }));
+        tasks.spawn(reload::on_sighup(
+            reload::Reloader {
+                auth: self.auth.clone(),
+                tokens_file: self.config.tokens_file.clone(),
+                inline_tokens: self.config.tokens.clone(),
+                registry: self.registry.clone(),
+                registry_path: self.config.registry_path.clone(),
+            },
+            self.hangups,
+        ));
         let auth = self.auth.clone();
         // Only the BillingMode service is authenticated: health and reflection
         // stay open for probes and `grpcurl list/describe`.
@@ -453,7 +462,8 @@ fn tls_config(files: &crate::config::TlsFiles) -> anyhow::Result<ServerTlsConfig
 /// process (the ready line), so that a SIGTERM sent the moment after is a
 /// graceful stop, not the default action's kill. SIGHUP, whose default
 /// action kills too, is taken over as well: one sent while the server starts
-/// is ignored; one sent to the running server reloads (`reload::on_sighup`).
+/// is not a stop (from the start of [`Application::build`] it is a reload,
+/// done once the server runs: `reload::Hangups`).
 pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ()> + Send> {
     #[cfg(unix)]
     {

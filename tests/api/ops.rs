@@ -782,6 +782,45 @@ async fn wait_for_auth(addr: SocketAddr, token: &str, ws: &str, want: Option<Cod
     }
 }
 
+/// A rotation whose SIGHUP comes the moment the server says it is ready (a
+/// rollout and a rotation together) is applied, not lost to a reload
+/// listener that does not exist yet.
+#[tokio::test]
+async fn a_sighup_the_moment_after_the_ready_line_reloads_the_tokens() {
+    use billing_mode::auth::Role;
+    for attempt in 1..=3 {
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = dir.path().join("tokens");
+        let (_, old_line) = token_line("old-reader", Role::Reader);
+        let (new, new_line) = token_line("new-reader", Role::Reader);
+        std::fs::write(&tokens, format!("{old_line}\n")).unwrap();
+        let db = format!("sqlite:{}", dir.path().join("b.db").display());
+        let mut server = Child::serve(
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "off",
+                "--tokens-file",
+                tokens.to_str().unwrap(),
+                "--database-url",
+                &db,
+            ],
+            &[],
+        );
+        let ready = server.wait_for(&["ready:"]);
+        std::fs::write(&tokens, format!("{new_line}\n")).unwrap();
+        server.signal("HUP");
+        let reloaded = server.wait_for(&["tokens reloaded"]);
+        assert!(
+            reloaded.contains("\"tokens\":1"),
+            "attempt {attempt}: {reloaded}"
+        );
+        let addr = field_addr(&ready, "addr");
+        wait_for_auth(addr, &new, &new_workspace(), None).await;
+    }
+}
+
 #[tokio::test]
 async fn sighup_rotates_the_tokens_file_and_keeps_the_old_set_when_the_new_one_is_invalid() {
     use billing_mode::auth::Role;
