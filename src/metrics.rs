@@ -8,7 +8,7 @@
 //! counter and info families `promtool` (2.42, Debian bookworm) rejects.
 //!
 //! To add metrics, add a field to [`Metrics`], create and register it in
-//! [`Metrics::new`], and record through [`global`]. Names follow the
+//! `Metrics::new`, and record through [`global`]. Names follow the
 //! OpenTelemetry semantic conventions where one exists (translated to
 //! Prometheus: dots to underscores, the unit as a suffix), otherwise
 //! `billing_mode_*`. Labels take values from small closed sets only: never a
