@@ -156,8 +156,8 @@ impl Reloader {
     }
 }
 
-/// SIGHUPs, counted from when [`Hangups::listen`] was called: one sent
-/// after that and before [`on_sighup`] runs is reloaded for when it does.
+/// SIGHUPs heard from the moment [`Hangups::listen`] is called: one sent
+/// after that but before [`on_sighup`] runs is reloaded once it does.
 #[derive(Debug)]
 pub struct Hangups {
     #[cfg(unix)]
