@@ -782,6 +782,29 @@ async fn wait_for_auth(addr: SocketAddr, token: &str, ws: &str, want: Option<Cod
     }
 }
 
+/// `billing-mode serve` on SQLite in `dir`, its tokens from the file
+/// `dir/tokens`, written first with the one token `line`: the server, and
+/// the file to rotate.
+fn serve_with_tokens_file(dir: &Path, line: &str) -> (Child, std::path::PathBuf) {
+    let tokens = dir.join("tokens");
+    std::fs::write(&tokens, format!("{line}\n")).unwrap();
+    let db = format!("sqlite:{}", dir.join("b.db").display());
+    let server = Child::serve(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--tokens-file",
+            tokens.to_str().unwrap(),
+            "--database-url",
+            &db,
+        ],
+        &[],
+    );
+    (server, tokens)
+}
+
 /// A rotation whose SIGHUP comes the moment the server says it is ready (a
 /// rollout and a rotation together) is applied, not lost to a reload
 /// listener that does not exist yet.
@@ -790,24 +813,9 @@ async fn a_sighup_the_moment_after_the_ready_line_reloads_the_tokens() {
     use billing_mode::auth::Role;
     for attempt in 1..=3 {
         let dir = tempfile::tempdir().unwrap();
-        let tokens = dir.path().join("tokens");
         let (_, old_line) = token_line("old-reader", Role::Reader);
         let (new, new_line) = token_line("new-reader", Role::Reader);
-        std::fs::write(&tokens, format!("{old_line}\n")).unwrap();
-        let db = format!("sqlite:{}", dir.path().join("b.db").display());
-        let mut server = Child::serve(
-            &[
-                "--listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "off",
-                "--tokens-file",
-                tokens.to_str().unwrap(),
-                "--database-url",
-                &db,
-            ],
-            &[],
-        );
+        let (mut server, tokens) = serve_with_tokens_file(dir.path(), &old_line);
         let ready = server.wait_for(&["ready:"]);
         std::fs::write(&tokens, format!("{new_line}\n")).unwrap();
         server.signal("HUP");
@@ -825,24 +833,9 @@ async fn a_sighup_the_moment_after_the_ready_line_reloads_the_tokens() {
 async fn sighup_rotates_the_tokens_file_and_keeps_the_old_set_when_the_new_one_is_invalid() {
     use billing_mode::auth::Role;
     let dir = tempfile::tempdir().unwrap();
-    let tokens = dir.path().join("tokens");
     let (old, old_line) = token_line("old-reader", Role::Reader);
     let (new, new_line) = token_line("new-reader", Role::Reader);
-    std::fs::write(&tokens, format!("{old_line}\n")).unwrap();
-    let db = format!("sqlite:{}", dir.path().join("b.db").display());
-    let mut server = Child::serve(
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--tokens-file",
-            tokens.to_str().unwrap(),
-            "--database-url",
-            &db,
-        ],
-        &[],
-    );
+    let (mut server, tokens) = serve_with_tokens_file(dir.path(), &old_line);
     let ready = server.wait_for(&["ready:"]);
     let addr = field_addr(&ready, "addr");
     let admin = field_addr(&ready, "admin");
