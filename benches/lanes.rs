@@ -93,6 +93,11 @@ const WORKSPACES: usize = 100_000;
 /// Entries in the candidate env of BuildEnv and E.
 const ENV_ENTRIES: usize = 50;
 
+/// The server's allocator (`src/main.rs`): the server child runs this
+/// binary.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// One request of a lane. Arguments: the connection to use (an index into
@@ -100,11 +105,6 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 /// choosing a workspace). The output is `None` to record the call's wall
 /// time, or `Some(latency)` for lanes whose latency is not the call itself
 /// (e.g. a change-stream delay).
-/// The server's allocator (`src/main.rs`): the server child runs this
-/// binary.
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
 type Call = Arc<dyn Fn(usize, u64) -> BoxFuture<anyhow::Result<Option<Duration>>> + Send + Sync>;
 
 /// Which process does a lane's service-side work (for the CPU columns).

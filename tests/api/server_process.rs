@@ -18,6 +18,8 @@ pub(crate) struct ServerProcess {
     pub admin_addr: Option<std::net::SocketAddr>,
     /// Everything it logged so far (stderr).
     pub log: Arc<Mutex<String>>,
+    /// The thread reading stderr into `log`; it ends when the pipe closes.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl ServerProcess {
@@ -59,7 +61,7 @@ impl ServerProcess {
         let sink = log.clone();
         // Keep draining stderr for the server's whole life, so it never
         // blocks on a full pipe; the ready line carries the bound address.
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if line.contains("ready:") {
                     let field = |name: &str| {
@@ -90,10 +92,13 @@ impl ServerProcess {
             addr,
             admin_addr,
             log,
+            reader: Some(reader),
         }
     }
 
-    /// Stops it as an orchestrator would (SIGTERM) and waits for it to exit.
+    /// Stops it as an orchestrator would (SIGTERM) and waits for it to exit
+    /// and for its log to be read to the end: [`ServerProcess::log`] then
+    /// holds every line it wrote.
     pub(crate) fn terminate(&mut self) -> ExitStatus {
         let status = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
@@ -103,6 +108,9 @@ impl ServerProcess {
         let started = Instant::now();
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
+                if let Some(reader) = self.reader.take() {
+                    reader.join().expect("the log reader");
+                }
                 return status;
             }
             if started.elapsed() > Duration::from_secs(120) {
