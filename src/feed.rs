@@ -10,10 +10,11 @@
 //!   record at one position `P` (one consistent read, handing them over one
 //!   at a time), then [`Feed::subscribe`]`(P)` yields every change committed
 //!   after `P`, exactly once, in position order, with no gap.
-//! - [`Feed::current_at`] is the wall-clock time at which the tailer last
+//! - [`Feed::current_at`] is the [`Moment`] at which the tailer last
 //!   confirmed it was current (the start of its last read that reached the
-//!   end of the log). A caller that must not act on stale state compares it
-//!   with its staleness bound and fails closed.
+//!   end of the log). A caller that must not act on stale state measures its
+//!   age on the monotonic clock ([`Moment::age`]), against its staleness
+//!   bound, and fails closed.
 //!
 //! Why it cannot lose or repeat a change: positions are dense and assigned
 //! in commit order by the store (see `store/postgres.rs`), so the tailer only
@@ -93,11 +94,46 @@ pub enum FeedError {
     Store(#[from] StoreError),
 }
 
+/// A moment, on both clocks: the wall clock's time, for answers that say
+/// when they were current, and the monotonic clock's, for how long ago that
+/// was. Staleness is measured only on the monotonic clock: the wall clock
+/// may be stepped backwards (NTP, a VM resumed from a pause), and an old
+/// confirmation would then look recent, or lie in the future.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Moment {
+    /// Wall-clock time: what an answer reports (`as_of`), never compared.
+    pub wall: DateTime<Utc>,
+    /// Nanoseconds on this process's monotonic clock ([`monotonic_ns`]).
+    pub monotonic_ns: u64,
+}
+
+impl Moment {
+    pub fn now() -> Moment {
+        Moment {
+            monotonic_ns: monotonic_ns(),
+            wall: Utc::now(),
+        }
+    }
+
+    /// How long ago this moment was, on the monotonic clock.
+    pub fn age(&self) -> Duration {
+        Duration::from_nanos(monotonic_ns().saturating_sub(self.monotonic_ns))
+    }
+}
+
+/// Nanoseconds since this process first asked (a monotonic clock: never
+/// stepped, never goes backwards), as a number so that it fits an atomic.
+pub fn monotonic_ns() -> u64 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// The tailer's health, as subscribers and callers see it.
 #[derive(Debug, Clone, Default)]
 struct Health {
     /// Start of the last read that reached the end of the log.
-    current_at: Option<DateTime<Utc>>,
+    current_at: Option<Moment>,
     /// The log has been unreadable for longer than [`LOST_AFTER`].
     lost: bool,
 }
@@ -187,7 +223,7 @@ impl Feed {
 
     /// When the tailer last confirmed it was current: the start time of its
     /// last read that reached the end of the log. `None` until the first.
-    pub fn current_at(&self) -> Option<DateTime<Utc>> {
+    pub fn current_at(&self) -> Option<Moment> {
         self.shared.health.borrow().current_at
     }
 
@@ -350,10 +386,10 @@ impl Subscription {
 }
 
 /// Reads the log from `position` to its end, broadcasting each change; the
-/// start time of the read that reached the end.
-async fn read_to_end(shared: &Shared, position: &mut u64) -> Result<DateTime<Utc>, StoreError> {
+/// start of the read that reached the end.
+async fn read_to_end(shared: &Shared, position: &mut u64) -> Result<Moment, StoreError> {
     loop {
-        let started = Utc::now();
+        let started = Moment::now();
         let (changes, _) = shared.store.changes_after(*position, BATCH).await?;
         let count = changes.len();
         let mut contiguous = Vec::with_capacity(count);

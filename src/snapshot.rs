@@ -32,7 +32,7 @@ use tokio::sync::watch;
 
 use crate::{
     domain::{resolve, Mode, Registry, WorkspaceId},
-    feed::{Feed, FeedError, Subscription},
+    feed::{self, Feed, FeedError, Moment, Subscription},
 };
 
 /// The readiness condition that holds while the spend snapshot is current.
@@ -171,8 +171,12 @@ struct Shared {
     table: RwLock<Table>,
     /// The change-log position the table reflects.
     position: AtomicU64,
-    /// When the table last confirmed it was current, in microseconds since
-    /// the epoch; `i64::MIN` until the first time.
+    /// When the table last confirmed it was current, on the monotonic clock
+    /// ([`feed::monotonic_ns`]) plus one; 0 until the first time. Staleness
+    /// is measured on this.
+    confirmed_ns: AtomicU64,
+    /// The same moment on the wall clock, in microseconds since the epoch:
+    /// what answers report as `as_of`; `i64::MIN` until the first time.
     as_of_micros: AtomicI64,
     max_staleness: Duration,
     current: watch::Sender<bool>,
@@ -198,6 +202,7 @@ impl SpendSnapshot {
             shared: Arc::new(Shared {
                 table: RwLock::new(Table::default()),
                 position: AtomicU64::new(0),
+                confirmed_ns: AtomicU64::new(0),
                 as_of_micros: AtomicI64::new(i64::MIN),
                 max_staleness,
                 current: watch::Sender::new(false),
@@ -213,10 +218,10 @@ impl SpendSnapshot {
     /// snapshot last confirmed it was current longer ago than the bound (or
     /// never), no answer, whatever the table holds.
     pub fn check(&self, workspace: &WorkspaceId) -> Result<SpendAnswer, SpendError> {
-        let as_of = self.as_of().ok_or(SpendError::Stale)?;
-        if !self.is_fresh(as_of, Utc::now()) {
+        if !self.is_current() {
             return Err(SpendError::Stale);
         }
+        let as_of = self.as_of().ok_or(SpendError::Stale)?;
         let found = self
             .shared
             .table
@@ -242,17 +247,17 @@ impl SpendSnapshot {
         }
     }
 
-    fn is_fresh(&self, as_of: DateTime<Utc>, now: DateTime<Utc>) -> bool {
-        match (now - as_of).to_std() {
-            Ok(age) => age <= self.shared.max_staleness,
-            // as_of in the future (clock steps): it was current just now.
-            Err(_) => true,
-        }
-    }
-
-    /// Whether the snapshot is current now (within the staleness bound).
+    /// Whether the snapshot is current now: it confirmed so within the
+    /// staleness bound, measured on the monotonic clock (a wall clock stepped
+    /// backwards must not make an old confirmation look recent).
     pub fn is_current(&self) -> bool {
-        self.as_of().is_some_and(|t| self.is_fresh(t, Utc::now()))
+        match self.shared.confirmed_ns.load(Ordering::Acquire) {
+            0 => false,
+            plus_one => {
+                let age = feed::monotonic_ns().saturating_sub(plus_one - 1);
+                Duration::from_nanos(age) <= self.shared.max_staleness
+            }
+        }
     }
 
     /// Follows [`SpendSnapshot::is_current`] as [`SpendSnapshot::publish`]
@@ -295,11 +300,15 @@ impl SpendSnapshot {
     }
 
     /// Records that the table was current at `at` (it had applied every
-    /// change committed before then). Never moves backwards.
-    pub fn confirm(&self, at: DateTime<Utc>) {
+    /// change committed before then). Never moves backwards, on either
+    /// clock (each is kept at its latest).
+    pub fn confirm(&self, at: Moment) {
         self.shared
             .as_of_micros
-            .fetch_max(at.timestamp_micros(), Ordering::AcqRel);
+            .fetch_max(at.wall.timestamp_micros(), Ordering::AcqRel);
+        self.shared
+            .confirmed_ns
+            .fetch_max(at.monotonic_ns.saturating_add(1), Ordering::AcqRel);
     }
 
     /// Workspaces in the table.
@@ -483,7 +492,7 @@ mod tests {
         // Loaded but never confirmed: no answer.
         assert_eq!(s.check(&a), Err(SpendError::Stale));
         assert!(!s.publish());
-        s.confirm(Utc::now());
+        s.confirm(Moment::now());
         let answer = s.check(&a).unwrap();
         assert!(answer.allowed());
         assert_eq!((answer.mode, answer.revision), (Mode::PlatformManaged, 3));
@@ -497,13 +506,42 @@ mod tests {
         assert_eq!(s.position(), 11);
         // Confirmation never moves backwards.
         let before = s.as_of().unwrap();
-        s.confirm(before - chrono::Duration::seconds(10));
+        s.confirm(Moment {
+            wall: before - chrono::Duration::seconds(10),
+            monotonic_ns: 0,
+        });
         assert_eq!(s.as_of().unwrap(), before);
         // Past the bound: stale, whatever the table holds.
-        s.confirm(Utc::now() - chrono::Duration::seconds(1));
         std::thread::sleep(Duration::from_millis(250));
         assert_eq!(s.check(&a), Err(SpendError::Stale));
         assert!(!s.publish() && !*s.current().borrow());
+    }
+
+    /// The wall clock stepped back by an hour after the last confirmation
+    /// (NTP, a VM resumed): that confirmation's wall time now lies in the
+    /// future. It is still as old as it is, and past the bound it is stale.
+    #[test]
+    fn a_wall_clock_stepped_back_does_not_keep_a_stale_snapshot_current() {
+        let s = SpendSnapshot::new(Duration::from_millis(200));
+        let a = WorkspaceId::new_random();
+        let mut t = Table::default();
+        t.apply(&a, Mode::PlatformManaged, 3);
+        s.replace(t, 10);
+        let confirmed = Moment {
+            wall: Utc::now() + chrono::Duration::hours(1),
+            monotonic_ns: feed::monotonic_ns(),
+        };
+        s.confirm(confirmed);
+        assert!(s.check(&a).unwrap().allowed(), "current just after");
+        assert_eq!(
+            s.check(&a).unwrap().as_of.timestamp_micros(),
+            confirmed.wall.timestamp_micros(),
+            "answers say when they were current, on the wall clock"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+        assert!(confirmed.age() >= Duration::from_millis(250));
+        assert_eq!(s.check(&a), Err(SpendError::Stale));
+        assert!(!s.is_current() && !s.publish());
     }
 
     #[test]
