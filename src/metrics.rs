@@ -20,7 +20,7 @@ use std::{
     pin::Pin,
     sync::LazyLock,
     task::{Context, Poll},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use prometheus::{
@@ -257,34 +257,33 @@ fn rpc_labels(path: &str) -> (String, String) {
 
 /// Records `rpc.server.call.duration` for every call it wraps, with the
 /// call's final gRPC status (from the trailers, or the headers of a
-/// trailers-only answer).
-#[derive(Debug, Clone)]
-pub struct RpcMetricsLayer {
-    request_timeout: Duration,
-}
+/// trailers-only answer), and counts each refusal by its reason.
+///
+/// It is the outermost layer of the server's stack, so it sees every answer
+/// as the caller receives it: the per-request deadline's (`CANCELLED`,
+/// reason `DEADLINE_EXCEEDED`) and the `ErrorInfo` given to tonic's own
+/// errors included ([`TransportErrorsLayer`]).
+///
+/// [`TransportErrorsLayer`]: crate::service::transport_errors::TransportErrorsLayer
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RpcMetricsLayer;
 
 impl RpcMetricsLayer {
-    /// `request_timeout` is the server's deadline: a call dropped after it is
-    /// recorded as DEADLINE_EXCEEDED, one dropped earlier as CANCELLED.
-    pub fn new(request_timeout: Duration) -> Self {
-        RpcMetricsLayer { request_timeout }
+    pub fn new() -> Self {
+        RpcMetricsLayer
     }
 }
 
 impl<S> tower::Layer<S> for RpcMetricsLayer {
     type Service = RpcMetricsService<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        RpcMetricsService {
-            inner,
-            request_timeout: self.request_timeout,
-        }
+        RpcMetricsService { inner }
     }
 }
 
 #[derive(Debug, Clone)]
 pub struct RpcMetricsService<S> {
     inner: S,
-    request_timeout: Duration,
 }
 
 /// One call being timed; recorded exactly once, at the latest when dropped.
@@ -292,7 +291,6 @@ struct CallTimer {
     service: String,
     method: String,
     start: Instant,
-    request_timeout: Duration,
     done: bool,
 }
 
@@ -323,14 +321,10 @@ impl CallTimer {
 
 impl Drop for CallTimer {
     fn drop(&mut self) {
-        // Dropped before a status was sent: the server's deadline or the
-        // caller's cancellation ended the call.
-        let code = if self.start.elapsed() >= self.request_timeout {
-            tonic::Code::DeadlineExceeded
-        } else {
-            tonic::Code::Cancelled
-        };
-        self.finish(code as i32);
+        // Dropped before a status was sent: the server's deadline answers
+        // inside this layer, so the caller went away (a cancellation, a reset
+        // stream, a closed connection) and received no status from it.
+        self.finish(tonic::Code::Cancelled as i32);
     }
 }
 
@@ -363,7 +357,6 @@ where
             service,
             method,
             start: Instant::now(),
-            request_timeout: self.request_timeout,
             done: false,
         };
         let fut = self.inner.call(req);

@@ -313,22 +313,23 @@ impl Application {
         if let Some(tls) = &self.config.tls {
             server = server.tls_config(tls_config(tls)?)?;
         }
-        // The stack, outermost first: the per-request deadline, answered
-        // with an ErrorInfo, which also gives tonic's own errors (a message
-        // over the size limit) theirs; the call's server span
-        // (OpenTelemetry RPC conventions, continuing the caller's trace),
-        // the call-duration metric (waiting for a slot included),
-        // then the concurrency limits; authentication runs inside the
-        // BillingMode service.
+        // The stack, outermost first: the call-duration metric and the
+        // refusal count (waiting for a slot included), outside everything
+        // that answers, so they record the status the caller receives; the
+        // per-request deadline, answered with an ErrorInfo, which also gives
+        // tonic's own errors (a message over the size limit) theirs; the
+        // call's server span (OpenTelemetry RPC conventions, continuing the
+        // caller's trace), then the concurrency limits; authentication runs
+        // inside the BillingMode service.
         let router = server
             .concurrency_limit_per_connection(self.config.max_concurrent_per_connection)
+            .layer(RpcMetricsLayer::new())
             .layer(crate::service::transport_errors::TransportErrorsLayer::new(
                 self.config.request_timeout,
             ))
             .layer(crate::telemetry::rpc_span::RpcSpanLayer::new(
                 self.config.request_timeout,
             ))
-            .layer(RpcMetricsLayer::new(self.config.request_timeout))
             .layer(GlobalConcurrencyLimitLayer::new(
                 self.config.concurrency_limit,
             ))

@@ -11,9 +11,12 @@
 //! it adds an `ErrorInfo` to a trailers-only error answer that has no details
 //! (reason `MESSAGE_TOO_LARGE` for the size limit, `UNIMPLEMENTED`, with a
 //! message saying what to check, for a missing method). Everything else
-//! passes through untouched.
+//! passes through untouched. The call-duration metric and the refusal count
+//! ([`RpcMetricsLayer`]) sit outside this layer, so they record these
+//! answers as the caller receives them.
 //!
 //! [`ApiError`]: super::error::ApiError
+//! [`RpcMetricsLayer`]: crate::metrics::RpcMetricsLayer
 
 use std::{
     future::Future,

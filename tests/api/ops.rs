@@ -365,6 +365,98 @@ async fn the_admin_port_answers_probes_and_serves_metrics_promtool_accepts(db: T
     drop(db); // it owns the SQLite file: kept until the server is gone
 }
 
+/// Holds the write lock on `ws`'s record (SQLite: the database's) until
+/// `release` fires; `locked` fires once it is held.
+async fn hold_write_lock(
+    db: &TestDb,
+    ws: &str,
+    locked: tokio::sync::oneshot::Sender<()>,
+    release: tokio::sync::oneshot::Receiver<()>,
+) {
+    use sqlx::Connection;
+    match db.backend {
+        Backend::Sqlite => {
+            let mut c = sqlx::SqliteConnection::connect(&db.url).await.unwrap();
+            sqlx::query("BEGIN IMMEDIATE")
+                .execute(&mut c)
+                .await
+                .unwrap();
+            let _ = locked.send(());
+            let _ = release.await;
+            sqlx::query("ROLLBACK").execute(&mut c).await.unwrap();
+        }
+        Backend::Postgres => {
+            let mut c = sqlx::PgConnection::connect(&db.url).await.unwrap();
+            let mut tx = c.begin().await.unwrap();
+            sqlx::query("SELECT 1 FROM billing_records WHERE workspace_id = $1::uuid FOR UPDATE")
+                .bind(ws)
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            let _ = locked.send(());
+            let _ = release.await;
+            tx.rollback().await.unwrap();
+        }
+    }
+}
+
+backends!(a_call_past_the_server_deadline_is_counted_as_the_answer_the_caller_received);
+/// The server's deadline answers `CANCELLED` with reason
+/// `DEADLINE_EXCEEDED`: the call-duration metric and the refusal count say
+/// the same, not a status the caller never saw.
+async fn a_call_past_the_server_deadline_is_counted_as_the_answer_the_caller_received(db: TestDb) {
+    let app = ServerProcess::start(&db.url, &["--request-timeout-ms", "300"], &[]);
+    let admin = app.admin_addr.expect("the harness turns the admin port on");
+    let mut c = BillingModeClient::connect(format!("http://{}", app.addr))
+        .await
+        .expect("connect to the server");
+    let ws = new_workspace();
+    set_override(&mut c, &ws, Mode::Disabled, "deadline metrics").await;
+    let before = get(admin, "/metrics").await.1;
+
+    // A write that waits for a lock held past the server's deadline.
+    let (locked, is_locked) = tokio::sync::oneshot::channel();
+    let (release, released) = tokio::sync::oneshot::channel();
+    let holder = {
+        let (db, ws) = (TestDb::at(db.backend, db.url.clone()), ws.clone());
+        tokio::spawn(async move { hold_write_lock(&db, &ws, locked, released).await })
+    };
+    is_locked.await.unwrap();
+    let err = c
+        .set(billing_mode::proto::SetRequest {
+            workspace_id: ws.clone(),
+            model: Some("sonnet".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    let _ = release.send(());
+    holder.await.unwrap();
+    assert_error(&err, Code::Cancelled, "DEADLINE_EXCEEDED");
+
+    let after = get(admin, "/metrics").await.1;
+    let delta = |series: &str| {
+        sample(&after, series).unwrap_or(0.0) - sample(&before, series).unwrap_or(0.0)
+    };
+    let calls = |code: &str| {
+        delta(&format!(
+            r#"rpc_server_call_duration_seconds_count{{rpc_grpc_status_code="{code}",rpc_method="Set",rpc_service="molecule.billing.v1.BillingMode",rpc_system="grpc"}}"#
+        ))
+    };
+    assert_eq!(calls("1"), 1.0, "counted as CANCELLED:\n{after}");
+    assert_eq!(calls("4"), 0.0, "no DEADLINE_EXCEEDED code:\n{after}");
+    assert_eq!(
+        delta(r#"billing_mode_refusals_total{reason="DEADLINE_EXCEEDED",rpc="Set"}"#),
+        1.0,
+        "{after}"
+    );
+    promtool_check(&after);
+    drop(c);
+    let (status, app) = app.stop().await;
+    assert!(status.success(), "{status}:\n{}", app.log());
+    drop(db); // it owns the SQLite file: kept until the server is gone
+}
+
 backends!(with_migrations_left_to_the_migrate_step_the_server_waits_not_ready);
 async fn with_migrations_left_to_the_migrate_step_the_server_waits_not_ready(db: TestDb) {
     let app = TestApp::spawn_with(Config {
