@@ -464,6 +464,23 @@ fn parse_origin(s: &str) -> anyhow::Result<proto::Origin> {
     names::parse_origin(s).context("the origin must be workspace, global or platform")
 }
 
+/// A JSON input the CLI could not read, as it is said: where (line and
+/// column) and what kind of fault, never the text. serde's own message quotes
+/// what it refused (`invalid type: string "ANTHROPIC_API_KEY=sk-…", expected
+/// …`), and a malformed entry may be a pasted credential; the error returned
+/// has no source, so `{e:#}` prints this and nothing more. `expected` says
+/// what the input should hold.
+pub fn json_input_error(e: &serde_json::Error, expected: &str) -> anyhow::Error {
+    use serde_json::error::Category;
+    let fault = match e.classify() {
+        Category::Syntax => "not valid JSON".to_owned(),
+        Category::Eof => "the JSON ends too early".to_owned(),
+        Category::Data => format!("expected {expected}"),
+        Category::Io => "could not be read".to_owned(),
+    };
+    anyhow::anyhow!("line {}, column {}: {fault}", e.line(), e.column())
+}
+
 /// Reads a candidate env file: `ORIGIN KEY=VALUE` lines or a JSON array.
 pub fn parse_env_file(text: &str) -> anyhow::Result<Vec<proto::EnvVar>> {
     if text.trim_start().starts_with('[') {
@@ -474,12 +491,22 @@ pub fn parse_env_file(text: &str) -> anyhow::Result<Vec<proto::EnvVar>> {
             value: String,
             origin: String,
         }
-        let entries: Vec<Entry> = serde_json::from_str(text).context("reading the JSON env")?;
+        let entries: Vec<Entry> = serde_json::from_str(text)
+            .map_err(|e| {
+                json_input_error(
+                    &e,
+                    r#"an array of {"key", "value", "origin"} objects whose fields are strings"#,
+                )
+            })
+            .context("reading the JSON env")?;
         return entries
             .into_iter()
-            .map(|e| {
+            .enumerate()
+            .map(|(i, e)| {
                 Ok(proto::EnvVar {
-                    origin: parse_origin(&e.origin)?.into(),
+                    origin: parse_origin(&e.origin)
+                        .with_context(|| format!("reading the JSON env: entry {}", i + 1))?
+                        .into(),
                     key: e.key,
                     value: e.value,
                 })

@@ -1078,6 +1078,107 @@ fn env_file_errors_do_not_echo_secret_values() {
     );
 }
 
+/// A JSON env file of the wrong shape must not put a credential on stdout or
+/// stderr, with or without `--json`, from a file or from standard input:
+/// serde's own messages quote the value they refused (`invalid type: string
+/// "ANTHROPIC_API_KEY=sk-…"`). The error still says where.
+#[test]
+fn malformed_json_env_files_do_not_echo_secret_values() {
+    const CANARY: &str = "sk-ant-api03-canary-5d1e9f";
+    // A number-shaped secret: serde quotes an unexpected number too.
+    const NUMERIC_CANARY: &str = "4242424242424242";
+    let dir = tempfile::tempdir().expect("temp dir");
+    // No server needed: the file is refused before connecting.
+    let (_reserved, nobody) = refusing_addr();
+    let server = format!("http://{nobody}");
+    // (the file, where the error must say it is)
+    let cases = [
+        // A dotenv line pasted as an array element: the leak reported.
+        (
+            format!(
+                "[{{\"key\": \"A\", \"value\": \"x\", \"origin\": \"workspace\"}},\n  \"ANTHROPIC_API_KEY={CANARY}\"]"
+            ),
+            "line 2, column 48: expected an array of",
+        ),
+        (
+            format!(r#"[{{"key": "CARD", "value": {NUMERIC_CANARY}, "origin": "workspace"}}]"#),
+            "line 1, column 42: expected an array of",
+        ),
+        (
+            format!(r#"[{{"key": "ANTHROPIC_API_KEY", "value": "{CANARY}""#),
+            "line 1, column 67: the JSON ends too early",
+        ),
+        (
+            format!(r#"[{{"key": "ANTHROPIC_API_KEY" "value": "{CANARY}"}}]"#),
+            "line 1, column 30: not valid JSON",
+        ),
+        (
+            format!(
+                r#"[{{"key": "A", "origin": "workspace"}}, {{"key": "ANTHROPIC_API_KEY", "value": "x", "origin": "{CANARY}"}}]"#
+            ),
+            "entry 2: the origin must be workspace, global or platform",
+        ),
+    ];
+    let no_canary = |o: &Output| {
+        for secret in [CANARY, NUMERIC_CANARY] {
+            assert!(
+                !stdout(o).contains(secret) && !stderr(o).contains(secret),
+                "the error echoes the secret value\n{}",
+                describe(o)
+            );
+        }
+    };
+    for (i, (text, place)) in cases.iter().enumerate() {
+        let file = write(&dir.path().join(format!("env-{i}.json")), text);
+        let args = ["build-env", WS, "--env-file", &file, "--server", &server];
+
+        let o = run({
+            let mut cmd = bin();
+            cmd.args(args);
+            cmd
+        });
+        no_canary(&o);
+        fails_with(&o, place);
+
+        let o = run({
+            let mut cmd = bin();
+            cmd.args(args).arg("--json");
+            cmd
+        });
+        no_canary(&o);
+        fails_with(&o, place);
+        let error: Value = serde_json::from_str(&stdout(&o))
+            .unwrap_or_else(|e| panic!("--json prints the error as JSON ({e})\n{}", describe(&o)));
+        let message = error["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(place), "{}", describe(&o));
+
+        // The same from standard input.
+        let mut child = bin()
+            .args([
+                "build-env",
+                WS,
+                "--env-file",
+                "-",
+                "--server",
+                &server,
+                "--json",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning billing-mode");
+        {
+            use std::io::Write as _;
+            let mut stdin = child.stdin.take().expect("stdin");
+            stdin.write_all(text.as_bytes()).expect("writing stdin");
+        }
+        let o = child.wait_with_output().expect("waiting for billing-mode");
+        no_canary(&o);
+        fails_with(&o, place);
+    }
+}
+
 // ---------------------------------------------------------------------------
 // migrate, tokens, start-up and shutdown
 
