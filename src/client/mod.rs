@@ -61,26 +61,26 @@ pub fn write_stdout(text: std::fmt::Arguments<'_>) {
 
 #[derive(Args, Clone)]
 pub struct ClientArgs {
-    /// The server, e.g. http://127.0.0.1:50051 or https://billing-mode:50051.
-    #[arg(
-        long,
-        env = "BILLING_MODE_SERVER",
-        default_value = "http://127.0.0.1:50051"
-    )]
-    server: String,
+    /// The server, e.g. https://billing-mode:50051 [default:
+    /// http://127.0.0.1:50051, or https://127.0.0.1:50051 with a TLS option].
+    /// Without a scheme (billing-mode:50051): https:// with a TLS option,
+    /// http:// without; an http:// address with a TLS option is refused.
+    #[arg(long, env = "BILLING_MODE_SERVER")]
+    server: Option<String>,
     /// Bearer token.
     #[arg(long, env = "BILLING_MODE_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// CA certificate (PEM) to verify the server with (implies TLS).
     #[arg(long, env = "BILLING_MODE_CA_CERT")]
     ca_cert: Option<PathBuf>,
-    /// Client certificate (PEM) for mTLS.
+    /// Client certificate (PEM) for mTLS (implies TLS).
     #[arg(long, env = "BILLING_MODE_CLIENT_CERT", requires = "client_key")]
     client_cert: Option<PathBuf>,
     /// Client private key (PEM) for mTLS.
     #[arg(long, env = "BILLING_MODE_CLIENT_KEY", requires = "client_cert")]
     client_key: Option<PathBuf>,
-    /// Server name to verify in the certificate (default: the server's host).
+    /// Server name to verify in the certificate (default: the server's host;
+    /// implies TLS).
     #[arg(long)]
     tls_server_name: Option<String>,
     /// Print JSON instead of text.
@@ -237,12 +237,54 @@ impl Interceptor for Bearer {
 /// The generated client, every call with the bearer header.
 pub type Client = BillingModeClient<InterceptedService<Channel, Bearer>>;
 
+/// The server `--server` leaves out: the one `billing-mode serve` listens on
+/// by default.
+const DEFAULT_SERVER: &str = "127.0.0.1:50051";
+
+/// The URL to connect to: `--server` with its scheme settled. A TLS option
+/// (`--ca-cert`, `--client-cert`/`--client-key`, `--tls-server-name`) means
+/// TLS, which tonic speaks only to an `https://` URL: the default address
+/// and one without a scheme get `https://` then (`http://` otherwise); an
+/// explicit `http://` is refused, not quietly sent in plaintext with the
+/// TLS options ignored, as the two ask for opposite things.
+fn server_url(args: &ClientArgs) -> anyhow::Result<String> {
+    let tls_option = [
+        (args.ca_cert.is_some(), "--ca-cert"),
+        (args.client_cert.is_some(), "--client-cert"),
+        (args.client_key.is_some(), "--client-key"),
+        (args.tls_server_name.is_some(), "--tls-server-name"),
+    ]
+    .into_iter()
+    .find_map(|(given, name)| given.then_some(name));
+    let implied = if tls_option.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let server = args.server.as_deref().unwrap_or(DEFAULT_SERVER);
+    match server.split_once("://") {
+        None => Ok(format!("{implied}://{server}")),
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => match tls_option {
+            Some(option) => anyhow::bail!(
+                "--server {server} is plaintext (http://) but {option} asks for TLS: \
+                 use --server https://{rest}, or leave out the TLS options"
+            ),
+            None => Ok(server.to_owned()),
+        },
+        Some(_) => Ok(server.to_owned()),
+    }
+}
+
 /// The channel to `--server` and the bearer header to send.
 pub async fn channel(args: &ClientArgs) -> anyhow::Result<(Channel, Bearer)> {
-    let mut endpoint = Channel::from_shared(args.server.clone())
-        .with_context(|| format!("--server {:?} is not a URL", args.server))?
+    let server = server_url(args)?;
+    let mut endpoint = Channel::from_shared(server.clone())
+        .with_context(|| format!("--server {server:?} is not a URL"))?
         .connect_timeout(std::time::Duration::from_secs(5));
-    let tls_wanted = args.server.starts_with("https://") || args.ca_cert.is_some();
+    let tls_wanted = endpoint
+        .uri()
+        .scheme_str()
+        .is_some_and(|s| s.eq_ignore_ascii_case("https"));
     if tls_wanted {
         let mut tls = ClientTlsConfig::new().with_native_roots();
         if let Some(ca) = &args.ca_cert {
@@ -261,7 +303,7 @@ pub async fn channel(args: &ClientArgs) -> anyhow::Result<(Channel, Bearer)> {
     let channel = endpoint
         .connect()
         .await
-        .with_context(|| format!("connecting to {}", args.server))?;
+        .with_context(|| format!("connecting to {server}"))?;
     Ok((channel, Bearer::new(args.token.as_deref())?))
 }
 

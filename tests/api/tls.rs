@@ -473,3 +473,94 @@ async fn the_cli_speaks_mtls_with_a_token(db: TestDb) {
     assert!(!stdout.contains(&admin));
     app.stop().await.unwrap();
 }
+
+backends!(sqlite: the_cli_with_a_ca_cert_speaks_tls_without_an_https_address);
+/// A TLS option means TLS, whatever the address looks like. tonic speaks TLS
+/// only to an `https://` URL, so `--ca-cert` with the default
+/// `http://127.0.0.1:50051` used to be ignored. Now the default address and
+/// one without a scheme get `https://` when a TLS option is given, and an
+/// explicit `http://` with one is refused, saying what to write instead.
+async fn the_cli_with_a_ca_cert_speaks_tls_without_an_https_address(db: TestDb) {
+    let pki = &pki();
+    let app = TestApp::spawn_with(tls_config(&db, pki, false)).await;
+    let bare = format!("localhost:{}", app.addr.port());
+    let ws = new_workspace();
+
+    let set = cli(
+        vec![
+            "set".into(),
+            ws.clone(),
+            "--runtime".into(),
+            "claude-code".into(),
+            "--model".into(),
+            "opus".into(),
+            "--credential-keys".into(),
+            "CLAUDE_CODE_OAUTH_TOKEN".into(),
+            "--server".into(),
+            bare.clone(),
+            "--ca-cert".into(),
+            path(&pki.ca),
+        ],
+        vec![],
+    )
+    .await;
+    assert!(set.status.success(), "cli set over TLS: {set:?}");
+
+    // The same from the environment.
+    let out = cli(
+        vec!["resolve".into(), ws.clone()],
+        vec![
+            ("BILLING_MODE_SERVER", bare.clone()),
+            ("BILLING_MODE_CA_CERT", path(&pki.ca)),
+        ],
+    )
+    .await;
+    assert!(out.status.success(), "cli resolve over TLS: {out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains(&ws) && stdout.contains("byok"), "{stdout}");
+
+    // An explicit http:// with --ca-cert asks for two opposite things: refused,
+    // before anything is sent, with the address to use instead.
+    let plain = format!("http://{bare}");
+    let out = cli(
+        vec![
+            "resolve".into(),
+            ws.clone(),
+            "--server".into(),
+            plain.clone(),
+            "--ca-cert".into(),
+            path(&pki.ca),
+        ],
+        vec![],
+    )
+    .await;
+    assert!(!out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "--server {plain} is plaintext (http://) but --ca-cert asks for TLS: use --server https://{bare}"
+        )),
+        "{stderr}"
+    );
+
+    // No --server: the default address, over TLS. Nothing trusted by this
+    // test's fresh CA serves there, so the call fails, naming the https://
+    // URL it tried.
+    let out = cli(
+        vec![
+            "resolve".into(),
+            ws.clone(),
+            "--ca-cert".into(),
+            path(&pki.ca),
+        ],
+        vec![],
+    )
+    .await;
+    assert!(!out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("connecting to https://127.0.0.1:50051"),
+        "{stderr}"
+    );
+    app.stop().await.unwrap();
+}
