@@ -32,12 +32,12 @@ pub enum LogFormat {
     Json,
 }
 
-/// The log filter, an `EnvFilter` directive (e.g. `info` or
+/// The log filter, `EnvFilter` directives (e.g. `info` or
 /// `billing_mode=debug,info`), and whether it was asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LogLevel {
     /// Given explicitly (`--log-level` or `BILLING_MODE_LOG`): used whatever
-    /// `RUST_LOG` says.
+    /// `RUST_LOG` says; refused at start-up when it is not a valid filter.
     Explicit(String),
     /// Not given: `RUST_LOG` when it is set (and valid), else this default.
     Default(String),
@@ -56,17 +56,56 @@ impl LogLevel {
         }
     }
 
-    /// The directive in force, given `RUST_LOG`'s value (if set): an
-    /// explicit level, else `RUST_LOG` when it is a valid filter, else the
-    /// default.
-    fn directive<'a>(&'a self, rust_log: Option<&'a str>) -> &'a str {
+    /// The directives in force, given `RUST_LOG`'s value (if set): an
+    /// explicit level (an error when it is not a valid filter), else
+    /// `RUST_LOG` when it is a valid filter, else the default.
+    fn directive<'a>(&'a self, rust_log: Option<&'a str>) -> anyhow::Result<&'a str> {
         match self {
-            LogLevel::Explicit(level) => level,
-            LogLevel::Default(level) => rust_log
-                .filter(|v| !v.trim().is_empty() && EnvFilter::try_new(v).is_ok())
-                .unwrap_or(level),
+            LogLevel::Explicit(level) => {
+                check_filter(level)
+                    .and_then(|()| EnvFilter::try_new(level).map_err(|e| e.to_string()))
+                    .map_err(|e| {
+                        anyhow::anyhow!(
+                            "invalid log filter {level:?} (--log-level or BILLING_MODE_LOG): {e}; \
+                             {ACCEPTED_FORMS}"
+                        )
+                    })?;
+                Ok(level)
+            }
+            LogLevel::Default(level) => Ok(rust_log.filter(|v| rust_log_valid(v)).unwrap_or(level)),
         }
     }
+}
+
+/// What a log filter may be, for the message refusing one.
+const ACCEPTED_FORMS: &str = "give a level (error|warn|info|debug|trace|off) or target=level \
+     directives, comma-separated (e.g. `warn` or `billing_mode=debug,info`)";
+
+/// Whether `RUST_LOG`'s value is used: a valid filter, not blank. Any other
+/// value is ignored (with a warning once logging is up).
+fn rust_log_valid(v: &str) -> bool {
+    !v.trim().is_empty() && check_filter(v).is_ok() && EnvFilter::try_new(v).is_ok()
+}
+
+/// Refuses a directive that is neither a level nor `target=level`: given a
+/// bare word, `EnvFilter` takes it for a target, so a mistyped level
+/// (`warning`) would silently turn every log line off, the decision log's
+/// included. Empty directives (`info,`) are skipped, as `EnvFilter` does.
+fn check_filter(filter: &str) -> Result<(), String> {
+    let is_level =
+        |s: &str| !s.is_empty() && s.parse::<tracing::level_filters::LevelFilter>().is_ok();
+    for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let ok = is_level(directive)
+            || directive
+                .rsplit_once('=')
+                .is_some_and(|(target, level)| !target.is_empty() && is_level(level));
+        if !ok {
+            return Err(format!(
+                "`{directive}` is neither a level nor a target=level directive"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Where log lines go, and in which format.
@@ -182,7 +221,12 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 /// traces, exported when the `OTEL_*` variables ask for it.
 pub fn init(level: &LogLevel, sinks: Vec<Sink>) -> anyhow::Result<TelemetryGuard> {
     let rust_log = std::env::var("RUST_LOG").ok();
-    let filter = EnvFilter::try_new(level.directive(rust_log.as_deref()))?;
+    let filter = EnvFilter::try_new(level.directive(rust_log.as_deref())?)?;
+    // Said once logging is up: a RUST_LOG that is not used.
+    let ignored_rust_log = match level {
+        LogLevel::Default(_) => rust_log.filter(|v| !v.trim().is_empty() && !rust_log_valid(v)),
+        LogLevel::Explicit(_) => None,
+    };
     let logs: Vec<Box<dyn Layer<Registry> + Send + Sync>> =
         sinks.into_iter().map(Sink::into_layer).collect();
     opentelemetry::global::set_text_map_propagator(
@@ -234,6 +278,12 @@ pub fn init(level: &LogLevel, sinks: Vec<Sink>) -> anyhow::Result<TelemetryGuard
             .with(logs)
             .with(filter)
             .try_init()?,
+    }
+    if let Some(value) = ignored_rust_log {
+        tracing::warn!(
+            rust_log = value,
+            "RUST_LOG ignored: not a valid log filter; {ACCEPTED_FORMS}"
+        );
     }
     Ok(TelemetryGuard { provider })
 }
@@ -297,19 +347,58 @@ mod tests {
     #[test]
     fn an_explicit_log_level_beats_rust_log_which_beats_the_default() {
         let explicit = LogLevel::from_flag(Some("warn".to_owned()));
-        assert_eq!(explicit.directive(None), "warn");
-        assert_eq!(explicit.directive(Some("debug")), "warn");
+        assert_eq!(explicit.directive(None).unwrap(), "warn");
+        assert_eq!(explicit.directive(Some("debug")).unwrap(), "warn");
         let default = LogLevel::from_flag(None);
         assert_eq!(default, LogLevel::Default("info".to_owned()));
-        assert_eq!(default.directive(None), "info");
-        assert_eq!(default.directive(Some("debug")), "debug");
+        assert_eq!(default.directive(None).unwrap(), "info");
+        assert_eq!(default.directive(Some("debug")).unwrap(), "debug");
         assert_eq!(
-            default.directive(Some("billing_mode=trace,warn")),
+            default.directive(Some("billing_mode=trace,warn")).unwrap(),
             "billing_mode=trace,warn"
         );
-        // An empty or invalid RUST_LOG is ignored, as before.
-        assert_eq!(default.directive(Some(" ")), "info");
-        assert_eq!(default.directive(Some("billing_mode=loud")), "info");
+        // An empty or invalid RUST_LOG is ignored, as before; a bare word
+        // that is not a level (a target, to EnvFilter) is invalid.
+        for ignored in [" ", "billing_mode=loud", "warning", "info,billing_mode"] {
+            assert_eq!(
+                default.directive(Some(ignored)).unwrap(),
+                "info",
+                "{ignored}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_explicit_filter_is_levels_or_target_level_directives() {
+        for good in [
+            "warn",
+            "WARN",
+            "off",
+            "info,",
+            "billing_mode=debug,info",
+            "billing_mode::decision=info,warn",
+            "h2=off,billing_mode[handler.resolve]=trace",
+        ] {
+            let level = LogLevel::from_flag(Some(good.to_owned()));
+            assert_eq!(level.directive(Some("debug")).unwrap(), good);
+        }
+        for (bad, named) in [
+            ("warning", "`warning`"),
+            ("info,billing_mode", "`billing_mode`"),
+            ("billing_mode=loud", "`billing_mode=loud`"),
+            ("=debug", "`=debug`"),
+        ] {
+            let level = LogLevel::from_flag(Some(bad.to_owned()));
+            let e = level.directive(None).unwrap_err().to_string();
+            for part in [
+                named,
+                "--log-level or BILLING_MODE_LOG",
+                "error|warn|info|debug|trace|off",
+                "target=level",
+            ] {
+                assert!(e.contains(part), "{bad}: {part} not in {e}");
+            }
+        }
     }
 
     #[test]

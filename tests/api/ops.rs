@@ -227,6 +227,127 @@ async fn the_log_level_decides_which_lines_the_server_writes(db: TestDb) {
     }
 }
 
+/// Runs `billing-mode ARGS` with `envs` (and no `RUST_LOG` but those) and
+/// waits for it to exit, killing it (a failure) if it still runs after
+/// `bound`: (exit status, stderr, how long it ran).
+fn run_to_exit(
+    args: &[&str],
+    envs: &[(&str, &str)],
+    bound: Duration,
+) -> (std::process::ExitStatus, String, Duration) {
+    let dir = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let mut child = Command::new(binary())
+        .current_dir(dir.path())
+        .args(args)
+        .env_remove("RUST_LOG")
+        .env_remove("BILLING_MODE_LOG")
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .envs(envs.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run billing-mode");
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > bound {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "billing-mode {args:?} {envs:?} still ran after {bound:?}:\n{}",
+                reader.join().unwrap()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let ran = started.elapsed();
+    (status, reader.join().unwrap(), ran)
+}
+
+backends!(sqlite: a_log_filter_that_is_not_a_level_is_refused_at_start_up);
+/// `warning` is no level: `EnvFilter` would take it for a target and turn
+/// every line off, the decision log's included. The server refuses it,
+/// saying which setting and what it accepts; valid forms start as always.
+async fn a_log_filter_that_is_not_a_level_is_refused_at_start_up(db: TestDb) {
+    let serve = [
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "off",
+        "--database-url",
+        &db.url,
+    ];
+    let flag = |value: &'static str| {
+        let mut args = vec!["--log-level", value];
+        args.extend(serve);
+        args
+    };
+    for (args, envs, named) in [
+        (flag("warning"), vec![], "`warning`"),
+        (flag("info,billing_mode"), vec![], "`billing_mode`"),
+        (
+            serve.to_vec(),
+            vec![("BILLING_MODE_LOG", "warning")],
+            "`warning`",
+        ),
+    ] {
+        let (status, stderr, _) = run_to_exit(&args, &envs, Duration::from_secs(30));
+        assert!(
+            !status.success(),
+            "{args:?} {envs:?} must exit non-zero:\n{stderr}"
+        );
+        for part in [
+            named,
+            "--log-level or BILLING_MODE_LOG",
+            "error|warn|info|debug|trace|off",
+            "target=level",
+            "comma-separated",
+        ] {
+            assert!(
+                stderr.contains(part),
+                "{args:?} {envs:?}: no {part}:\n{stderr}"
+            );
+        }
+    }
+
+    // Valid forms start: a level and target=level directives by the flag;
+    // a RUST_LOG that is no filter is ignored, as before, and said so.
+    for (args, envs, said) in [
+        (
+            vec!["--log-level", "billing_mode::startup=info,WARN"],
+            vec![],
+            None,
+        ),
+        (
+            vec![],
+            vec![("RUST_LOG", "warning")],
+            Some("RUST_LOG ignored"),
+        ),
+    ] {
+        let app = ServerProcess::start(&db.url, &args, &envs);
+        let (status, app) = app.stop().await;
+        let log = app.log();
+        assert!(status.success(), "{args:?} {envs:?}: {status:?}\n{log}");
+        if let Some(said) = said {
+            assert!(
+                log.lines()
+                    .any(|l| l.contains(" WARN ") && l.contains(said)),
+                "{envs:?}: {said}:\n{log}"
+            );
+        }
+    }
+}
+
 backends!(postgres: more_reads_in_flight_than_read_connections_are_capped_and_said_so);
 /// `--db-reads-in-flight` above `--db-max-connections` cannot run: the
 /// server runs as many as it has connections and says so at start-up; a
