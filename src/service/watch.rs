@@ -61,33 +61,67 @@ impl Watcher {
 /// already depends on `hex`, and a cursor's length does not matter.
 const CURSOR_VERSION: u8 = 1;
 
+/// Bytes of a store id (32 hex digits, as the change log's table holds it).
+const STORE_ID_BYTES: usize = 16;
+
 pub fn encode_cursor(store_id: &str, position: u64) -> String {
-    let mut bytes = Vec::with_capacity(25);
+    let mut bytes = Vec::with_capacity(1 + STORE_ID_BYTES + 8);
     bytes.push(CURSOR_VERSION);
     bytes.extend(hex::decode(store_id).unwrap_or_default());
     bytes.extend(position.to_be_bytes());
     hex::encode(bytes)
 }
 
+/// A cursor whose format is checked: the store that handed it out and the
+/// position it names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Cursor {
+    store: [u8; STORE_ID_BYTES],
+    position: u64,
+}
+
+fn invalid_cursor() -> ApiError {
+    ApiError::new(
+        ErrorReason::InvalidCursor,
+        "cursor: not a cursor this service handed out for this store; \
+         resume from a cursor of an earlier WatchResponse, or start with include_snapshot",
+    )
+}
+
+/// A cursor's parts; INVALID_CURSOR unless it has the format this service
+/// hands out. Needs nothing of the store, so a malformed cursor is refused
+/// as such even while the store is unavailable.
+fn parse_cursor(cursor: &str) -> Result<Cursor, ApiError> {
+    let bytes = hex::decode(cursor).map_err(|_| invalid_cursor())?;
+    if bytes.len() != 1 + STORE_ID_BYTES + 8 || bytes[0] != CURSOR_VERSION {
+        return Err(invalid_cursor());
+    }
+    let store = bytes[1..1 + STORE_ID_BYTES]
+        .try_into()
+        .map_err(|_| invalid_cursor())?;
+    let position: [u8; 8] = bytes[1 + STORE_ID_BYTES..]
+        .try_into()
+        .map_err(|_| invalid_cursor())?;
+    Ok(Cursor {
+        store,
+        position: u64::from_be_bytes(position),
+    })
+}
+
+impl Cursor {
+    /// The position, when the store `store_id` handed the cursor out;
+    /// INVALID_CURSOR otherwise.
+    fn position_on(&self, store_id: &str) -> Result<u64, ApiError> {
+        match hex::decode(store_id) {
+            Ok(store) if store[..] == self.store[..] => Ok(self.position),
+            _ => Err(invalid_cursor()),
+        }
+    }
+}
+
 /// The position a cursor names; INVALID_CURSOR unless this store made it.
 pub fn decode_cursor(cursor: &str, store_id: &str) -> Result<u64, ApiError> {
-    let invalid = || {
-        ApiError::new(
-            ErrorReason::InvalidCursor,
-            "cursor: not a cursor this service handed out for this store; \
-             resume from a cursor of an earlier WatchResponse, or start with include_snapshot",
-        )
-    };
-    let bytes = hex::decode(cursor).map_err(|_| invalid())?;
-    let store = hex::decode(store_id).map_err(|_| invalid())?;
-    if bytes.len() != 1 + store.len() + 8 || bytes[0] != CURSOR_VERSION {
-        return Err(invalid());
-    }
-    if bytes[1..1 + store.len()] != store[..] {
-        return Err(invalid());
-    }
-    let position: [u8; 8] = bytes[1 + store.len()..].try_into().map_err(|_| invalid())?;
-    Ok(u64::from_be_bytes(position))
+    parse_cursor(cursor)?.position_on(store_id)
 }
 
 impl From<FeedError> for ApiError {
@@ -180,13 +214,18 @@ pub async fn start(
              include_snapshot, not both",
         ));
     }
-    let feed = &watcher.feed;
-    let store_id = feed.store_id().ok_or(FeedError::Lost)?;
-    let from_cursor = if req.cursor.is_empty() {
+    // The cursor's format before the store: a malformed cursor is
+    // INVALID_ARGUMENT whatever the store's state (the contract's
+    // precedence); whether this store handed it out is known only once the
+    // store id is.
+    let cursor = if req.cursor.is_empty() {
         None
     } else {
-        Some(decode_cursor(&req.cursor, store_id)?)
+        Some(parse_cursor(&req.cursor)?)
     };
+    let feed = &watcher.feed;
+    let store_id = feed.store_id().ok_or(FeedError::Lost)?;
+    let from_cursor = cursor.map(|c| c.position_on(store_id)).transpose()?;
     let (opening, after) = if req.include_snapshot {
         // Only the records the stream will send are kept.
         let mut records = Vec::new();
@@ -391,6 +430,20 @@ mod tests {
                 ErrorReason::InvalidCursor,
                 "{bad:?}"
             );
+            // Malformed whatever the store: checked without it.
+            assert_eq!(
+                parse_cursor(&bad).unwrap_err().reason,
+                ErrorReason::InvalidCursor,
+                "{bad:?}"
+            );
         }
+        // Well formed, of another store: parsed, then refused on this one.
+        let other = encode_cursor("fedcba9876543210fedcba9876543210", 7);
+        let parsed = parse_cursor(&other).unwrap();
+        assert_eq!(parsed.position, 7);
+        assert_eq!(
+            parsed.position_on(STORE).unwrap_err().reason,
+            ErrorReason::InvalidCursor
+        );
     }
 }

@@ -828,6 +828,28 @@ async fn malformed_foreign_and_unknown_cursors_are_invalid(db: TestDb) {
     assert_error(&err, Code::InvalidArgument, "INVALID_WORKSPACE_ID");
 }
 
+backends!(before_the_change_log_exists_a_malformed_cursor_is_still_invalid);
+/// A server started with `--no-migrate` on a store without its migrations
+/// cannot know its store's id yet. A malformed cursor is refused as such all
+/// the same (INVALID_ARGUMENT comes before UNAVAILABLE); a well-formed one,
+/// which only the store can judge, waits for it (UNAVAILABLE).
+async fn before_the_change_log_exists_a_malformed_cursor_is_still_invalid(db: TestDb) {
+    let app = TestApp::spawn_with(Config {
+        migrate: false,
+        ..config(&db)
+    })
+    .await;
+    let mut c = app.client().await;
+    for bad in ["not-a-cursor", "00", "01abcd"] {
+        let err = open(&mut c, from_cursor(bad)).await.unwrap_err();
+        assert_error(&err, Code::InvalidArgument, "INVALID_CURSOR");
+    }
+    let well_formed = format!("01{}{}", "ab".repeat(16), "00".repeat(8));
+    let err = open(&mut c, from_cursor(&well_formed)).await.unwrap_err();
+    assert_error(&err, Code::Unavailable, "STORE_UNAVAILABLE");
+    app.stop().await.unwrap();
+}
+
 backends!(a_cursor_older_than_the_retained_log_has_expired);
 async fn a_cursor_older_than_the_retained_log_has_expired(db: TestDb) {
     let app = TestApp::spawn_with(Config {
