@@ -220,6 +220,24 @@ impl Default for Config {
     }
 }
 
+impl Config {
+    /// Refuses settings that cannot work together, before anything is opened
+    /// (the binary's arguments are checked as they become a `Config`, so an
+    /// operator hears of a mistake at once, not after waiting for the
+    /// store).
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.max_staleness < self.feed_poll_interval * 2 {
+            anyhow::bail!(
+                "--max-staleness {:?} is too short: the change feed confirms it is current only every {:?}; \
+                 give at least twice that",
+                self.max_staleness,
+                self.feed_poll_interval
+            );
+        }
+        Ok(())
+    }
+}
+
 /// `--admin-listen`: an address, or `off` to disable the admin listener.
 pub fn parse_admin_listen(s: &str) -> Result<Option<SocketAddr>, String> {
     match s.trim() {
@@ -282,6 +300,24 @@ mod tests {
         assert_eq!(e.entry, "file");
         assert!(matches!(e.problem, RegistryProblem::CannotRead(_)), "{e:?}");
         assert!(e.to_string().contains("/nonexistent/registry.toml"));
+    }
+
+    #[test]
+    fn a_max_staleness_under_twice_the_feed_poll_is_refused() {
+        let config = |max_staleness| Config {
+            max_staleness,
+            ..Config::default()
+        };
+        assert!(config(DEFAULT_MAX_STALENESS).validate().is_ok());
+        assert!(config(Duration::from_secs(1)).validate().is_ok());
+        let e = config(Duration::from_millis(500))
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--max-staleness 500ms is too short") && e.contains("at least twice"),
+            "{e}"
+        );
     }
 
     #[test]

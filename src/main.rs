@@ -177,7 +177,7 @@ struct ServeArgs {
     watch_buffer: usize,
     /// CheckSpend answers UNAVAILABLE (and health says NOT_SERVING) when this
     /// replica cannot confirm its spend snapshot was current this recently
-    /// (e.g. 2s, 500ms).
+    /// (e.g. 2s, 1500ms, 1m; at least twice the change feed's 500 ms poll).
     #[arg(long, env = "BILLING_MODE_MAX_STALENESS", default_value = "2s", value_parser = config::parse_duration)]
     max_staleness: Duration,
 }
@@ -191,7 +191,7 @@ impl ServeArgs {
             }
             None => Vec::new(),
         };
-        Ok(Config {
+        let config = Config {
             listen: self.listen,
             database_url: self.database.database_url,
             registry_path: self.registry,
@@ -218,7 +218,10 @@ impl ServeArgs {
             watch_buffer: self.watch_buffer.max(1),
             max_staleness: self.max_staleness,
             ..Config::default()
-        })
+        };
+        // Before the store is opened: a mistake is said at once.
+        config.validate()?;
+        Ok(config)
     }
 }
 

@@ -63,6 +63,9 @@ impl std::fmt::Debug for Application {
 
 impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
+        // The binary has checked its arguments already; a Config built in
+        // code is held to the same rules, still before anything is opened.
+        config.validate()?;
         // Before the files are read: a SIGHUP from here on reloads them once
         // the server runs, so a rotation during start-up is not missed.
         let hangups = reload::Hangups::listen();
@@ -127,14 +130,6 @@ impl Application {
             },
         )
         .await;
-        if config.max_staleness < config.feed_poll_interval * 2 {
-            bail!(
-                "--max-staleness {:?} is too short: the change feed confirms it is current only every {:?}; \
-                 give at least twice that",
-                config.max_staleness,
-                config.feed_poll_interval
-            );
-        }
         // Loads and follows in the background; CheckSpend answers (and the
         // server is ready) once the snapshot is confirmed current.
         let spend =

@@ -859,6 +859,42 @@ fn an_unreachable_store_is_retried_until_the_startup_timeout_then_the_server_exi
     );
 }
 
+#[test]
+fn a_max_staleness_the_feed_cannot_confirm_is_refused_before_the_store_is_waited_for() {
+    let (_reserved, nobody) = refusing_addr();
+    let url = format!("postgres://billing@{nobody}/billing");
+    let args = [
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "off",
+        "--startup-timeout",
+        "30s",
+        "--max-staleness",
+        "500ms",
+    ];
+    let (status, stderr, ran) = run_to_exit(
+        &args,
+        &[("DATABASE_URL", url.as_str())],
+        Duration::from_secs(45),
+    );
+    assert!(!status.success(), "must exit non-zero:\n{stderr}");
+    assert!(
+        stderr.contains("--max-staleness 500ms is too short")
+            && stderr.contains("give at least twice that"),
+        "says what is wrong:\n{stderr}"
+    );
+    assert!(
+        !stderr.contains("not reachable yet"),
+        "refused before the store is tried:\n{stderr}"
+    );
+    assert!(
+        ran < Duration::from_secs(10),
+        "refused at once, not after the start-up timeout: {ran:?}"
+    );
+}
+
 backends!(a_sigterm_the_moment_after_the_ready_line_is_a_graceful_stop);
 /// An orchestrator may stop a server as soon as it has said it is ready
 /// (a rollout replaced at once). The signal must reach the graceful stop
