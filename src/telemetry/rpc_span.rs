@@ -43,7 +43,10 @@ pub struct RpcSpanLayer {
 impl RpcSpanLayer {
     /// `request_timeout` is the server's deadline: a call dropped without a
     /// status after it is recorded as DEADLINE_EXCEEDED, one dropped earlier
-    /// as CANCELLED (the caller went away), as the call-duration metric does.
+    /// as CANCELLED (the caller went away). The span sits inside the
+    /// deadline layer, so it tells the two apart; the call metrics sit
+    /// outside it and count what the caller received (a call past the
+    /// deadline is answered CANCELLED, reason `DEADLINE_EXCEEDED`).
     pub fn new(request_timeout: Duration) -> Self {
         RpcSpanLayer { request_timeout }
     }
