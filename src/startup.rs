@@ -50,6 +50,8 @@ pub struct Application {
     spend: SpendSnapshot,
     /// SIGHUPs since start-up began, for the reload task.
     hangups: reload::Hangups,
+    /// The server, with its TLS identity already parsed (if any).
+    server: Server,
 }
 
 impl std::fmt::Debug for Application {
@@ -90,6 +92,29 @@ impl Application {
         let registry = Arc::new(crate::config::load_registry(
             config.registry_path.as_deref(),
         )?);
+        // The certificate and key are parsed here, before the store is
+        // waited for and before the ready line: a key that does not parse is
+        // a start-up error that names the files, never a server that said
+        // ready and then exits.
+        let server = match &config.tls {
+            Some(files) => Server::builder()
+                .tls_config(tls_config(files)?)
+                .with_context(|| {
+                    format!(
+                        "loading the TLS identity (--tls-cert {}, --tls-key {}{})",
+                        files.cert.display(),
+                        files.key.display(),
+                        files
+                            .client_ca
+                            .as_ref()
+                            .map_or_else(String::new, |ca| format!(
+                                ", --tls-client-ca {}",
+                                ca.display()
+                            ))
+                    )
+                })?,
+            None => Server::builder(),
+        };
         let store = open_store(
             &config.database_url,
             config.migrate,
@@ -174,6 +199,7 @@ impl Application {
             feed,
             spend,
             hangups,
+            server,
         })
     }
 
@@ -304,10 +330,7 @@ impl Application {
             move |req| auth.current().intercept(req),
         );
 
-        let mut server = Server::builder();
-        if let Some(tls) = &self.config.tls {
-            server = server.tls_config(tls_config(tls)?)?;
-        }
+        let server = self.server;
         // The stack, outermost first: the call-duration metric and the
         // refusal count (waiting for a slot included), outside everything
         // that answers, so they record the status the caller receives; the

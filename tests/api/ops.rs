@@ -230,7 +230,7 @@ async fn the_log_level_decides_which_lines_the_server_writes(db: TestDb) {
 /// Runs `billing-mode ARGS` with `envs` (and no `RUST_LOG` but those) and
 /// waits for it to exit, killing it (a failure) if it still runs after
 /// `bound`: (exit status, stderr, how long it ran).
-fn run_to_exit(
+pub(crate) fn run_to_exit(
     args: &[&str],
     envs: &[(&str, &str)],
     bound: Duration,
