@@ -186,6 +186,10 @@ pub struct Config {
     pub watch_progress_interval: Duration,
     /// How often the change feed reads the log without being woken.
     pub feed_poll_interval: Duration,
+    /// Changes a change-feed subscriber (a Watch stream, the spend
+    /// snapshot) may fall behind and still take live; one further behind
+    /// reads them from the store (`feed::FeedConfig::capacity`).
+    pub feed_capacity: usize,
     /// CheckSpend answers only while this replica's spend snapshot was
     /// confirmed current this recently; UNAVAILABLE otherwise.
     pub max_staleness: Duration,
@@ -215,6 +219,7 @@ impl Default for Config {
             watch_buffer: DEFAULT_WATCH_BUFFER,
             watch_progress_interval: Duration::from_secs(10),
             feed_poll_interval: Duration::from_millis(500),
+            feed_capacity: 4096,
             max_staleness: DEFAULT_MAX_STALENESS,
         }
     }

@@ -24,8 +24,12 @@
 //! The tailer is woken by the store's listener (Postgres `NOTIFY` from any
 //! replica; in process on SQLite) and polls every `poll_interval` besides, so
 //! a missed wake-up only delays. Subscribers never slow the tailer or a
-//! writer: a subscriber that falls more than the broadcast capacity behind is
-//! ended with [`FeedError::TooSlow`].
+//! writer: a subscriber that falls more than the broadcast capacity behind
+//! (it read its backlog from the store while more than that many changes
+//! committed, or it could not keep pace with a burst) goes back to reading
+//! from the store, as a new subscription would, and takes live changes again
+//! once it has caught up. How slow a consumer may be is its own buffer's
+//! business (Watch's `--watch-buffer`), not the feed's.
 
 use std::{
     collections::VecDeque,
@@ -57,7 +61,8 @@ pub struct FeedConfig {
     pub poll_interval: Duration,
     /// Logged changes older than this are pruned (cursors older expire).
     pub retention: Duration,
-    /// Changes a subscriber may fall behind the tailer before it is cut off.
+    /// Changes a subscriber may fall behind the tailer and still take them
+    /// live; one further behind reads them from the store.
     pub capacity: usize,
 }
 
@@ -80,7 +85,8 @@ pub enum FeedError {
     /// Changes after the position were pruned.
     #[error("changes after position {0} were pruned")]
     Expired(u64),
-    /// The subscriber fell too far behind the live feed.
+    /// The consumer's own queue filled (Watch's `--watch-buffer`): the feed
+    /// itself never ends a subscription for falling behind.
     #[error("the subscriber fell too far behind")]
     TooSlow,
     /// The server is shutting down.
@@ -333,27 +339,43 @@ impl Subscription {
                 self.fill_backlog().await?;
                 continue;
             }
-            tokio::select! {
+            let received = tokio::select! {
                 biased;
                 _ = self.shutdown.wait_for(|s| *s) => return Err(FeedError::ShuttingDown),
                 _ = self.health.wait_for(|h| h.lost) => return Err(FeedError::Lost),
-                received = self.rx.recv() => match received {
-                    Ok(change) if change.position <= self.last => continue,
-                    Ok(change) if change.position == self.last + 1 => {
-                        self.last = change.position;
-                        return Ok(change);
-                    }
-                    Ok(change) => {
-                        return Err(FeedError::Store(StoreError::corrupt(format!(
-                            "the feed skipped from position {} to {}",
-                            self.last, change.position
-                        ))))
-                    }
-                    Err(broadcast::error::RecvError::Lagged(_)) => return Err(FeedError::TooSlow),
-                    Err(broadcast::error::RecvError::Closed) => return Err(FeedError::ShuttingDown),
-                },
+                received = self.rx.recv() => received,
+            };
+            match received {
+                Ok(change) if change.position <= self.last => continue,
+                Ok(change) if change.position == self.last + 1 => {
+                    self.last = change.position;
+                    return Ok(change);
+                }
+                Ok(change) => {
+                    return Err(FeedError::Store(StoreError::corrupt(format!(
+                        "the feed skipped from position {} to {}",
+                        self.last, change.position
+                    ))))
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => self.rejoin(),
+                Err(broadcast::error::RecvError::Closed) => return Err(FeedError::ShuttingDown),
             }
         }
+    }
+
+    /// Fallen further behind the tailer than the broadcast holds: what was
+    /// missed is read from the store, as at [`Feed::subscribe`] (a receiver
+    /// taken under the tailer's lock gets every change after the position
+    /// read with it), so nothing is lost or repeated, and no writer waits.
+    fn rejoin(&mut self) {
+        let position = self.shared.position.lock().expect("feed position lock");
+        self.rx = self.shared.tx.subscribe();
+        self.catch_up_to = *position;
+        tracing::debug!(
+            last = self.last,
+            catch_up_to = self.catch_up_to,
+            "change feed: a subscriber fell behind the broadcast; reading from the store"
+        );
     }
 
     /// Reads the next stretch of `(last, catch_up_to]` from the store.

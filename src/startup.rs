@@ -150,8 +150,8 @@ impl Application {
             store.clone(),
             FeedConfig {
                 poll_interval: config.feed_poll_interval,
+                capacity: config.feed_capacity,
                 retention: config.change_retention,
-                ..FeedConfig::default()
             },
         )
         .await;

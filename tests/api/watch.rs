@@ -979,6 +979,77 @@ async fn a_slow_consumer_is_cut_off_while_writers_and_other_streams_keep_going(d
     assert_error(&err, Code::ResourceExhausted, "CONSUMER_TOO_SLOW");
 }
 
+backends!(
+    a_stream_catching_up_while_more_changes_commit_than_the_feed_holds_misses_nothing,
+    flavor = "multi_thread",
+    worker_threads = 4
+);
+/// A provisioner resumes from an old cursor and reads its backlog at its own
+/// pace while the platform keeps writing: more changes commit meanwhile than
+/// the feed keeps for a subscriber (here 16). The stream reads what it
+/// missed from the store and goes on: every revision once, in order, and no
+/// CONSUMER_TOO_SLOW, which is for a consumer whose own buffer fills.
+async fn a_stream_catching_up_while_more_changes_commit_than_the_feed_holds_misses_nothing(
+    db: TestDb,
+) {
+    let app = TestApp::spawn_with(Config {
+        feed_capacity: 16,
+        watch_buffer: 4,
+        ..config(&db)
+    })
+    .await;
+    let ws = new_workspace();
+    let (opening, cursor) = watch_from_now(&mut app.client().await, &[]).await;
+    drop(opening);
+    // A backlog, so that the resumed stream starts by catching up.
+    for i in 0..50 {
+        app.set(set_model_req(&ws, &format!("opus-{i}"), false))
+            .await;
+    }
+    // The resumed consumer: a tiny HTTP/2 window, and it reads one change,
+    // then nothing while the writes go on, so the server's side of the
+    // stream waits in the middle of its backlog.
+    let slow_channel = tonic::transport::Endpoint::from_shared(app.endpoint())
+        .unwrap()
+        .initial_stream_window_size(Some(1024))
+        .connect()
+        .await
+        .unwrap();
+    let mut slow_client =
+        billing_mode::proto::billing_mode_client::BillingModeClient::new(slow_channel);
+    let mut slow = open(&mut slow_client, from_cursor(&cursor)).await.unwrap();
+    assert_eq!(next_change(&mut slow).await.1.revision, 1);
+    // A brisk stream from now: once it has every new change, the feed has
+    // broadcast them all, far more than the slow stream's share holds.
+    let (mut brisk, _) = watch_from_now(&mut app.client().await, &[]).await;
+    for i in 50..200 {
+        app.set(set_model_req(&ws, &format!("opus-{i}"), false))
+            .await;
+    }
+    let mut brisk_revisions = Vec::new();
+    while brisk_revisions.len() < 150 {
+        brisk_revisions.push(next_change(&mut brisk).await.1.revision);
+    }
+    assert_eq!(brisk_revisions, (51..=200).collect::<Vec<u64>>());
+    // The slow stream now reads on: all of it, nothing twice, no error.
+    let mut revisions = vec![1];
+    while revisions.len() < 200 {
+        match next(&mut slow).await {
+            Ok(Some(m)) => {
+                if let Some(Event::Resolution(r)) = m.event {
+                    revisions.push(r.revision);
+                }
+            }
+            Ok(None) => panic!("the stream ended without a status after {revisions:?}"),
+            Err(e) => panic!(
+                "the stream ended with {e:?} after {} changes",
+                revisions.len()
+            ),
+        }
+    }
+    assert_eq!(revisions, (1..=200).collect::<Vec<u64>>());
+}
+
 backends!(watch_is_for_whoever_may_resolve);
 async fn watch_is_for_whoever_may_resolve(db: TestDb) {
     let roles = [
