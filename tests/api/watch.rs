@@ -299,6 +299,20 @@ async fn watch_from_now(
     (s, first.cursor)
 }
 
+/// A client whose HTTP/2 window is tiny: what its streams do not read stays
+/// queued on the server, so a stream it stops reading stalls there.
+async fn tiny_window_client(
+    app: &TestApp,
+) -> billing_mode::proto::billing_mode_client::BillingModeClient<tonic::transport::Channel> {
+    let channel = tonic::transport::Endpoint::from_shared(app.endpoint())
+        .unwrap()
+        .initial_stream_window_size(Some(1024))
+        .connect()
+        .await
+        .unwrap();
+    billing_mode::proto::billing_mode_client::BillingModeClient::new(channel)
+}
+
 /// A Set that changes the record: flips the override through the three modes.
 fn flip(ws: &str, i: usize) -> SetRequest {
     let mode = [Mode::Byok, Mode::Disabled, Mode::PlatformManaged][i % 3];
@@ -944,14 +958,7 @@ async fn a_slow_consumer_is_cut_off_while_writers_and_other_streams_keep_going(d
     // The slow consumer: opens, then reads nothing for a while; its
     // HTTP/2 window is tiny, so what it does not read stays queued on
     // the server.
-    let slow_channel = tonic::transport::Endpoint::from_shared(app.endpoint())
-        .unwrap()
-        .initial_stream_window_size(Some(1024))
-        .connect()
-        .await
-        .unwrap();
-    let mut slow_client =
-        billing_mode::proto::billing_mode_client::BillingModeClient::new(slow_channel);
+    let mut slow_client = tiny_window_client(&app).await;
     let (mut slow, _) = watch_from_now(&mut slow_client, &[]).await;
     let (mut brisk, _) = watch_from_now(&mut app.client().await, &[]).await;
     let ws = new_workspace();
@@ -1009,14 +1016,7 @@ async fn a_stream_catching_up_while_more_changes_commit_than_the_feed_holds_miss
     // The resumed consumer: a tiny HTTP/2 window, and it reads one change,
     // then nothing while the writes go on, so the server's side of the
     // stream waits in the middle of its backlog.
-    let slow_channel = tonic::transport::Endpoint::from_shared(app.endpoint())
-        .unwrap()
-        .initial_stream_window_size(Some(1024))
-        .connect()
-        .await
-        .unwrap();
-    let mut slow_client =
-        billing_mode::proto::billing_mode_client::BillingModeClient::new(slow_channel);
+    let mut slow_client = tiny_window_client(&app).await;
     let mut slow = open(&mut slow_client, from_cursor(&cursor)).await.unwrap();
     assert_eq!(next_change(&mut slow).await.1.revision, 1);
     // A brisk stream from now: once it has every new change, the feed has
