@@ -1,6 +1,7 @@
 //! `billing-mode watch`: follows the change stream, one line per event (or
-//! JSON lines with `--json`); on Ctrl-C or an error it prints the cursor to
-//! resume from.
+//! JSON lines with `--json`); on Ctrl-C or an error it says where to resume:
+//! the last cursor that is safe to resume from, or, when there is none (a
+//! snapshot not yet complete), to start again with `--snapshot`.
 
 use std::process::ExitCode;
 
@@ -55,38 +56,108 @@ fn line(m: &proto::WatchResponse, json_out: bool) -> String {
     }
 }
 
-/// Says where to resume, on standard error (standard output stays events).
-fn resume_hint(cursor: &str) {
-    if cursor.is_empty() {
-        eprintln!("no cursor yet: start again with --snapshot");
-    } else {
-        eprintln!("resume with: billing-mode watch --cursor {cursor}");
+/// Where a consumer may pick the stream up again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Resume {
+    /// Right after this cursor: `--cursor`.
+    From(String),
+    /// No cursor is safe to resume from (none yet, or the snapshot was not
+    /// complete): a new `--snapshot`. Says why.
+    StartOver(&'static str),
+}
+
+impl Resume {
+    /// The advice, on standard error (standard output stays events).
+    fn hint(&self, workspaces: &[String]) -> String {
+        let only: String = workspaces.iter().map(|w| format!(" {w}")).collect();
+        match self {
+            Resume::From(cursor) => {
+                format!("resume with: billing-mode watch --cursor {cursor}{only}")
+            }
+            Resume::StartOver(why) => {
+                format!("{why}: start again with: billing-mode watch --snapshot{only}")
+            }
+        }
+    }
+}
+
+/// How far the stream got, as far as it is safe to resume from. A snapshot's
+/// entries carry the snapshot's position, so resuming from one of them
+/// would skip the rest of the snapshot: only `snapshot_complete` and the
+/// messages after it are places to resume.
+#[derive(Debug)]
+struct Position {
+    /// The last cursor safe to resume from.
+    safe: Option<String>,
+    /// Inside a snapshot, before its `snapshot_complete`.
+    in_snapshot: bool,
+}
+
+impl Position {
+    fn new(cursor: Option<&str>, snapshot: bool) -> Self {
+        Position {
+            safe: cursor.filter(|c| !c.is_empty()).map(str::to_owned),
+            in_snapshot: snapshot,
+        }
+    }
+
+    fn saw(&mut self, m: &proto::WatchResponse) {
+        if self.in_snapshot {
+            match &m.event {
+                Some(Event::Progress(p)) if p.snapshot_complete => self.in_snapshot = false,
+                _ => return,
+            }
+        }
+        if !m.cursor.is_empty() {
+            self.safe = Some(m.cursor.clone());
+        }
+    }
+
+    /// Where to resume after an interruption or a transport failure.
+    fn resume(&self) -> Resume {
+        match (&self.safe, self.in_snapshot) {
+            (Some(cursor), _) => Resume::From(cursor.clone()),
+            (None, true) => Resume::StartOver("the snapshot was not complete"),
+            (None, false) => Resume::StartOver("no cursor yet"),
+        }
+    }
+}
+
+/// Resolves on Ctrl-C; never when the signal cannot be listened for.
+async fn interrupted() {
+    if tokio::signal::ctrl_c().await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 
 pub async fn watch(a: WatchArgs) -> ExitCode {
+    let json_out = a.client.json;
+    let mut position = Position::new(a.cursor.as_deref(), a.snapshot);
     let mut c = match client::connect(&a.client).await {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e:#}");
+            eprintln!("{}", position.resume().hint(&a.workspaces));
             return ExitCode::FAILURE;
         }
     };
-    let mut cursor = a.cursor.clone().unwrap_or_default();
     let request = proto::WatchRequest {
-        cursor: cursor.clone(),
+        cursor: a.cursor.clone().unwrap_or_default(),
         include_snapshot: a.snapshot,
         workspace_ids: a.workspaces.clone(),
     };
-    let interrupted = || async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+    // One listener for the whole command, so a Ctrl-C that comes while a
+    // line is being written is not lost; it wins over a message ready at the
+    // same time.
+    let interrupt = interrupted();
+    tokio::pin!(interrupt);
     let opened = tokio::select! {
-        r = c.watch(request) => r,
-        () = interrupted() => {
-            resume_hint(&cursor);
+        biased;
+        () = &mut interrupt => {
+            eprintln!("{}", position.resume().hint(&a.workspaces));
             return ExitCode::SUCCESS;
         }
+        r = c.watch(request) => r,
     };
     let result = match opened {
         Err(s) => Err(s),
@@ -94,25 +165,26 @@ pub async fn watch(a: WatchArgs) -> ExitCode {
             let mut stream = response.into_inner();
             loop {
                 tokio::select! {
+                    biased;
+                    () = &mut interrupt => {
+                        eprintln!("{}", position.resume().hint(&a.workspaces));
+                        return ExitCode::SUCCESS;
+                    }
                     m = stream.message() => match m {
                         Ok(Some(m)) => {
-                            outln!("{}", line(&m, a.client.json));
-                            cursor = m.cursor;
+                            outln!("{}", line(&m, json_out));
+                            position.saw(&m);
                         }
                         Ok(None) => break Ok(()),
                         Err(s) => break Err(s),
                     },
-                    () = interrupted() => {
-                        resume_hint(&cursor);
-                        return ExitCode::SUCCESS;
-                    }
                 }
             }
         }
     };
     match result {
         Ok(()) => {
-            resume_hint(&cursor);
+            eprintln!("{}", position.resume().hint(&a.workspaces));
             ExitCode::SUCCESS
         }
         Err(s) => {
@@ -121,8 +193,58 @@ pub async fn watch(a: WatchArgs) -> ExitCode {
                 .map(|i| i.reason)
                 .unwrap_or_default();
             eprintln!("error: {:?} {reason}: {}", s.code(), s.message());
-            resume_hint(&cursor);
+            eprintln!("{}", position.resume().hint(&a.workspaces));
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(cursor: &str, event: Event) -> proto::WatchResponse {
+        proto::WatchResponse {
+            cursor: cursor.to_owned(),
+            event: Some(event),
+        }
+    }
+
+    fn entry(cursor: &str) -> proto::WatchResponse {
+        message(cursor, Event::Resolution(proto::Resolution::default()))
+    }
+
+    fn progress(cursor: &str, snapshot_complete: bool) -> proto::WatchResponse {
+        message(
+            cursor,
+            Event::Progress(proto::WatchProgress {
+                snapshot_complete,
+                time: None,
+            }),
+        )
+    }
+
+    #[test]
+    fn a_snapshot_entry_is_no_place_to_resume() {
+        let mut p = Position::new(None, true);
+        p.saw(&entry("c5"));
+        p.saw(&entry("c5"));
+        assert!(matches!(p.resume(), Resume::StartOver(_)), "{p:?}");
+        p.saw(&progress("c5", true));
+        assert_eq!(p.resume(), Resume::From("c5".into()));
+        p.saw(&entry("c6"));
+        assert_eq!(p.resume(), Resume::From("c6".into()));
+    }
+
+    #[test]
+    fn without_a_snapshot_every_message_is_a_place_to_resume() {
+        let mut p = Position::new(Some("c1"), false);
+        assert_eq!(p.resume(), Resume::From("c1".into()));
+        p.saw(&progress("c2", false));
+        assert_eq!(p.resume(), Resume::From("c2".into()));
+        assert!(matches!(
+            Position::new(None, false).resume(),
+            Resume::StartOver(_)
+        ));
     }
 }

@@ -614,6 +614,112 @@ fn watch_prints_each_change_and_the_cursor_to_resume_from_on_ctrl_c() {
     }
 }
 
+/// Sends `signal` (`INT`, `TERM`) to process `pid`.
+fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("running kill");
+    assert!(status.success(), "kill -{signal} {pid} failed");
+}
+
+/// A running `billing-mode watch` with both outputs piped: its standard
+/// output line by line, read only when asked (the rest waits in the pipe).
+struct Watching {
+    child: Child,
+    out: Option<std::io::BufReader<std::process::ChildStdout>>,
+}
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Watching {
+    fn start(s: &Server, args: &[&str]) -> Watching {
+        let mut cmd = s.cmd(args);
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawning billing-mode watch");
+        let out = std::io::BufReader::new(child.stdout.take().expect("piped stdout"));
+        Watching {
+            child,
+            out: Some(out),
+        }
+    }
+
+    /// The next line of standard output (it must come).
+    fn next_line(&mut self) -> String {
+        use std::io::BufRead;
+        let mut line = String::new();
+        let out = self.out.as_mut().expect("not finished yet");
+        let n = out.read_line(&mut line).expect("reading watch's output");
+        assert!(n > 0, "watch ended its output early");
+        line
+    }
+
+    /// The rest of standard output and standard error, once the command
+    /// ends (at most `EXIT_TIMEOUT`), and its exit status.
+    fn finish(mut self) -> (ExitStatus, String, String) {
+        let mut out = self.out.take().expect("not finished yet");
+        let mut err = self.child.stderr.take().expect("piped stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let (mut o, mut e) = (String::new(), String::new());
+            let _ = std::io::Read::read_to_string(&mut out, &mut o);
+            let _ = std::io::Read::read_to_string(&mut err, &mut e);
+            let _ = tx.send((o, e));
+        });
+        let (out, err) = rx
+            .recv_timeout(EXIT_TIMEOUT)
+            .expect("watch ends within EXIT_TIMEOUT");
+        let status = wait_exit(&mut self.child, EXIT_TIMEOUT).expect("watch exits");
+        (status, out, err)
+    }
+}
+
+/// The `i`-th of a run of workspace ids.
+fn numbered_workspace(i: usize) -> String {
+    format!("00000000-0000-4000-8000-{i:012x}")
+}
+
+#[test]
+fn watch_offers_no_cursor_to_resume_from_before_its_snapshot_is_complete() {
+    let s = Server::start(&[]);
+    // Far more snapshot than a pipe holds: the command is still inside the
+    // snapshot when it is interrupted (it waits to write while the test
+    // does not read).
+    let file: String = (0..1500)
+        .map(|i| {
+            format!(
+                "{{\"workspace_id\":\"{}\",\"runtime\":\"claude-code\",\"model\":\"opus\"}}\n",
+                numbered_workspace(i)
+            )
+        })
+        .collect();
+    let path = write(&s.path("workspaces.jsonl"), &file);
+    ok(&s.run(&["import", &path, "--reason", "adopt"]));
+    let mut w = Watching::start(&s, &["watch", "--snapshot", "--json"]);
+    let first: Value = serde_json::from_str(&w.next_line()).expect("a JSON line");
+    assert!(first["resolution"]["workspaceId"].is_string(), "{first}");
+    // Every entry carries the snapshot's position: resuming from one would
+    // skip the rest of the snapshot, so no cursor is offered.
+    signal(w.child.id(), "INT");
+    let (status, out, err) = w.finish();
+    assert!(status.success(), "{status}: {err}");
+    assert!(
+        !out.contains("snapshotComplete"),
+        "the snapshot was meant to be interrupted before its end"
+    );
+    assert!(
+        err.contains("start again with: billing-mode watch --snapshot"),
+        "{err}"
+    );
+    assert!(!err.contains("--cursor"), "{err}");
+}
+
 /// A reader that goes away (`billing-mode … | head`, a closed pager) ends a
 /// command quietly: no panic, nothing on standard error, and the status of a
 /// program `SIGPIPE` ended (141), as `cat` has.
