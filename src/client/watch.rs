@@ -1,12 +1,15 @@
 //! `billing-mode watch`: follows the change stream, one line per event (or
 //! JSON lines with `--json`); on Ctrl-C or an error it says where to resume:
 //! the last cursor that is safe to resume from, or, when there is none (a
-//! snapshot not yet complete), to start again with `--snapshot`.
+//! snapshot not yet complete, an expired or refused cursor), to start again
+//! with `--snapshot`, or, when the store holds data the service cannot read,
+//! not to resume until an operator has looked.
 
 use std::process::ExitCode;
 
 use crate::proto::{self, watch_response::Event};
 use clap::Args;
+use tonic::{Code, Status};
 use tonic_types::StatusExt;
 
 use crate::client::{self, ClientArgs};
@@ -61,9 +64,13 @@ fn line(m: &proto::WatchResponse, json_out: bool) -> String {
 enum Resume {
     /// Right after this cursor: `--cursor`.
     From(String),
-    /// No cursor is safe to resume from (none yet, or the snapshot was not
-    /// complete): a new `--snapshot`. Says why.
+    /// No cursor is safe to resume from (none yet, the snapshot was not
+    /// complete, or the cursor expired or was refused): a new `--snapshot`.
+    /// Says why.
     StartOver(&'static str),
+    /// The store holds something the service cannot read: resuming, from a
+    /// cursor or a snapshot, waits for an operator to look.
+    DoNotResume,
 }
 
 impl Resume {
@@ -77,6 +84,9 @@ impl Resume {
             Resume::StartOver(why) => {
                 format!("{why}: start again with: billing-mode watch --snapshot{only}")
             }
+            Resume::DoNotResume => "do not resume: the store holds data the service cannot \
+                 read; an operator must look at it first"
+                .to_owned(),
         }
     }
 }
@@ -119,6 +129,22 @@ impl Position {
             (Some(cursor), _) => Resume::From(cursor.clone()),
             (None, true) => Resume::StartOver("the snapshot was not complete"),
             (None, false) => Resume::StartOver("no cursor yet"),
+        }
+    }
+
+    /// Where to resume after the stream ended with `s`: the refusals of a
+    /// cursor mean starting over, a store the service cannot read means
+    /// stopping; anything else (CONSUMER_TOO_SLOW, SHUTTING_DOWN,
+    /// STORE_UNAVAILABLE, a lost connection) resumes.
+    fn after(&self, s: &Status) -> Resume {
+        let reason = s.get_details_error_info().map(|i| i.reason);
+        match (reason.as_deref().unwrap_or(""), s.code()) {
+            ("CURSOR_EXPIRED", _) | (_, Code::OutOfRange) => {
+                Resume::StartOver("the cursor is older than the retained log")
+            }
+            ("INVALID_CURSOR", _) => Resume::StartOver("the cursor was refused"),
+            ("STORE_CORRUPT", _) | (_, Code::DataLoss) => Resume::DoNotResume,
+            _ => self.resume(),
         }
     }
 }
@@ -193,7 +219,7 @@ pub async fn watch(a: WatchArgs) -> ExitCode {
                 .map(|i| i.reason)
                 .unwrap_or_default();
             eprintln!("error: {:?} {reason}: {}", s.code(), s.message());
-            eprintln!("{}", position.resume().hint(&a.workspaces));
+            eprintln!("{}", position.after(&s).hint(&a.workspaces));
             ExitCode::FAILURE
         }
     }
@@ -246,5 +272,45 @@ mod tests {
             Position::new(None, false).resume(),
             Resume::StartOver(_)
         ));
+    }
+
+    #[test]
+    fn only_errors_a_cursor_survives_keep_it() {
+        let p = Position::new(Some("c1"), false);
+        let refused = |code, reason: &str| {
+            Status::with_error_details(
+                code,
+                "m",
+                tonic_types::ErrorDetails::with_error_info(reason, "billing-mode.molecule", []),
+            )
+        };
+        for (code, reason) in [
+            (Code::OutOfRange, "CURSOR_EXPIRED"),
+            (Code::InvalidArgument, "INVALID_CURSOR"),
+        ] {
+            assert!(
+                matches!(p.after(&refused(code, reason)), Resume::StartOver(_)),
+                "{reason}"
+            );
+        }
+        assert_eq!(
+            p.after(&refused(Code::DataLoss, "STORE_CORRUPT")),
+            Resume::DoNotResume
+        );
+        for (code, reason) in [
+            (Code::ResourceExhausted, "CONSUMER_TOO_SLOW"),
+            (Code::Unavailable, "SHUTTING_DOWN"),
+            (Code::Unavailable, "STORE_UNAVAILABLE"),
+        ] {
+            assert_eq!(
+                p.after(&refused(code, reason)),
+                Resume::From("c1".into()),
+                "{reason}"
+            );
+        }
+        assert_eq!(
+            p.after(&Status::unavailable("connection reset")),
+            Resume::From("c1".into())
+        );
     }
 }

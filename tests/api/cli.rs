@@ -720,6 +720,110 @@ fn watch_offers_no_cursor_to_resume_from_before_its_snapshot_is_complete() {
     assert!(!err.contains("--cursor"), "{err}");
 }
 
+/// The cursor of a stream opened from now (its opening progress message).
+fn cursor_now(s: &Server) -> String {
+    let mut w = Watching::start(s, &["watch", "--json"]);
+    let first: Value = serde_json::from_str(&w.next_line()).expect("a JSON line");
+    assert!(first["progress"].is_object(), "{first}");
+    first["cursor"].as_str().expect("a cursor").to_owned()
+}
+
+#[test]
+fn watch_says_to_start_over_after_an_expired_or_refused_cursor() {
+    let s = Server::start(&["--change-retention-secs", "1"]);
+    // A refused cursor: no cursor to resume from; start over.
+    let o = s.run(&["watch", "--cursor", "nope"]);
+    let err = fails_with(&o, "INVALID_CURSOR");
+    assert!(
+        err.contains("start again with: billing-mode watch --snapshot"),
+        "{}",
+        describe(&o)
+    );
+    assert!(!err.contains("resume with"), "{}", describe(&o));
+    // An expired cursor: older than the retained log (1 s here).
+    let old = cursor_now(&s);
+    s.register_byok();
+    let deadline = Instant::now() + STARTUP_TIMEOUT;
+    let o = loop {
+        let mut w = Watching::start(&s, &["watch", "--cursor", &old]);
+        match wait_exit(&mut w.child, Duration::from_secs(2)) {
+            Some(_) => break w.finish(),
+            // Not pruned yet: the stream is open. Again, later.
+            None => assert!(Instant::now() < deadline, "the change was never pruned"),
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    let (status, out, err) = o;
+    assert!(!status.success(), "{status}\n{out}\n{err}");
+    assert!(err.contains("CURSOR_EXPIRED"), "{err}");
+    assert!(
+        err.contains("start again with: billing-mode watch --snapshot"),
+        "{err}"
+    );
+    assert!(!err.contains("resume with"), "{err}");
+}
+
+#[test]
+fn watch_says_not_to_resume_from_a_store_it_cannot_read() {
+    let s = Server::start(&[]);
+    s.register_byok();
+    let cursor = cursor_now(&s);
+    ok(&s.run(&["set", WS, "--override", "disabled", "--reason", "a"]));
+    ok(&s.run(&["clear", WS, "--reason", "b"]));
+    // A hole in the change log, behind the server's back: the change after
+    // the cursor is gone, the one after it is not.
+    let url = format!("sqlite:{}", s.path("db.sqlite").display());
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            use sqlx::Connection;
+            let mut c = sqlx::SqliteConnection::connect(&url).await.unwrap();
+            let gone = sqlx::query(
+                "DELETE FROM billing_changes WHERE position = \
+                 (SELECT MIN(position) FROM billing_changes WHERE revision = 2)",
+            )
+            .execute(&mut c)
+            .await
+            .unwrap();
+            assert_eq!(gone.rows_affected(), 1);
+            c.close().await.unwrap();
+        });
+    let o = s.run(&["watch", "--cursor", &cursor]);
+    let err = fails_with(&o, "STORE_CORRUPT");
+    assert!(err.contains("do not resume"), "{}", describe(&o));
+    assert!(err.contains("operator"), "{}", describe(&o));
+    assert!(!err.contains("resume with"), "{}", describe(&o));
+    assert!(!err.contains("start again"), "{}", describe(&o));
+}
+
+#[test]
+fn watch_keeps_its_cursor_after_an_error_it_can_resume_from() {
+    let mut s = Server::start(&[]);
+    s.register_byok();
+    let mut w = Watching::start(&s, &["watch", WS]);
+    let first = w.next_line();
+    let cursor = first
+        .split_whitespace()
+        .next()
+        .expect("a cursor")
+        .to_owned();
+    // The server shuts down: SHUTTING_DOWN, resume from the cursor (on any
+    // replica).
+    signal(s.child.id(), "TERM");
+    let (status, out, err) = w.finish();
+    assert!(!status.success(), "{status}\n{out}\n{err}");
+    assert!(err.contains("SHUTTING_DOWN"), "{err}");
+    assert!(
+        err.contains(&format!(
+            "resume with: billing-mode watch --cursor {cursor} {WS}"
+        )),
+        "{err}"
+    );
+    wait_exit(&mut s.child, EXIT_TIMEOUT).expect("serve stops on SIGTERM");
+}
+
 /// A reader that goes away (`billing-mode … | head`, a closed pager) ends a
 /// command quietly: no panic, nothing on standard error, and the status of a
 /// program `SIGPIPE` ended (141), as `cat` has.
