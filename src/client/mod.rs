@@ -10,7 +10,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Context;
 use clap::Args;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 use tonic::{
     metadata::{Ascii, MetadataValue},
     service::{interceptor::InterceptedService, Interceptor},
@@ -327,30 +327,46 @@ where
             ExitCode::SUCCESS
         }
         Err(e) => {
-            match e.downcast_ref::<Status>() {
-                Some(s) => {
-                    let reason = s
-                        .get_details_error_info()
-                        .map(|i| i.reason)
-                        .unwrap_or_default();
-                    if json_out {
-                        outln!(
-                            "{}",
-                            json!({"error": {"code": format!("{:?}", s.code()), "reason": reason, "message": s.message()}})
-                        );
-                    }
-                    eprintln!("error: {:?} {reason}: {}", s.code(), s.message());
-                }
-                None => {
-                    if json_out {
-                        outln!("{}", json!({"error": {"message": format!("{e:#}")}}));
-                    }
-                    eprintln!("error: {e:#}");
-                }
-            }
+            print_error(json_out, &e, Map::new());
             ExitCode::FAILURE
         }
     }
+}
+
+/// Says an error the way every command does: `error: CODE REASON: message`
+/// on standard error and, with `--json`, `{"error": {"code", "reason",
+/// "message"}}` on standard output (an error that is no RPC's refusal has
+/// only a `message`). `extra` adds fields to the `error` object (`watch`
+/// says there where to resume).
+pub fn print_error(json_out: bool, e: &anyhow::Error, extra: Map<String, Value>) {
+    let (mut fields, text) = match e.downcast_ref::<Status>() {
+        Some(s) => {
+            let reason = status_reason(s);
+            let text = format!("error: {:?} {reason}: {}", s.code(), s.message());
+            let mut fields = Map::new();
+            fields.insert("code".into(), format!("{:?}", s.code()).into());
+            fields.insert("reason".into(), reason.into());
+            fields.insert("message".into(), s.message().into());
+            (fields, text)
+        }
+        None => {
+            let mut fields = Map::new();
+            fields.insert("message".into(), format!("{e:#}").into());
+            (fields, format!("error: {e:#}"))
+        }
+    };
+    if json_out {
+        fields.extend(extra);
+        outln!("{}", json!({ "error": fields }));
+    }
+    eprintln!("{text}");
+}
+
+/// The `google.rpc.ErrorInfo` reason of a refusal; "" when it has none.
+pub fn status_reason(s: &Status) -> String {
+    s.get_details_error_info()
+        .map(|i| i.reason)
+        .unwrap_or_default()
 }
 
 /// A mode's name; "" when unspecified.

@@ -10,7 +10,6 @@ use std::process::ExitCode;
 use crate::proto::{self, watch_response::Event};
 use clap::Args;
 use tonic::{Code, Status};
-use tonic_types::StatusExt;
 
 use crate::client::{self, ClientArgs};
 
@@ -89,6 +88,24 @@ impl Resume {
                 .to_owned(),
         }
     }
+
+    /// The same, for a program reading `--json`: added to the `error`
+    /// object, so a supervisor can tell resuming from starting over.
+    fn json_fields(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut fields = serde_json::Map::new();
+        match self {
+            Resume::From(cursor) => {
+                fields.insert("resume_cursor".into(), cursor.clone().into());
+            }
+            Resume::StartOver(_) => {
+                fields.insert("start_over".into(), true.into());
+            }
+            Resume::DoNotResume => {
+                fields.insert("do_not_resume".into(), true.into());
+            }
+        }
+        fields
+    }
 }
 
 /// How far the stream got, as far as it is safe to resume from. A snapshot's
@@ -137,8 +154,7 @@ impl Position {
     /// stopping; anything else (CONSUMER_TOO_SLOW, SHUTTING_DOWN,
     /// STORE_UNAVAILABLE, a lost connection) resumes.
     fn after(&self, s: &Status) -> Resume {
-        let reason = s.get_details_error_info().map(|i| i.reason);
-        match (reason.as_deref().unwrap_or(""), s.code()) {
+        match (client::status_reason(s).as_str(), s.code()) {
             ("CURSOR_EXPIRED", _) | (_, Code::OutOfRange) => {
                 Resume::StartOver("the cursor is older than the retained log")
             }
@@ -162,8 +178,9 @@ pub async fn watch(a: WatchArgs) -> ExitCode {
     let mut c = match client::connect(&a.client).await {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("error: {e:#}");
-            eprintln!("{}", position.resume().hint(&a.workspaces));
+            let resume = position.resume();
+            client::print_error(json_out, &e, resume.json_fields());
+            eprintln!("{}", resume.hint(&a.workspaces));
             return ExitCode::FAILURE;
         }
     };
@@ -214,12 +231,9 @@ pub async fn watch(a: WatchArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(s) => {
-            let reason = s
-                .get_details_error_info()
-                .map(|i| i.reason)
-                .unwrap_or_default();
-            eprintln!("error: {:?} {reason}: {}", s.code(), s.message());
-            eprintln!("{}", position.after(&s).hint(&a.workspaces));
+            let resume = position.after(&s);
+            client::print_error(json_out, &anyhow::Error::from(s), resume.json_fields());
+            eprintln!("{}", resume.hint(&a.workspaces));
             ExitCode::FAILURE
         }
     }
@@ -228,6 +242,7 @@ pub async fn watch(a: WatchArgs) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tonic_types::StatusExt;
 
     fn message(cursor: &str, event: Event) -> proto::WatchResponse {
         proto::WatchResponse {

@@ -720,6 +720,13 @@ fn watch_offers_no_cursor_to_resume_from_before_its_snapshot_is_complete() {
     assert!(!err.contains("--cursor"), "{err}");
 }
 
+/// The last line of `text`, as JSON.
+#[track_caller]
+fn last_json_line(text: &str) -> Value {
+    let last = text.lines().last().unwrap_or_default();
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("not a JSON line ({e}): {text}"))
+}
+
 /// The cursor of a stream opened from now (its opening progress message).
 fn cursor_now(s: &Server) -> String {
     let mut w = Watching::start(s, &["watch", "--json"]);
@@ -732,20 +739,34 @@ fn cursor_now(s: &Server) -> String {
 fn watch_says_to_start_over_after_an_expired_or_refused_cursor() {
     let s = Server::start(&["--change-retention-secs", "1"]);
     // A refused cursor: no cursor to resume from; start over.
-    let o = s.run(&["watch", "--cursor", "nope"]);
-    let err = fails_with(&o, "INVALID_CURSOR");
-    assert!(
-        err.contains("start again with: billing-mode watch --snapshot"),
-        "{}",
-        describe(&o)
-    );
-    assert!(!err.contains("resume with"), "{}", describe(&o));
+    for json_out in [false, true] {
+        let mut args = vec!["watch", "--cursor", "nope"];
+        if json_out {
+            args.push("--json");
+        }
+        let o = s.run(&args);
+        let err = fails_with(&o, "INVALID_CURSOR");
+        assert!(
+            err.contains("start again with: billing-mode watch --snapshot"),
+            "{}",
+            describe(&o)
+        );
+        assert!(!err.contains("resume with"), "{}", describe(&o));
+        if json_out {
+            let e = last_json_line(&stdout(&o));
+            assert_eq!(e["error"]["code"], "InvalidArgument", "{e}");
+            assert_eq!(e["error"]["reason"], "INVALID_CURSOR", "{e}");
+            assert!(e["error"]["message"].is_string(), "{e}");
+            assert_eq!(e["error"]["start_over"], true, "{e}");
+            assert!(e["error"].get("resume_cursor").is_none(), "{e}");
+        }
+    }
     // An expired cursor: older than the retained log (1 s here).
     let old = cursor_now(&s);
     s.register_byok();
     let deadline = Instant::now() + STARTUP_TIMEOUT;
     let o = loop {
-        let mut w = Watching::start(&s, &["watch", "--cursor", &old]);
+        let mut w = Watching::start(&s, &["watch", "--cursor", &old, "--json"]);
         match wait_exit(&mut w.child, Duration::from_secs(2)) {
             Some(_) => break w.finish(),
             // Not pruned yet: the stream is open. Again, later.
@@ -761,6 +782,10 @@ fn watch_says_to_start_over_after_an_expired_or_refused_cursor() {
         "{err}"
     );
     assert!(!err.contains("resume with"), "{err}");
+    let e = last_json_line(&out);
+    assert_eq!(e["error"]["code"], "OutOfRange", "{e}");
+    assert_eq!(e["error"]["reason"], "CURSOR_EXPIRED", "{e}");
+    assert_eq!(e["error"]["start_over"], true, "{e}");
 }
 
 #[test]
@@ -790,25 +815,35 @@ fn watch_says_not_to_resume_from_a_store_it_cannot_read() {
             assert_eq!(gone.rows_affected(), 1);
             c.close().await.unwrap();
         });
-    let o = s.run(&["watch", "--cursor", &cursor]);
-    let err = fails_with(&o, "STORE_CORRUPT");
-    assert!(err.contains("do not resume"), "{}", describe(&o));
-    assert!(err.contains("operator"), "{}", describe(&o));
-    assert!(!err.contains("resume with"), "{}", describe(&o));
-    assert!(!err.contains("start again"), "{}", describe(&o));
+    for json_out in [false, true] {
+        let mut args = vec!["watch", "--cursor", cursor.as_str()];
+        if json_out {
+            args.push("--json");
+        }
+        let o = s.run(&args);
+        let err = fails_with(&o, "STORE_CORRUPT");
+        assert!(err.contains("do not resume"), "{}", describe(&o));
+        assert!(err.contains("operator"), "{}", describe(&o));
+        assert!(!err.contains("resume with"), "{}", describe(&o));
+        assert!(!err.contains("start again"), "{}", describe(&o));
+        if json_out {
+            let e = last_json_line(&stdout(&o));
+            assert_eq!(e["error"]["code"], "DataLoss", "{e}");
+            assert_eq!(e["error"]["reason"], "STORE_CORRUPT", "{e}");
+            assert_eq!(e["error"]["do_not_resume"], true, "{e}");
+            assert!(e["error"].get("resume_cursor").is_none(), "{e}");
+            assert!(e["error"].get("start_over").is_none(), "{e}");
+        }
+    }
 }
 
 #[test]
 fn watch_keeps_its_cursor_after_an_error_it_can_resume_from() {
     let mut s = Server::start(&[]);
     s.register_byok();
-    let mut w = Watching::start(&s, &["watch", WS]);
-    let first = w.next_line();
-    let cursor = first
-        .split_whitespace()
-        .next()
-        .expect("a cursor")
-        .to_owned();
+    let mut w = Watching::start(&s, &["watch", "--json", WS]);
+    let first: Value = serde_json::from_str(&w.next_line()).expect("a JSON line");
+    let cursor = first["cursor"].as_str().expect("a cursor").to_owned();
     // The server shuts down: SHUTTING_DOWN, resume from the cursor (on any
     // replica).
     signal(s.child.id(), "TERM");
@@ -821,6 +856,11 @@ fn watch_keeps_its_cursor_after_an_error_it_can_resume_from() {
         )),
         "{err}"
     );
+    let e = last_json_line(&out);
+    assert_eq!(e["error"]["code"], "Unavailable", "{e}");
+    assert_eq!(e["error"]["reason"], "SHUTTING_DOWN", "{e}");
+    assert_eq!(e["error"]["resume_cursor"], cursor.as_str(), "{e}");
+    assert!(e["error"].get("start_over").is_none(), "{e}");
     wait_exit(&mut s.child, EXIT_TIMEOUT).expect("serve stops on SIGTERM");
 }
 
