@@ -12,7 +12,10 @@
 //!   [`Options::batch_size`] workspaces (and at most [`MAX_BATCH_BYTES`]),
 //!   each one transaction and one commit on the server. A workspace that
 //!   already exists is counted and left alone, so a second run changes
-//!   nothing;
+//!   nothing. The lines with an override go in batches of their own, after
+//!   the others: an override needs the admin role, and a batch is refused
+//!   as a whole, so a writer's token fails those lines (each reported) and
+//!   writes the rest;
 //! - with `update`, an existing workspace is then read (`Resolve`) and
 //!   compare-and-set on the revision read (`Set`), one at a time, so a
 //!   concurrent change is reported, never lost;
@@ -604,6 +607,23 @@ fn failed(e: &Entry, s: &Status) -> (Done, bool) {
     )
 }
 
+/// A refused write of `e` (a `Set`, or the `BatchCreateWorkspaces` holding
+/// it): as [`failed`], except that `PERMISSION_DENIED` for a line with an
+/// override is that line's alone. An override needs the admin role; a
+/// writer's token may still write the lines without one, so the run goes
+/// on and the line is reported as needing an admin.
+fn refused_write(e: &Entry, s: &Status) -> (Done, bool) {
+    if s.code() != Code::PermissionDenied || e.override_mode.is_none() {
+        return failed(e, s);
+    }
+    let mut error = CallError::from_status(s);
+    error.message = format!(
+        "override_mode needs the admin role: import this line with an admin token ({})",
+        s.message()
+    );
+    (done(e, Outcome::Failed, None, Some(error)), false)
+}
+
 /// One line, one create-only `Set` (dry run: what it would do): returns its
 /// result and whether the run should stop.
 async fn import_one(conn: &Connection, e: &Entry, opts: &Options) -> (Done, bool) {
@@ -615,7 +635,7 @@ async fn import_one(conn: &Connection, e: &Entry, opts: &Options) -> (Done, bool
             false,
         ),
         Err(s) if is_revision_mismatch(&s) => existing_one(conn, e, opts).await,
-        Err(s) => failed(e, &s),
+        Err(s) => refused_write(e, &s),
     }
 }
 
@@ -655,7 +675,7 @@ async fn existing_one(conn: &Connection, e: &Entry, opts: &Options) -> (Done, bo
             done(e, Outcome::Conflict, None, Some(CallError::from_status(&s))),
             false,
         ),
-        Err(s) => failed(e, &s),
+        Err(s) => refused_write(e, &s),
     }
 }
 
@@ -683,14 +703,19 @@ fn new_workspace(e: &Entry) -> proto::NewWorkspace {
 }
 
 /// `entries` cut into batches of at most `batch_size` workspaces and
-/// [`MAX_BATCH_BYTES`] (a batch holds at least one).
+/// [`MAX_BATCH_BYTES`] (a batch holds at least one). Lines with an override
+/// and lines without one are never in the same batch: an override needs the
+/// admin role, and a batch is refused as a whole, so a writer's batch of
+/// lines without one must not hold an override ([`run`] sends those lines
+/// after the others, so there is one such cut).
 fn batches(entries: &[Entry], batch_size: usize) -> Vec<Range<usize>> {
     let batch_size = batch_size.clamp(1, crate::store::MAX_BATCH_CREATE);
     let mut out = Vec::new();
     let (mut start, mut bytes) = (0, 0);
     for (i, e) in entries.iter().enumerate() {
         let size = new_workspace(e).encoded_len() + 8;
-        if i > start && (i - start == batch_size || bytes + size > MAX_BATCH_BYTES) {
+        let other_kind = e.override_mode.is_some() != entries[start].override_mode.is_some();
+        if i > start && (i - start == batch_size || bytes + size > MAX_BATCH_BYTES || other_kind) {
             out.push(start..i);
             (start, bytes) = (i, 0);
         }
@@ -738,22 +763,34 @@ async fn import_batch(conn: &Connection, entries: &[Entry], opts: &Options) -> (
         )),
         Err(s) => s,
     };
-    // The call failed as a whole: every line of the batch with its status.
-    let out: Vec<Done> = entries.iter().map(|e| failed(e, &status).0).collect();
-    (out, is_fatal(&status))
+    // The call failed as a whole: every line of the batch with its status
+    // (a batch of overrides refused to a writer stops only those lines).
+    let mut fatal = false;
+    let out: Vec<Done> = entries
+        .iter()
+        .map(|e| {
+            let (d, stop) = refused_write(e, &status);
+            fatal |= stop;
+            d
+        })
+        .collect();
+    (out, fatal)
 }
 
 /// Imports `entries`, `opts.concurrency` calls at a time, in batches
-/// (dry run: one line a call). `cancel` stops the run after the calls in
-/// flight; `progress` is called with the number of lines done after each
-/// call.
+/// (dry run: one line a call). The lines with an override go after the
+/// others, in batches of their own: refused to a token without the admin
+/// role, they fail alone, and the run goes on. `cancel` stops the run after
+/// the calls in flight; `progress` is called with the number of lines done
+/// after each call.
 pub async fn run(
     conn: &Connection,
-    entries: Vec<Entry>,
+    mut entries: Vec<Entry>,
     opts: &Options,
     cancel: Arc<AtomicBool>,
     mut progress: impl FnMut(usize),
 ) -> Report {
+    entries.sort_by_key(|e| e.override_mode.is_some());
     let total = entries.len();
     let units = Arc::new(if opts.dry_run {
         (0..total).map(|i| i..i + 1).collect()
@@ -961,6 +998,31 @@ mod tests {
                 .map(|e| new_workspace(e).encoded_len())
                 .sum();
             assert!(bytes <= MAX_BATCH_BYTES, "{bytes}");
+        }
+    }
+
+    #[test]
+    fn lines_with_an_override_are_never_batched_with_the_others() {
+        let text: String = (0..25)
+            .map(|i| {
+                let mut o =
+                    serde_json::json!({"workspace_id": WorkspaceId::new_random().to_string()});
+                if i % 3 == 0 {
+                    o["override_mode"] = "byok".into();
+                }
+                format!("{o}\n")
+            })
+            .collect();
+        let p = parse_str(&text);
+        let b = batches(&p.entries, 4);
+        assert_eq!(b.iter().map(|r| r.len()).sum::<usize>(), 25);
+        for r in &b {
+            let kinds: std::collections::BTreeSet<bool> = p.entries[r.clone()]
+                .iter()
+                .map(|e| e.override_mode.is_some())
+                .collect();
+            assert_eq!(kinds.len(), 1, "{r:?}");
+            assert!(r.len() <= 4, "{r:?}");
         }
     }
 

@@ -519,10 +519,14 @@ async fn importing_5000_workspaces_dry_run_then_apply_then_again_changes_nothing
     assert!(audit
         .iter()
         .all(|a| a.reason == "adopt: day one" && a.revision == "1"));
-    // Created in batches: 20 calls of 250, one transaction each.
+    // Created in batches of 250, one transaction each; the lines with an
+    // override in batches of their own.
+    let overrides = expected.iter().filter(|e| e.source == "OVERRIDE").count();
+    assert!(overrides > 0 && overrides % 250 != 0);
+    let batch_calls = (5000 - overrides).div_ceil(250) + overrides.div_ceil(250);
     assert_eq!(
         take_calls(&calls),
-        [("BatchCreateWorkspaces".to_owned(), 20)].into()
+        [("BatchCreateWorkspaces".to_owned(), batch_calls)].into()
     );
 
     // Every workspace listed once, in id order, decided as expected.
@@ -593,7 +597,7 @@ async fn importing_5000_workspaces_dry_run_then_apply_then_again_changes_nothing
     assert_eq!(got_disagreements(&again), want_disagreements);
     assert_eq!(
         take_calls(&calls),
-        [("BatchCreateWorkspaces".to_owned(), 20)].into()
+        [("BatchCreateWorkspaces".to_owned(), batch_calls)].into()
     );
     assert_eq!(raw_record_rows(&db).await, records, "no record touched");
     assert_eq!(raw_audit_rows(&db).await.len(), 5000, "no audit row added");
@@ -778,8 +782,12 @@ async fn a_cancelled_import_stops_after_the_calls_in_flight_and_reports_what_it_
         }
     })
     .await;
+    // (The lines with an override are batched on their own, so one batch
+    // may be shorter than 10.)
     assert!(
-        seen.iter().all(|n| n % 10 == 0),
+        seen.iter()
+            .zip(std::iter::once(&0).chain(&seen))
+            .all(|(n, before)| (1..=10).contains(&(n - before))),
         "progress moves a batch at a time: {seen:?}"
     );
     assert!(report.interrupted);
@@ -1573,6 +1581,105 @@ async fn the_binary_imports_and_lists(db: TestDb) {
     assert!(out.ends_with(&format!("{n} workspaces\n")), "{out}");
     let o = run_bin(bin(&["list", "--server", &server, "--mode", "free"])).await;
     assert!(!o.status.success());
+}
+
+backends!(
+    a_writers_import_fails_only_the_lines_with_an_override,
+    flavor = "multi_thread",
+    worker_threads = 4
+);
+async fn a_writers_import_fails_only_the_lines_with_an_override(db: TestDb) {
+    let (writer, writer_entry) = make_token("importer", &[Role::Writer]);
+    let (reader, reader_entry) = make_token("auditor", &[Role::Reader]);
+    let app = TestApp::spawn_with(config_with_tokens(&db, vec![writer_entry, reader_entry])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (text, expected) = generate(300);
+    let path = dir.path().join("workspaces.jsonl");
+    std::fs::write(&path, &text).unwrap();
+    let path = path.display().to_string();
+    let server = app.endpoint();
+    let overrides: BTreeSet<usize> = expected
+        .iter()
+        .filter(|e| e.source == "OVERRIDE")
+        .map(|e| e.line)
+        .collect();
+    assert!(!overrides.is_empty() && overrides.len() < 300);
+    let import = |extra: &[&str], token: &str| {
+        let mut args = vec![
+            "import",
+            path.as_str(),
+            "--server",
+            server.as_str(),
+            "--json",
+        ];
+        args.extend_from_slice(&["--token", token]);
+        args.extend_from_slice(extra);
+        // Small batches, so the lines with an override would share batches
+        // with the others.
+        args.extend_from_slice(&["--batch-size", "10"]);
+        bin(&args)
+    };
+    let report_of = |o: &Output| -> Value {
+        serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", describe(o)))
+    };
+    // Only the lines with an override fail, each saying it needs an admin;
+    // the run goes on to the end.
+    let check = |o: &Output, dry_run: bool| {
+        assert!(
+            !o.status.success(),
+            "the failures fail the run\n{}",
+            describe(o)
+        );
+        let r = report_of(o);
+        assert_eq!(r["dry_run"], dry_run);
+        assert_eq!(r["interrupted"], false, "{}", describe(o));
+        assert_eq!(r["done"], 300, "{}", describe(o));
+        assert_eq!(r["created"], 300 - overrides.len(), "{}", describe(o));
+        let failures = r["failures"].as_array().unwrap();
+        let failed: BTreeSet<usize> = failures
+            .iter()
+            .map(|f| f["line"].as_u64().unwrap() as usize)
+            .collect();
+        assert_eq!(failed, overrides, "{}", describe(o));
+        for f in failures {
+            assert_eq!(f["reason"], "PERMISSION_DENIED", "{f}");
+            assert!(f["message"].as_str().unwrap().contains("admin role"), "{f}");
+        }
+    };
+    let o = run_bin(import(&["--dry-run"], &writer)).await;
+    check(&o, true);
+    assert!(
+        raw_record_rows(&db).await.is_empty(),
+        "a dry run writes nothing"
+    );
+    let o = run_bin(import(&["--reason", "adopt"], &writer)).await;
+    check(&o, false);
+    assert_eq!(raw_record_rows(&db).await.len(), 300 - overrides.len());
+    // The text report names the lines and what they need.
+    let o = run_bin(bin(&[
+        "import", &path, "--server", &server, "--token", &writer, "--reason", "adopt",
+    ]))
+    .await;
+    assert!(!o.status.success(), "{}", describe(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let first = overrides.first().unwrap();
+    assert!(
+        out.contains(&format!("failed line {first} "))
+            && out.contains("override_mode needs the admin role"),
+        "{out}"
+    );
+    // A token refused the lines without an override too is refused every
+    // call: the run stops after the calls in flight.
+    for extra in [&["--dry-run"][..], &["--reason", "adopt"][..]] {
+        let mut args = vec!["--concurrency", "1"];
+        args.extend_from_slice(extra);
+        let o = run_bin(import(&args, &reader)).await;
+        assert!(!o.status.success(), "{}", describe(&o));
+        let r = report_of(&o);
+        assert_eq!(r["interrupted"], true, "{}", describe(&o));
+        assert!(r["done"].as_u64().unwrap() < 300, "{}", describe(&o));
+    }
+    assert_eq!(raw_record_rows(&db).await.len(), 300 - overrides.len());
 }
 
 fn mode_static(s: &str) -> &'static str {
