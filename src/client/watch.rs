@@ -69,7 +69,7 @@ enum Resume {
     StartOver(&'static str),
     /// The store holds something the service cannot read: resuming, from a
     /// cursor or a snapshot, waits for an operator to look.
-    DoNotResume,
+    Stop,
 }
 
 impl Resume {
@@ -83,7 +83,7 @@ impl Resume {
             Resume::StartOver(why) => {
                 format!("{why}: start again with: billing-mode watch --snapshot{only}")
             }
-            Resume::DoNotResume => "do not resume: the store holds data the service cannot \
+            Resume::Stop => "do not resume: the store holds data the service cannot \
                  read; an operator must look at it first"
                 .to_owned(),
         }
@@ -100,7 +100,7 @@ impl Resume {
             Resume::StartOver(_) => {
                 fields.insert("start_over".into(), true.into());
             }
-            Resume::DoNotResume => {
+            Resume::Stop => {
                 fields.insert("do_not_resume".into(), true.into());
             }
         }
@@ -159,7 +159,7 @@ impl Position {
                 Resume::StartOver("the cursor is older than the retained log")
             }
             ("INVALID_CURSOR", _) => Resume::StartOver("the cursor was refused"),
-            ("STORE_CORRUPT", _) | (_, Code::DataLoss) => Resume::DoNotResume,
+            ("STORE_CORRUPT", _) | (_, Code::DataLoss) => Resume::Stop,
             _ => self.resume(),
         }
     }
@@ -310,7 +310,7 @@ mod tests {
         }
         assert_eq!(
             p.after(&refused(Code::DataLoss, "STORE_CORRUPT")),
-            Resume::DoNotResume
+            Resume::Stop
         );
         for (code, reason) in [
             (Code::ResourceExhausted, "CONSUMER_TOO_SLOW"),
