@@ -13,6 +13,7 @@ use std::{
 };
 
 use crate::{
+    domain::{Reason, ValidationError},
     import::{self, Connection, Options},
     proto,
 };
@@ -119,7 +120,8 @@ pub struct ImportArgs {
     /// Without it, one invalid line means nothing is written.
     #[arg(long)]
     skip_invalid: bool,
-    /// Why (recorded in every audit row written); required unless --dry-run.
+    /// Why (recorded in every audit row written; at most 1024 bytes, no
+    /// control characters but newlines and tabs); required unless --dry-run.
     #[arg(long, required_unless_present = "dry_run", default_value = "")]
     reason: String,
     /// Calls in flight at once.
@@ -143,9 +145,31 @@ fn read_file(path: &PathBuf) -> anyhow::Result<import::Parsed> {
     }
 }
 
+/// Checks `--reason` with the domain's own parser, the one the server
+/// applies to every call: a reason it would refuse is said once, before
+/// anything is read or sent, not as every batch's failure. A dry run needs
+/// none.
+fn check_reason(reason: &str, dry_run: bool) -> anyhow::Result<()> {
+    match Reason::parse(reason) {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) if dry_run => Ok(()),
+        Ok(None) => {
+            anyhow::bail!("--reason must say why (it is recorded in every audit row written)")
+        }
+        Err(ValidationError::TooLong { max, .. }) => anyhow::bail!(
+            "--reason must be at most {max} bytes; this one has {}",
+            reason.trim().len()
+        ),
+        Err(ValidationError::BadCharacters { .. }) => anyhow::bail!(
+            "--reason must not contain control characters (newlines and tabs are allowed)"
+        ),
+        Err(e) => anyhow::bail!("--reason: {e}"),
+    }
+}
+
 pub async fn import(a: ImportArgs) -> ExitCode {
-    if !a.dry_run && a.reason.trim().is_empty() {
-        eprintln!("error: --reason must say why (it is recorded in every audit row written)");
+    if let Err(e) = check_reason(&a.reason, a.dry_run) {
+        eprintln!("error: {e:#}");
         return ExitCode::FAILURE;
     }
     let parsed = match read_file(&a.file) {

@@ -1682,6 +1682,66 @@ async fn a_writers_import_fails_only_the_lines_with_an_override(db: TestDb) {
     assert_eq!(raw_record_rows(&db).await.len(), 300 - overrides.len());
 }
 
+backends!(
+    a_reason_the_server_would_refuse_is_refused_before_anything_is_sent,
+    flavor = "multi_thread",
+    worker_threads = 4
+);
+async fn a_reason_the_server_would_refuse_is_refused_before_anything_is_sent(db: TestDb) {
+    let app = TestApp::spawn(&db).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (text, _) = generate(20);
+    let path = dir.path().join("workspaces.jsonl");
+    std::fs::write(&path, &text).unwrap();
+    let path = path.display().to_string();
+    let server = app.endpoint();
+    let (_reserved, nobody) = refusing_addr();
+    let nobody = format!("http://{nobody}");
+    let too_long = "x".repeat(1025);
+    for (reason, says) in [
+        (too_long.as_str(), "--reason must be at most 1024 bytes"),
+        (
+            "adopt\u{1b}[2J",
+            "--reason must not contain control characters",
+        ),
+        (
+            "adopt\rday one",
+            "--reason must not contain control characters",
+        ),
+    ] {
+        for extra in [&[][..], &["--dry-run"][..]] {
+            // Against the server: refused before any call, nothing written.
+            let mut args = vec!["import", path.as_str(), "--server", server.as_str()];
+            args.extend_from_slice(&["--reason", reason]);
+            args.extend_from_slice(extra);
+            let o = run_bin(bin(&args)).await;
+            assert!(!o.status.success(), "{}", describe(&o));
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(err.contains(says), "{says}\n{}", describe(&o));
+            assert!(o.stdout.is_empty(), "no report: {}", describe(&o));
+            // Said before connecting: a server nobody runs is not reached.
+            args[3] = nobody.as_str();
+            let o = run_bin(bin(&args)).await;
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(
+                !o.status.success() && err.contains(says) && !err.contains("connecting"),
+                "{}",
+                describe(&o)
+            );
+        }
+    }
+    assert!(raw_record_rows(&db).await.is_empty());
+    // Line breaks and tabs are allowed, and the longest reason.
+    for reason in ["adopt:\n\tday one", &"x".repeat(1024)] {
+        let o = run_bin(bin(&[
+            "import", &path, "--server", &server, "--reason", reason,
+        ]))
+        .await;
+        assert!(o.status.success(), "{}", describe(&o));
+    }
+    assert_eq!(raw_record_rows(&db).await.len(), 20);
+}
+
 fn mode_static(s: &str) -> &'static str {
     match s {
         "platform_managed" => PM,
