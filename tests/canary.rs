@@ -417,10 +417,26 @@ async fn drive(db: &TestDb, logs: &Logs) -> Secrets {
         e(Origin::Workspace, "OPENROUTER_API_KEY", &s.canary()),
         e(Origin::Workspace, "HERMES_DEFAULT_MODEL", "openai/gpt-4o"),
     ];
-    if let Err(st) = build(&mut admin, &ws_ovr, env).await {
-        // Whatever the outcome, it must not carry a value.
-        refused_any(&mut s, "BuildEnv hermes", st);
-    }
+    // The workspace is byok and the env carries its key: the env is built,
+    // and nothing but the env may carry a value.
+    let built = admin
+        .build_env(BuildEnvRequest {
+            workspace_id: ws_ovr.clone(),
+            env,
+        })
+        .await
+        .expect("an admin's BuildEnv of a byok workspace with its key")
+        .into_inner();
+    assert_eq!(built.resolution.as_ref().unwrap().mode, Mode::Byok as i32);
+    s.check(
+        "BuildEnv hermes resolution",
+        &format!("{:?}", built.resolution),
+    );
+    s.check(
+        "BuildEnv hermes removed_keys",
+        &built.removed_keys.join(","),
+    );
+    s.check("BuildEnv hermes added_keys", &built.added_keys.join(","));
 
     // --- Each failure, with canaries in every value ---------------------------
     let extra = vec![e(Origin::Workspace, "1BAD-KEY", &s.canary())];
@@ -669,8 +685,58 @@ async fn drive(db: &TestDb, logs: &Logs) -> Secrets {
             "INVALID_MODE",
         ),
     ] {
-        let r = admin.set(req).await.map(drop);
-        refused(&mut s, what, r, Code::InvalidArgument, reason);
+        // A dry run is checked exactly as the write: the same refusals.
+        for dry_run in [false, true] {
+            let r = admin
+                .set(SetRequest {
+                    dry_run,
+                    ..req.clone()
+                })
+                .await
+                .map(drop);
+            let what = if dry_run {
+                format!("{what} (dry run)")
+            } else {
+                what.to_owned()
+            };
+            refused(&mut s, &what, r, Code::InvalidArgument, reason);
+        }
+    }
+    // Dry runs that succeed: the Resolution the write would give.
+    let dry = admin
+        .set(SetRequest {
+            workspace_id: ws_byok.clone(),
+            model: Some("sonnet".into()),
+            dry_run: true,
+            ..Default::default()
+        })
+        .await
+        .expect("a dry-run Set")
+        .into_inner();
+    s.check("Set (dry run) response", &format!("{dry:?}"));
+    let dry = admin
+        .set(SetRequest {
+            workspace_id: ws_ovr.clone(),
+            override_mode: Some(Mode::Disabled.into()),
+            reason: "dry".into(),
+            dry_run: true,
+            ..Default::default()
+        })
+        .await
+        .expect("a dry-run override")
+        .into_inner();
+    s.check("Set override (dry run) response", &format!("{dry:?}"));
+    match admin
+        .clear(ClearRequest {
+            workspace_id: ws_ovr.clone(),
+            expected_revision: None,
+            reason: "dry".into(),
+            dry_run: true,
+        })
+        .await
+    {
+        Ok(dry) => s.check("Clear (dry run) response", &format!("{:?}", dry.get_ref())),
+        Err(st) => refused_any(&mut s, "Clear (dry run)", st),
     }
 
     // Unauthenticated: a canary token that is not configured, on every RPC.
@@ -1231,6 +1297,14 @@ async fn drive(db: &TestDb, logs: &Logs) -> Secrets {
         "STORE_UNAVAILABLE",
     );
 
+    // --- Metric labels ----------------------------------------------------------
+    let metrics = billing_mode::metrics::global().encode();
+    assert!(
+        metrics.contains("billing_mode_refusals_total{"),
+        "the refusals were counted: {metrics}"
+    );
+    s.check("metrics", &metrics);
+
     app.stop().await.unwrap();
 
     // Self-test of the search: three planted leaks, at TRACE, that the
@@ -1351,7 +1425,6 @@ async fn no_secret_appears_in_logs_errors_history_or_audit() {
         let (logs, report) = (&logs, &mut report);
         run_on(backend, |db| async move {
             let s = drive(&db, logs).await;
-            assert!(s.all.len() > 1000, "canaries were sent");
             let searching = Instant::now();
             let (planted, leaks): (Vec<String>, Vec<String>) = s
                 .leaks()
