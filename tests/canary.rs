@@ -3,11 +3,14 @@
 //! Every RPC is driven (successes and each failure) with unique canary secret
 //! values in every env value and with bearer tokens (themselves secrets);
 //! then the captured logs, every error (message, details, metadata), every
-//! History page and every raw audit and record row are searched for them.
+//! History page, every raw audit and record row, the metrics and every span
+//! exported over OTLP (to a real receiver in this test) are searched for them.
 //! Values returned in a successful BuildEnv env are the only allowed place.
 #[path = "api/helpers.rs"]
 #[allow(dead_code, unused_imports, unused_macros)] // the black-box binary uses the rest
 mod helpers;
+#[path = "support/otlp.rs"]
+mod otlp;
 
 use std::{
     collections::HashSet,
@@ -1417,14 +1420,24 @@ async fn raw_applied_rows(db: &TestDb) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn no_secret_appears_in_logs_errors_history_or_audit() {
+    // Traces are exported to a real OTLP receiver, configured as an operator
+    // would (the variable is read when the subscriber is installed; this
+    // test is its binary's only one).
+    let receiver = otlp::Receiver::default();
+    std::env::set_var(
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        otlp::start_receiver(receiver.clone()).await,
+    );
     let logs = Logs::install();
     let mut report = Vec::new();
+    let mut every_secret = Vec::new();
     for backend in [Backend::Sqlite, Backend::Postgres] {
         // One test for both backends: the subscriber is installed once per
         // process, and the leaks of both are reported together.
-        let (logs, report) = (&logs, &mut report);
+        let (logs, report, every_secret) = (&logs, &mut report, &mut every_secret);
         run_on(backend, |db| async move {
             let s = drive(&db, logs).await;
+            every_secret.extend(s.all.iter().cloned());
             let searching = Instant::now();
             let (planted, leaks): (Vec<String>, Vec<String>) = s
                 .leaks()
@@ -1446,6 +1459,45 @@ async fn no_secret_appears_in_logs_errors_history_or_audit() {
         })
         .await;
     }
+
+    // --- Exported spans ---------------------------------------------------------
+    // A planted leak the search must find: an exported span's attribute.
+    let mut traces = Secrets {
+        all: every_secret,
+        places: Vec::new(),
+    };
+    let planted = traces.canary();
+    tracing::info_span!(target: "billing_mode::canary_selftest", "planted_span", secret = %planted)
+        .in_scope(|| {});
+    // Dropping the subscriber's guard flushes the exporter.
+    drop(logs);
+    let received = receiver.received.lock().unwrap().clone();
+    let strings: Vec<String> = received.iter().flat_map(otlp::every_string).collect();
+    for rpc in [
+        "BuildEnv",
+        "BatchCreateWorkspaces",
+        "CheckSpend",
+        "Watch",
+        "ListDrift",
+    ] {
+        let name = format!("molecule.billing.v1.BillingMode/{rpc}");
+        assert!(
+            strings.contains(&name),
+            "the {rpc} calls' spans were exported ({} export requests)",
+            received.len()
+        );
+    }
+    traces.check("exported spans", &strings.join("\n"));
+    let (planted_found, leaks): (Vec<String>, Vec<String>) = traces
+        .leaks()
+        .into_iter()
+        .partition(|l| l.contains(planted.trim_start_matches("CANARY-")));
+    assert!(
+        !planted_found.is_empty(),
+        "the search missed the planted span attribute"
+    );
+    report.extend(leaks.into_iter().map(|l| format!("[traces] {l}")));
+
     assert!(
         report.is_empty(),
         "{} leak(s) of secret values:\n{}",

@@ -9,6 +9,8 @@
 //! global tracing subscriber, which would capture every other test's logs.
 
 mod helpers;
+#[path = "../support/otlp.rs"]
+mod otlp;
 mod private_postgres;
 mod server_process;
 

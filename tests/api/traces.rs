@@ -13,57 +13,20 @@
 //! subscriber are not this test binary's: unlike the canary test, this one
 //! can share the binary with the others.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-};
+use std::collections::HashMap;
 
 use crate::helpers::{backends, env, new_workspace, Backend, TestDb};
+use crate::otlp::{every_string, start_receiver, Receiver};
 use crate::server_process::ServerProcess;
 use billing_mode::proto::{
     billing_mode_client::BillingModeClient, BuildEnvRequest, CredentialKeys, Origin,
     ResolveRequest, SetRequest,
 };
 use opentelemetry_proto::tonic::{
-    collector::trace::v1::{
-        trace_service_server::{TraceService, TraceServiceServer},
-        ExportTraceServiceRequest, ExportTraceServiceResponse,
-    },
-    common::v1::{any_value::Value, AnyValue, KeyValue},
+    common::v1::{any_value::Value, KeyValue},
     trace::v1::{span::SpanKind, Span},
 };
-use tonic::{transport::server::TcpIncoming, Code, Request, Response, Status};
-
-/// The receiver: keeps every export request it is sent.
-#[derive(Clone, Default)]
-struct Receiver {
-    received: Arc<Mutex<Vec<ExportTraceServiceRequest>>>,
-}
-
-#[tonic::async_trait]
-impl TraceService for Receiver {
-    async fn export(
-        &self,
-        request: Request<ExportTraceServiceRequest>,
-    ) -> Result<Response<ExportTraceServiceResponse>, Status> {
-        self.received.lock().unwrap().push(request.into_inner());
-        Ok(Response::new(ExportTraceServiceResponse {
-            partial_success: None,
-        }))
-    }
-}
-
-/// Starts the receiver on a free port; returns its endpoint URL.
-async fn start_receiver(receiver: Receiver) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(receiver))
-            .serve_with_incoming(TcpIncoming::from(listener)),
-    );
-    format!("http://{addr}")
-}
+use tonic::{Code, Request};
 
 fn attrs(list: &[KeyValue]) -> HashMap<&str, &Value> {
     list.iter()
@@ -83,50 +46,6 @@ fn int(v: Option<&&Value>) -> Option<i64> {
         Some(Value::IntValue(i)) => Some(*i),
         _ => None,
     }
-}
-
-/// Every string an exported span could carry a value in: names, attribute
-/// values (span, event, link, resource), status message, trace state.
-fn every_string(request: &ExportTraceServiceRequest) -> Vec<String> {
-    fn any(v: &AnyValue, out: &mut Vec<String>) {
-        match &v.value {
-            Some(Value::StringValue(s)) => out.push(s.clone()),
-            Some(Value::ArrayValue(a)) => a.values.iter().for_each(|v| any(v, out)),
-            Some(Value::KvlistValue(l)) => l.values.iter().for_each(|kv| kvs(kv, out)),
-            Some(Value::BytesValue(b)) => out.push(String::from_utf8_lossy(b).into_owned()),
-            other => out.push(format!("{other:?}")),
-        }
-    }
-    fn kvs(kv: &KeyValue, out: &mut Vec<String>) {
-        out.push(kv.key.clone());
-        if let Some(v) = &kv.value {
-            any(v, out);
-        }
-    }
-    let mut out = Vec::new();
-    for rs in &request.resource_spans {
-        if let Some(r) = &rs.resource {
-            r.attributes.iter().for_each(|kv| kvs(kv, &mut out));
-        }
-        for ss in &rs.scope_spans {
-            for span in &ss.spans {
-                out.push(span.name.clone());
-                out.push(span.trace_state.clone());
-                span.attributes.iter().for_each(|kv| kvs(kv, &mut out));
-                for e in &span.events {
-                    out.push(e.name.clone());
-                    e.attributes.iter().for_each(|kv| kvs(kv, &mut out));
-                }
-                for l in &span.links {
-                    l.attributes.iter().for_each(|kv| kvs(kv, &mut out));
-                }
-                if let Some(s) = &span.status {
-                    out.push(s.message.clone());
-                }
-            }
-        }
-    }
-    out
 }
 
 /// A W3C traceparent for a caller's span.
