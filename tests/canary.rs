@@ -1158,6 +1158,32 @@ async fn drive(db: &TestDb, logs: &Logs) -> Secrets {
         Code::PermissionDenied,
         "PERMISSION_DENIED",
     );
+    let r = meter
+        .check_spend(CheckSpendRequest {
+            workspace_id: new_workspace(),
+        })
+        .await
+        .map(drop);
+    refused(
+        &mut s,
+        "CheckSpend unknown workspace",
+        r,
+        Code::NotFound,
+        "WORKSPACE_NOT_FOUND",
+    );
+    let r = reader
+        .check_spend(CheckSpendRequest {
+            workspace_id: ws_pm.clone(),
+        })
+        .await
+        .map(drop);
+    refused(
+        &mut s,
+        "reader CheckSpend",
+        r,
+        Code::PermissionDenied,
+        "PERMISSION_DENIED",
+    );
     let r = stranger
         .check_spend(CheckSpendRequest {
             workspace_id: ws_pm.clone(),
@@ -1205,6 +1231,29 @@ async fn drive(db: &TestDb, logs: &Logs) -> Secrets {
                 break;
             }
         }
+        // A change after the snapshot, as the stream carries it.
+        let ws_watched = new_workspace();
+        writer
+            .set(SetRequest {
+                workspace_id: ws_watched.clone(),
+                runtime: Some("claude-code".into()),
+                model: Some("opus".into()),
+                credential_keys: Some(CredentialKeys {
+                    keys: vec!["CLAUDE_CODE_OAUTH_TOKEN".into()],
+                }),
+                ..Default::default()
+            })
+            .await
+            .expect("a Set while watching");
+        loop {
+            let m = stream.message().await.unwrap().expect("the change");
+            s.check("Watch change", &format!("{m:?}"));
+            if let Some(watch_response::Event::Resolution(r)) = &m.event {
+                if r.workspace_id == ws_watched {
+                    break;
+                }
+            }
+        }
         let (cursor, workspace) = (s.canary(), s.canary());
         for (what, req, reason) in [
             (
@@ -1234,6 +1283,14 @@ async fn drive(db: &TestDb, logs: &Logs) -> Secrets {
             r,
             Code::Unauthenticated,
             "UNAUTHENTICATED",
+        );
+        let r = meter.watch(WatchRequest::default()).await.map(drop);
+        refused(
+            &mut s,
+            "meter Watch",
+            r,
+            Code::PermissionDenied,
+            "PERMISSION_DENIED",
         );
     }
 
