@@ -15,7 +15,7 @@ mod otlp;
 use std::{
     collections::HashSet,
     sync::{Arc, Mutex},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use billing_mode::{
@@ -1356,6 +1356,108 @@ async fn drive(db: &TestDb, logs: &Logs) -> Secrets {
         Code::Unavailable,
         "STORE_UNAVAILABLE",
     );
+    // Every other RPC that reads or writes the store, each with a token
+    // (a secret) and a valid request, so the refusal is the store's.
+    let unavailable = [
+        (
+            "Resolve store unavailable",
+            reader
+                .resolve(ResolveRequest {
+                    workspace_id: ws_byok.clone(),
+                })
+                .await
+                .map(drop),
+        ),
+        (
+            "Set store unavailable",
+            admin
+                .set(SetRequest {
+                    workspace_id: ws_byok.clone(),
+                    model: Some("sonnet".into()),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+        ),
+        (
+            "Clear store unavailable",
+            admin
+                .clear(ClearRequest {
+                    workspace_id: ws_ovr.clone(),
+                    expected_revision: None,
+                    reason: "x".into(),
+                    dry_run: false,
+                })
+                .await
+                .map(drop),
+        ),
+        (
+            "History store unavailable",
+            reader
+                .history(HistoryRequest {
+                    workspace_id: ws_byok.clone(),
+                    page_size: 1,
+                    page_token: String::new(),
+                })
+                .await
+                .map(drop),
+        ),
+        (
+            "ReportApplied store unavailable",
+            prov.report_applied(ReportAppliedRequest {
+                workspace_id: ws_byok.clone(),
+                revision: 1,
+                mode: Mode::Byok.into(),
+                instance: "pod-canary-2".into(),
+            })
+            .await
+            .map(drop),
+        ),
+        (
+            "ListWorkspaces store unavailable",
+            reader
+                .list_workspaces(ListWorkspacesRequest::default())
+                .await
+                .map(drop),
+        ),
+        (
+            "BatchCreateWorkspaces store unavailable",
+            writer
+                .batch_create_workspaces(BatchCreateWorkspacesRequest {
+                    workspaces: vec![NewWorkspace {
+                        workspace_id: new_workspace(),
+                        runtime: "claude-code".into(),
+                        model: "opus".into(),
+                        ..NewWorkspace::default()
+                    }],
+                    reason: "canary".into(),
+                })
+                .await
+                .map(drop),
+        ),
+    ];
+    for (what, r) in unavailable {
+        refused(&mut s, what, r, Code::Unavailable, "STORE_UNAVAILABLE");
+    }
+    // CheckSpend answers from memory until its bound; a Watch opens from
+    // the feed. Whatever they answer must carry no secret.
+    match meter
+        .check_spend(CheckSpendRequest {
+            workspace_id: ws_pm.clone(),
+        })
+        .await
+    {
+        Ok(a) => s.check("CheckSpend, store down", &format!("{:?}", a.get_ref())),
+        Err(st) => refused_any(&mut s, "CheckSpend, store down", st),
+    }
+    match reader.watch(WatchRequest::default()).await {
+        Ok(stream) => {
+            let mut stream = stream.into_inner();
+            let first = tokio::time::timeout(Duration::from_secs(10), stream.message()).await;
+            s.check("Watch, store down", &format!("{first:?}"));
+        }
+        Err(st) => refused_any(&mut s, "Watch, store down", st),
+    }
 
     // --- Metric labels ----------------------------------------------------------
     let metrics = billing_mode::metrics::global().encode();
