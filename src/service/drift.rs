@@ -84,6 +84,10 @@ pub async fn report_applied(
     who: &Principal,
     input: ReportInput,
 ) -> Result<proto::ReportAppliedResponse, ApiError> {
+    // When the report was received, not when its write lands: a report
+    // checked against an older revision (one more read) may be written after
+    // a later report of the same instance, which must still be the one kept.
+    let received_at = Utc::now();
     let record = store
         .load(&input.workspace_id)
         .await?
@@ -119,7 +123,7 @@ pub async fn report_applied(
             instance: input.instance.clone(),
             revision: input.revision,
             mode: input.mode,
-            reported_at: Utc::now(),
+            reported_at: received_at,
         })
         .await?;
     let resolution = resolve(&record, registry);

@@ -365,7 +365,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<AuditEntry>, StoreError>;
 
     /// Keeps `report` as the latest report of its (workspace, instance),
-    /// replacing an earlier one. The workspace's record must exist.
+    /// replacing one received earlier (by `reported_at`, whatever order the
+    /// writes land in); one received later is kept instead. The workspace's
+    /// record must exist.
     async fn record_applied(&self, report: &AppliedReport) -> Result<(), StoreError>;
 
     /// Every kept report, each with its workspace's current record, in

@@ -171,7 +171,8 @@ impl Statements {
                 "INSERT INTO billing_applied (workspace_id, instance, revision, mode, reported_at) \
                  VALUES ($1{uuid}, $2, $3, $4, $5) ON CONFLICT (workspace_id, instance) DO UPDATE \
                  SET revision = excluded.revision, mode = excluded.mode, \
-                 reported_at = excluded.reported_at"
+                 reported_at = excluded.reported_at \
+                 WHERE billing_applied.reported_at <= excluded.reported_at"
             ),
             applied: format!(
                 "SELECT a.workspace_id{text} AS workspace_id, a.instance, \

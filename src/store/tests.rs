@@ -1589,6 +1589,12 @@ async fn applied_reports_keep_the_latest_per_instance_with_the_current_record(h:
         .record_applied(&report(a, "pod-1", 2, Mode::PlatformManaged, 4))
         .await
         .unwrap();
+    // A report received earlier whose write comes last (a slower request)
+    // does not replace the later one: the latest received is kept.
+    store
+        .record_applied(&report(a, "pod-1", 1, Mode::Byok, 3))
+        .await
+        .unwrap();
 
     let mut got = store.applied_reports().await.unwrap();
     got.sort_by(|x, y| {
