@@ -53,6 +53,12 @@ const BATCH: u32 = 500;
 /// How long the tailer may fail to read the log before subscribers are told
 /// the store is lost.
 const LOST_AFTER: Duration = Duration::from_secs(5);
+/// How often the tailer reads the log while it cannot be notified of
+/// changes (the store's listener could not be set up: Postgres `LISTEN`
+/// refused or its connection lost): often enough that a change still
+/// reaches this replica (CheckSpend's snapshot, Watch) within the
+/// contract's 100 ms, instead of only at the next `poll_interval`.
+const UNNOTIFIED_POLL: Duration = Duration::from_millis(50);
 
 /// Tuning of a feed.
 #[derive(Debug, Clone)]
@@ -462,7 +468,8 @@ async fn tail(shared: Arc<Shared>, poll: Duration) {
             }
         }
     };
-    let mut listener = shared.store.listen().await.ok();
+    let mut notifications = Notifications::default();
+    notifications.listen(&*shared.store).await;
     let mut shutdown = shared.shutdown.subscribe();
     let mut failing_since: Option<Instant> = None;
     loop {
@@ -490,21 +497,67 @@ async fn tail(shared: Arc<Shared>, poll: Duration) {
                 }
             }
         }
-        if listener.is_none() {
-            listener = shared.store.listen().await.ok();
-        }
-        let wait = if failing_since.is_some() {
-            poll.min(Duration::from_millis(250))
-        } else {
-            poll
-        };
+        notifications.listen(&*shared.store).await;
+        let wait = next_wait(
+            poll,
+            failing_since.is_some(),
+            notifications.listener.is_some(),
+        );
         tokio::select! {
             _ = shutdown.changed() => {}
             _ = tokio::time::sleep(wait) => {}
-            woken = wait_for(&mut listener) => {
+            woken = wait_for(&mut notifications.listener) => {
                 if woken.is_err() {
                     // Re-listen next round; polling covers the gap.
-                    listener = None;
+                    notifications.listener = None;
+                }
+            }
+        }
+    }
+}
+
+/// How long the tailer waits for a wake-up before it reads the log again:
+/// `poll`, less while the log cannot be read (to see it back soon) or while
+/// no listener would wake it ([`UNNOTIFIED_POLL`]).
+fn next_wait(poll: Duration, failing: bool, notified: bool) -> Duration {
+    if failing {
+        poll.min(Duration::from_millis(250))
+    } else if !notified {
+        poll.min(UNNOTIFIED_POLL)
+    } else {
+        poll
+    }
+}
+
+/// The store's change listener, if it could be set up, and whether the
+/// tailer has said it has none (said once per outage, not every round).
+#[derive(Default)]
+struct Notifications {
+    listener: Option<Box<dyn ChangeListener>>,
+    said_missing: bool,
+}
+
+impl Notifications {
+    /// Sets the listener up if there is none.
+    async fn listen(&mut self, store: &dyn Store) {
+        if self.listener.is_some() {
+            return;
+        }
+        match store.listen().await {
+            Ok(l) => {
+                if std::mem::take(&mut self.said_missing) {
+                    tracing::info!("change feed: notified of changes again");
+                }
+                self.listener = Some(l);
+            }
+            Err(e) => {
+                if !std::mem::replace(&mut self.said_missing, true) {
+                    tracing::warn!(
+                        error = %e,
+                        every_ms = UNNOTIFIED_POLL.as_millis() as u64,
+                        "change feed: cannot be notified of changes; reading the change log \
+                         on a short interval until it can"
+                    );
                 }
             }
         }
@@ -542,5 +595,23 @@ async fn prune(shared: Arc<Shared>, retention: Duration) {
             _ = shutdown.changed() => {}
             _ = tokio::time::sleep(every) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_a_listener_the_log_is_read_often_enough_for_the_100_ms_promise() {
+        let poll = Duration::from_millis(500);
+        assert_eq!(next_wait(poll, false, true), poll, "woken by the listener");
+        assert!(next_wait(poll, false, false) <= Duration::from_millis(50));
+        assert_eq!(
+            next_wait(poll, true, true),
+            Duration::from_millis(250),
+            "the log unreadable: back soon"
+        );
+        assert!(next_wait(Duration::from_millis(20), false, false) <= Duration::from_millis(20));
     }
 }
