@@ -160,7 +160,7 @@ fn check_reason(reason: &str, dry_run: bool) -> anyhow::Result<()> {
             "--reason must be at most {max} bytes; this one has {}",
             reason.trim().len()
         ),
-        Err(ValidationError::BadCharacters { .. }) => anyhow::bail!(
+        Err(ValidationError::ControlCharacters { .. }) => anyhow::bail!(
             "--reason must not contain control characters (newlines and tabs are allowed)"
         ),
         Err(e) => anyhow::bail!("--reason: {e}"),

@@ -26,6 +26,10 @@ pub enum ValidationError {
     TooLong { field: &'static str, max: usize },
     #[error("{field} must not contain whitespace or control characters")]
     BadCharacters { field: &'static str },
+    /// Text that may hold spaces, newlines and tabs (a reason), but no other
+    /// control character.
+    #[error("{field} must not contain control characters (newlines and tabs are allowed)")]
+    ControlCharacters { field: &'static str },
     #[error("{field} must not be empty")]
     Empty { field: &'static str },
     /// The offending text is not repeated: a malformed key may hold a value
@@ -322,7 +326,7 @@ impl Reason {
             });
         }
         if t.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
-            return Err(ValidationError::BadCharacters { field: "reason" });
+            return Err(ValidationError::ControlCharacters { field: "reason" });
         }
         Ok(Some(Reason(t.to_owned())))
     }
@@ -402,5 +406,16 @@ mod tests {
     fn whitespace_only_reason_is_no_reason() {
         assert_eq!(Reason::parse("  \t ").unwrap(), None);
         assert_eq!(Reason::parse(" ok ").unwrap().unwrap().as_str(), "ok");
+    }
+
+    #[test]
+    fn a_reason_may_have_spaces_newlines_and_tabs_but_no_other_control_character() {
+        let ok = "ticket 42:\n\tthe customer brings a key";
+        assert_eq!(Reason::parse(ok).unwrap().unwrap().as_str(), ok);
+        let e = Reason::parse("bell \u{7} here").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "reason must not contain control characters (newlines and tabs are allowed)"
+        );
     }
 }

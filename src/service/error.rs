@@ -215,6 +215,7 @@ impl ApiError {
             ValidationError::TooManyCredentialKeys { .. } => ErrorReason::LimitExceeded,
             ValidationError::TooLong { .. }
             | ValidationError::BadCharacters { .. }
+            | ValidationError::ControlCharacters { .. }
             | ValidationError::Empty { .. } => ErrorReason::InvalidField,
         };
         let message = e.to_string();
