@@ -12,9 +12,9 @@
 //!   after `P`, exactly once, in position order, with no gap.
 //! - [`Feed::current_at`] is the [`Moment`] at which the tailer last
 //!   confirmed it was current (the start of its last read that reached the
-//!   end of the log). A caller that must not act on stale state measures its
-//!   age on the monotonic clock ([`Moment::age`]), against its staleness
-//!   bound, and fails closed.
+//!   end of the log). A caller that must not act on stale state judges its
+//!   age by both clocks (see [`Moment`]) against its staleness bound, and
+//!   fails closed.
 //!
 //! Why it cannot lose or repeat a change: positions are dense and assigned
 //! in commit order by the store (see `store/postgres.rs`), so the tailer only
@@ -106,14 +106,15 @@ pub enum FeedError {
     Store(#[from] StoreError),
 }
 
-/// A moment, on both clocks: the wall clock's time, for answers that say
-/// when they were current, and the monotonic clock's, for how long ago that
-/// was. Staleness is measured only on the monotonic clock: the wall clock
-/// may be stepped backwards (NTP, a VM resumed from a pause), and an old
-/// confirmation would then look recent, or lie in the future.
+/// A moment, on both clocks, so that how long ago it was can be judged by
+/// each: the wall clock may be stepped backwards (NTP), and an old
+/// confirmation would look recent by it, or lie in the future; the
+/// monotonic clock is never stepped, but stands still while the machine is
+/// suspended or the VM paused. A caller failing closed takes the moment as
+/// too old when either clock says so (`SpendSnapshot::is_current`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Moment {
-    /// Wall-clock time: what an answer reports (`as_of`), never compared.
+    /// Wall-clock time: what an answer reports (`as_of`).
     pub wall: DateTime<Utc>,
     /// Nanoseconds on this process's monotonic clock ([`monotonic_ns`]).
     pub monotonic_ns: u64,

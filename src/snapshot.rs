@@ -248,15 +248,27 @@ impl SpendSnapshot {
     }
 
     /// Whether the snapshot is current now: it confirmed so within the
-    /// staleness bound, measured on the monotonic clock (a wall clock stepped
-    /// backwards must not make an old confirmation look recent).
+    /// staleness bound by both clocks. The monotonic clock is never stepped,
+    /// so a wall clock stepped backwards cannot make an old confirmation
+    /// look recent (a confirmation whose wall time lies in the future is
+    /// judged by the monotonic clock alone); but it stands still while the
+    /// machine is suspended or the VM paused, and the wall clock does not,
+    /// so a confirmation from before a pause is stale by the wall clock.
+    /// Either clock saying too old is enough: the answer fails closed.
     pub fn is_current(&self) -> bool {
-        match self.shared.confirmed_ns.load(Ordering::Acquire) {
-            0 => false,
-            plus_one => {
-                let age = feed::monotonic_ns().saturating_sub(plus_one - 1);
-                Duration::from_nanos(age) <= self.shared.max_staleness
-            }
+        let plus_one = self.shared.confirmed_ns.load(Ordering::Acquire);
+        if plus_one == 0 {
+            return false;
+        }
+        let age = Duration::from_nanos(feed::monotonic_ns().saturating_sub(plus_one - 1));
+        if age > self.shared.max_staleness {
+            return false;
+        }
+        match self.as_of().map(|t| (Utc::now() - t).to_std()) {
+            Some(Ok(wall_age)) => wall_age <= self.shared.max_staleness,
+            // In the future: the wall clock stepped back since.
+            Some(Err(_)) => true,
+            None => false,
         }
     }
 
@@ -542,6 +554,27 @@ mod tests {
         assert!(confirmed.age() >= Duration::from_millis(250));
         assert_eq!(s.check(&a), Err(SpendError::Stale));
         assert!(!s.is_current() && !s.publish());
+    }
+
+    /// The machine was suspended (or the VM paused) after the last
+    /// confirmation: the monotonic clock stood still, the wall clock went on.
+    /// The confirmation is as old as the wall clock says, and stale.
+    #[test]
+    fn a_pause_the_monotonic_clock_did_not_see_still_makes_the_snapshot_stale() {
+        let s = SpendSnapshot::new(Duration::from_millis(200));
+        let a = WorkspaceId::new_random();
+        let mut t = Table::default();
+        t.apply(&a, Mode::PlatformManaged, 3);
+        s.replace(t, 10);
+        s.confirm(Moment {
+            wall: Utc::now() - chrono::Duration::seconds(30),
+            monotonic_ns: feed::monotonic_ns(),
+        });
+        assert_eq!(s.check(&a), Err(SpendError::Stale));
+        assert!(!s.is_current());
+        // Confirmed again, by both clocks: current.
+        s.confirm(Moment::now());
+        assert!(s.check(&a).unwrap().allowed());
     }
 
     #[test]
