@@ -155,9 +155,9 @@ impl Position {
     /// STORE_UNAVAILABLE, a lost connection) resumes.
     fn after(&self, s: &Status) -> Resume {
         match (client::status_reason(s).as_str(), s.code()) {
-            ("CURSOR_EXPIRED", _) | (_, Code::OutOfRange) => {
-                Resume::StartOver("the cursor is older than the retained log")
-            }
+            // OUT_OF_RANGE alone is not enough: a message over the size
+            // limit is OUT_OF_RANGE too, and its cursor is still good.
+            ("CURSOR_EXPIRED", _) => Resume::StartOver("the cursor is older than the retained log"),
             ("INVALID_CURSOR", _) => Resume::StartOver("the cursor was refused"),
             ("STORE_CORRUPT", _) | (_, Code::DataLoss) => Resume::Stop,
             _ => self.resume(),
@@ -316,6 +316,8 @@ mod tests {
             (Code::ResourceExhausted, "CONSUMER_TOO_SLOW"),
             (Code::Unavailable, "SHUTTING_DOWN"),
             (Code::Unavailable, "STORE_UNAVAILABLE"),
+            // OUT_OF_RANGE, but not the cursor's fault.
+            (Code::OutOfRange, "MESSAGE_TOO_LARGE"),
         ] {
             assert_eq!(
                 p.after(&refused(code, reason)),
