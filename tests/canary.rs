@@ -411,6 +411,13 @@ async fn drive(db: &TestDb, logs: &Logs) -> Secrets {
         built.resolution.as_ref().unwrap().mode,
         Mode::PlatformManaged as i32
     );
+    // Not vacuous: the canaries went through the server (the built env is
+    // the one place a value may come back).
+    assert!(
+        built.env.iter().any(|v| v.value.starts_with("CANARY-")),
+        "a canary value came back in the built env: {:?}",
+        built.env.iter().map(|v| &v.key).collect::<Vec<_>>()
+    );
     s.check("BuildEnv resolution", &format!("{:?}", built.resolution));
     s.check("BuildEnv removed_keys", &built.removed_keys.join(","));
     s.check("BuildEnv added_keys", &built.added_keys.join(","));
