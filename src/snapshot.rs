@@ -494,13 +494,20 @@ mod tests {
         assert_eq!(t.len(), 2);
     }
 
-    #[test]
-    fn the_snapshot_answers_only_while_confirmed_current() {
+    /// A snapshot bounded at 200 ms holding one platform_managed workspace
+    /// at revision 3, loaded at position 10 and never confirmed.
+    fn loaded_unconfirmed() -> (SpendSnapshot, WorkspaceId) {
         let s = SpendSnapshot::new(Duration::from_millis(200));
         let a = WorkspaceId::new_random();
         let mut t = Table::default();
         t.apply(&a, Mode::PlatformManaged, 3);
         s.replace(t, 10);
+        (s, a)
+    }
+
+    #[test]
+    fn the_snapshot_answers_only_while_confirmed_current() {
+        let (s, a) = loaded_unconfirmed();
         // Loaded but never confirmed: no answer.
         assert_eq!(s.check(&a), Err(SpendError::Stale));
         assert!(!s.publish());
@@ -534,11 +541,7 @@ mod tests {
     /// future. It is still as old as it is, and past the bound it is stale.
     #[test]
     fn a_wall_clock_stepped_back_does_not_keep_a_stale_snapshot_current() {
-        let s = SpendSnapshot::new(Duration::from_millis(200));
-        let a = WorkspaceId::new_random();
-        let mut t = Table::default();
-        t.apply(&a, Mode::PlatformManaged, 3);
-        s.replace(t, 10);
+        let (s, a) = loaded_unconfirmed();
         let confirmed = Moment {
             wall: Utc::now() + chrono::Duration::hours(1),
             monotonic_ns: feed::monotonic_ns(),
@@ -561,11 +564,7 @@ mod tests {
     /// The confirmation is as old as the wall clock says, and stale.
     #[test]
     fn a_pause_the_monotonic_clock_did_not_see_still_makes_the_snapshot_stale() {
-        let s = SpendSnapshot::new(Duration::from_millis(200));
-        let a = WorkspaceId::new_random();
-        let mut t = Table::default();
-        t.apply(&a, Mode::PlatformManaged, 3);
-        s.replace(t, 10);
+        let (s, a) = loaded_unconfirmed();
         s.confirm(Moment {
             wall: Utc::now() - chrono::Duration::seconds(30),
             monotonic_ns: feed::monotonic_ns(),

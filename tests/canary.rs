@@ -1139,19 +1139,50 @@ async fn drive(db: &TestDb, logs: &Logs) -> Secrets {
         .unwrap()
         .into_inner();
     s.check("CheckSpend response", &format!("{spend:?}"));
-    let r = meter
-        .check_spend(CheckSpendRequest {
-            workspace_id: s.canary(),
-        })
-        .await
-        .map(drop);
-    refused(
-        &mut s,
-        "CheckSpend canary id",
-        r,
-        Code::InvalidArgument,
-        "INVALID_WORKSPACE_ID",
-    );
+    // Its refusals: a canary as id, an unknown workspace, a role that may
+    // not, a token nobody issued.
+    let canary_id = s.canary();
+    for (who, workspace_id, what, code, reason) in [
+        (
+            "meter",
+            canary_id,
+            "CheckSpend canary id",
+            Code::InvalidArgument,
+            "INVALID_WORKSPACE_ID",
+        ),
+        (
+            "meter",
+            new_workspace(),
+            "CheckSpend unknown workspace",
+            Code::NotFound,
+            "WORKSPACE_NOT_FOUND",
+        ),
+        (
+            "reader",
+            ws_pm.clone(),
+            "reader CheckSpend",
+            Code::PermissionDenied,
+            "PERMISSION_DENIED",
+        ),
+        (
+            "stranger",
+            ws_pm.clone(),
+            "stranger CheckSpend",
+            Code::Unauthenticated,
+            "UNAUTHENTICATED",
+        ),
+    ] {
+        let c = match who {
+            "meter" => &mut meter,
+            "reader" => &mut reader,
+            _ => &mut stranger,
+        };
+        let r = c
+            .check_spend(CheckSpendRequest { workspace_id })
+            .await
+            .map(drop);
+        refused(&mut s, what, r, code, reason);
+    }
     let r = meter
         .resolve(ResolveRequest {
             workspace_id: ws_pm.clone(),
@@ -1164,45 +1195,6 @@ async fn drive(db: &TestDb, logs: &Logs) -> Secrets {
         r,
         Code::PermissionDenied,
         "PERMISSION_DENIED",
-    );
-    let r = meter
-        .check_spend(CheckSpendRequest {
-            workspace_id: new_workspace(),
-        })
-        .await
-        .map(drop);
-    refused(
-        &mut s,
-        "CheckSpend unknown workspace",
-        r,
-        Code::NotFound,
-        "WORKSPACE_NOT_FOUND",
-    );
-    let r = reader
-        .check_spend(CheckSpendRequest {
-            workspace_id: ws_pm.clone(),
-        })
-        .await
-        .map(drop);
-    refused(
-        &mut s,
-        "reader CheckSpend",
-        r,
-        Code::PermissionDenied,
-        "PERMISSION_DENIED",
-    );
-    let r = stranger
-        .check_spend(CheckSpendRequest {
-            workspace_id: ws_pm.clone(),
-        })
-        .await
-        .map(drop);
-    refused(
-        &mut s,
-        "stranger CheckSpend",
-        r,
-        Code::Unauthenticated,
-        "UNAUTHENTICATED",
     );
 
     // Health with a canary bearer header (health does not check it).
