@@ -280,6 +280,7 @@ impl Feed {
             last: after,
             catch_up_to: tailer,
             backlog: VecDeque::new(),
+            took_live: false,
             health: self.shared.health.subscribe(),
             shutdown: self.shared.shutdown.subscribe(),
         })
@@ -307,6 +308,9 @@ pub struct Subscription {
     /// Below this, changes come from the store; above, from the tailer.
     catch_up_to: u64,
     backlog: VecDeque<Arc<ChangeEvent>>,
+    /// Whether the change last returned came from the tailer (live), not
+    /// from the store.
+    took_live: bool,
     health: watch::Receiver<Health>,
     shutdown: watch::Receiver<bool>,
 }
@@ -332,6 +336,14 @@ impl Subscription {
         self.backlog.is_empty() && self.last >= self.catch_up_to
     }
 
+    /// Whether the change [`Subscription::next`] returned last came live,
+    /// as it was committed, rather than from the store (a backlog, read at
+    /// the consumer's pace). The last change of a backlog is not live even
+    /// though the subscription is live after it.
+    pub fn took_live(&self) -> bool {
+        self.took_live
+    }
+
     /// The next change. Cancel-safe: dropping the future loses nothing.
     pub async fn next(&mut self) -> Result<Arc<ChangeEvent>, FeedError> {
         loop {
@@ -340,6 +352,7 @@ impl Subscription {
             }
             if let Some(change) = self.backlog.pop_front() {
                 self.last = change.position;
+                self.took_live = false;
                 return Ok(change);
             }
             if self.last < self.catch_up_to {
@@ -356,6 +369,7 @@ impl Subscription {
                 Ok(change) if change.position <= self.last => continue,
                 Ok(change) if change.position == self.last + 1 => {
                     self.last = change.position;
+                    self.took_live = true;
                     return Ok(change);
                 }
                 Ok(change) => {

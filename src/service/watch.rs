@@ -335,7 +335,7 @@ impl Stream {
                         continue;
                     }
                     let message = self.resolution(&change.record, change.position);
-                    if subscription.is_live() {
+                    if subscription.took_live() {
                         // Live: a consumer whose queue is full is cut off,
                         // never waited for.
                         match self.tx.try_send(message) {

@@ -16,8 +16,8 @@ use billing_mode::{
     auth::Role,
     config::Config,
     proto::{
-        watch_response::Event, ClearRequest, HistoryRequest, Mode, Resolution, SetRequest,
-        WatchRequest, WatchResponse,
+        watch_response::Event, BatchCreateWorkspacesRequest, ClearRequest, HistoryRequest, Mode,
+        NewWorkspace, Resolution, SetRequest, WatchRequest, WatchResponse,
     },
 };
 use rand::{Rng, SeedableRng};
@@ -1002,53 +1002,70 @@ async fn a_stream_catching_up_while_more_changes_commit_than_the_feed_holds_miss
 ) {
     let app = TestApp::spawn_with(Config {
         feed_capacity: 16,
-        watch_buffer: 4,
         ..config(&db)
     })
     .await;
-    let ws = new_workspace();
-    let (opening, cursor) = watch_from_now(&mut app.client().await, &[]).await;
-    drop(opening);
-    // A backlog, so that the resumed stream starts by catching up.
-    for i in 0..50 {
-        app.set(set_model_req(&ws, &format!("opus-{i}"), false))
-            .await;
+    let (mut opening, cursor) = watch_from_now(&mut app.client().await, &[]).await;
+    // A backlog far larger than what the server queues for a stream (its
+    // `--watch-buffer`, the encoder's buffer and the HTTP/2 window), so that
+    // the resumed stream is still catching up, waiting on its consumer, when
+    // the next changes commit. Read to its end by a stream open meanwhile.
+    let mut created = create(&app, 3000).await;
+    for id in &created {
+        assert_eq!(&next_change(&mut opening).await.1.workspace_id, id);
     }
+    drop(opening);
     // The resumed consumer: a tiny HTTP/2 window, and it reads one change,
-    // then nothing while the writes go on, so the server's side of the
-    // stream waits in the middle of its backlog.
+    // then nothing while the writes go on.
     let mut slow_client = tiny_window_client(&app).await;
     let mut slow = open(&mut slow_client, from_cursor(&cursor)).await.unwrap();
-    assert_eq!(next_change(&mut slow).await.1.revision, 1);
+    let mut got = vec![next_change(&mut slow).await.1.workspace_id];
     // A brisk stream from now: once it has every new change, the feed has
     // broadcast them all, far more than the slow stream's share holds.
     let (mut brisk, _) = watch_from_now(&mut app.client().await, &[]).await;
-    for i in 50..200 {
-        app.set(set_model_req(&ws, &format!("opus-{i}"), false))
-            .await;
+    let later = create(&app, 500).await;
+    for id in &later {
+        assert_eq!(&next_change(&mut brisk).await.1.workspace_id, id);
     }
-    let mut brisk_revisions = Vec::new();
-    while brisk_revisions.len() < 150 {
-        brisk_revisions.push(next_change(&mut brisk).await.1.revision);
-    }
-    assert_eq!(brisk_revisions, (51..=200).collect::<Vec<u64>>());
-    // The slow stream now reads on: all of it, nothing twice, no error.
-    let mut revisions = vec![1];
-    while revisions.len() < 200 {
+    created.extend(later);
+    // The slow stream now reads on: all of it, in order, nothing twice, no
+    // error.
+    while got.len() < created.len() {
         match next(&mut slow).await {
             Ok(Some(m)) => {
                 if let Some(Event::Resolution(r)) = m.event {
-                    revisions.push(r.revision);
+                    got.push(r.workspace_id);
                 }
             }
-            Ok(None) => panic!("the stream ended without a status after {revisions:?}"),
-            Err(e) => panic!(
-                "the stream ended with {e:?} after {} changes",
-                revisions.len()
-            ),
+            Ok(None) => panic!("the stream ended without a status after {}", got.len()),
+            Err(e) => panic!("the stream ended with {e:?} after {} changes", got.len()),
         }
     }
-    assert_eq!(revisions, (1..=200).collect::<Vec<u64>>());
+    assert_eq!(got, created);
+}
+
+/// Creates `n` workspaces, 250 a call; their ids in the order their
+/// changes are logged (a call's items in request order).
+async fn create(app: &TestApp, n: usize) -> Vec<String> {
+    let ids: Vec<String> = (0..n).map(|_| new_workspace()).collect();
+    let mut c = app.client().await;
+    for chunk in ids.chunks(250) {
+        c.batch_create_workspaces(BatchCreateWorkspacesRequest {
+            workspaces: chunk
+                .iter()
+                .map(|id| NewWorkspace {
+                    workspace_id: id.clone(),
+                    runtime: "claude-code".into(),
+                    model: "opus".into(),
+                    ..NewWorkspace::default()
+                })
+                .collect(),
+            reason: "backlog".into(),
+        })
+        .await
+        .expect("BatchCreateWorkspaces");
+    }
+    ids
 }
 
 backends!(watch_is_for_whoever_may_resolve);
