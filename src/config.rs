@@ -226,10 +226,9 @@ impl Default for Config {
 }
 
 impl Config {
-    /// Refuses settings that cannot work together, before anything is opened
-    /// (the binary's arguments are checked as they become a `Config`, so an
-    /// operator hears of a mistake at once, not after waiting for the
-    /// store).
+    /// Refuses settings that cannot work together. `Application::build`
+    /// calls it first, before anything is opened, so an operator hears of a
+    /// mistake at once, not after waiting for the store.
     pub fn validate(&self) -> anyhow::Result<()> {
         if self.max_staleness < self.feed_poll_interval * 2 {
             anyhow::bail!(

@@ -191,7 +191,9 @@ impl ServeArgs {
             }
             None => Vec::new(),
         };
-        let config = Config {
+        // `Application::build` checks it as its first step, before the
+        // store is opened: a mistake is said at once.
+        Ok(Config {
             listen: self.listen,
             database_url: self.database.database_url,
             registry_path: self.registry,
@@ -218,10 +220,7 @@ impl ServeArgs {
             watch_buffer: self.watch_buffer.max(1),
             max_staleness: self.max_staleness,
             ..Config::default()
-        };
-        // Before the store is opened: a mistake is said at once.
-        config.validate()?;
-        Ok(config)
+        })
     }
 }
 
