@@ -245,11 +245,16 @@ fn since_of(
 }
 
 /// `since` for an instance of `record`'s workspace that applied `applied`,
-/// from the audit log, up to the record's revision.
+/// from the audit log, up to the record's revision. The record's own
+/// revision is decided as the record reads (`current`), as Resolve decides
+/// it: a row edited by hand after its audit entry was written (a value the
+/// service ignores) decides differently from that entry, and it is the
+/// record that is in force; older revisions are decided from the log.
 async fn drift_since(
     store: &dyn Store,
     registry: &Registry,
     record: &Record,
+    current: Mode,
     applied: Mode,
 ) -> Result<Option<DateTime<Utc>>, ApiError> {
     let id = record.workspace_id;
@@ -262,8 +267,12 @@ async fn drift_since(
         };
         let next_before = last.revision;
         let decisions = entries.into_iter().map(|e| {
-            let at = e.at;
-            (resolve(&e.after, registry).mode, at)
+            let mode = if e.revision == record.revision {
+                current
+            } else {
+                resolve(&e.after, registry).mode
+            };
+            (mode, e.at)
         });
         let (s, stopped) = since_of(applied, decisions);
         if s.is_some() {
@@ -306,7 +315,7 @@ pub async fn list_drift(
         let since = match sinces.get(&key) {
             Some(s) => *s,
             None => {
-                let s = drift_since(store, registry, &record, report.mode).await?;
+                let s = drift_since(store, registry, &record, current.mode, report.mode).await?;
                 sinces.insert(key, s);
                 s
             }
@@ -314,7 +323,11 @@ pub async fn list_drift(
         let Some(since) = since else {
             // The current decision differs, so the audit log must show when it
             // started to; without a row there is nothing safe to say.
-            return Err(StoreError::corrupt("drifted workspace has no audit rows").into());
+            return Err(StoreError::corrupt(format!(
+                "workspace {}: drifted, but the audit log has no entry for its revision {}",
+                report.workspace_id, record.revision
+            ))
+            .into());
         };
         drift.push(Drift {
             report,

@@ -1007,3 +1007,78 @@ async fn build_env_and_resolve_make_the_same_decision_for_sixty_random_workspace
     }
     app.stop().await.unwrap();
 }
+
+// ---------------------------------------------------------------------------
+// Seed case 1, after the decision: a hand-edited record and ListDrift
+
+backends!(a_record_edited_by_hand_is_drift_of_its_own_and_hides_no_other_drift);
+async fn a_record_edited_by_hand_is_drift_of_its_own_and_hides_no_other_drift(db: TestDb) {
+    use billing_mode::proto::{ListDriftRequest, ReportAppliedRequest};
+    let app = TestApp::spawn(&db).await;
+    let mut c = app.client().await;
+    let report = |ws: &str, revision: u64, mode: Mode, instance: &str| ReportAppliedRequest {
+        workspace_id: ws.to_owned(),
+        revision,
+        mode: mode.into(),
+        instance: instance.to_owned(),
+    };
+    // Edited: started byok at revision 1; then its override garbled by hand.
+    let edited = new_workspace();
+    app.set_override(&edited, Mode::Byok, "customer key").await;
+    c.report_applied(report(&edited, 1, Mode::Byok, "pod-edited"))
+        .await
+        .unwrap();
+    // Drifted the usual way: byok at revision 1, platform_managed at 2.
+    let moved = new_workspace();
+    app.set_override(&moved, Mode::Byok, "customer key").await;
+    c.report_applied(report(&moved, 1, Mode::Byok, "pod-moved"))
+        .await
+        .unwrap();
+    app.set_override(&moved, Mode::PlatformManaged, "back to the platform")
+        .await;
+    write_override_by_hand(&db, &edited, "Byok", true)
+        .await
+        .unwrap();
+    let now = app.resolve(&edited).await;
+    assert_ne!(now.mode(), Mode::Byok, "the garbled override is ignored");
+    assert_eq!(now.revision, 1, "a hand edit is no revision");
+
+    let listed = c
+        .list_drift(ListDriftRequest::default())
+        .await
+        .expect("one hand-edited record does not fail the listing")
+        .into_inner()
+        .drift;
+    let find = |instance: &str| {
+        listed
+            .iter()
+            .find(|d| d.instance == instance)
+            .unwrap_or_else(|| panic!("{instance} not listed: {listed:?}"))
+    };
+    let moved_drift = find("pod-moved");
+    assert_eq!(
+        moved_drift.current.as_ref().unwrap().mode(),
+        Mode::PlatformManaged
+    );
+    // The edited record is in force (Resolve and BuildEnv answer from it),
+    // so its instance, started byok, has drifted since its revision was
+    // committed.
+    let edited_drift = find("pod-edited");
+    assert_eq!(edited_drift.current.as_ref().unwrap(), &now);
+    assert_eq!(edited_drift.applied_mode(), Mode::Byok);
+    let committed = c
+        .history(billing_mode::proto::HistoryRequest {
+            workspace_id: edited.clone(),
+            page_size: 10,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
+        .into_iter()
+        .find(|e| e.revision == 1)
+        .and_then(|e| e.time);
+    assert!(committed.is_some());
+    assert_eq!(edited_drift.since, committed);
+}
