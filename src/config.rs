@@ -93,27 +93,37 @@ impl fmt::Display for DatabaseUrl {
 }
 
 /// A database URL without its password, for messages: the password of the
-/// user info (`user:PASSWORD@`) and the value of every `password=` query
-/// parameter become `***`.
+/// user info (`user:PASSWORD@`) and the value of every query parameter
+/// whose name holds `password` (`password=`, `sslpassword=`) become `***`.
+/// Text that is not a URL (a libpq `key=value` string, pasted where a URL
+/// belongs) may hold a password anywhere, so none of it is shown.
 pub fn redact_url(url: &str) -> String {
-    let rest_at = url.find("://").map_or(0, |i| i + 3);
-    let (head, rest) = url.split_at(rest_at);
-    // The user info ends at the last `@` before the query: a password may
-    // hold an `@` or a `/` (badly encoded), and an `@` in the path only
-    // hides more than needed.
-    let before_query = rest.find('?').unwrap_or(rest.len());
-    let (userinfo_end, mut out) = match rest[..before_query].rfind('@') {
-        Some(at) if rest_at > 0 => {
-            let userinfo = &rest[..at];
-            let shown = match userinfo.find(':') {
-                Some(colon) => format!("{}:***", &userinfo[..colon]),
-                None => userinfo.to_owned(),
-            };
-            (at, format!("{head}{shown}"))
-        }
-        _ => (0, head.to_owned()),
+    let (head, rest) = match url.find("://") {
+        Some(scheme_end) => url.split_at(scheme_end + 3),
+        // `sqlite:FILE[?PARAMS]` names a file, with no user info.
+        None if url.starts_with("sqlite:") => ("", url),
+        None => return "(not a URL; not shown)".to_owned(),
     };
-    let rest = &rest[userinfo_end..];
+    // The user info ends at the last `@`: a password may hold an `@`, a `/`
+    // or a `?` (badly encoded), and an `@` further on (in the path or the
+    // query) only hides more than needed.
+    let (mut out, rest) = match rest.rfind('@') {
+        Some(at) if !head.is_empty() => {
+            let userinfo = &rest[..at];
+            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+            let shown = if user.contains(['/', '?', '#', '=', '@']) {
+                // Not a user name: the last `@` was further on, and what
+                // comes before it may be a query with a password in it.
+                "***".to_owned()
+            } else if user.len() < userinfo.len() {
+                format!("{user}:***")
+            } else {
+                user.to_owned()
+            };
+            (format!("{head}{shown}"), &rest[at..])
+        }
+        _ => (head.to_owned(), rest),
+    };
     match rest.split_once('?') {
         None => out.push_str(rest),
         Some((path, query)) => {
@@ -122,7 +132,7 @@ pub fn redact_url(url: &str) -> String {
             let params: Vec<String> = query
                 .split('&')
                 .map(|param| match param.split_once('=') {
-                    Some((key, _)) if key.eq_ignore_ascii_case("password") => {
+                    Some((key, _)) if key.to_ascii_lowercase().contains("password") => {
                         format!("{key}=***")
                     }
                     _ => param.to_owned(),
@@ -364,9 +374,10 @@ mod tests {
             redact_url("postgres://db/x?PASSWORD=s3cret&application_name=bm"),
             "postgres://db/x?PASSWORD=***&application_name=bm"
         );
+        // Any name holding `password` is hidden, erring on the safe side.
         assert_eq!(
             redact_url("postgres://db/x?passwordless=1&user=app"),
-            "postgres://db/x?passwordless=1&user=app"
+            "postgres://db/x?passwordless=***&user=app"
         );
     }
 
@@ -381,6 +392,45 @@ mod tests {
         assert_eq!(
             redact_url("postgres://app:p@ss@db/x"),
             "postgres://app:***@db/x"
+        );
+        // Nor does a `?` or a `/` in it.
+        assert_eq!(
+            redact_url("postgres://app:pa?ss@db/x"),
+            "postgres://app:***@db/x"
+        );
+        assert_eq!(
+            redact_url("postgres://app:pa/ss@db/x?sslmode=require"),
+            "postgres://app:***@db/x?sslmode=require"
+        );
+    }
+
+    #[test]
+    fn what_is_not_a_url_is_not_shown_and_any_password_parameter_is_hidden() {
+        for not_a_url in [
+            "host=db user=billing password=s3cret dbname=billing",
+            "billing:s3cret@db/billing",
+        ] {
+            assert_eq!(
+                redact_url(not_a_url),
+                "(not a URL; not shown)",
+                "{not_a_url}"
+            );
+        }
+        // An `@` in the query: what comes before it is not shown.
+        for url in [
+            "postgres://db/x?password=s3cret@x",
+            "postgres://db/x?password=s3:cret@x",
+            "postgres://app@db/x?sslpassword=s3cret@x",
+        ] {
+            assert!(!redact_url(url).contains("s3"), "{}", redact_url(url));
+        }
+        assert_eq!(
+            redact_url("sqlite:x.db?mode=ro&password=s3cret"),
+            "sqlite:x.db?mode=ro&password=***"
+        );
+        assert_eq!(
+            redact_url("postgres://app@db/x?sslpassword=s3cret&sslmode=require"),
+            "postgres://app@db/x?sslpassword=***&sslmode=require"
         );
     }
 

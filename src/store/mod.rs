@@ -539,6 +539,7 @@ pub async fn open(
     size: PoolSize,
 ) -> Result<Arc<dyn Store>, StoreError> {
     if database_url.starts_with("postgres:") || database_url.starts_with("postgresql:") {
+        refuse_unknown_pg_parameters(database_url)?;
         let opts = sqlx::postgres::PgConnectOptions::from_str(database_url)?;
         Ok(Arc::new(if migrate {
             PostgresStore::connect(opts, size).await?
@@ -559,9 +560,97 @@ pub async fn open(
     }
 }
 
+/// The query parameters sqlx's Postgres driver reads from a URL. It logs any
+/// other one at WARN, value and all, before ignoring it, so a misspelt or
+/// unsupported secret parameter (`sslpassword=`) would reach the log; such a
+/// URL is refused here instead, naming only the parameter.
+const PG_URL_PARAMETERS: &[&str] = &[
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "application_name",
+    "options",
+];
+
+fn refuse_unknown_pg_parameters(database_url: &str) -> Result<(), StoreError> {
+    let Some((_, query)) = database_url.split_once('?') else {
+        return Ok(());
+    };
+    let query = query.split_once('#').map_or(query, |(q, _)| q);
+    for param in query.split('&').filter(|p| !p.is_empty()) {
+        let key = param.split_once('=').map_or(param, |(key, _)| key);
+        let known =
+            PG_URL_PARAMETERS.contains(&key) || (key.starts_with("options[") && key.ends_with(']'));
+        if !known {
+            // Named only when it surely is a parameter's name: with an `@`
+            // after the `?`, the `?` may be in a badly encoded password, and
+            // what follows it a piece of that password.
+            let a_name = !query.contains('@')
+                && key.len() <= 64
+                && key
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_-.[]".contains(c));
+            let named = if a_name {
+                format!("`{key}`")
+            } else {
+                "(not shown: it may be part of a password; percent-encode `?`, `@` and `/` \
+                 in a password)"
+                    .to_owned()
+            };
+            return Err(StoreError::Unavailable(sqlx::Error::Configuration(
+                format!(
+                    "database URL: unknown parameter {named}; known: {}",
+                    PG_URL_PARAMETERS.join(", ")
+                )
+                .into(),
+            )));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod classify_tests {
     use super::*;
+
+    #[test]
+    fn an_unknown_url_parameter_is_refused_naming_only_a_name() {
+        let refused = |url: &str| match refuse_unknown_pg_parameters(url) {
+            Err(e) => e.to_string(),
+            Ok(()) => panic!("accepted: {url}"),
+        };
+        let e = refused("postgres://app@db/x?sslmode=require&sslpassword=s3cret");
+        assert!(e.contains("`sslpassword`") && !e.contains("s3cret"), "{e}");
+        // A `?` in a password that was not encoded: nothing after it shown.
+        for url in [
+            "postgres://app:s3?cret@db/x",
+            "postgres://app:s3?x&cret@db/x",
+        ] {
+            let e = refused(url);
+            assert!(!e.contains("cret") && e.contains("not shown"), "{e}");
+        }
+        for fine in [
+            "postgres://app:pw@db/x",
+            "postgres://app@db/x?sslmode=verify-full&sslrootcert=/ca.pem&application_name=bm",
+            "postgres://app@db/x?options[statement_timeout]=5s",
+            "postgres://app@db/x?",
+        ] {
+            refuse_unknown_pg_parameters(fine).unwrap_or_else(|e| panic!("{fine}: {e}"));
+        }
+    }
 
     #[test]
     fn connection_pool_and_timeout_failures_are_unavailable() {

@@ -809,6 +809,50 @@ fn field_addr(line: &str, field: &str) -> SocketAddr {
 }
 
 #[test]
+fn a_database_url_that_does_not_parse_never_shows_its_password() {
+    for url in [
+        // libpq's key=value form, pasted where a URL belongs
+        "host=127.0.0.1 user=billing password=s3cret-canary dbname=billing",
+        // a `?` in the password, not percent-encoded
+        "postgres://billing:s3cret?canary@127.0.0.1:1/billing",
+        // a parameter sqlx would log, value and all, before ignoring it
+        "postgres://billing@127.0.0.1:1/billing?sslpassword=s3cret-canary",
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        for args in [
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "off",
+                "--startup-timeout",
+                "1s",
+                "--database-url",
+                url,
+            ][..],
+            &["migrate", "--database-url", url][..],
+        ] {
+            let out = Command::new(binary())
+                .current_dir(dir.path())
+                .args(args)
+                .env_remove("RUST_LOG")
+                .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+                .stdin(Stdio::null())
+                .output()
+                .expect("run billing-mode");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{args:?} must fail:\n{stderr}");
+            assert!(
+                !stderr.contains("s3cret"),
+                "{args:?}: the password appears:\n{stderr}"
+            );
+            assert!(!stderr.trim().is_empty(), "{args:?}: says why");
+        }
+    }
+}
+
+#[test]
 fn an_unreachable_store_is_retried_until_the_startup_timeout_then_the_server_exits() {
     let (_reserved, nobody) = refusing_addr();
     let url = format!("postgres://billing:s3cret-canary@{nobody}/billing");
