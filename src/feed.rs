@@ -149,6 +149,24 @@ struct Health {
     current_at: Option<Moment>,
     /// The log has been unreadable for longer than [`LOST_AFTER`].
     lost: bool,
+    /// The tailer's last read met a log it cannot interpret (a gap in the
+    /// positions, an entry that does not parse): what it met. Said at once,
+    /// not after [`LOST_AFTER`]: reading again reads the same bytes, so an
+    /// operator must look before anyone resumes (the contract's
+    /// `DATA_LOSS`/`STORE_CORRUPT`), where a store merely unreachable is
+    /// worth retrying later.
+    corrupt: Option<String>,
+}
+
+impl Health {
+    /// Why a subscription cannot go on, if it cannot.
+    fn failure(&self) -> Option<FeedError> {
+        match (&self.corrupt, self.lost) {
+            (Some(what), _) => Some(FeedError::Store(StoreError::corrupt(what.clone()))),
+            (None, true) => Some(FeedError::Lost),
+            (None, false) => None,
+        }
+    }
 }
 
 /// What the tailer, the subscriptions and the handles share.
@@ -286,6 +304,17 @@ impl Feed {
         })
     }
 
+    /// Completes once the tailer is not known to be failing (it has not
+    /// lost the log, nor met a log it cannot interpret), or the feed shuts
+    /// down: before then a new subscription would fail at once.
+    pub async fn readable(&self) {
+        let mut health = self.shared.health.subscribe();
+        tokio::select! {
+            _ = health.wait_for(|h| !h.lost && h.corrupt.is_none()) => {}
+            () = self.stopped() => {}
+        }
+    }
+
     /// Completes once [`Feed::shutdown`] was called.
     pub async fn stopped(&self) {
         let mut rx = self.shared.shutdown.subscribe();
@@ -362,7 +391,10 @@ impl Subscription {
             let received = tokio::select! {
                 biased;
                 _ = self.shutdown.wait_for(|s| *s) => return Err(FeedError::ShuttingDown),
-                _ = self.health.wait_for(|h| h.lost) => return Err(FeedError::Lost),
+                failed = self.health.wait_for(|h| h.lost || h.corrupt.is_some()) => {
+                    let failure = failed.ok().and_then(|h| h.failure());
+                    return Err(failure.unwrap_or(FeedError::ShuttingDown));
+                }
                 received = self.rx.recv() => received,
             };
             match received {
@@ -484,13 +516,15 @@ async fn tail(shared: Arc<Shared>, poll: Duration) {
         }
     };
     let mut notifications = Notifications::default();
-    notifications.listen(&*shared.store).await;
     let mut shutdown = shared.shutdown.subscribe();
     let mut failing_since: Option<Instant> = None;
     loop {
         if *shutdown.borrow() {
             return;
         }
+        // Listening before reading: a change committed after this wakes the
+        // tailer, and every one before it is in the read.
+        notifications.listen(&*shared.store).await;
         match read_to_end(&shared, &mut position).await {
             Ok(started) => {
                 if failing_since.take().is_some() {
@@ -499,6 +533,7 @@ async fn tail(shared: Arc<Shared>, poll: Duration) {
                 shared.health.send_modify(|h| {
                     h.current_at = Some(started);
                     h.lost = false;
+                    h.corrupt = None;
                 });
             }
             Err(e) => {
@@ -506,13 +541,19 @@ async fn tail(shared: Arc<Shared>, poll: Duration) {
                     tracing::warn!(position, error = %e, "change feed: cannot read the change log");
                     Instant::now()
                 });
+                if let StoreError::Corrupt { what, .. } = &e {
+                    if shared.health.borrow().corrupt.as_ref() != Some(what) {
+                        tracing::error!(position, error = %e, "change feed: the change log cannot be interpreted; ending subscriptions");
+                        let what = what.clone();
+                        shared.health.send_modify(|h| h.corrupt = Some(what));
+                    }
+                }
                 if since.elapsed() >= LOST_AFTER && !shared.health.borrow().lost {
                     tracing::error!(position, error = %e, "change feed: the change log is lost; ending subscriptions");
                     shared.health.send_modify(|h| h.lost = true);
                 }
             }
         }
-        notifications.listen(&*shared.store).await;
         let wait = next_wait(
             poll,
             failing_since.is_some(),
@@ -523,7 +564,8 @@ async fn tail(shared: Arc<Shared>, poll: Duration) {
             _ = tokio::time::sleep(wait) => {}
             woken = wait_for(&mut notifications.listener) => {
                 if woken.is_err() {
-                    // Re-listen next round; polling covers the gap.
+                    // Listen again, then read: what was committed meanwhile
+                    // is in that read.
                     notifications.listener = None;
                 }
             }

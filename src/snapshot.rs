@@ -385,7 +385,7 @@ impl SpendSnapshot {
     /// again (meanwhile nothing confirms currency, so the snapshot goes stale
     /// and CheckSpend answers UNAVAILABLE).
     async fn run(self, feed: Feed, registry: Arc<Registry>) {
-        let Some(mut sub) = self.load_until_done(&feed, &registry).await else {
+        let Some(mut sub) = self.load_until_done(&feed, &registry, false).await else {
             return;
         };
         loop {
@@ -407,17 +407,26 @@ impl SpendSnapshot {
                 self.confirm_from(&feed, &sub);
             };
             tracing::warn!(error = %failure, "spend snapshot: the change feed failed; loading again");
-            match self.load_until_done(&feed, &registry).await {
+            match self.load_until_done(&feed, &registry, true).await {
                 Some(s) => sub = s,
                 None => return,
             }
         }
     }
 
-    /// Loads (retrying after failures) until it succeeds; `None` once the
-    /// feed shuts down.
-    async fn load_until_done(&self, feed: &Feed, registry: &Registry) -> Option<Subscription> {
-        let mut first = true;
+    /// Loads (retrying after failures, and after a pause when the last
+    /// subscription `failed`) until it succeeds; `None` once the feed shuts
+    /// down. Never while the feed is failing: a subscription
+    /// would end at once, and each load reads every record, so loading
+    /// again and again would put the whole store under load for as long as
+    /// the change log cannot be read, for nothing.
+    async fn load_until_done(
+        &self,
+        feed: &Feed,
+        registry: &Registry,
+        failed: bool,
+    ) -> Option<Subscription> {
+        let mut first = !failed;
         loop {
             if !first {
                 tokio::select! {
@@ -426,6 +435,7 @@ impl SpendSnapshot {
                 }
             }
             first = false;
+            feed.readable().await;
             match self.load(feed, registry).await {
                 Ok(s) => return Some(s),
                 Err(FeedError::ShuttingDown) => return None,

@@ -281,15 +281,20 @@ impl Queries for PgDialect {
     }
 }
 
-/// sqlx's listener reconnects by itself on the next `recv` after a lost
-/// connection; what was sent meanwhile is lost, which the feed's polling
-/// covers.
+/// `try_recv`, not `recv`: when the listener's connection is lost, `recv`
+/// reconnects and goes on waiting without a word, and whatever was notified
+/// while it was away is gone, so a change committed then would reach this
+/// replica only at the next poll. `try_recv` reconnects (and listens again)
+/// too, but returns `None`: that is a wake-up, and the feed reads the log at
+/// once, which finds any change it was not told of.
 struct PgChangeListener(PgListener);
 
 #[async_trait]
 impl ChangeListener for PgChangeListener {
     async fn wait(&mut self) -> Result<(), StoreError> {
-        self.0.recv().await?;
+        if self.0.try_recv().await?.is_none() {
+            tracing::debug!("change feed: the listener's connection was lost and made again");
+        }
         Ok(())
     }
 }

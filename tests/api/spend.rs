@@ -759,6 +759,49 @@ async fn execute(db: &TestDb, sql: &str) {
 }
 
 backends!(
+    a_change_log_that_stays_unreadable_does_not_make_the_snapshot_read_every_record_again_and_again,
+    flavor = "multi_thread",
+    worker_threads = 2
+);
+async fn a_change_log_that_stays_unreadable_does_not_make_the_snapshot_read_every_record_again_and_again(
+    db: TestDb,
+) {
+    let server = crate::server_process::ServerProcess::start(&db.url, &[], &[]);
+    let loads = |log: &str| log.matches("spend snapshot loaded").count();
+    execute(
+        &db,
+        "ALTER TABLE billing_changes RENAME TO billing_changes_away",
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !server.log().contains("the change log is lost") {
+        assert!(Instant::now() < deadline, "never lost:\n{}", server.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Loading again cannot help while the feed cannot read the log (the
+    // subscription would end at once); each load reads every record.
+    let before = loads(&server.log());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let during = loads(&server.log()) - before;
+    assert!(during <= 1, "{during} loads in 2 s while the log was lost");
+    // Readable again: it loads again, by itself.
+    execute(
+        &db,
+        "ALTER TABLE billing_changes_away RENAME TO billing_changes",
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while loads(&server.log()) == before + during {
+        assert!(
+            Instant::now() < deadline,
+            "never loaded again:\n{}",
+            server.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+backends!(
     a_stuck_change_feed_fails_closed_though_the_store_answers,
     flavor = "multi_thread",
     worker_threads = 4

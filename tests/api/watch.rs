@@ -945,6 +945,44 @@ async fn a_lost_change_log_ends_streams_with_store_unavailable(db: TestDb) {
     assert_error(&err, Code::Unavailable, "STORE_UNAVAILABLE");
 }
 
+backends!(a_gap_in_the_change_log_ends_streams_with_store_corrupt_and_resuming_does_not_help);
+async fn a_gap_in_the_change_log_ends_streams_with_store_corrupt_and_resuming_does_not_help(
+    db: TestDb,
+) {
+    let app = TestApp::spawn(&db).await;
+    let mut c = app.client().await;
+    let ws = new_workspace();
+    app.set(set_model_req(&ws, "opus", false)).await;
+    let (mut s, cursor) = watch_from_now(&mut c, &[]).await;
+    // A position handed out that no change has (as after a hand edit):
+    // the next change lands one past a hole.
+    raw_sql(
+        &db,
+        "UPDATE billing_change_log SET last_position = last_position + 1",
+    )
+    .await;
+    app.set(set_model_req(&ws, "sonnet", false)).await;
+    let ends = |err: &Status| assert_error(err, Code::DataLoss, "STORE_CORRUPT");
+    let err = loop {
+        match next(&mut s).await {
+            Ok(Some(m)) => assert!(matches!(m.event, Some(Event::Progress(_))), "{m:?}"),
+            Ok(None) => panic!("the stream ended without a status"),
+            Err(e) => break e,
+        }
+    };
+    ends(&err);
+    // Resuming from the cursor before the hole meets the same hole.
+    let mut resumed = open(&mut c, from_cursor(&cursor)).await.expect("resume");
+    let err = loop {
+        match next(&mut resumed).await {
+            Ok(Some(m)) => assert!(matches!(m.event, Some(Event::Progress(_))), "{m:?}"),
+            Ok(None) => panic!("the resumed stream ended without a status"),
+            Err(e) => break e,
+        }
+    };
+    ends(&err);
+}
+
 backends!(
     a_slow_consumer_is_cut_off_while_writers_and_other_streams_keep_going,
     flavor = "multi_thread",
