@@ -218,6 +218,7 @@ fn entry(line: usize, text: &str) -> Result<Entry, LineError> {
     let model = name(&object, "model", Model::parse).map_err(|m| err(Some("model"), m))?;
     let credential_keys = match object.get("credential_keys") {
         None | Some(Value::Null) => CredentialKeys::default(),
+        Some(Value::String(s)) if s.is_empty() => CredentialKeys::default(),
         Some(Value::Array(items)) => {
             let mut names = Vec::with_capacity(items.len());
             for (i, item) in items.iter().enumerate() {
@@ -268,9 +269,11 @@ fn name<T>(
     }
 }
 
+/// An optional mode: absent, `null` and `""` are none.
 fn mode(object: &Map<String, Value>, field: &str) -> Result<Option<Mode>, String> {
     match object.get(field) {
         None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.is_empty() => Ok(None),
         Some(Value::String(s)) => s
             .parse()
             .map(Some)
@@ -959,6 +962,24 @@ mod tests {
         assert_eq!(e.legacy_mode, Some(Mode::PlatformManaged));
         assert_eq!(p.entries[1].line, 3);
         assert_eq!(p.entries[1].model, None);
+    }
+
+    #[test]
+    fn an_empty_string_is_absent_in_every_optional_field() {
+        let p = parse_str(
+            "{\"workspace_id\":\"6b66de8d-9337-4fb4-be8d-6d49dca0d809\",\"runtime\":\"\",\"model\":\"\",\
+             \"credential_keys\":\"\",\"override_mode\":\"\",\"legacy_mode\":\"\"}\n",
+        );
+        assert!(p.errors.is_empty(), "{:?}", p.errors);
+        let e = &p.entries[0];
+        assert_eq!((e.runtime.as_ref(), e.model.as_ref()), (None, None));
+        assert_eq!(e.credential_keys, CredentialKeys::default());
+        assert_eq!((e.override_mode, e.legacy_mode), (None, None));
+        // Anything else that is not a mode is still refused.
+        let p = parse_str(
+            "{\"workspace_id\":\"6b66de8d-9337-4fb4-be8d-6d49dca0d809\",\"override_mode\":\" \"}\n",
+        );
+        assert_eq!(p.errors.len(), 1, "{:?}", p.errors);
     }
 
     #[test]
