@@ -219,12 +219,8 @@ impl Position {
     }
 }
 
-/// Integrity check of a page token's text (not a secret: any replica, and
-/// anyone, can compute it; it only tells a handed-out token from a mangled one).
 fn check_value(text: &str) -> String {
-    use sha2::{Digest, Sha256};
-    let digest = Sha256::digest(format!("billing-mode ListDrift page v1\n{text}"));
-    hex::encode(&digest[..8])
+    super::page_check("ListDrift", text)
 }
 
 /// The commit time of the earliest revision from which the decision has

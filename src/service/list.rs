@@ -48,8 +48,16 @@ fn query(req: &proto::ListWorkspacesRequest) -> Result<Query, ApiError> {
     })
 }
 
+/// Base64 of `ws1:ID`, a dot, and a check value of that text, so that a
+/// token the service did not hand out (mangled, or made up in the same
+/// form) is refused rather than read as another position.
 fn encode_token(last_scanned: WorkspaceId) -> String {
-    URL_SAFE_NO_PAD.encode(format!("{TOKEN_PREFIX}{last_scanned}"))
+    let text = format!("{TOKEN_PREFIX}{last_scanned}");
+    format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(&text),
+        super::page_check("ListWorkspaces", &text)
+    )
 }
 
 /// The last scanned id a token carries; anything the service did not hand
@@ -58,10 +66,12 @@ fn decode_token(token: &str) -> Result<Option<WorkspaceId>, ApiError> {
     if token.is_empty() {
         return Ok(None);
     }
-    let id = URL_SAFE_NO_PAD
-        .decode(token)
-        .ok()
-        .and_then(|bytes| String::from_utf8(bytes).ok())
+    let id = token
+        .split_once('.')
+        .and_then(|(body, check)| {
+            let text = String::from_utf8(URL_SAFE_NO_PAD.decode(body).ok()?).ok()?;
+            (check == super::page_check("ListWorkspaces", &text)).then_some(text)
+        })
         .and_then(|text| {
             let id = WorkspaceId::parse(text.strip_prefix(TOKEN_PREFIX)?).ok()?;
             // Only the exact form the service writes.

@@ -25,6 +25,16 @@ pub mod transport_errors;
 pub mod watch;
 
 use crate::wire::convert;
+
+/// Integrity check of a page token's text, for the listing `kind` (not a
+/// secret: any replica, and anyone, can compute it; it only tells a
+/// handed-out token from a mangled or made-up one, which the contract
+/// refuses).
+pub(crate) fn page_check(kind: &str, text: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(format!("billing-mode {kind} page v1\n{text}"));
+    hex::encode(&digest[..8])
+}
 use error::{ApiError, ErrorReason};
 // The core's decision functions, each in its own child span.
 use spans::{build_env, resolve};

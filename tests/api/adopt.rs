@@ -965,11 +965,27 @@ async fn a_page_token_the_service_did_not_hand_out_is_invalid_argument(db: TestD
     let mut tampered = good.clone().into_bytes();
     tampered[3] = if tampered[3] == b'A' { b'B' } else { b'A' };
     let tampered = String::from_utf8(tampered).unwrap();
+    // One character changed in the middle (in the position it carries).
+    let mut in_the_id = good.clone().into_bytes();
+    let mid = good.find('.').unwrap_or(good.len()) / 2;
+    in_the_id[mid] = if in_the_id[mid] == b'A' { b'B' } else { b'A' };
+    let in_the_id = String::from_utf8(in_the_id).unwrap();
+    // Made up in the form of a handed-out token, naming another workspace.
+    let (body, check) = good.split_once('.').expect("a body and a check");
+    let made_up = {
+        use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine as _};
+        let text = String::from_utf8(URL_SAFE_NO_PAD.decode(body).unwrap()).unwrap();
+        let other = text.replace(&text[text.len() - 12..], "000000000000");
+        format!("{}.{check}", URL_SAFE_NO_PAD.encode(other))
+    };
     for bad in [
         "garbage!".to_owned(),
         "5".to_owned(),
         new_workspace(),
         tampered,
+        in_the_id,
+        made_up,
+        body.to_owned(),
         format!("{good}x"),
     ] {
         let e = c
