@@ -128,8 +128,8 @@ impl Application {
         let readiness = Readiness::new();
         readiness.condition(health::STORE_REACHABLE).set(true);
         let migrated = readiness.condition(health::MIGRATIONS_APPLIED);
-        if config.migrate {
-            migrated.set(true);
+        let migrations_applied = if config.migrate {
+            true
         } else {
             let pending = store
                 .pending_migrations()
@@ -142,8 +142,9 @@ impl Application {
                      `billing-mode migrate` has applied them"
                 );
             }
-            migrated.set(pending == 0);
-        }
+            pending == 0
+        };
+        migrated.set(migrations_applied);
         // The feed waits for the change log (with --no-migrate, until someone
         // has applied the migrations) without holding start-up up.
         let feed = Feed::start(
@@ -175,6 +176,17 @@ impl Application {
             .as_ref()
             .map(|l| l.local_addr())
             .transpose()?;
+        // Listening from here; what is not yet true is said, not claimed
+        // (health and /readyz follow each condition as it changes).
+        let state = if !migrations_applied {
+            "listening; registry loaded; NOT serving until the pending migrations are applied \
+             (`billing-mode migrate`; /readyz lists what fails)"
+        } else if !spend.is_current() {
+            "listening; migrations applied, registry loaded; serving once the spend snapshot \
+             is current (/readyz lists what fails)"
+        } else {
+            "listening; migrations applied, registry loaded"
+        };
         tracing::info!(
             %addr,
             admin = %admin_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()),
@@ -184,7 +196,7 @@ impl Application {
             tokens = auth.token_count(),
             tls = config.tls.is_some(),
             mtls = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
-            "ready: migrations applied, registry loaded"
+            "ready: {state}"
         );
         Ok(Application {
             listener,

@@ -602,6 +602,23 @@ async fn with_migrations_left_to_the_migrate_step_the_server_waits_not_ready(db:
     app.stop().await.unwrap();
 }
 
+#[test]
+fn the_ready_line_does_not_claim_migrations_that_are_pending() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite:{}", dir.path().join("fresh.db").display());
+    let server = ServerProcess::start(&url, &["--no-migrate"], &[]);
+    let log = server.log();
+    let ready = log
+        .lines()
+        .find(|l| l.contains("ready:"))
+        .expect("a ready line");
+    assert!(
+        ready.contains("NOT serving until the pending migrations are applied")
+            && !ready.contains("listening; migrations applied"),
+        "{ready}"
+    );
+}
+
 backends!(sqlite: probes_work_on_the_admin_port_with_mtls_on_the_grpc_port);
 async fn probes_work_on_the_admin_port_with_mtls_on_the_grpc_port(db: TestDb) {
     let dir = tempfile::tempdir().unwrap();
