@@ -731,8 +731,10 @@ fn batches(entries: &[Entry], batch_size: usize) -> Vec<Range<usize>> {
 }
 
 /// One batch, one `BatchCreateWorkspaces` call; with `update`, each existing
-/// workspace then as [`existing_one`]. Returns the results (those of a batch
-/// stopped by a fatal error are left out) and whether the run should stop.
+/// workspace then as [`existing_one`]. Returns the results and whether the
+/// run should stop. After a fatal error updating one existing workspace, the
+/// batch's later existing ones are left out (not sent), but the workspaces
+/// the call created are reported, since they were.
 async fn import_batch(conn: &Connection, entries: &[Entry], opts: &Options) -> (Vec<Done>, bool) {
     let mut client = conn.client.clone();
     let request = proto::BatchCreateWorkspacesRequest {
@@ -742,22 +744,23 @@ async fn import_batch(conn: &Connection, entries: &[Entry], opts: &Options) -> (
     let status = match client.batch_create_workspaces(conn.request(request)).await {
         Ok(r) if r.get_ref().results.len() == entries.len() => {
             let mut out = Vec::with_capacity(entries.len());
+            let mut stopped = false;
             for (e, r) in entries.iter().zip(r.into_inner().results) {
                 if r.created {
                     out.push(done(e, Outcome::Created, r.resolution, None));
+                } else if stopped {
+                    // Not sent: the run stops.
                 } else if opts.update {
                     let (d, fatal) = existing_one(conn, e, opts).await;
                     out.push(d);
-                    if fatal {
-                        return (out, true);
-                    }
+                    stopped = fatal;
                 } else {
                     // Left alone; its decision is known when the caller may
                     // read it.
                     out.push(done(e, Outcome::Existing, r.resolution, None));
                 }
             }
-            return (out, false);
+            return (out, stopped);
         }
         Ok(r) => Status::internal(format!(
             "the server answered {} results for {} workspaces",

@@ -1786,3 +1786,51 @@ fn the_generated_file_covers_every_rule_of_the_built_in_registry() {
         }
     }
 }
+
+backends!(
+    an_update_stopped_by_a_refusal_still_reports_what_its_batch_created,
+    flavor = "multi_thread",
+    worker_threads = 4
+);
+async fn an_update_stopped_by_a_refusal_still_reports_what_its_batch_created(db: TestDb) {
+    // A writer may create, but not read a decision to update one (Resolve
+    // needs reader): the first existing workspace stops the run.
+    let (writer, writer_entry) = make_token("importer", &[Role::Writer]);
+    let app = TestApp::spawn_with(config_with_tokens(&db, vec![writer_entry])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ids: Vec<String> = (0..10).map(|_| new_workspace()).collect();
+    let line = |ws: &String| {
+        format!("{{\"workspace_id\":\"{ws}\",\"runtime\":\"claude-code\",\"model\":\"opus\"}}\n")
+    };
+    let first = dir.path().join("first.jsonl");
+    std::fs::write(&first, line(&ids[0])).unwrap();
+    let all = dir.path().join("all.jsonl");
+    std::fs::write(&all, ids.iter().map(line).collect::<String>()).unwrap();
+    let server = app.endpoint();
+    let import = |path: &std::path::Path, extra: &[&str]| {
+        let path = path.display().to_string();
+        let mut args = vec![
+            "import", &path, "--server", &server, "--token", &writer, "--reason", "adopt", "--json",
+        ];
+        args.extend_from_slice(extra);
+        bin(&args)
+    };
+    let o = run_bin(import(&first, &[])).await;
+    assert!(o.status.success(), "{}", describe(&o));
+    let o = run_bin(import(&all, &["--update", "--batch-size", "10"])).await;
+    assert!(!o.status.success(), "{}", describe(&o));
+    let r: Value =
+        serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", describe(&o)));
+    let stored = raw_record_rows(&db).await.len();
+    assert_eq!(stored, 10, "the batch created the nine others");
+    assert_eq!(
+        r["created"].as_u64().unwrap() as usize,
+        stored - 1,
+        "what was done is what is reported: {}",
+        describe(&o)
+    );
+    let failures = r["failures"].as_array().unwrap();
+    assert_eq!(failures.len(), 1, "{}", describe(&o));
+    assert_eq!(failures[0]["line"], 1);
+    assert_eq!(failures[0]["reason"], "PERMISSION_DENIED");
+}
