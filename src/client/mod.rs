@@ -246,7 +246,9 @@ const DEFAULT_SERVER: &str = "127.0.0.1:50051";
 /// TLS, which tonic speaks only to an `https://` URL: the default address
 /// and one without a scheme get `https://` then (`http://` otherwise); an
 /// explicit `http://` is refused, not quietly sent in plaintext with the
-/// TLS options ignored, as the two ask for opposite things.
+/// TLS options ignored, as the two ask for opposite things. Any scheme but
+/// those two is refused: tonic would connect to it in plaintext, TLS
+/// options or not, and send the token.
 fn server_url(args: &ClientArgs) -> anyhow::Result<String> {
     let tls_option = [
         (args.ca_cert.is_some(), "--ca-cert"),
@@ -271,7 +273,11 @@ fn server_url(args: &ClientArgs) -> anyhow::Result<String> {
             ),
             None => Ok(server.to_owned()),
         },
-        Some(_) => Ok(server.to_owned()),
+        Some((scheme, _)) if scheme.eq_ignore_ascii_case("https") => Ok(server.to_owned()),
+        Some((scheme, rest)) => anyhow::bail!(
+            "--server {server}: the scheme {scheme}:// is not one this client speaks; \
+             use https://{rest} (TLS) or http://{rest} (plaintext)"
+        ),
     }
 }
 

@@ -546,6 +546,42 @@ async fn the_cli_with_a_ca_cert_speaks_tls_without_an_https_address(db: TestDb) 
         "{stderr}"
     );
 
+    // Any other scheme (grpcs://, a typo) would be dialled in plaintext,
+    // the token in its headers: refused, and nothing is sent.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let other = format!("grpcs://{}", listener.local_addr().unwrap());
+    let connected = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = connected.clone();
+    // Each connection is noted and closed at once (a CLI that dials fails
+    // fast instead of waiting for a handshake).
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            seen.store(true, std::sync::atomic::Ordering::SeqCst);
+            drop(conn);
+        }
+    });
+    for tls in [true, false] {
+        let mut args = vec![
+            "resolve".into(),
+            ws.clone(),
+            "--server".into(),
+            other.clone(),
+            "--token".into(),
+            "bmt_canary".into(),
+        ];
+        if tls {
+            args.extend(["--ca-cert".into(), path(&pki.ca)]);
+        }
+        let out = cli(args, vec![]).await;
+        assert!(!out.status.success(), "{out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("use https://"), "{stderr}");
+        assert!(
+            !connected.load(std::sync::atomic::Ordering::SeqCst),
+            "the CLI connected to {other}: {stderr}"
+        );
+    }
+
     // No --server: the default address, over TLS. Nothing trusted by this
     // test's fresh CA serves there, so the call fails, naming the https://
     // URL it tried.
