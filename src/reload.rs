@@ -9,10 +9,7 @@
 //!   file differs from the running registry, the running one stays and an
 //!   error says that a registry change needs a rolling restart.
 
-use std::{
-    path::PathBuf,
-    sync::{Arc, RwLock},
-};
+use std::{path::PathBuf, sync::Arc};
 
 use anyhow::Context;
 
@@ -21,9 +18,11 @@ use crate::{
     domain::Registry,
 };
 
-/// The authenticator in force; swapped whole on a reload.
+/// The authenticator in force; swapped whole on a reload. Calls take the
+/// one in force when they start; a stream that outlives a reload follows
+/// [`SharedAuth::changes`], so a token taken away ends it.
 #[derive(Clone)]
-pub struct SharedAuth(Arc<RwLock<Arc<Authenticator>>>);
+pub struct SharedAuth(Arc<tokio::sync::watch::Sender<Arc<Authenticator>>>);
 
 impl std::fmt::Debug for SharedAuth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -33,23 +32,21 @@ impl std::fmt::Debug for SharedAuth {
 
 impl SharedAuth {
     pub fn new(auth: Authenticator) -> Self {
-        SharedAuth(Arc::new(RwLock::new(Arc::new(auth))))
+        SharedAuth(Arc::new(tokio::sync::watch::Sender::new(Arc::new(auth))))
     }
 
     /// The authenticator for one call.
     pub fn current(&self) -> Arc<Authenticator> {
-        // Writers only swap an Arc: a poisoned lock still holds a whole value.
-        self.0
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
+        self.0.borrow().clone()
+    }
+
+    /// Each authenticator put in force from now on.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<Arc<Authenticator>> {
+        self.0.subscribe()
     }
 
     fn replace(&self, auth: Authenticator) {
-        *self
-            .0
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(auth);
+        self.0.send_replace(Arc::new(auth));
     }
 }
 

@@ -321,7 +321,8 @@ impl Application {
             self.registry.clone(),
             crate::service::watch::Watcher::new(self.feed.clone(), &self.config),
         )
-        .with_spend(self.spend.clone());
+        .with_spend(self.spend.clone())
+        .with_auth(self.auth.clone());
         tasks.spawn(reload::on_sighup(
             reload::Reloader {
                 auth: self.auth.clone(),

@@ -46,6 +46,9 @@ pub struct BillingModeService {
     registry: Arc<Registry>,
     watcher: watch::Watcher,
     spend: crate::snapshot::SpendSnapshot,
+    /// The authenticator in force, followed by streams (a Watch whose token
+    /// a reload takes away ends); `None`: calls are checked only as they start.
+    auth: Option<crate::reload::SharedAuth>,
 }
 
 impl std::fmt::Debug for BillingModeService {
@@ -62,6 +65,16 @@ impl BillingModeService {
             watcher,
             // Never current until one is given: CheckSpend fails closed.
             spend: crate::snapshot::SpendSnapshot::new(std::time::Duration::ZERO),
+            auth: None,
+        }
+    }
+
+    /// Follows the authenticator in force: a Watch stream ends once its
+    /// token no longer authenticates, or no longer may Watch.
+    pub fn with_auth(self, auth: crate::reload::SharedAuth) -> Self {
+        BillingModeService {
+            auth: Some(auth),
+            ..self
         }
     }
 
@@ -411,8 +424,17 @@ impl BillingMode for BillingModeService {
         let run = async {
             let who = principal(&request)?;
             who.require(Action::Watch)?;
-            let stream =
-                watch::start(&self.watcher, self.registry.clone(), request.get_ref()).await?;
+            let allowed = self
+                .auth
+                .as_ref()
+                .map(|auth| watch::StillAllowed::new(auth.changes(), request.metadata()));
+            let stream = watch::start(
+                &self.watcher,
+                self.registry.clone(),
+                request.get_ref(),
+                allowed,
+            )
+            .await?;
             tracing::info!(target: "billing_mode::decision", rpc = "Watch", actor = %who.name, "stream started");
             Ok(stream)
         };

@@ -17,9 +17,10 @@ use std::{
 };
 
 use tokio::sync::{mpsc, oneshot};
-use tonic::Status;
+use tonic::{metadata::MetadataMap, Status};
 
 use crate::{
+    auth::{Action, Authenticator},
     config::Config,
     domain::{resolve, Record, Registry, WorkspaceId},
     feed::{Feed, FeedError, Subscription},
@@ -195,12 +196,60 @@ impl tokio_stream::Stream for WatchStream {
     }
 }
 
+/// Whether a stream's caller may still Watch: its credentials checked again
+/// against each authenticator a reload puts in force. Holds the call's
+/// `authorization` metadata only, never shown.
+pub struct StillAllowed {
+    auth: tokio::sync::watch::Receiver<Arc<Authenticator>>,
+    credentials: MetadataMap,
+}
+
+impl std::fmt::Debug for StillAllowed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StillAllowed").finish_non_exhaustive()
+    }
+}
+
+impl StillAllowed {
+    pub fn new(
+        auth: tokio::sync::watch::Receiver<Arc<Authenticator>>,
+        metadata: &MetadataMap,
+    ) -> Self {
+        let mut credentials = MetadataMap::new();
+        if let Some(v) = metadata.get("authorization") {
+            credentials.insert("authorization", v.clone());
+        }
+        StillAllowed { auth, credentials }
+    }
+
+    /// Completes, with the refusal a new call would get, once a reload has
+    /// taken the caller's token or its Watch away; never while it has not.
+    async fn revoked(mut self) -> ApiError {
+        loop {
+            if self.auth.changed().await.is_err() {
+                // No more reloads: what is in force stays.
+                return std::future::pending().await;
+            }
+            let auth = self.auth.borrow_and_update().clone();
+            let refusal = auth
+                .authenticate(&self.credentials)
+                .and_then(|who| who.require(Action::Watch));
+            if let Err(e) = refusal {
+                return e;
+            }
+        }
+    }
+}
+
 /// Starts a stream for `req`; every error that can be known before the first
-/// message (role, arguments, cursor, store) is the call's status.
+/// message (role, arguments, cursor, store) is the call's status. With
+/// `allowed`, the stream ends as soon as a reload takes the caller's right
+/// to Watch away.
 pub async fn start(
     watcher: &Watcher,
     registry: Arc<Registry>,
     req: &proto::WatchRequest,
+    allowed: Option<StillAllowed>,
 ) -> Result<WatchStream, ApiError> {
     let filter = req
         .workspace_ids
@@ -254,7 +303,17 @@ pub async fn start(
         progress_interval: watcher.progress_interval,
     };
     tokio::spawn(async move {
-        if let Err(End::Error(e)) = stream.run(opening, after, subscription).await {
+        let revoked = async {
+            match allowed {
+                Some(allowed) => allowed.revoked().await,
+                None => std::future::pending().await,
+            }
+        };
+        let ended = tokio::select! {
+            ended = stream.run(opening, after, subscription) => ended,
+            refusal = revoked => Err(End::Error(refusal)),
+        };
+        if let Err(End::Error(e)) = ended {
             tracing::info!(
                 target: "billing_mode::decision",
                 rpc = "Watch",

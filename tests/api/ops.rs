@@ -1060,17 +1060,30 @@ fn token_line(name: &str, role: billing_mode::auth::Role) -> (String, String) {
     (token, entry.line())
 }
 
-async fn resolve_with(addr: SocketAddr, token: &str, ws: &str) -> Result<(), tonic::Status> {
+/// A client of the server at `addr` sending `token`.
+async fn client_with(
+    addr: SocketAddr,
+    token: &str,
+) -> BillingModeClient<
+    tonic::service::interceptor::InterceptedService<
+        tonic::transport::Channel,
+        impl tonic::service::Interceptor,
+    >,
+> {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect()
         .await
         .unwrap();
     let header: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
-    let mut c = BillingModeClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+    BillingModeClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
         req.metadata_mut().insert("authorization", header.clone());
         Ok(req)
-    });
+    })
+}
+
+async fn resolve_with(addr: SocketAddr, token: &str, ws: &str) -> Result<(), tonic::Status> {
+    let mut c = client_with(addr, token).await;
     c.resolve(billing_mode::proto::ResolveRequest {
         workspace_id: ws.to_owned(),
     })
@@ -1117,6 +1130,78 @@ fn serve_with_tokens_file(dir: &Path, line: &str) -> (Child, std::path::PathBuf)
         &[],
     );
     (server, tokens)
+}
+
+/// A stream outlives the call that opened it: a reload that takes its token
+/// away (a leaked token revoked) ends it, as it would refuse a new call; a
+/// reload that leaves the token alone does not.
+#[tokio::test]
+async fn a_watch_stream_ends_when_a_reload_takes_its_token_away() {
+    use billing_mode::auth::Role;
+    use billing_mode::proto::{watch_response::Event, SetRequest, WatchRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let (reader, reader_line) = token_line("leaky-reader", Role::Reader);
+    let (admin, admin_line) = token_line("admin", Role::Admin);
+    let (mut server, tokens) =
+        serve_with_tokens_file(dir.path(), &format!("{reader_line}\n{admin_line}"));
+    let ready = server.wait_for(&["ready:"]);
+    let addr = field_addr(&ready, "addr");
+    let mut admin_client = client_with(addr, &admin).await;
+    let ws = new_workspace();
+    let set = |model: &str| SetRequest {
+        workspace_id: ws.clone(),
+        runtime: Some("claude-code".into()),
+        model: Some(model.into()),
+        reason: "test".into(),
+        ..SetRequest::default()
+    };
+    let open = |token: String| async move {
+        let mut s = client_with(addr, &token)
+            .await
+            .watch(WatchRequest::default())
+            .await
+            .expect("Watch")
+            .into_inner();
+        let first = s.message().await.unwrap().unwrap();
+        assert!(matches!(first.event, Some(Event::Progress(_))), "{first:?}");
+        s
+    };
+    let mut leaky = open(reader.clone()).await;
+    let mut other = open(admin.clone()).await;
+    // A reload that keeps the token: the stream goes on.
+    std::fs::write(&tokens, format!("# rotated\n{reader_line}\n{admin_line}\n")).unwrap();
+    server.signal("HUP");
+    server.wait_for(&["tokens reloaded"]);
+    admin_client.set(set("opus")).await.unwrap();
+    for s in [&mut leaky, &mut other] {
+        let m = s.message().await.unwrap().expect("a change");
+        assert!(matches!(m.event, Some(Event::Resolution(_))), "{m:?}");
+    }
+
+    // The reader's token taken away: its stream ends UNAUTHENTICATED, and the
+    // change after the reload reaches only the other stream.
+    std::fs::write(&tokens, format!("{admin_line}\n")).unwrap();
+    server.signal("HUP");
+    server.wait_for(&["tokens reloaded"]);
+    wait_for_auth(addr, &reader, &ws, Some(Code::Unauthenticated)).await;
+    admin_client.set(set("sonnet")).await.unwrap();
+    let m = other.message().await.unwrap().expect("a change");
+    assert!(matches!(m.event, Some(Event::Resolution(_))), "{m:?}");
+    let ended = loop {
+        match tokio::time::timeout(Duration::from_secs(20), leaky.message())
+            .await
+            .expect("the revoked stream ends")
+        {
+            Ok(Some(m)) => assert!(
+                matches!(m.event, Some(Event::Progress(_))),
+                "the revoked stream carried a change: {m:?}"
+            ),
+            Ok(None) => panic!("ended without a status"),
+            Err(e) => break e,
+        }
+    };
+    assert_error(&ended, Code::Unauthenticated, "UNAUTHENTICATED");
+    assert!(!server.wait_for(&["stream ended"]).contains(&reader));
 }
 
 /// A rotation whose SIGHUP comes the moment the server says it is ready (a
