@@ -907,10 +907,18 @@ pub fn report_text(report: &Report, invalid: &[LineError], lines: usize) -> Stri
     out += &format!("{:<14}{}\n", "conflicts:", report.conflicts.len());
     out += &format!("{:<14}{}\n", "failed:", report.failures.len());
     if !report.changed() && !report.interrupted && report.failures.is_empty() {
-        out += if report.dry_run {
-            "nothing would change: every workspace is already registered\n"
-        } else {
-            "nothing changed: every workspace is already registered\n"
+        out += match (report.dry_run, invalid.is_empty()) {
+            (true, true) => "nothing would change: every workspace is already registered\n",
+            (false, true) => "nothing changed: every workspace is already registered\n",
+            // The skipped lines' workspaces may well not be.
+            (true, false) => {
+                "nothing would change: every valid line's workspace is already registered; \
+                 the skipped lines were not imported\n"
+            }
+            (false, false) => {
+                "nothing changed: every valid line's workspace is already registered; \
+                 the skipped lines were not imported\n"
+            }
         };
     }
     for f in &report.conflicts {
@@ -965,6 +973,25 @@ mod tests {
         assert_eq!(e.legacy_mode, Some(Mode::PlatformManaged));
         assert_eq!(p.entries[1].line, 3);
         assert_eq!(p.entries[1].model, None);
+    }
+
+    #[test]
+    fn a_run_that_skipped_lines_never_says_every_workspace_is_registered() {
+        let p = parse_str("{\"workspace_id\":\"not-a-uuid\"}\n");
+        assert_eq!(p.errors.len(), 1);
+        for dry_run in [false, true] {
+            let report = Report {
+                dry_run,
+                ..Report::default()
+            };
+            let text = report_text(&report, &p.errors, 1);
+            assert!(!text.contains("every workspace"), "{text}");
+            assert!(
+                text.contains("the skipped lines were not imported"),
+                "{text}"
+            );
+            assert!(report_text(&report, &[], 1).contains("every workspace is already registered"));
+        }
     }
 
     #[test]

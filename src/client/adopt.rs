@@ -168,16 +168,18 @@ fn check_reason(reason: &str, dry_run: bool) -> anyhow::Result<()> {
 }
 
 pub async fn import(a: ImportArgs) -> ExitCode {
+    // Before the run: said as every command says an error (JSON on
+    // standard output too, with --json).
+    let refuse = |e: anyhow::Error| {
+        client::print_error(a.client.json, &e, serde_json::Map::new());
+        ExitCode::FAILURE
+    };
     if let Err(e) = check_reason(&a.reason, a.dry_run) {
-        eprintln!("error: {e:#}");
-        return ExitCode::FAILURE;
+        return refuse(e);
     }
     let parsed = match read_file(&a.file) {
         Ok(p) => p,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return refuse(e),
     };
     if !parsed.errors.is_empty() && !a.skip_invalid {
         if a.client.json {
@@ -203,10 +205,7 @@ pub async fn import(a: ImportArgs) -> ExitCode {
     }
     let (channel, bearer) = match client::channel(&a.client).await {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            return ExitCode::FAILURE;
-        }
+        Err(e) => return refuse(e),
     };
     let conn = Connection::new(channel, Some(bearer));
     let opts = Options {

@@ -1747,6 +1747,30 @@ async fn a_reason_the_server_would_refuse_is_refused_before_anything_is_sent(db:
         }
     }
     assert!(raw_record_rows(&db).await.is_empty());
+    // With --json, an error before the run is JSON on standard output too,
+    // as every command says one: a bad reason, an unreadable file, a server
+    // nobody runs.
+    let missing = dir.path().join("missing.jsonl").display().to_string();
+    for (file, reason, at, says) in [
+        (
+            path.as_str(),
+            "adopt\u{1b}",
+            server.as_str(),
+            "control characters",
+        ),
+        (missing.as_str(), "adopt", server.as_str(), "missing.jsonl"),
+        (path.as_str(), "adopt", nobody.as_str(), "connecting to"),
+    ] {
+        let o = run_bin(bin(&[
+            "import", file, "--server", at, "--reason", reason, "--json",
+        ]))
+        .await;
+        assert!(!o.status.success(), "{}", describe(&o));
+        let v: Value =
+            serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", describe(&o)));
+        let message = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(says), "{says}: {}", describe(&o));
+    }
     // Line breaks and tabs are allowed, and the longest reason.
     for reason in ["adopt:\n\tday one", &"x".repeat(1024)] {
         let o = run_bin(bin(&[
