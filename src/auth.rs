@@ -162,6 +162,13 @@ pub struct TokenEntry {
     pub roles: BTreeSet<Role>,
 }
 
+impl TokenEntry {
+    /// Whether `other` is configured for the same token (the same hash).
+    pub fn same_token(&self, other: &TokenEntry) -> bool {
+        self.hash == other.hash
+    }
+}
+
 impl fmt::Debug for TokenEntry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TokenEntry")

@@ -50,8 +50,10 @@ impl SharedAuth {
     }
 }
 
-/// The tokens file's entries followed by `inline` ones (`--tokens`); a name
-/// configured twice is an error.
+/// The tokens file's entries followed by `inline` ones (`--tokens`); a name,
+/// or a token (its hash), configured twice is an error: one token would
+/// otherwise act as whichever entry came last, the other's roles silently
+/// unused.
 pub fn load_tokens(
     file: Option<&std::path::Path>,
     inline: &[TokenEntry],
@@ -65,6 +67,14 @@ pub fn load_tokens(
     for e in inline {
         if tokens.iter().any(|t: &TokenEntry| t.name == e.name) {
             anyhow::bail!("token name {:?} is configured twice", e.name);
+        }
+        if let Some(t) = tokens.iter().find(|t| t.same_token(e)) {
+            anyhow::bail!(
+                "the token of {:?} (--tokens) is also configured as {:?}: the same token hash \
+                 appears twice",
+                e.name,
+                t.name
+            );
         }
         tokens.push(e.clone());
     }
@@ -191,4 +201,33 @@ pub async fn on_sighup(reloader: Reloader, hangups: Hangups) {
     #[cfg(not(unix))]
     let _ = (reloader, hangups);
     std::future::pending::<()>().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::{generate_token, parse_token_lines, Role};
+
+    #[test]
+    fn a_token_in_the_file_and_on_the_command_line_is_refused_by_name_or_hash() {
+        let (_, entry) = generate_token("ci", [Role::Reader].into()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tokens");
+        // The same hash under another name and role.
+        let hash = entry.line().split_whitespace().nth(1).unwrap().to_owned();
+        std::fs::write(&file, format!("ops {hash} admin\n")).unwrap();
+        let inline = parse_token_lines(&entry.line(), "--tokens").unwrap();
+        let e = load_tokens(Some(&file), &inline).unwrap_err().to_string();
+        assert!(e.contains("same token hash appears twice"), "{e}");
+        assert!(!e.contains(&hash), "{e}");
+        // The same name.
+        let (_, other) = generate_token("ops", [Role::Reader].into()).unwrap();
+        let inline = parse_token_lines(&other.line(), "--tokens").unwrap();
+        let e = load_tokens(Some(&file), &inline).unwrap_err().to_string();
+        assert!(e.contains("configured twice"), "{e}");
+        // Different both: fine.
+        let (_, fine) = generate_token("ci2", [Role::Reader].into()).unwrap();
+        let inline = parse_token_lines(&fine.line(), "--tokens").unwrap();
+        assert_eq!(load_tokens(Some(&file), &inline).unwrap().len(), 2);
+    }
 }
