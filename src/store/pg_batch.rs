@@ -105,6 +105,16 @@ impl Batcher {
         self.in_flight
     }
 
+    /// Loads waiting for a turn now.
+    #[cfg(test)]
+    pub(crate) fn waiting(&self) -> usize {
+        self.queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .waiting
+            .len()
+    }
+
     /// Up to `in_flight` (at least 1) statements at once.
     pub(crate) fn new(in_flight: usize) -> Self {
         Batcher {

@@ -2210,11 +2210,17 @@ async fn a_cancelled_load_hands_its_turn_to_the_loads_waiting() {
                     })
                 })
                 .collect();
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            assert!(
-                waiting.iter().all(|w| !w.is_finished()),
-                "a load did not wait for the turn"
-            );
+            // All three queue for the turn the first load holds (however
+            // long the machine takes to run their tasks).
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while batcher.waiting() < 3 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the loads did not queue for the turn: {} waiting",
+                    batcher.waiting()
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
             drop(first);
             drop(held);
             for w in waiting {

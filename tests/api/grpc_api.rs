@@ -1809,8 +1809,8 @@ async fn the_record_and_its_revision_survive_a_server_restart(db: TestDb) {
     app.stop().await.unwrap();
 }
 
-backends!(the_server_shuts_down_gracefully_and_then_refuses_connections);
-async fn the_server_shuts_down_gracefully_and_then_refuses_connections(db: TestDb) {
+backends!(after_a_stop_nothing_listens_on_the_port);
+async fn after_a_stop_nothing_listens_on_the_port(db: TestDb) {
     let app = TestApp::spawn(&db).await;
     let addr = app.endpoint();
     let ws = new_workspace();

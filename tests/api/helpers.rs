@@ -83,6 +83,14 @@ impl TestDb {
     }
 }
 
+/// Says `message` on the test process's stderr, past the test harness's
+/// capture (which shows `eprintln!` only for failing tests): a test that
+/// skips its work passes, and must not do so silently.
+pub(crate) fn loud(message: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{message}");
+}
+
 /// The Postgres server the tests use (`DATABASE_URL`). `None` (after saying
 /// so loudly) when it is not set to a postgres:// URL; under CI (`CI` set)
 /// that is a failure instead.
@@ -95,7 +103,9 @@ pub(crate) fn postgres_url(purpose: &str) -> Option<String> {
             std::env::var_os("CI").is_none(),
             "CI must run the Postgres tests: set DATABASE_URL=postgres://…"
         );
-        eprintln!("SKIPPED: {purpose}: DATABASE_URL is not set to a postgres:// URL");
+        loud(&format!(
+            "SKIPPED: {purpose}: DATABASE_URL is not set to a postgres:// URL"
+        ));
     }
     url
 }

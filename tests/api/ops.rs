@@ -110,7 +110,7 @@ fn promtool_check(text: &str) -> Option<()> {
                 std::env::var_os("CI").is_none(),
                 "CI must run promtool: install the Debian package `prometheus` (.ci/run does)"
             );
-            eprintln!("SKIPPED: promtool check metrics: promtool is not installed (apt-get install prometheus)");
+            loud("SKIPPED: promtool check metrics: promtool is not installed (apt-get install prometheus)");
             return None;
         }
         Err(e) => panic!("running promtool: {e}"),
@@ -519,6 +519,86 @@ async fn hold_write_lock(
             tx.rollback().await.unwrap();
         }
     }
+}
+
+backends!(postgres: a_stop_lets_the_call_in_flight_finish_and_refuses_new_connections);
+/// A graceful stop: a call already running when the stop comes (a write
+/// waiting for a row lock) is answered, new connections are refused at
+/// once, and the stop completes once the call has.
+async fn a_stop_lets_the_call_in_flight_finish_and_refuses_new_connections(db: TestDb) {
+    let name = format!("graceful-{}", &new_workspace()[..8]);
+    let app = TestApp::spawn_with(db.config_named(&name)).await;
+    let addr = app.addr;
+    let mut c = app.client().await;
+    let ws = new_workspace();
+    set_override(&mut c, &ws, Mode::Disabled, "start").await;
+
+    let (locked, is_locked) = tokio::sync::oneshot::channel();
+    let (release, released) = tokio::sync::oneshot::channel();
+    let holder = {
+        let (db, ws) = (TestDb::at(db.backend, db.url.clone()), ws.clone());
+        tokio::spawn(async move { hold_write_lock(&db, &ws, locked, released).await })
+    };
+    is_locked.await.unwrap();
+    let in_flight = {
+        let (mut c, ws) = (c.clone(), ws.clone());
+        tokio::spawn(async move {
+            c.set(billing_mode::proto::SetRequest {
+                workspace_id: ws,
+                model: Some("sonnet".into()),
+                reason: "in flight".into(),
+                ..Default::default()
+            })
+            .await
+        })
+    };
+    // In flight: the server's write waits for the row lock.
+    let monitor = {
+        use sqlx::Connection;
+        sqlx::PgConnection::connect(&db.url).await.unwrap()
+    };
+    let mut monitor = monitor;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE application_name = $1 AND wait_event_type = 'Lock'",
+        )
+        .bind(&name)
+        .fetch_one(&mut monitor)
+        .await
+        .unwrap();
+        if waiting == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the Set never waited for the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let stopping = tokio::spawn(app.stop());
+    // New connections are refused while the call is still running.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(addr).await.is_ok() {
+        assert!(Instant::now() < deadline, "still accepting after the stop");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!in_flight.is_finished() && !stopping.is_finished());
+
+    let _ = release.send(());
+    holder.await.unwrap();
+    let answer = in_flight
+        .await
+        .unwrap()
+        .expect("the call in flight is answered")
+        .into_inner();
+    assert_eq!(answer.resolution.expect("a resolution").revision, 2);
+    stopping
+        .await
+        .unwrap()
+        .expect("the stop completes once the call has");
 }
 
 backends!(a_call_past_the_server_deadline_is_counted_as_the_answer_the_caller_received);
@@ -1091,14 +1171,23 @@ async fn resolve_with(addr: SocketAddr, token: &str, ws: &str) -> Result<(), ton
     .map(|_| ())
 }
 
-/// Waits (bounded) until a call with `token` gets `want` (`None`: succeeds
-/// or fails for a reason other than authentication).
+/// Waits (bounded) until a Resolve of `ws` with `token` is refused with
+/// `want`, or, with `None`, is let through: `ws` being a workspace nobody
+/// registered, that is `NOT_FOUND`/`WORKSPACE_NOT_FOUND` (authenticated,
+/// authorized, answered), and nothing else.
 async fn wait_for_auth(addr: SocketAddr, token: &str, ws: &str, want: Option<Code>) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let got = resolve_with(addr, token, ws).await.err().map(|s| s.code());
-        let got = got.filter(|c| *c == Code::Unauthenticated);
-        if got == want {
+        let answer = resolve_with(addr, token, ws).await;
+        let got = answer.as_ref().err().map(|s| s.code());
+        let done = match want {
+            Some(code) => got == Some(code),
+            None => answer.as_ref().is_err_and(|s| {
+                s.code() == Code::NotFound
+                    && billing_mode::client::status_reason(s) == "WORKSPACE_NOT_FOUND"
+            }),
+        };
+        if done {
             return;
         }
         assert!(

