@@ -54,7 +54,11 @@ impl<T> Stored<T> {
 
 impl Stored<CredentialKeys> {
     /// Stored key names: none is absent; a list that is not a valid set is
-    /// invalid, its names joined by commas (as the resolver's trace names it).
+    /// invalid, its names joined by commas (as the resolver's trace names
+    /// it), a comma or backslash inside a name escaped with a backslash, so
+    /// that [`Stored::names`] gives back exactly the names stored: a write
+    /// that leaves the field alone writes the invalid list back as it was,
+    /// never a different (perhaps valid) one.
     pub fn from_names<S: AsRef<str>>(names: &[S]) -> Self {
         if names.is_empty() {
             return Stored::Absent;
@@ -64,20 +68,32 @@ impl Stored<CredentialKeys> {
             Err(_) => Stored::Invalid(
                 names
                     .iter()
-                    .map(AsRef::as_ref)
+                    .map(|n| n.as_ref().replace('\\', "\\\\").replace(',', "\\,"))
                     .collect::<Vec<_>>()
                     .join(","),
             ),
         }
     }
 
-    /// The names: a valid set's, sorted; an invalid list's as stored (split
-    /// at the commas [`Stored::from_names`] joined them with).
+    /// The names: a valid set's, sorted; an invalid list's as stored (see
+    /// [`Stored::from_names`]).
     pub fn names(&self) -> Vec<String> {
         match self {
             Stored::Absent => Vec::new(),
             Stored::Valid(k) => k.to_strings(),
-            Stored::Invalid(raw) => raw.split(',').map(str::to_owned).collect(),
+            Stored::Invalid(raw) => {
+                let mut names = vec![String::new()];
+                let mut chars = raw.chars();
+                while let Some(c) = chars.next() {
+                    let name = names.last_mut().expect("at least one");
+                    match c {
+                        '\\' => name.extend(chars.next()),
+                        ',' => names.push(String::new()),
+                        c => name.push(c),
+                    }
+                }
+                names
+            }
         }
     }
 }
@@ -194,6 +210,18 @@ mod tests {
         assert_eq!(keys, Stored::Invalid("OPENAI_API_KEY,NOT-A-KEY".into()));
         assert_eq!(keys.names(), vec!["OPENAI_API_KEY", "NOT-A-KEY"]);
         assert_eq!(Stored::from_names::<&str>(&[]), Stored::Absent);
+        // A comma or backslash inside a name is escaped, so the names come
+        // back exactly (never split into two valid keys).
+        for names in [
+            &["ANTHROPIC_API_KEY,OPENAI_API_KEY"][..],
+            &["[\"OPENAI_API_KEY\"]"][..],
+            &["A\\", "B,", ",C"][..],
+            &["A,B", "", "C"][..],
+        ] {
+            let keys = Stored::from_names(names);
+            assert!(matches!(keys, Stored::Invalid(_)), "{names:?}");
+            assert_eq!(keys.names(), names, "{keys:?}");
+        }
     }
 
     #[test]

@@ -355,6 +355,7 @@ store_tests!(
     the_database_refuses_an_invalid_override_mode,
     a_garbled_override_loads_as_invalid_and_resolve_ignores_it,
     garbled_runtime_and_credential_keys_load_as_invalid,
+    a_garbled_key_list_is_written_back_as_it_was_by_a_write_that_leaves_it_alone,
     state_survives_reconnecting,
     migrations_are_idempotent,
     a_dry_run_answers_as_the_write_would_and_writes_nothing,
@@ -1403,6 +1404,65 @@ async fn garbled_runtime_and_credential_keys_load_as_invalid(h: &mut Harness) {
             .text(Runtime::as_str),
         Some("claude code")
     );
+}
+
+/// A hand-edited key list that is invalid only as a whole (one entry
+/// holding two valid names and a comma) stays that list through a write of
+/// another field: it must not come back as the two valid keys, which would
+/// let an ignored value start deciding the mode, unrecorded.
+async fn a_garbled_key_list_is_written_back_as_it_was_by_a_write_that_leaves_it_alone(
+    h: &mut Harness,
+) {
+    let registry = Registry::builtin().unwrap();
+    let store = h.store();
+    let id = WorkspaceId::new_random();
+    write(
+        &*store,
+        id,
+        &set(Patch {
+            runtime: Some(Some(runtime("langgraph"))),
+            model: Some(Some(model("anthropic:claude-sonnet-4-6"))),
+            ..Patch::default()
+        }),
+        None,
+    )
+    .await
+    .unwrap();
+    h.execute(&format!(
+        "UPDATE billing_records SET credential_keys = \
+         '[\"ANTHROPIC_API_KEY,OPENAI_API_KEY\"]' WHERE workspace_id = '{id}'"
+    ))
+    .await
+    .unwrap();
+    let garbled = load(&*store, id).await;
+    assert!(
+        matches!(garbled.credential_keys, Stored::Invalid(_)),
+        "{garbled:?}"
+    );
+    let after = write(
+        &*store,
+        id,
+        &set(Patch {
+            runtime: Some(Some(runtime("deepagents"))),
+            ..Patch::default()
+        }),
+        Some(1),
+    )
+    .await
+    .unwrap();
+    let reloaded = load(&*store, id).await;
+    assert_eq!(reloaded, after, "what the write answered is what it stored");
+    assert_eq!(reloaded.credential_keys, garbled.credential_keys);
+    assert_eq!(
+        resolve(&reloaded, &registry).mode,
+        resolve(&garbled, &registry).mode
+    );
+    let audit = history(&*store, id).await;
+    assert_eq!(
+        audit[0].before.as_ref().unwrap().credential_keys,
+        garbled.credential_keys
+    );
+    assert_eq!(audit[0].after.credential_keys, garbled.credential_keys);
 }
 
 async fn state_survives_reconnecting(h: &mut Harness) {
