@@ -687,11 +687,19 @@ fn the_ready_line_does_not_claim_migrations_that_are_pending() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite:{}", dir.path().join("fresh.db").display());
     let server = ServerProcess::start(&url, &["--no-migrate"], &[]);
-    let log = server.log();
-    let ready = log
-        .lines()
-        .find(|l| l.contains("ready:"))
-        .expect("a ready line");
+    // The address is handed over as the line is read, before it is logged.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let ready = loop {
+        if let Some(line) = server.log().lines().find(|l| l.contains("ready:")) {
+            break line.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no ready line:\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
     assert!(
         ready.contains("NOT serving until the pending migrations are applied")
             && !ready.contains("listening; migrations applied"),
