@@ -277,6 +277,17 @@ async fn next_change(s: &mut Streaming<WatchResponse>) -> (String, Resolution) {
 }
 
 /// Opens a stream from now: the opening progress message's cursor.
+/// The status that ends `s`, which carries nothing but progress meanwhile.
+async fn end_status(s: &mut Streaming<WatchResponse>) -> Status {
+    loop {
+        match next(s).await {
+            Ok(Some(m)) => assert!(matches!(m.event, Some(Event::Progress(_))), "{m:?}"),
+            Ok(None) => panic!("the stream ended without a status"),
+            Err(e) => return e,
+        }
+    }
+}
+
 async fn watch_from_now(
     c: &mut Client,
     workspace_ids: &[&str],
@@ -935,13 +946,7 @@ async fn a_lost_change_log_ends_streams_with_store_unavailable(db: TestDb) {
         "ALTER TABLE billing_changes RENAME TO billing_changes_away",
     )
     .await;
-    let err = loop {
-        match next(&mut s).await {
-            Ok(Some(m)) => assert!(matches!(m.event, Some(Event::Progress(_)))),
-            Ok(None) => panic!("the stream ended without a status"),
-            Err(e) => break e,
-        }
-    };
+    let err = end_status(&mut s).await;
     assert_error(&err, Code::Unavailable, "STORE_UNAVAILABLE");
 }
 
@@ -962,25 +967,12 @@ async fn a_gap_in_the_change_log_ends_streams_with_store_corrupt_and_resuming_do
     )
     .await;
     app.set(set_model_req(&ws, "sonnet", false)).await;
-    let ends = |err: &Status| assert_error(err, Code::DataLoss, "STORE_CORRUPT");
-    let err = loop {
-        match next(&mut s).await {
-            Ok(Some(m)) => assert!(matches!(m.event, Some(Event::Progress(_))), "{m:?}"),
-            Ok(None) => panic!("the stream ended without a status"),
-            Err(e) => break e,
-        }
-    };
-    ends(&err);
+    let err = end_status(&mut s).await;
+    assert_error(&err, Code::DataLoss, "STORE_CORRUPT");
     // Resuming from the cursor before the hole meets the same hole.
     let mut resumed = open(&mut c, from_cursor(&cursor)).await.expect("resume");
-    let err = loop {
-        match next(&mut resumed).await {
-            Ok(Some(m)) => assert!(matches!(m.event, Some(Event::Progress(_))), "{m:?}"),
-            Ok(None) => panic!("the resumed stream ended without a status"),
-            Err(e) => break e,
-        }
-    };
-    ends(&err);
+    let err = end_status(&mut resumed).await;
+    assert_error(&err, Code::DataLoss, "STORE_CORRUPT");
 }
 
 backends!(
