@@ -427,6 +427,9 @@ impl SpendSnapshot {
         failed: bool,
     ) -> Option<Subscription> {
         let mut first = !failed;
+        // Said once per outage, not every RELOAD_AFTER (a server started
+        // with --no-migrate waits here until the migrations are applied).
+        let mut failed_loads = 0u64;
         loop {
             if !first {
                 tokio::select! {
@@ -437,9 +440,26 @@ impl SpendSnapshot {
             first = false;
             feed.readable().await;
             match self.load(feed, registry).await {
-                Ok(s) => return Some(s),
+                Ok(s) => {
+                    if failed_loads > 0 {
+                        tracing::info!(failed_loads, "spend snapshot: loaded after failing");
+                    }
+                    return Some(s);
+                }
                 Err(FeedError::ShuttingDown) => return None,
-                Err(e) => tracing::warn!(error = %e, "spend snapshot: cannot load; retrying"),
+                Err(e) => {
+                    failed_loads += 1;
+                    if failed_loads == 1 {
+                        tracing::warn!(
+                            error = %e,
+                            every_ms = RELOAD_AFTER.as_millis() as u64,
+                            "spend snapshot: cannot load; retrying until it can (CheckSpend \
+                             answers UNAVAILABLE meanwhile)"
+                        );
+                    } else {
+                        tracing::debug!(error = %e, failed_loads, "spend snapshot: cannot load yet");
+                    }
+                }
             }
         }
     }

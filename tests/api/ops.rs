@@ -705,6 +705,26 @@ fn the_ready_line_does_not_claim_migrations_that_are_pending() {
             && !ready.contains("listening; migrations applied"),
         "{ready}"
     );
+    // While it waits for the migrations, the spend snapshot says once that
+    // it cannot load, not every quarter of a second.
+    std::thread::sleep(Duration::from_secs(2));
+    let said = server.log().matches("spend snapshot: cannot load").count();
+    assert_eq!(said, 1, "{}", server.log());
+    // Migrated: it loads, and says so.
+    let out = Command::new(binary())
+        .args(["migrate", "--database-url", &url])
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run billing-mode migrate");
+    assert!(out.status.success(), "{out:?}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !server
+        .log()
+        .contains("spend snapshot: loaded after failing")
+    {
+        assert!(Instant::now() < deadline, "never loaded:\n{}", server.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 backends!(sqlite: probes_work_on_the_admin_port_with_mtls_on_the_grpc_port);
