@@ -98,7 +98,16 @@ impl fmt::Display for DatabaseUrl {
 /// Text that is not a URL (a libpq `key=value` string, pasted where a URL
 /// belongs) may hold a password anywhere, so none of it is shown.
 pub fn redact_url(url: &str) -> String {
-    let (head, rest) = match url.find("://") {
+    // A URL begins with its scheme: `://` further on (inside a libpq
+    // `key=value` string, say) does not make one.
+    let scheme_end = url.find("://").filter(|&i| {
+        let scheme = &url[..i];
+        scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+.-".contains(c))
+    });
+    let (head, rest) = match scheme_end {
         Some(scheme_end) => url.split_at(scheme_end + 3),
         // `sqlite:FILE[?PARAMS]` names a file, with no user info.
         None if url.starts_with("sqlite:") => ("", url),
@@ -129,19 +138,49 @@ pub fn redact_url(url: &str) -> String {
         Some((path, query)) => {
             out.push_str(path);
             out.push('?');
-            let params: Vec<String> = query
-                .split('&')
-                .map(|param| match param.split_once('=') {
-                    Some((key, _)) if key.to_ascii_lowercase().contains("password") => {
-                        format!("{key}=***")
+            // After a parameter named like a password, nothing is shown: a
+            // password with an unencoded `&` would go on in the next one.
+            let mut params = Vec::new();
+            for param in query.split('&') {
+                let key = param.split_once('=').map_or(param, |(key, _)| key);
+                if percent_decoded(key).to_ascii_lowercase().contains("pass") {
+                    params.push(format!("{key}=***"));
+                    if params.len() < query.split('&').count() {
+                        params.push("***".to_owned());
                     }
-                    _ => param.to_owned(),
-                })
-                .collect();
+                    break;
+                }
+                params.push(param.to_owned());
+            }
             out.push_str(&params.join("&"));
         }
     }
     out
+}
+
+/// `%XX` escapes decoded (an invalid one kept as it is), for comparing a
+/// URL parameter's name as the database driver will read it.
+fn percent_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Server TLS material (PEM files).
@@ -372,12 +411,12 @@ mod tests {
         );
         assert_eq!(
             redact_url("postgres://db/x?PASSWORD=s3cret&application_name=bm"),
-            "postgres://db/x?PASSWORD=***&application_name=bm"
+            "postgres://db/x?PASSWORD=***&***"
         );
         // Any name holding `password` is hidden, erring on the safe side.
         assert_eq!(
             redact_url("postgres://db/x?passwordless=1&user=app"),
-            "postgres://db/x?passwordless=***&user=app"
+            "postgres://db/x?passwordless=***&***"
         );
     }
 
@@ -386,7 +425,7 @@ mod tests {
         let url = "postgresql://app:s3cret@db:5432/x?password=0ther%40pw&sslmode=verify-full";
         assert_eq!(
             redact_url(url),
-            "postgresql://app:***@db:5432/x?password=***&sslmode=verify-full"
+            "postgresql://app:***@db:5432/x?password=***&***"
         );
         // An `@` in the password itself (unencoded) does not end the user info early.
         assert_eq!(
@@ -424,13 +463,34 @@ mod tests {
         ] {
             assert!(!redact_url(url).contains("s3"), "{}", redact_url(url));
         }
+        // `://` inside text that is not a URL; a password's name encoded; a
+        // password with an unencoded `&`.
+        for (text, hidden) in [
+            (
+                "host=db user=b password=s3cret application_name=https://billing",
+                "s3cret",
+            ),
+            ("postgres://db/x?pass%77ord=s3cret", "s3cret"),
+            ("postgres://app@db/x?password=s3&cret", "cret"),
+            (
+                "postgres://app@db/x?sslmode=require&PassWord=s3&cret=1",
+                "cret",
+            ),
+        ] {
+            let shown = redact_url(text);
+            assert!(!shown.contains(hidden) && !shown.contains("s3"), "{shown}");
+        }
+        assert_eq!(
+            redact_url("postgres://app@db/x?sslmode=require&password=s3&cret"),
+            "postgres://app@db/x?sslmode=require&password=***&***"
+        );
         assert_eq!(
             redact_url("sqlite:x.db?mode=ro&password=s3cret"),
             "sqlite:x.db?mode=ro&password=***"
         );
         assert_eq!(
             redact_url("postgres://app@db/x?sslpassword=s3cret&sslmode=require"),
-            "postgres://app@db/x?sslpassword=***&sslmode=require"
+            "postgres://app@db/x?sslpassword=***&***"
         );
     }
 

@@ -224,18 +224,21 @@ impl StillAllowed {
 
     /// Completes, with the refusal a new call would get, once a reload has
     /// taken the caller's token or its Watch away; never while it has not.
+    /// The authenticator in force when it starts is checked first: a reload
+    /// between the call's authentication and the stream's start (which a
+    /// caller can stretch by holding back its request) is not missed.
     async fn revoked(mut self) -> ApiError {
         loop {
-            if self.auth.changed().await.is_err() {
-                // No more reloads: what is in force stays.
-                return std::future::pending().await;
-            }
             let auth = self.auth.borrow_and_update().clone();
             let refusal = auth
                 .authenticate(&self.credentials)
                 .and_then(|who| who.require(Action::Watch));
             if let Err(e) = refusal {
                 return e;
+            }
+            if self.auth.changed().await.is_err() {
+                // No more reloads: what is in force stays.
+                return std::future::pending().await;
             }
         }
     }
@@ -457,6 +460,40 @@ mod tests {
     use super::*;
 
     const STORE: &str = "0123456789abcdef0123456789abcdef";
+
+    /// A reload between the call's authentication and the stream's start
+    /// (the stream subscribes to reloads only then, and a subscription takes
+    /// the value in force as seen) still ends the stream.
+    #[tokio::test]
+    async fn a_token_revoked_before_the_stream_follows_reloads_ends_it_at_once() {
+        use crate::auth::{generate_token, parse_token_lines, Role};
+        let (token, entry) = generate_token("leaky", [Role::Reader].into()).unwrap();
+        let (_, other) = generate_token("other", [Role::Admin].into()).unwrap();
+        let parse = |line: String| Authenticator::new(parse_token_lines(&line, "test").unwrap());
+        let reloads = tokio::sync::watch::Sender::new(Arc::new(parse(entry.line())));
+        // The reload that takes the token away comes first...
+        reloads.send_replace(Arc::new(parse(other.line())));
+        // ...then the stream starts following reloads.
+        let mut metadata = MetadataMap::new();
+        metadata.insert("authorization", format!("Bearer {token}").parse().unwrap());
+        let allowed = StillAllowed::new(reloads.subscribe(), &metadata);
+        let refusal = tokio::time::timeout(Duration::from_secs(5), allowed.revoked())
+            .await
+            .expect("ended at once, not at the next reload");
+        assert_eq!(refusal.reason, ErrorReason::Unauthenticated);
+        // A token still in force is not refused.
+        let (kept, kept_entry) = generate_token("kept", [Role::Reader].into()).unwrap();
+        let reloads = tokio::sync::watch::Sender::new(Arc::new(parse(kept_entry.line())));
+        let mut metadata = MetadataMap::new();
+        metadata.insert("authorization", format!("Bearer {kept}").parse().unwrap());
+        let allowed = StillAllowed::new(reloads.subscribe(), &metadata);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), allowed.revoked())
+                .await
+                .is_err(),
+            "a token in force keeps its stream"
+        );
+    }
 
     #[test]
     fn a_cursor_round_trips_on_its_store_only() {

@@ -585,6 +585,40 @@ const PG_URL_PARAMETERS: &[&str] = &[
     "options",
 ];
 
+/// libpq's connection parameters that sqlx does not read: refused like any
+/// other unknown parameter, but named in the refusal.
+const LIBPQ_ONLY_PARAMETERS: &[&str] = &[
+    "connect_timeout",
+    "client_encoding",
+    "fallback_application_name",
+    "keepalives",
+    "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_count",
+    "tcp_user_timeout",
+    "replication",
+    "gssencmode",
+    "sslnegotiation",
+    "sslcompression",
+    "sslpassword",
+    "sslcertmode",
+    "sslcrl",
+    "sslcrldir",
+    "sslsni",
+    "requirepeer",
+    "require_auth",
+    "channel_binding",
+    "ssl_min_protocol_version",
+    "ssl_max_protocol_version",
+    "krbsrvname",
+    "gsslib",
+    "gssdelegation",
+    "service",
+    "passfile",
+    "target_session_attrs",
+    "load_balance_hosts",
+];
+
 fn refuse_unknown_pg_parameters(database_url: &str) -> Result<(), StoreError> {
     let Some((_, query)) = database_url.split_once('?') else {
         return Ok(());
@@ -595,15 +629,10 @@ fn refuse_unknown_pg_parameters(database_url: &str) -> Result<(), StoreError> {
         let known =
             PG_URL_PARAMETERS.contains(&key) || (key.starts_with("options[") && key.ends_with(']'));
         if !known {
-            // Named only when it surely is a parameter's name: with an `@`
-            // after the `?`, the `?` may be in a badly encoded password, and
-            // what follows it a piece of that password.
-            let a_name = !query.contains('@')
-                && key.len() <= 64
-                && key
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "_-.[]".contains(c));
-            let named = if a_name {
+            // Named only when it is one of libpq's parameters: anything else
+            // may be a piece of a badly encoded password (after a `?` or an
+            // `&` in it).
+            let named = if LIBPQ_ONLY_PARAMETERS.contains(&key) {
                 format!("`{key}`")
             } else {
                 "(not shown: it may be part of a password; percent-encode `?`, `@` and `/` \
@@ -634,10 +663,12 @@ mod classify_tests {
         };
         let e = refused("postgres://app@db/x?sslmode=require&sslpassword=s3cret");
         assert!(e.contains("`sslpassword`") && !e.contains("s3cret"), "{e}");
-        // A `?` in a password that was not encoded: nothing after it shown.
+        // A `?` or `&` in a password that was not encoded: nothing of it shown.
         for url in [
             "postgres://app:s3?cret@db/x",
             "postgres://app:s3?x&cret@db/x",
+            "postgres://app:s3?cr#et@db/x",
+            "postgres://app@db/x?password=s3&cret",
         ] {
             let e = refused(url);
             assert!(!e.contains("cret") && e.contains("not shown"), "{e}");

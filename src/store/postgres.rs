@@ -131,6 +131,9 @@ impl Dialect for PgDialect {
             .fetch_one(pool)
             .await?;
         let mut listener = PgListener::connect_with(pool).await?;
+        // A lost connection is reported, not made again inside a wait the
+        // feed may cancel (see `PgChangeListener`).
+        listener.eager_reconnect(false);
         listener
             .listen(&format!("billing_changes_{store_id}"))
             .await?;
@@ -284,17 +287,26 @@ impl Queries for PgDialect {
 /// `try_recv`, not `recv`: when the listener's connection is lost, `recv`
 /// reconnects and goes on waiting without a word, and whatever was notified
 /// while it was away is gone, so a change committed then would reach this
-/// replica only at the next poll. `try_recv` reconnects (and listens again)
-/// too, but returns `None`: that is a wake-up, and the feed reads the log at
-/// once, which finds any change it was not told of.
+/// replica only at the next poll. `try_recv` (without eager reconnection)
+/// returns `None` instead, which is reported as an error: the feed drops
+/// this listener, listens on a new connection, and only then reads the log,
+/// so that read finds any change nobody told it of, and every later one
+/// wakes it. (Reconnecting here instead would happen inside a wait the
+/// feed cancels after its poll interval, and the reconnect that follows
+/// would listen again only after the feed's read.)
 struct PgChangeListener(PgListener);
 
 #[async_trait]
 impl ChangeListener for PgChangeListener {
     async fn wait(&mut self) -> Result<(), StoreError> {
-        if self.0.try_recv().await?.is_none() {
-            tracing::debug!("change feed: the listener's connection was lost and made again");
+        match self.0.try_recv().await? {
+            Some(_) => Ok(()),
+            None => Err(StoreError::Unavailable(sqlx::Error::Io(
+                std::io::Error::new(
+                    std::io::ErrorKind::ConnectionAborted,
+                    "the connection of the change listener was lost",
+                ),
+            ))),
         }
-        Ok(())
     }
 }
