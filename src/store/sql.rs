@@ -316,6 +316,53 @@ where
 // an executor for its connections, and the Rust types it binds and reads.
 // Rust does not carry such bounds along with `D`, so they are stated on each
 // `impl` that runs SQL: here, once, and on plain SQL's `Queries` above.
+impl<D: Queries> SqlStore<D>
+where
+    Self: Store,
+{
+    /// A commit that failed because the connection was lost may have been
+    /// made all the same (the database committed, its answer never came).
+    /// Answering UNAVAILABLE ("no decision was made") would then be false,
+    /// and the caller's retry would meet its own write; so the outcome is
+    /// read on another connection: the write's audit row (its revision,
+    /// actor, reason and fields) there means it was made. Anything else,
+    /// or a read that fails too, is the commit's error.
+    async fn settle_commit(
+        &self,
+        w: &Write<'_>,
+        after: Record,
+        failed: StoreError,
+    ) -> Result<Record, StoreError> {
+        if !matches!(failed, StoreError::Unavailable(_)) {
+            return Err(failed);
+        }
+        let made = match self
+            .history(&w.workspace_id, Some(after.revision + 1), 1)
+            .await
+        {
+            Ok(entries) => entries.first().is_some_and(|e| {
+                e.revision == after.revision
+                    && e.actor == w.actor
+                    && e.reason == w.reason
+                    && e.after == after
+            }),
+            Err(_) => false,
+        };
+        if made {
+            tracing::warn!(
+                workspace_id = %w.workspace_id,
+                revision = after.revision,
+                error = %failed,
+                "the commit's answer was lost, but the write was made"
+            );
+            self.dialect.committed();
+            Ok(after)
+        } else {
+            Err(failed)
+        }
+    }
+}
+
 #[async_trait]
 impl<D: Queries> Store for SqlStore<D>
 where
@@ -415,7 +462,9 @@ where
                 self.dialect
                     .log_changes(&mut *tx, &[audit], w.actor, w.reason, now)
                     .await?;
-                tx.commit().await?;
+                if let Err(e) = tx.commit().await {
+                    return self.settle_commit(&w, after, e.into()).await;
+                }
                 self.dialect.committed();
                 return Ok(after);
             }

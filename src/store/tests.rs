@@ -2303,3 +2303,144 @@ async fn a_cancelled_load_hands_its_turn_to_the_loads_waiting() {
     )
     .await;
 }
+
+/// A TCP proxy to Postgres at `target` that, once armed, cuts the
+/// connection at the next `COMMIT`: with [`FORWARD_THEN_CUT`] after
+/// forwarding it, instead of relaying its answer (a commit the database
+/// made whose answer the store never gets); with [`CUT_BEFORE`] without
+/// forwarding it (the database rolls back). Disarms itself when it has cut.
+async fn commit_cutting_proxy(
+    target: (String, u16),
+    armed: Arc<std::sync::atomic::AtomicU8>,
+) -> u16 {
+    use std::sync::atomic::Ordering::SeqCst;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let (target, armed) = (target.clone(), armed.clone());
+            tokio::spawn(async move {
+                let Ok(server) =
+                    tokio::net::TcpStream::connect((target.0.as_str(), target.1)).await
+                else {
+                    return;
+                };
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                let cutting = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let up = {
+                    let cutting = cutting.clone();
+                    async move {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = match client_read.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            let commit = buf[..n].windows(7).any(|w| w == b"COMMIT\0");
+                            let how = if commit { armed.swap(0, SeqCst) } else { 0 };
+                            if how != 0 {
+                                cutting.store(true, SeqCst);
+                                if how == FORWARD_THEN_CUT {
+                                    let _ = server_write.write_all(&buf[..n]).await;
+                                }
+                                // Time for the database to commit; then cut.
+                                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                                return;
+                            }
+                            if server_write.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                };
+                let down = async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match server_read.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        if cutting.load(SeqCst) {
+                            // The answer to the cut commit is never relayed.
+                            std::future::pending::<()>().await;
+                        }
+                        if client_write.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                };
+                tokio::select! {
+                    () = up => {}
+                    () = down => {}
+                }
+            });
+        }
+    });
+    port
+}
+
+const FORWARD_THEN_CUT: u8 = 1;
+const CUT_BEFORE: u8 = 2;
+
+/// The connection is lost while `COMMIT` is answered: the database made the
+/// write, so the write is answered as made, not as UNAVAILABLE ("no
+/// decision was made, retry"), after which the caller's retry would meet
+/// its own write as a revision mismatch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_whose_commit_answer_is_lost_is_answered_as_made_when_it_was() {
+    let test = "a_write_whose_commit_answer_is_lost_is_answered_as_made_when_it_was";
+    let Some((h, schema)) = Harness::postgres(test).await else {
+        return;
+    };
+    run(
+        async move {
+            let Backend::Postgres { opts, .. } = &h.backend else {
+                unreachable!("a Postgres harness")
+            };
+            use std::sync::atomic::Ordering::SeqCst;
+            let armed = Arc::new(std::sync::atomic::AtomicU8::new(0));
+            let port =
+                commit_cutting_proxy((opts.get_host().to_owned(), opts.get_port()), armed.clone())
+                    .await;
+            let store = PostgresStore::connect(
+                opts.clone().host("127.0.0.1").port(port),
+                PoolSize::default(),
+            )
+            .await
+            .expect("connect through the proxy");
+            let id = WorkspaceId::new_random();
+            write(&store, id, &set_model("opus"), None)
+                .await
+                .expect("first write");
+            armed.store(FORWARD_THEN_CUT, SeqCst);
+            let after = write(&store, id, &set_model("sonnet"), Some(1))
+                .await
+                .expect("the commit was made: answered as made");
+            assert_eq!(armed.load(SeqCst), 0, "the proxy cut the commit's answer");
+            assert_eq!(after.revision, 2);
+            assert_eq!(load(&store, id).await, after);
+            assert_eq!(revisions(&history(&store, id).await), vec![2, 1]);
+            // A commit that never reached the database is not made, and not
+            // answered as made: the store is unavailable, nothing changed.
+            armed.store(CUT_BEFORE, SeqCst);
+            let lost = store
+                .write(Write {
+                    workspace_id: id,
+                    change: &set_model("haiku"),
+                    expected_revision: Some(2),
+                    actor: "test",
+                    reason: "test",
+                })
+                .await;
+            assert_eq!(armed.load(SeqCst), 0, "the proxy cut the commit");
+            assert!(matches!(lost, Err(StoreError::Unavailable(_))), "{lost:?}");
+            assert_eq!(load(&store, id).await, after);
+            assert_eq!(revisions(&history(&store, id).await), vec![2, 1]);
+            h.close().await;
+        },
+        Some(schema),
+    )
+    .await;
+}
