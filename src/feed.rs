@@ -159,6 +159,11 @@ struct Health {
 }
 
 impl Health {
+    /// Whether the tailer is known to be failing (lost, or corrupt).
+    fn failing(&self) -> bool {
+        self.lost || self.corrupt.is_some()
+    }
+
     /// Why a subscription cannot go on, if it cannot.
     fn failure(&self) -> Option<FeedError> {
         match (&self.corrupt, self.lost) {
@@ -310,7 +315,7 @@ impl Feed {
     pub async fn readable(&self) {
         let mut health = self.shared.health.subscribe();
         tokio::select! {
-            _ = health.wait_for(|h| !h.lost && h.corrupt.is_none()) => {}
+            _ = health.wait_for(|h| !h.failing()) => {}
             () = self.stopped() => {}
         }
     }
@@ -391,7 +396,7 @@ impl Subscription {
             let received = tokio::select! {
                 biased;
                 _ = self.shutdown.wait_for(|s| *s) => return Err(FeedError::ShuttingDown),
-                failed = self.health.wait_for(|h| h.lost || h.corrupt.is_some()) => {
+                failed = self.health.wait_for(Health::failing) => {
                     let failure = failed.ok().and_then(|h| h.failure());
                     return Err(failure.unwrap_or(FeedError::ShuttingDown));
                 }

@@ -711,12 +711,12 @@ fn the_ready_line_does_not_claim_migrations_that_are_pending() {
     let said = server.log().matches("spend snapshot: cannot load").count();
     assert_eq!(said, 1, "{}", server.log());
     // Migrated: it loads, and says so.
-    let out = Command::new(binary())
-        .args(["migrate", "--database-url", &url])
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run billing-mode migrate");
-    assert!(out.status.success(), "{out:?}");
+    let (status, stderr, _) = run_to_exit(
+        &["migrate", "--database-url", &url],
+        &[],
+        Duration::from_secs(60),
+    );
+    assert!(status.success(), "{stderr}");
     let deadline = Instant::now() + Duration::from_secs(30);
     while !server
         .log()
@@ -943,7 +943,6 @@ fn a_database_url_that_does_not_parse_never_shows_its_password() {
         // a parameter sqlx would log, value and all, before ignoring it
         "postgres://billing@127.0.0.1:1/billing?sslpassword=s3cret-canary",
     ] {
-        let dir = tempfile::tempdir().unwrap();
         for args in [
             &[
                 "serve",
@@ -958,16 +957,8 @@ fn a_database_url_that_does_not_parse_never_shows_its_password() {
             ][..],
             &["migrate", "--database-url", url][..],
         ] {
-            let out = Command::new(binary())
-                .current_dir(dir.path())
-                .args(args)
-                .env_remove("RUST_LOG")
-                .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-                .stdin(Stdio::null())
-                .output()
-                .expect("run billing-mode");
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            assert!(!out.status.success(), "{args:?} must fail:\n{stderr}");
+            let (status, stderr, _) = run_to_exit(args, &[], Duration::from_secs(60));
+            assert!(!status.success(), "{args:?} must fail:\n{stderr}");
             assert!(
                 !stderr.contains("s3cret"),
                 "{args:?}: the password appears:\n{stderr}"
