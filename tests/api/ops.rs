@@ -521,6 +521,25 @@ async fn hold_write_lock(
     }
 }
 
+/// Holds `ws`'s record locked for writing (from another connection) once
+/// this returns, until `release` is sent; the task ends after that.
+async fn lock_record(
+    db: &TestDb,
+    ws: &str,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (locked, is_locked) = tokio::sync::oneshot::channel();
+    let (release, released) = tokio::sync::oneshot::channel();
+    let holder = {
+        let (db, ws) = (TestDb::at(db.backend, db.url.clone()), ws.to_owned());
+        tokio::spawn(async move { hold_write_lock(&db, &ws, locked, released).await })
+    };
+    is_locked.await.unwrap();
+    (release, holder)
+}
+
 backends!(postgres: a_stop_lets_the_call_in_flight_finish_and_refuses_new_connections);
 /// A graceful stop: a call already running when the stop comes (a write
 /// waiting for a row lock) is answered, new connections are refused at
@@ -533,13 +552,7 @@ async fn a_stop_lets_the_call_in_flight_finish_and_refuses_new_connections(db: T
     let ws = new_workspace();
     set_override(&mut c, &ws, Mode::Disabled, "start").await;
 
-    let (locked, is_locked) = tokio::sync::oneshot::channel();
-    let (release, released) = tokio::sync::oneshot::channel();
-    let holder = {
-        let (db, ws) = (TestDb::at(db.backend, db.url.clone()), ws.clone());
-        tokio::spawn(async move { hold_write_lock(&db, &ws, locked, released).await })
-    };
-    is_locked.await.unwrap();
+    let (release, holder) = lock_record(&db, &ws).await;
     let in_flight = {
         let (mut c, ws) = (c.clone(), ws.clone());
         tokio::spawn(async move {
@@ -616,13 +629,7 @@ async fn a_call_past_the_server_deadline_is_counted_as_the_answer_the_caller_rec
     let before = get(admin, "/metrics").await.1;
 
     // A write that waits for a lock held past the server's deadline.
-    let (locked, is_locked) = tokio::sync::oneshot::channel();
-    let (release, released) = tokio::sync::oneshot::channel();
-    let holder = {
-        let (db, ws) = (TestDb::at(db.backend, db.url.clone()), ws.clone());
-        tokio::spawn(async move { hold_write_lock(&db, &ws, locked, released).await })
-    };
-    is_locked.await.unwrap();
+    let (release, holder) = lock_record(&db, &ws).await;
     let err = c
         .set(billing_mode::proto::SetRequest {
             workspace_id: ws.clone(),
