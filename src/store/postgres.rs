@@ -293,7 +293,10 @@ impl Queries for PgDialect {
 /// so that read finds any change nobody told it of, and every later one
 /// wakes it. (Reconnecting here instead would happen inside a wait the
 /// feed cancels after its poll interval, and the reconnect that follows
-/// would listen again only after the feed's read.)
+/// would listen again only after the feed's read.) `tests/api/watch.rs`
+/// (`a_change_committed_while_the_listening_connection_is_lost_…`) commits a
+/// change while the listening connection is lost and the server cannot know
+/// yet; with `recv` the change waits for the next poll.
 struct PgChangeListener(PgListener);
 
 #[async_trait]

@@ -726,3 +726,90 @@ pub(crate) fn env_map(resp: &BuildEnvResponse) -> BTreeMap<String, (String, Orig
         .map(|e| (e.key.clone(), (e.value.clone(), e.origin())))
         .collect()
 }
+
+/// A TCP proxy in front of a test's Postgres that can stall: while held,
+/// it forwards nothing, either way, on any connection (a network that stops
+/// delivering for a while), and nothing is lost: what was sent meanwhile,
+/// a connection's end included, is delivered on release.
+pub(crate) struct StallingProxy {
+    /// The test database's URL, through the proxy.
+    pub url: String,
+    open: tokio::sync::watch::Sender<bool>,
+    accept: JoinHandle<()>,
+}
+
+impl StallingProxy {
+    /// Forwards to `db`'s Postgres, until [`StallingProxy::hold`].
+    pub(crate) async fn start(db: &TestDb) -> StallingProxy {
+        let opts: sqlx::postgres::PgConnectOptions = db.url.parse().expect("a Postgres URL");
+        let upstream = format!("{}:{}", opts.get_host(), opts.get_port());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        // The URL's host and port, whatever the user info before them.
+        let (scheme, rest) = db.url.split_once("://").expect("a URL");
+        let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        let user = authority.rfind('@').map_or("", |at| &authority[..=at]);
+        let url = format!("{scheme}://{user}127.0.0.1:{port}{path}");
+        let (open, _) = tokio::sync::watch::channel(true);
+        let accept = {
+            let open = open.clone();
+            tokio::spawn(async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    let open = open.clone();
+                    let upstream = upstream.clone();
+                    tokio::spawn(async move {
+                        let _ = open.subscribe().wait_for(|o| *o).await;
+                        let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                            return;
+                        };
+                        let (client_read, client_write) = client.into_split();
+                        let (server_read, server_write) = server.into_split();
+                        tokio::spawn(forward(client_read, server_write, open.subscribe()));
+                        forward(server_read, client_write, open.subscribe()).await;
+                    });
+                }
+            })
+        };
+        StallingProxy { url, open, accept }
+    }
+
+    /// Nothing is forwarded from now on.
+    pub(crate) fn hold(&self) {
+        self.open.send_replace(false);
+    }
+
+    /// Forwards what waited, and everything after.
+    pub(crate) fn release(&self) {
+        self.open.send_replace(true);
+    }
+}
+
+impl Drop for StallingProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// Copies `from` to `to` while `open` holds, waiting while it does not;
+/// the end of `from` is passed on the same way.
+async fn forward(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut open: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = from.read(&mut buf).await.unwrap_or(0);
+        if open.wait_for(|o| *o).await.is_err() {
+            return;
+        }
+        if n == 0 {
+            let _ = to.shutdown().await;
+            return;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}

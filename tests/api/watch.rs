@@ -639,6 +639,61 @@ async fn a_killed_store_connection_under_a_live_stream_loses_and_repeats_nothing
     assert_exactly_once(&got, &want, &BTreeMap::new());
 }
 
+backends!(postgres: a_change_committed_while_the_listening_connection_is_lost_arrives_without_waiting_for_a_poll, flavor = "multi_thread", worker_threads = 4);
+async fn a_change_committed_while_the_listening_connection_is_lost_arrives_without_waiting_for_a_poll(
+    db: TestDb,
+) {
+    // Far under the watched server's poll interval: an event this soon is
+    // one the server was notified of, or read after it listened again.
+    const PROMPT: Duration = Duration::from_secs(10);
+    let proxy = StallingProxy::start(&db).await;
+    let app_name = format!("listen_{}", uuid::Uuid::new_v4().simple());
+    let watched = TestApp::spawn_with(Config {
+        database_url: format!("{}&application_name={app_name}", proxy.url).into(),
+        feed_poll_interval: Duration::from_secs(120),
+        max_staleness: Duration::from_secs(240),
+        ..config(&db)
+    })
+    .await;
+    let writer = TestApp::spawn(&db).await;
+    let mut w = writer.client().await;
+    let mut r = watched.client().await;
+    let ws = new_workspace();
+    let (mut stream, _) = watch_from_now(&mut r, &[]).await;
+    set(&mut w, set_model_req(&ws, "opus", false)).await;
+    let (_, first) = tokio::time::timeout(PROMPT, next_change(&mut stream))
+        .await
+        .expect("a change on the other replica is notified");
+    assert_eq!(first.revision, 1);
+
+    // The connection that listens is lost while the network between the
+    // watched server and Postgres stalls: the server cannot know yet, and a
+    // change committed meanwhile is notified to nobody.
+    proxy.hold();
+    let mut admin = {
+        use sqlx::Connection;
+        sqlx::PgConnection::connect(&db.url).await.unwrap()
+    };
+    let (cut,): (i64,) = sqlx::query_as(
+        "SELECT count(pg_terminate_backend(pid, 10000)) FROM pg_stat_activity \
+         WHERE application_name = $1 AND query ILIKE 'LISTEN%'",
+    )
+    .bind(&app_name)
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!(
+        cut, 1,
+        "the watched server's listening connection was found"
+    );
+    set(&mut w, set_model_req(&ws, "sonnet", false)).await;
+    proxy.release();
+    let (_, second) = tokio::time::timeout(PROMPT, next_change(&mut stream))
+        .await
+        .expect("the change committed while nobody listened arrives without waiting for a poll");
+    assert_eq!(second.revision, 2);
+}
+
 // ---------------------------------------------------------------------------
 // Snapshot, filter, progress
 // ---------------------------------------------------------------------------
