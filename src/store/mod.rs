@@ -203,7 +203,11 @@ fn postgres_class(code: &str) -> DbClass {
         // 40001 / 40P01: a serialization failure or a deadlock (the
         // transaction may simply be run again); 58: an I/O error of the
         // server; 28 / 3D000: the login or the database is refused (an
-        // operator restores it).
+        // operator restores it); 25006: a read-only transaction (the
+        // database is a standby, or was made read-only: a failover in
+        // progress); 25P03: the session was ended as idle in a transaction;
+        // 55000: "the database is not currently accepting connections"
+        // (none of our statements can meet this state otherwise).
         c if c.starts_with("08")
             || c.starts_with("53")
             || c.starts_with("57P0")
@@ -212,7 +216,9 @@ fn postgres_class(code: &str) -> DbClass {
         {
             DbClass::Unavailable
         }
-        "57014" | "55P03" | "40001" | "40P01" | "3D000" => DbClass::Unavailable,
+        "57014" | "55P03" | "40001" | "40P01" | "3D000" | "25006" | "25P03" | "55000" => {
+            DbClass::Unavailable
+        }
         // A table or schema that is not there: the store is being restored
         // or was dropped, not a statement of ours that is wrong.
         "42P01" | "3F000" => DbClass::Unavailable,
@@ -228,9 +234,10 @@ fn postgres_class(code: &str) -> DbClass {
 /// A SQLite (extended) result code's class; its primary code is the low byte.
 fn sqlite_class(code: Option<i32>, message: &str) -> DbClass {
     match code.map(|c| c & 0xff) {
-        // BUSY, LOCKED: another connection holds the file; IOERR, FULL,
-        // CANTOPEN, PROTOCOL: the file cannot be used now.
-        Some(5 | 6 | 10 | 13 | 14 | 15) => DbClass::Unavailable,
+        // BUSY, LOCKED: another connection holds the file; READONLY, IOERR,
+        // FULL, CANTOPEN, PROTOCOL: the file cannot be used now (an operator
+        // restores it).
+        Some(5 | 6 | 8 | 10 | 13 | 14 | 15) => DbClass::Unavailable,
         // CORRUPT, NOTADB: the file is damaged.
         Some(11 | 26) => DbClass::Corrupt,
         // A table that is not there (SQLITE_ERROR names it only in text).
@@ -745,7 +752,8 @@ mod classify_tests {
     fn postgres_sqlstates_have_their_class() {
         for code in [
             "08006", "08001", "57P01", "57P02", "57P03", "53300", "53100", "40001", "40P01",
-            "57014", "55P03", "58030", "28P01", "3D000", "42P01", "3F000",
+            "57014", "55P03", "58030", "28P01", "3D000", "42P01", "3F000", "25006", "25P03",
+            "55000",
         ] {
             assert_eq!(postgres_class(code), DbClass::Unavailable, "{code}");
         }
@@ -761,8 +769,9 @@ mod classify_tests {
 
     #[test]
     fn sqlite_result_codes_have_their_class() {
-        // BUSY, BUSY_SNAPSHOT, LOCKED, LOCKED_SHAREDCACHE, IOERR_READ, FULL, CANTOPEN.
-        for code in [5, 517, 6, 262, 266, 13, 14] {
+        // BUSY, BUSY_SNAPSHOT, LOCKED, LOCKED_SHAREDCACHE, READONLY, IOERR_READ,
+        // FULL, CANTOPEN.
+        for code in [5, 517, 6, 262, 8, 266, 13, 14] {
             assert_eq!(sqlite_class(Some(code), ""), DbClass::Unavailable, "{code}");
         }
         assert_eq!(

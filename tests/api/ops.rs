@@ -1552,3 +1552,42 @@ where
     }
     out
 }
+
+backends!(postgres: a_database_that_has_become_read_only_is_unavailable_not_a_bug);
+/// A failover in progress: the database the server reaches is a standby, or
+/// was made read-only. Writes cannot be made now, and will be once the
+/// primary is back: `UNAVAILABLE` (retry), never `INTERNAL` (which tells a
+/// caller to stop retrying and page someone). Reads go on.
+async fn a_database_that_has_become_read_only_is_unavailable_not_a_bug(db: TestDb) {
+    let primary = TestApp::spawn(&db).await;
+    let ws = new_workspace();
+    let before = primary
+        .set(billing_mode::proto::SetRequest {
+            workspace_id: ws.clone(),
+            runtime: Some("claude-code".into()),
+            model: Some("opus".into()),
+            reason: "register".into(),
+            ..Default::default()
+        })
+        .await;
+    // Every session of this server is read-only, as on a standby.
+    let standby = TestApp::spawn_with(Config {
+        database_url: format!("{}&options[default_transaction_read_only]=on", db.url).into(),
+        migrate: false,
+        ..config(&db)
+    })
+    .await;
+    assert_eq!(standby.resolve(&ws).await, before, "reads go on");
+    let mut c = standby.client().await;
+    let err = c
+        .set(billing_mode::proto::SetRequest {
+            workspace_id: ws.clone(),
+            model: Some("sonnet".into()),
+            reason: "during the failover".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_error(&err, Code::Unavailable, "STORE_UNAVAILABLE");
+    assert_eq!(primary.resolve(&ws).await, before, "nothing was written");
+}
