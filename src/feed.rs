@@ -60,6 +60,16 @@ const LOST_AFTER: Duration = Duration::from_secs(5);
 /// contract's 100 ms, instead of only at the next `poll_interval`.
 const UNNOTIFIED_POLL: Duration = Duration::from_millis(50);
 
+/// A listener that has woken nobody for this long is probed (a round trip
+/// on its connection, [`ChangeListener::probe`]): a connection dropped
+/// silently by the network wakes nobody ever again, and this replica would
+/// learn of changes only at each `poll_interval`.
+const PROBE_SILENT_AFTER: Duration = Duration::from_secs(1);
+/// A probe unanswered this long means the listener's connection is gone:
+/// the tailer listens on a new one, and reads the log meanwhile every
+/// [`UNNOTIFIED_POLL`].
+const PROBE_ANSWER_WITHIN: Duration = Duration::from_secs(1);
+
 /// Tuning of a feed.
 #[derive(Debug, Clone)]
 pub struct FeedConfig {
@@ -564,16 +574,29 @@ async fn tail(shared: Arc<Shared>, poll: Duration) {
             failing_since.is_some(),
             notifications.listener.is_some(),
         );
-        tokio::select! {
-            _ = shutdown.changed() => {}
-            _ = tokio::time::sleep(wait) => {}
-            woken = wait_for(&mut notifications.listener) => {
-                if woken.is_err() {
-                    // Listen again, then read: what was committed meanwhile
-                    // is in that read.
-                    notifications.listener = None;
+        let read_again = tokio::time::Instant::now() + wait;
+        loop {
+            let probe_at = notifications.heard + PROBE_SILENT_AFTER;
+            tokio::select! {
+                _ = shutdown.changed() => {}
+                _ = tokio::time::sleep_until(read_again) => {}
+                woken = wait_for(&mut notifications.listener) => {
+                    if woken.is_ok() {
+                        notifications.heard = tokio::time::Instant::now();
+                    } else {
+                        // Listen again, then read: what was committed
+                        // meanwhile is in that read.
+                        notifications.listener = None;
+                    }
+                }
+                _ = tokio::time::sleep_until(probe_at), if notifications.listener.is_some() => {
+                    if notifications.probe().await {
+                        // Alive: wait on until the read is due.
+                        continue;
+                    }
                 }
             }
+            break;
         }
     }
 }
@@ -593,13 +616,53 @@ fn next_wait(poll: Duration, failing: bool, notified: bool) -> Duration {
 
 /// The store's change listener, if it could be set up, and whether the
 /// tailer has said it has none (said once per outage, not every round).
-#[derive(Default)]
 struct Notifications {
     listener: Option<Box<dyn ChangeListener>>,
+    /// When the listener last showed it is alive (set up, woken, or
+    /// answered a probe).
+    heard: tokio::time::Instant,
     said_missing: bool,
 }
 
+impl Default for Notifications {
+    fn default() -> Self {
+        Notifications {
+            listener: None,
+            heard: tokio::time::Instant::now(),
+            said_missing: false,
+        }
+    }
+}
+
 impl Notifications {
+    /// Probes the listener ([`PROBE_SILENT_AFTER`]); one that does not
+    /// answer within [`PROBE_ANSWER_WITHIN`] is dropped. Whether it answered.
+    async fn probe(&mut self) -> bool {
+        let Some(listener) = self.listener.as_mut() else {
+            return false;
+        };
+        let answer = tokio::time::timeout(PROBE_ANSWER_WITHIN, listener.probe()).await;
+        match answer {
+            Ok(Ok(())) => {
+                self.heard = tokio::time::Instant::now();
+                true
+            }
+            failed => {
+                let error = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => format!("no answer within {PROBE_ANSWER_WITHIN:?}"),
+                };
+                tracing::warn!(
+                    %error,
+                    "change feed: the connection that is notified of changes stopped answering; \
+                     listening on a new one"
+                );
+                self.listener = None;
+                false
+            }
+        }
+    }
+
     /// Sets the listener up if there is none.
     async fn listen(&mut self, store: &dyn Store) {
         if self.listener.is_some() {
@@ -607,6 +670,7 @@ impl Notifications {
         }
         match store.listen().await {
             Ok(l) => {
+                self.heard = tokio::time::Instant::now();
                 if std::mem::take(&mut self.said_missing) {
                     tracing::info!("change feed: notified of changes again");
                 }

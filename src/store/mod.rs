@@ -327,6 +327,15 @@ pub trait ChangeListener: Send {
     /// hint only: it may wake spuriously, and after a lost connection a
     /// change may pass unannounced (the feed also polls).
     async fn wait(&mut self) -> Result<(), StoreError>;
+
+    /// Checks that the listener can still be woken: a round trip on its own
+    /// connection. A connection that stopped carrying anything without
+    /// being closed (a NAT or load balancer that forgot an idle
+    /// connection, a network partition) never ends `wait`, so only an
+    /// answer shows it alive. The caller bounds the wait for it.
+    async fn probe(&mut self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// The storage interface. Every method is one transaction at most; `load`

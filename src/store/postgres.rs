@@ -80,7 +80,8 @@ impl Dialect for PgDialect {
     }
 
     /// Two pools of `size.max_connections` each: `load`'s reads, and the
-    /// rest (at least two: the change feed's `LISTEN` holds one).
+    /// rest (at least two); the change feed's `LISTEN` has a connection of
+    /// its own besides.
     async fn open(opts: PgConnectOptions, size: PoolSize) -> Result<(PgPool, Self), StoreError> {
         // One plain connection first: it fails at once with the real cause
         // (refused, unknown host, bad login), where the pool would keep
@@ -96,8 +97,8 @@ impl Dialect for PgDialect {
         let acquire_timeout = std::time::Duration::from_secs(5);
         let reads = ReadPool::new(opts.clone(), max_connections as usize, acquire_timeout)?;
         let pool = PgPoolOptions::new()
-            // The change feed's `LISTEN` holds one of these for good, so
-            // there are at least two: one left for writes.
+            // At least two: a write need not wait for the change feed's
+            // read of the log.
             .max_connections(max_connections.max(2))
             .acquire_timeout(acquire_timeout)
             .connect_with(opts)
@@ -130,7 +131,18 @@ impl Dialect for PgDialect {
         let store_id: String = sqlx::query_scalar("SELECT store_id FROM billing_change_log")
             .fetch_one(pool)
             .await?;
-        let mut listener = PgListener::connect_with(pool).await?;
+        // A pool of its own, of the one connection: a listener dropped
+        // because its connection stopped answering (see
+        // `ChangeListener::probe`) sends `UNLISTEN` on it as it goes, which
+        // waits as long as the dead connection does; it must not hold one of
+        // the store's connections meanwhile.
+        let own = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(std::time::Duration::from_secs(5))
+            .max_lifetime(None)
+            .idle_timeout(None)
+            .connect_lazy_with((*pool.connect_options()).clone());
+        let mut listener = PgListener::connect_with(&own).await?;
         // A lost connection is reported, not made again inside a wait the
         // feed may cancel (see `PgChangeListener`).
         listener.eager_reconnect(false);
@@ -311,5 +323,11 @@ impl ChangeListener for PgChangeListener {
                 ),
             ))),
         }
+    }
+
+    async fn probe(&mut self) -> Result<(), StoreError> {
+        // Notifications that arrive meanwhile are kept for `try_recv`.
+        sqlx::query("SELECT 1").execute(&mut self.0).await?;
+        Ok(())
     }
 }

@@ -728,13 +728,18 @@ pub(crate) fn env_map(resp: &BuildEnvResponse) -> BTreeMap<String, (String, Orig
 }
 
 /// A TCP proxy in front of a test's Postgres that can stall: while held,
-/// it forwards nothing, either way, on any connection (a network that stops
-/// delivering for a while), and nothing is lost: what was sent meanwhile,
-/// a connection's end included, is delivered on release.
+/// it forwards nothing, either way (a network that stops delivering for a
+/// while), on every connection or on one, and nothing is lost: what was
+/// sent meanwhile, a connection's end included, is delivered on release.
 pub(crate) struct StallingProxy {
     /// The test database's URL, through the proxy.
     pub url: String,
     open: tokio::sync::watch::Sender<bool>,
+    /// Each connection's own gate, by the port Postgres sees it come from
+    /// (`client_port` in `pg_stat_activity`).
+    connections: std::sync::Arc<
+        std::sync::Mutex<std::collections::HashMap<u16, tokio::sync::watch::Sender<bool>>>,
+    >,
     accept: JoinHandle<()>,
 }
 
@@ -751,26 +756,46 @@ impl StallingProxy {
         let user = authority.rfind('@').map_or("", |at| &authority[..=at]);
         let url = format!("{scheme}://{user}127.0.0.1:{port}{path}");
         let (open, _) = tokio::sync::watch::channel(true);
+        let connections = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::<
+            u16,
+            tokio::sync::watch::Sender<bool>,
+        >::new()));
         let accept = {
             let open = open.clone();
+            let connections = connections.clone();
             tokio::spawn(async move {
                 while let Ok((client, _)) = listener.accept().await {
                     let open = open.clone();
+                    let connections = connections.clone();
                     let upstream = upstream.clone();
                     tokio::spawn(async move {
                         let _ = open.subscribe().wait_for(|o| *o).await;
                         let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
                             return;
                         };
+                        let (own, _) = tokio::sync::watch::channel(true);
+                        let gates = |own: &tokio::sync::watch::Sender<bool>| {
+                            [open.subscribe(), own.subscribe()]
+                        };
+                        let (to_server, to_client) = (gates(&own), gates(&own));
+                        connections
+                            .lock()
+                            .unwrap()
+                            .insert(server.local_addr().unwrap().port(), own);
                         let (client_read, client_write) = client.into_split();
                         let (server_read, server_write) = server.into_split();
-                        tokio::spawn(forward(client_read, server_write, open.subscribe()));
-                        forward(server_read, client_write, open.subscribe()).await;
+                        tokio::spawn(forward(client_read, server_write, to_server));
+                        forward(server_read, client_write, to_client).await;
                     });
                 }
             })
         };
-        StallingProxy { url, open, accept }
+        StallingProxy {
+            url,
+            open,
+            connections,
+            accept,
+        }
     }
 
     /// Nothing is forwarded from now on.
@@ -782,6 +807,25 @@ impl StallingProxy {
     pub(crate) fn release(&self) {
         self.open.send_replace(true);
     }
+
+    /// Nothing is forwarded on the connection Postgres sees coming from
+    /// `client_port`, until [`StallingProxy::release_connection`].
+    pub(crate) fn hold_connection(&self, client_port: u16) {
+        self.gate(client_port).send_replace(false);
+    }
+
+    pub(crate) fn release_connection(&self, client_port: u16) {
+        self.gate(client_port).send_replace(true);
+    }
+
+    fn gate(&self, client_port: u16) -> tokio::sync::watch::Sender<bool> {
+        self.connections
+            .lock()
+            .unwrap()
+            .get(&client_port)
+            .unwrap_or_else(|| panic!("no connection of the proxy comes from port {client_port}"))
+            .clone()
+    }
 }
 
 impl Drop for StallingProxy {
@@ -790,19 +834,21 @@ impl Drop for StallingProxy {
     }
 }
 
-/// Copies `from` to `to` while `open` holds, waiting while it does not;
-/// the end of `from` is passed on the same way.
+/// Copies `from` to `to` while every gate is open, waiting while one is
+/// not; the end of `from` is passed on the same way.
 async fn forward(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
-    mut open: tokio::sync::watch::Receiver<bool>,
+    mut gates: [tokio::sync::watch::Receiver<bool>; 2],
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         let n = from.read(&mut buf).await.unwrap_or(0);
-        if open.wait_for(|o| *o).await.is_err() {
-            return;
+        for gate in &mut gates {
+            if gate.wait_for(|o| *o).await.is_err() {
+                return;
+            }
         }
         if n == 0 {
             let _ = to.shutdown().await;

@@ -694,6 +694,73 @@ async fn a_change_committed_while_the_listening_connection_is_lost_arrives_witho
     assert_eq!(second.revision, 2);
 }
 
+backends!(postgres: a_listening_connection_the_network_silently_dropped_is_found_and_replaced, flavor = "multi_thread", worker_threads = 4);
+/// A NAT or a load balancer forgets an idle connection without closing it:
+/// the `LISTEN` connection then carries nothing, and is never seen to end.
+/// The server must find out and listen on a new connection, or every change
+/// would reach this replica (its Watch streams, its CheckSpend answers) only
+/// at its next poll, for as long as the server runs, with nothing said.
+async fn a_listening_connection_the_network_silently_dropped_is_found_and_replaced(db: TestDb) {
+    // Far under the watched server's poll interval (see the test above).
+    const PROMPT: Duration = Duration::from_secs(10);
+    let proxy = StallingProxy::start(&db).await;
+    let app_name = format!("stall_{}", uuid::Uuid::new_v4().simple());
+    let watched = TestApp::spawn_with(Config {
+        database_url: format!("{}&application_name={app_name}", proxy.url).into(),
+        feed_poll_interval: Duration::from_secs(120),
+        max_staleness: Duration::from_secs(240),
+        ..config(&db)
+    })
+    .await;
+    let writer = TestApp::spawn(&db).await;
+    let mut w = writer.client().await;
+    let mut r = watched.client().await;
+    let ws = new_workspace();
+    let (mut stream, _) = watch_from_now(&mut r, &[]).await;
+    set(&mut w, set_model_req(&ws, "opus", false)).await;
+    let (_, first) = tokio::time::timeout(PROMPT, next_change(&mut stream))
+        .await
+        .expect("a change on the other replica is notified");
+    assert_eq!(first.revision, 1);
+
+    let mut admin = {
+        use sqlx::Connection;
+        sqlx::PgConnection::connect(&db.url).await.unwrap()
+    };
+    let (port,): (i32,) = sqlx::query_as(
+        "SELECT client_port FROM pg_stat_activity \
+         WHERE application_name = $1 AND query ILIKE 'LISTEN%'",
+    )
+    .bind(&app_name)
+    .fetch_one(&mut admin)
+    .await
+    .expect("the watched server's listening connection");
+    let port = u16::try_from(port).unwrap();
+    proxy.hold_connection(port);
+    set(&mut w, set_model_req(&ws, "sonnet", false)).await;
+    let (_, second) = tokio::time::timeout(PROMPT, next_change(&mut stream))
+        .await
+        .expect("the change arrives though the listening connection carries nothing");
+    assert_eq!(second.revision, 2);
+    // Listening again, on another connection: notified, not polled.
+    set(&mut w, set_model_req(&ws, "haiku", false)).await;
+    let (_, third) = tokio::time::timeout(PROMPT, next_change(&mut stream))
+        .await
+        .expect("the next change is notified again");
+    assert_eq!(third.revision, 3);
+    let (listening,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM pg_stat_activity \
+         WHERE application_name = $1 AND query ILIKE 'LISTEN%' AND client_port <> $2",
+    )
+    .bind(&app_name)
+    .bind(i32::from(port))
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!(listening, 1, "the server listens on a new connection");
+    proxy.release_connection(port);
+}
+
 // ---------------------------------------------------------------------------
 // Snapshot, filter, progress
 // ---------------------------------------------------------------------------
