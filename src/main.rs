@@ -130,11 +130,12 @@ struct ServeArgs {
     /// CA certificate (PEM) that client certificates must chain to (mTLS).
     #[arg(long, env = "BILLING_MODE_TLS_CLIENT_CA", requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
-    /// Per-request timeout in milliseconds.
+    /// Per-request timeout in milliseconds (at least 1).
     #[arg(
         long,
         env = "BILLING_MODE_REQUEST_TIMEOUT_MS",
-        default_value_t = 10_000
+        default_value_t = 10_000,
+        value_parser = clap::value_parser!(u64).range(1..)
     )]
     request_timeout_ms: u64,
     /// Requests served at once across all connections.
@@ -208,7 +209,7 @@ impl ServeArgs {
                 }),
                 _ => None,
             },
-            request_timeout: Duration::from_millis(self.request_timeout_ms.max(1)),
+            request_timeout: Duration::from_millis(self.request_timeout_ms),
             concurrency_limit: self.concurrency_limit.max(1),
             max_concurrent_per_connection: self.max_concurrent_per_connection.max(1),
             db_max_connections: self.db_max_connections.map(|n| n.max(1)),

@@ -83,9 +83,23 @@ pub struct ClientArgs {
     /// implies TLS).
     #[arg(long)]
     tls_server_name: Option<String>,
+    /// How long to wait for each answer (e.g. 30s, 500ms, 2m); a server that
+    /// does not answer by then is an error, not a wait without end. A Watch
+    /// waits this long for its stream to open, not for its events.
+    #[arg(long, env = "BILLING_MODE_TIMEOUT", default_value = "30s",
+          value_parser = parse_timeout)]
+    timeout: std::time::Duration,
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+/// A duration above zero.
+fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
+    match crate::config::parse_duration(s)? {
+        d if d.is_zero() => Err("the timeout must be above zero".to_owned()),
+        d => Ok(d),
+    }
 }
 
 /// The token is not shown.
@@ -98,6 +112,7 @@ impl std::fmt::Debug for ClientArgs {
             .field("client_cert", &self.client_cert)
             .field("client_key", &self.client_key)
             .field("tls_server_name", &self.tls_server_name)
+            .field("timeout", &self.timeout)
             .field("json", &self.json)
             .finish()
     }
@@ -286,7 +301,10 @@ pub async fn channel(args: &ClientArgs) -> anyhow::Result<(Channel, Bearer)> {
     let server = server_url(args)?;
     let mut endpoint = Channel::from_shared(server.clone())
         .with_context(|| format!("--server {server:?} is not a URL"))?
-        .connect_timeout(std::time::Duration::from_secs(5));
+        .connect_timeout(std::time::Duration::from_secs(5).min(args.timeout))
+        // Until the answer's headers, which a unary answer sends with its
+        // message and a stream when it opens (tonic's `Endpoint::timeout`).
+        .timeout(args.timeout);
     let tls_wanted = endpoint
         .uri()
         .scheme_str()
@@ -348,11 +366,28 @@ pub fn print_error(json_out: bool, e: &anyhow::Error, extra: Map<String, Value>)
     let (mut fields, text) = match e.downcast_ref::<Status>() {
         Some(s) => {
             let reason = status_reason(s);
-            let text = format!("error: {:?} {reason}: {}", s.code(), s.message());
+            // The client's own deadline (`--timeout`): tonic says only
+            // "Timeout expired", as a cancellation.
+            let timed_out = s.code() == tonic::Code::Cancelled
+                && std::iter::successors(std::error::Error::source(s), |c| c.source())
+                    .any(|c| c.is::<tonic::TimeoutExpired>() || c.to_string() == "Timeout expired");
+            let (code, message) = if timed_out {
+                (
+                    tonic::Code::DeadlineExceeded,
+                    "no answer from the server within --timeout".to_owned(),
+                )
+            } else {
+                (s.code(), s.message().to_owned())
+            };
+            let text = if reason.is_empty() {
+                format!("error: {code:?}: {message}")
+            } else {
+                format!("error: {code:?} {reason}: {message}")
+            };
             let mut fields = Map::new();
-            fields.insert("code".into(), format!("{:?}", s.code()).into());
+            fields.insert("code".into(), format!("{code:?}").into());
             fields.insert("reason".into(), reason.into());
-            fields.insert("message".into(), s.message().into());
+            fields.insert("message".into(), message.into());
             (fields, text)
         }
         None => {

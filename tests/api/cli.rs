@@ -1011,6 +1011,53 @@ fn invalid_workspace_ids_are_refused() {
     }
 }
 
+#[test]
+fn a_server_that_never_answers_is_an_error_after_the_timeout_not_a_wait_without_end() {
+    // Accepts connections and never answers on them (a hung process, a
+    // stopped container, a proxy with nothing behind it).
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let server = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in listener.incoming() {
+            held.push(c);
+        }
+    });
+    let ws = "6b66b3a4-2c8a-4a54-9e1d-9e6a1c3ad809";
+    for json_out in [false, true] {
+        let mut cmd = bin();
+        cmd.args(["resolve", ws, "--server", &server, "--timeout", "1s"]);
+        if json_out {
+            cmd.arg("--json");
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let status = wait_exit(&mut child, Duration::from_secs(30));
+        if status.is_none() {
+            let _ = child.kill();
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(status.is_some(), "still waiting: {}", describe(&out));
+        let err = fails_with(&out, "DeadlineExceeded");
+        assert!(err.contains("--timeout"), "{err}");
+        if json_out {
+            let v: Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+            assert_eq!(v["error"]["code"], "DeadlineExceeded", "{v}");
+        }
+    }
+    // Zero would never wait at all: refused.
+    let out = run({
+        let mut cmd = bin();
+        cmd.args(["resolve", ws, "--server", &server, "--timeout", "0s"]);
+        cmd
+    });
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    assert!(stderr(&out).contains("above zero"), "{}", describe(&out));
+}
+
 // ---------------------------------------------------------------------------
 // build-env
 
