@@ -242,6 +242,9 @@ pub struct Config {
     /// CheckSpend answers only while this replica's spend snapshot was
     /// confirmed current this recently; UNAVAILABLE otherwise.
     pub max_staleness: Duration,
+    /// How often the spend snapshot reads every record again, to find and
+    /// repair what was changed outside the service (`SpendSnapshot::start`).
+    pub spend_recheck_interval: Duration,
 }
 
 impl Default for Config {
@@ -270,6 +273,7 @@ impl Default for Config {
             feed_poll_interval: Duration::from_millis(500),
             feed_capacity: 4096,
             max_staleness: DEFAULT_MAX_STALENESS,
+            spend_recheck_interval: Duration::from_secs(60),
         }
     }
 }

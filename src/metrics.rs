@@ -52,6 +52,9 @@ pub struct Metrics {
     pub store_pool_connections: IntGaugeVec,
     /// Loads each Postgres read statement answered (`store::pg_batch`).
     pub store_loads_per_read: Histogram,
+    /// Spend-snapshot entries the periodic recheck found differing from
+    /// their record (changed outside the service: no change-log entry).
+    pub spend_snapshot_repairs: prometheus::IntCounter,
     /// Always 1; the labels carry the version and the git commit.
     pub build_info: IntGaugeVec,
 }
@@ -121,6 +124,13 @@ impl Metrics {
             .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]),
         )
         .expect("valid metric");
+        let spend_snapshot_repairs = prometheus::IntCounter::new(
+            "billing_mode_spend_snapshot_repairs_total",
+            "Workspaces whose spend-snapshot entry the periodic recheck found differing from \
+             the stored record, which was changed outside the service (no change-log entry); \
+             CheckSpend answers from the record from then on. Anything above 0 needs looking at.",
+        )
+        .expect("valid metric");
         let build_info = IntGaugeVec::new(
             Opts::new(
                 "billing_mode_build_info",
@@ -138,6 +148,7 @@ impl Metrics {
             Box::new(refusals.clone()),
             Box::new(store_operation_duration.clone()),
             Box::new(store_pool_connections.clone()),
+            Box::new(spend_snapshot_repairs.clone()),
             Box::new(store_loads_per_read.clone()),
             Box::new(build_info.clone()),
         ] {
@@ -153,6 +164,7 @@ impl Metrics {
             store_operation_duration,
             store_pool_connections,
             store_loads_per_read,
+            spend_snapshot_repairs,
             build_info,
         }
     }

@@ -347,13 +347,24 @@ impl SpendSnapshot {
     /// down (a failed load is retried). Waits at most `max_staleness` for
     /// the first confirmation, so a server usually starts current; until
     /// then CheckSpend answers UNAVAILABLE.
+    ///
+    /// Every `recheck_every` it also reads every record again and compares
+    /// ([`SpendSnapshot::recheck`]): a record changed outside the service
+    /// (by hand, in the database) logs no change, and the snapshot would
+    /// otherwise answer from what the record was until the replica restarts.
     pub async fn start(
         feed: Feed,
         registry: Arc<Registry>,
         max_staleness: Duration,
+        recheck_every: Duration,
     ) -> SpendSnapshot {
         let snapshot = SpendSnapshot::new(max_staleness);
-        tokio::spawn(snapshot.clone().run(feed.clone(), registry));
+        tokio::spawn(snapshot.clone().run(feed.clone(), registry.clone()));
+        tokio::spawn(
+            snapshot
+                .clone()
+                .recheck_every(feed.clone(), registry, recheck_every),
+        );
         tokio::spawn(snapshot.clone().publish_every(feed));
         let mut current = snapshot.current();
         let _ = tokio::time::timeout(max_staleness, current.wait_for(|c| *c)).await;
@@ -473,6 +484,117 @@ impl SpendSnapshot {
         if sub.is_live() && sub.position() >= feed.position() {
             self.confirm(at);
         }
+    }
+
+    async fn recheck_every(self, feed: Feed, registry: Arc<Registry>, every: Duration) {
+        loop {
+            tokio::select! {
+                () = feed.stopped() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+            if !self.is_current() {
+                // Loading or failing: the next load reads every record anyway.
+                continue;
+            }
+            match self.recheck(&feed, &registry).await {
+                Ok(0) => {}
+                Ok(repaired) => tracing::error!(
+                    repaired,
+                    "spend snapshot: records changed outside the service (no change-log entry); \
+                     CheckSpend answers from the records now. Change records only through the \
+                     service: its write logs the change every replica follows"
+                ),
+                Err(e) => tracing::warn!(error = %e, "spend snapshot: cannot recheck the records"),
+            }
+        }
+    }
+
+    /// Reads every record at one position P and compares it with the table;
+    /// repairs, and names in the log, each entry that differs because its
+    /// record was changed without a change-log entry. Returns how many.
+    ///
+    /// - Same revision, another decision: only an edit that bypassed the
+    ///   service does that (the registry never changes in a running server).
+    /// - A later revision than the table's, or a workspace the table lacks:
+    ///   a change in flight, unless the table, having applied every change
+    ///   up to P, still lacks it; so these are looked at again once it has.
+    /// - An earlier revision than the table's: changed since P; left alone.
+    ///
+    /// A workspace deleted by hand stays in the table (not looked for).
+    async fn recheck(&self, feed: &Feed, registry: &Registry) -> Result<u64, FeedError> {
+        /// Later revisions kept to look at again; more are looked at in the
+        /// next recheck.
+        const MOST_PENDING: usize = 10_000;
+        let mut repaired = 0u64;
+        let mut pending: Vec<(WorkspaceId, Mode, u64)> = Vec::new();
+        let position = feed
+            .snapshot(&mut |record| {
+                let mode = resolve(&record, registry).mode;
+                let id = record.workspace_id;
+                let held = self
+                    .shared
+                    .table
+                    .read()
+                    .expect("spend snapshot lock")
+                    .get(&id);
+                match held {
+                    Some(Some((m, r))) if r == record.revision && m != mode => {
+                        repaired += u64::from(self.repair(&id, Some(m), mode, record.revision));
+                    }
+                    Some(Some((_, r))) if r >= record.revision => {}
+                    _ if pending.len() < MOST_PENDING => pending.push((id, mode, record.revision)),
+                    _ => {}
+                }
+            })
+            .await?;
+        if pending.is_empty() {
+            return Ok(repaired);
+        }
+        // Until the table has applied every change up to P.
+        let deadline = tokio::time::Instant::now() + self.shared.max_staleness;
+        while self.position() < position {
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(repaired);
+            }
+            tokio::time::sleep(CONFIRM_EVERY).await;
+        }
+        for (id, mode, revision) in pending {
+            let held = self
+                .shared
+                .table
+                .read()
+                .expect("spend snapshot lock")
+                .get(&id);
+            let before = match held {
+                None => None,
+                Some(Some((_, r))) if r >= revision => continue,
+                Some(Some((m, _))) => Some(m),
+                Some(None) => continue,
+            };
+            repaired += u64::from(self.repair(&id, before, mode, revision));
+        }
+        Ok(repaired)
+    }
+
+    /// Sets `workspace` to the record's `mode` at `revision`, unless a later
+    /// change got there first; whether it did.
+    fn repair(&self, id: &WorkspaceId, before: Option<Mode>, mode: Mode, revision: u64) -> bool {
+        {
+            let mut table = self.shared.table.write().expect("spend snapshot lock");
+            if matches!(table.get(id), Some(Some((_, r))) if r > revision) {
+                return false;
+            }
+            table.apply(id, mode, revision);
+        }
+        crate::metrics::global().spend_snapshot_repairs.inc();
+        tracing::error!(
+            workspace_id = %id,
+            revision,
+            was = before.map_or("absent", |m| m.as_str()),
+            now = mode.as_str(),
+            "spend snapshot: the record differs from what its change log said; repaired"
+        );
+        true
     }
 
     async fn publish_every(self, feed: Feed) {

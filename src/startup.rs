@@ -158,8 +158,13 @@ impl Application {
         .await;
         // Loads and follows in the background; CheckSpend answers (and the
         // server is ready) once the snapshot is confirmed current.
-        let spend =
-            SpendSnapshot::start(feed.clone(), registry.clone(), config.max_staleness).await;
+        let spend = SpendSnapshot::start(
+            feed.clone(),
+            registry.clone(),
+            config.max_staleness,
+            config.spend_recheck_interval,
+        )
+        .await;
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;

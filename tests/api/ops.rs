@@ -468,6 +468,7 @@ async fn the_admin_port_answers_probes_and_serves_metrics_promtool_accepts(db: T
     }
     assert!(after.contains("billing_mode_store_pool_connections{state=\"idle\"}"));
     assert!(after.contains("billing_mode_store_pool_connections{state=\"in_use\"}"));
+    assert!(after.contains("# TYPE billing_mode_spend_snapshot_repairs_total counter"));
     assert!(after.contains(&format!(
         "billing_mode_build_info{{git_commit=\"{}\",version=\"{}\"}} 1",
         billing_mode::metrics::GIT_COMMIT,

@@ -2,7 +2,7 @@
 //! between Resolve and BuildEnv. Each runs on SQLite and, when `DATABASE_URL`
 //! points at Postgres, on Postgres too.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, time::Duration};
 
 use crate::helpers::*;
 use billing_mode::proto::{ClearRequest, EnvVar, Mode, Origin, SetRequest, Source};
@@ -1081,4 +1081,98 @@ async fn a_record_edited_by_hand_is_drift_of_its_own_and_hides_no_other_drift(db
         .and_then(|e| e.time);
     assert!(committed.is_some());
     assert_eq!(edited_drift.since, committed);
+}
+
+// ---------------------------------------------------------------------------
+// Seed case 1, and the spend snapshot
+
+/// CheckSpend on `app` until it answers `ws` with `mode` at `revision`;
+/// panics after `bound`, naming the last answer.
+async fn spend_answers(app: &TestApp, ws: &str, mode: Mode, revision: u64, bound: Duration) {
+    use billing_mode::proto::CheckSpendRequest;
+    let mut c = app.client().await;
+    let start = std::time::Instant::now();
+    loop {
+        let last = c
+            .check_spend(CheckSpendRequest {
+                workspace_id: ws.to_owned(),
+            })
+            .await
+            .map(|r| r.into_inner());
+        if let Ok(a) = &last {
+            if a.mode() == mode && a.revision == revision {
+                assert_eq!(a.allowed, mode == Mode::PlatformManaged, "{a:?}");
+                return;
+            }
+        }
+        assert!(
+            start.elapsed() < bound,
+            "CheckSpend does not answer {mode:?} at revision {revision} within {bound:?}: {last:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+backends!(
+    a_record_changed_by_hand_reaches_check_spend_too,
+    flavor = "multi_thread",
+    worker_threads = 2
+);
+/// Seed case 1's operator, who wrote an override straight into the
+/// database: no change is logged, so nothing tells the replicas' spend
+/// snapshots. Resolve reads the record and ignores the garbled override;
+/// CheckSpend, answering from memory, must come to the same answer (here:
+/// the platform stops paying), not keep the old one until a restart.
+async fn a_record_changed_by_hand_reaches_check_spend_too(db: TestDb) {
+    const RECHECK: Duration = Duration::from_millis(300);
+    let app = TestApp::spawn_with(billing_mode::config::Config {
+        spend_recheck_interval: RECHECK,
+        ..config(&db)
+    })
+    .await;
+    let ws = new_workspace();
+    app.set(SetRequest {
+        workspace_id: ws.clone(),
+        runtime: Some("claude-code".into()),
+        model: Some("opus".into()),
+        credential_keys: Some(billing_mode::proto::CredentialKeys {
+            keys: vec!["CLAUDE_CODE_OAUTH_TOKEN".into()],
+        }),
+        reason: "register".into(),
+        ..SetRequest::default()
+    })
+    .await;
+    let forced = app
+        .set_override(&ws, Mode::PlatformManaged, "the platform pays")
+        .await;
+    assert_eq!(forced.revision, 2);
+    let bound = Duration::from_secs(10);
+    spend_answers(&app, &ws, Mode::PlatformManaged, 2, bound).await;
+
+    // Garbled by hand: the record's decision is no longer platform_managed.
+    assert_eq!(
+        write_override_by_hand(&db, &ws, "Platform_managed", true)
+            .await
+            .unwrap(),
+        1
+    );
+    let now = app.resolve(&ws).await;
+    assert_eq!(now.revision, 2);
+    assert_ne!(now.mode(), Mode::PlatformManaged, "{now:?}");
+    spend_answers(&app, &ws, now.mode(), 2, bound).await;
+
+    // A hand edit that also moved the revision on, to a valid override.
+    let edit = match db.backend {
+        Backend::Sqlite => format!(
+            "UPDATE billing_records SET override_mode = 'disabled', revision = 3 \
+             WHERE workspace_id = '{ws}'"
+        ),
+        Backend::Postgres => format!(
+            "UPDATE billing_records SET override_mode = 'disabled', revision = 3 \
+             WHERE workspace_id = '{ws}'::uuid"
+        ),
+    };
+    db.execute(&[edit.as_str()]).await;
+    assert_eq!(app.resolve(&ws).await.mode(), Mode::Disabled);
+    spend_answers(&app, &ws, Mode::Disabled, 3, bound).await;
 }
