@@ -267,7 +267,7 @@ fn report(r: anyhow::Result<()>) -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", billing_mode::service::error::anyhow_text(&e));
             ExitCode::FAILURE
         }
     }
@@ -296,7 +296,7 @@ async fn run_server(level: &LogLevel, format: LogFormat, args: ServeArgs) -> Exi
     .await;
     if let Err(e) = &result {
         tracing::error!(
-            error = format!("{e:#}"),
+            error = billing_mode::service::error::anyhow_text(e),
             "billing-mode stopped with an error"
         );
     }

@@ -117,7 +117,7 @@ impl Reloader {
         match load_tokens(Some(path), &self.inline_tokens) {
             Err(e) => tracing::error!(
                 file = %shown,
-                error = format!("{e:#}"),
+                error = crate::service::error::anyhow_text(&e),
                 "tokens reload refused; the previous tokens stay in force"
             ),
             Ok(tokens) if tokens.is_empty() && !self.auth.current().is_open() => {

@@ -32,7 +32,7 @@ pub struct ListArgs {
     #[arg(long)]
     source: Option<String>,
     /// Entries per request (1-500); the command pages through all of them.
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=500))]
     page_size: u32,
     #[command(flatten)]
     client: ClientArgs,

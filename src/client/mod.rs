@@ -194,7 +194,7 @@ pub struct HistoryArgs {
     /// The workspace id (UUID).
     workspace: String,
     /// Entries per page (1-500; default 50).
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=500))]
     page_size: u32,
     /// Continue from a previous page's next_page_token.
     #[arg(long, default_value = "")]
@@ -392,8 +392,9 @@ pub fn print_error(json_out: bool, e: &anyhow::Error, extra: Map<String, Value>)
         }
         None => {
             let mut fields = Map::new();
-            fields.insert("message".into(), format!("{e:#}").into());
-            (fields, format!("error: {e:#}"))
+            let text = crate::service::error::anyhow_text(e);
+            fields.insert("message".into(), text.clone().into());
+            (fields, format!("error: {text}"))
         }
     };
     if json_out {
@@ -756,7 +757,7 @@ pub async fn history(a: HistoryArgs) -> ExitCode {
 #[derive(Args, Debug)]
 pub struct DriftArgs {
     /// Entries fetched per request (1-500); every page is fetched.
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=500))]
     page_size: u32,
     #[command(flatten)]
     client: ClientArgs,

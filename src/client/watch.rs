@@ -32,7 +32,10 @@ fn line(m: &proto::WatchResponse, json_out: bool) -> String {
         // One response message a line, as grpcurl prints the stream.
         return match client::message_json(m) {
             Ok(j) => j.to_string(),
-            Err(e) => serde_json::json!({"error": {"message": format!("{e:#}")}}).to_string(),
+            Err(e) => {
+                serde_json::json!({"error": {"message": crate::service::error::anyhow_text(&e)}})
+                    .to_string()
+            }
         };
     }
     match &m.event {

@@ -306,19 +306,59 @@ pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
 
 impl std::fmt::Display for ErrorChain<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut source = self.0.source();
-        while let Some(s) = source {
-            write!(f, ": {s}")?;
-            source = s.source();
-        }
-        Ok(())
+        let chain = std::iter::successors(Some(self.0), |e| e.source());
+        f.write_str(&chain_text(chain.map(|e| e.to_string())))
     }
+}
+
+/// An error and its causes, as `{:#}` shows them (joined by ": "), without
+/// the causes an error already shows in its own text: several (sqlx's, our
+/// store's) both show their cause and return it as their source, so `{:#}`
+/// says the same thing two or three times over.
+pub fn anyhow_text(e: &anyhow::Error) -> String {
+    chain_text(e.chain().map(|c| c.to_string()))
+}
+
+fn chain_text(causes: impl Iterator<Item = String>) -> String {
+    let mut out = String::new();
+    let mut previous: Option<String> = None;
+    for cause in causes {
+        let shown = previous.as_deref().is_some_and(|p| p.contains(&cause));
+        if !shown {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&cause);
+        }
+        previous = Some(cause);
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cause_an_error_already_shows_is_not_shown_again() {
+        let causes = [
+            "opening the store (sqlite:/x.db)",
+            "store unavailable: error returned from database: (code: 14) unable to open",
+            "error returned from database: (code: 14) unable to open",
+            "(code: 14) unable to open",
+        ];
+        assert_eq!(
+            chain_text(causes.iter().map(|c| c.to_string())),
+            "opening the store (sqlite:/x.db): store unavailable: error returned from database: \
+             (code: 14) unable to open"
+        );
+        // Causes that add something are all kept.
+        let causes = ["reading tokens.txt", "line 3", "unknown role `x`"];
+        assert_eq!(
+            chain_text(causes.iter().map(|c| c.to_string())),
+            "reading tokens.txt: line 3: unknown role `x`"
+        );
+    }
 
     #[test]
     fn every_reason_maps_to_the_contract_code() {

@@ -51,10 +51,13 @@ pub fn parse_source(s: &str) -> Option<proto::Source> {
     }
 }
 
-/// A candidate env entry's origin by its name, in any case; the authority's
-/// own origin is not one a caller may give.
+/// A candidate env entry's origin by its name, in any case, also as the
+/// proto's enum value name (`ORIGIN_WORKSPACE`, as `--json` and grpcurl
+/// write it); the authority's own origin is not one a caller may give.
 pub fn parse_origin(s: &str) -> Option<proto::Origin> {
-    match proto::Origin::from_str_name(&format!("ORIGIN_{}", s.to_ascii_uppercase())) {
+    let upper = s.to_ascii_uppercase();
+    let name = upper.strip_prefix("ORIGIN_").unwrap_or(&upper);
+    match proto::Origin::from_str_name(&format!("ORIGIN_{name}")) {
         Some(proto::Origin::Unspecified | proto::Origin::Authority) | None => None,
         Some(o) => Some(o),
     }
@@ -98,6 +101,17 @@ mod tests {
             Some("authority")
         );
         assert_eq!(parse_origin("authority"), None);
+        assert_eq!(parse_origin("ORIGIN_AUTHORITY"), None);
+        assert_eq!(parse_origin("ORIGIN_UNSPECIFIED"), None);
+        assert_eq!(
+            parse_origin("ORIGIN_WORKSPACE"),
+            Some(proto::Origin::Workspace)
+        );
+        assert_eq!(
+            parse_origin("origin_platform"),
+            Some(proto::Origin::Platform)
+        );
+        assert_eq!(parse_origin("ORIGIN_ORIGIN_GLOBAL"), None);
         assert_eq!(origin_name(99), None);
     }
 }

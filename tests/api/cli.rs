@@ -273,8 +273,9 @@ fn json_env() -> String {
         {"key": "CLAUDE_CODE_OAUTH_TOKEN", "value": PLATFORM_SECRET, "origin": "global"},
         {"key": "ANTHROPIC_API_KEY", "value": PLATFORM_SECRET, "origin": "GLOBAL"},
         {"key": "MOLECULE_LLM_ANTHROPIC_BASE_URL", "value": "http://proxy.internal/anthropic", "origin": "platform"},
-        {"key": "MOLECULE_LLM_USAGE_TOKEN", "value": USAGE_TOKEN, "origin": "platform"},
-        {"key": "GREETING", "value": "a=b c", "origin": "workspace"},
+        // The proto's names too, as grpcurl and `--json` write them.
+        {"key": "MOLECULE_LLM_USAGE_TOKEN", "value": USAGE_TOKEN, "origin": "ORIGIN_PLATFORM"},
+        {"key": "GREETING", "value": "a=b c", "origin": "ORIGIN_WORKSPACE"},
     ])
     .to_string()
 }
@@ -1056,6 +1057,30 @@ fn a_server_that_never_answers_is_an_error_after_the_timeout_not_a_wait_without_
     });
     assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
     assert!(stderr(&out).contains("above zero"), "{}", describe(&out));
+}
+
+#[test]
+fn a_page_size_outside_the_documented_range_is_refused() {
+    let ws = "6b66b3a4-2c8a-4a54-9e1d-9e6a1c3ad809";
+    for size in ["0", "501"] {
+        for args in [
+            vec!["history", ws, "--page-size", size],
+            vec!["list", "--page-size", size],
+            vec!["drift", "--page-size", size],
+        ] {
+            let out = run({
+                let mut cmd = bin();
+                cmd.args(&args);
+                cmd
+            });
+            assert_eq!(out.status.code(), Some(2), "{args:?}: {}", describe(&out));
+            assert!(
+                stderr(&out).contains("1..=500"),
+                "{args:?}: {}",
+                describe(&out)
+            );
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
