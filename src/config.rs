@@ -295,6 +295,17 @@ impl Config {
     }
 }
 
+/// `--listen`: an IP address and a port. A host name is not looked up: the
+/// addresses it names would decide silently which interfaces are served.
+pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    s.trim().parse().map_err(|_| {
+        format!(
+            "{s:?} is not an IP address and port like 127.0.0.1:50051 (0.0.0.0:50051 for every \
+             interface; a host name such as localhost is not looked up)"
+        )
+    })
+}
+
 /// `--admin-listen`: an address, or `off` to disable the admin listener.
 pub fn parse_admin_listen(s: &str) -> Result<Option<SocketAddr>, String> {
     match s.trim() {
@@ -357,6 +368,21 @@ mod tests {
         assert_eq!(e.entry, "file");
         assert!(matches!(e.problem, RegistryProblem::CannotRead(_)), "{e:?}");
         assert!(e.to_string().contains("/nonexistent/registry.toml"));
+    }
+
+    #[test]
+    fn a_listen_address_is_an_ip_address_and_a_port() {
+        assert_eq!(
+            parse_listen("0.0.0.0:50051").unwrap(),
+            "0.0.0.0:50051".parse::<SocketAddr>().unwrap()
+        );
+        assert!(parse_listen("[::1]:50051").is_ok());
+        let e = parse_listen("localhost:50555").unwrap_err();
+        assert!(
+            e.contains("127.0.0.1:50051") && e.contains("not looked up"),
+            "{e}"
+        );
+        assert!(parse_listen("127.0.0.1").is_err(), "a port is needed");
     }
 
     #[test]

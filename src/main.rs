@@ -104,8 +104,10 @@ type MaybeAddr = Option<SocketAddr>;
 
 #[derive(Args)]
 struct ServeArgs {
-    /// Address to listen on.
-    #[arg(long, env = "BILLING_MODE_LISTEN", default_value = config::DEFAULT_LISTEN)]
+    /// Address to listen on: an IP address and a port (0.0.0.0:50051 for
+    /// every interface).
+    #[arg(long, env = "BILLING_MODE_LISTEN", default_value = config::DEFAULT_LISTEN,
+          value_parser = config::parse_listen)]
     listen: SocketAddr,
     #[command(flatten)]
     database: DatabaseArgs,

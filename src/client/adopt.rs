@@ -72,16 +72,23 @@ pub async fn list(a: ListArgs) -> ExitCode {
             page_token = page.next_page_token;
         }
         let mut text = String::new();
+        let or_dash = |s: &str| {
+            if s.is_empty() {
+                "-".to_owned()
+            } else {
+                s.to_owned()
+            }
+        };
+        // The model column as wide as its widest entry, so the revisions
+        // line up.
+        let model_width = all
+            .iter()
+            .map(|r| or_dash(&r.model).chars().count())
+            .max()
+            .unwrap_or(0);
         for r in &all {
-            let or_dash = |s: &str| {
-                if s.is_empty() {
-                    "-".to_owned()
-                } else {
-                    s.to_owned()
-                }
-            };
             text += &format!(
-                "{}  {:<16}  {:<16}  {:<22}  {:<12}  {}  rev {}\n",
+                "{}  {:<16}  {:<16}  {:<22}  {:<12}  {:<model_width$}  rev {}\n",
                 r.workspace_id,
                 import::mode_name(r.mode),
                 import::source_name(r.source),

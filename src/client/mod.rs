@@ -371,10 +371,27 @@ pub fn print_error(json_out: bool, e: &anyhow::Error, extra: Map<String, Value>)
             let timed_out = s.code() == tonic::Code::Cancelled
                 && std::iter::successors(std::error::Error::source(s), |c| c.source())
                     .any(|c| c.is::<tonic::TimeoutExpired>() || c.to_string() == "Timeout expired");
+            // The connection ended without a gRPC answer (this server answers
+            // every refusal with a reason): tonic says "transport error" or
+            // "operation was canceled", which names no cause. The usual ones
+            // at this end are the connection's security.
+            let cut = !timed_out
+                && reason.is_empty()
+                && matches!(s.code(), tonic::Code::Unknown | tonic::Code::Cancelled);
             let (code, message) = if timed_out {
                 (
                     tonic::Code::DeadlineExceeded,
                     "no answer from the server within --timeout".to_owned(),
+                )
+            } else if cut {
+                (
+                    tonic::Code::Unavailable,
+                    format!(
+                        "the connection ended without an answer ({}). A server that speaks TLS \
+                         needs an https:// address or --ca-cert; one that asks for client \
+                         certificates needs --client-cert and --client-key",
+                        s.message()
+                    ),
                 )
             } else {
                 (s.code(), s.message().to_owned())
@@ -683,8 +700,15 @@ pub async fn build_env(a: BuildEnvArgs) -> ExitCode {
                 origin_name(e.origin)
             );
         }
-        text += &format!("removed: {}\n", r.removed_keys.join(", "));
-        text += &format!("added:   {}\n", r.added_keys.join(", "));
+        let keys = |k: &[String]| {
+            if k.is_empty() {
+                "(none)".to_owned()
+            } else {
+                k.join(", ")
+            }
+        };
+        text += &format!("removed: {}\n", keys(&r.removed_keys));
+        text += &format!("added:   {}\n", keys(&r.added_keys));
         Ok((j, text))
     })
     .await

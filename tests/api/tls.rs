@@ -445,6 +445,26 @@ async fn the_cli_speaks_mtls_with_a_token(db: TestDb) {
         !no_cert.status.success(),
         "without a client certificate the CLI must fail: {no_cert:?}"
     );
+    // ...saying what the connection may lack, not only tonic's "operation
+    // was canceled".
+    let said = String::from_utf8_lossy(&no_cert.stderr);
+    assert!(said.contains("--client-cert and --client-key"), "{said}");
+    // Plaintext to a TLS server: the same, naming https:// too.
+    let plain = cli(
+        vec![
+            "resolve".into(),
+            ws.clone(),
+            "--server".into(),
+            format!("http://localhost:{}", app.addr.port()),
+            "--token".into(),
+            admin.clone(),
+        ],
+        vec![],
+    )
+    .await;
+    assert!(!plain.status.success(), "{plain:?}");
+    let said = String::from_utf8_lossy(&plain.stderr);
+    assert!(said.contains("needs an https:// address"), "{said}");
 
     // Without the token: refused with UNAUTHENTICATED.
     let mut no_token = full(&ws);
