@@ -40,7 +40,7 @@ use std::{
 use chrono::{DateTime, Utc};
 use tokio::sync::{broadcast, watch};
 
-use crate::store::{ChangeListener, LoggedChange, Store, StoreError, Visit};
+use crate::store::{ChangeListener, LoggedChange, Store, StoreError, Visit, Wake};
 
 /// One committed change: position, commit time and the record after it (its
 /// workspace id and revision included), from which `resolve` gives the
@@ -60,15 +60,21 @@ const LOST_AFTER: Duration = Duration::from_secs(5);
 /// contract's 100 ms, instead of only at the next `poll_interval`.
 const UNNOTIFIED_POLL: Duration = Duration::from_millis(50);
 
-/// A listener that has woken nobody for this long is probed (a round trip
-/// on its connection, [`ChangeListener::probe`]): a connection dropped
-/// silently by the network wakes nobody ever again, and this replica would
-/// learn of changes only at each `poll_interval`.
-const PROBE_SILENT_AFTER: Duration = Duration::from_secs(1);
-/// A probe unanswered this long means the listener's connection is gone:
-/// the tailer listens on a new one, and reads the log meanwhile every
-/// [`UNNOTIFIED_POLL`].
-const PROBE_ANSWER_WITHIN: Duration = Duration::from_secs(1);
+/// A listener that has woken nobody for this long is sent a heartbeat
+/// ([`ChangeListener::heartbeat`]): a connection the network dropped without
+/// closing it wakes nobody ever again, and this replica would learn of
+/// changes only at each `poll_interval`, saying nothing.
+const HEARTBEAT_AFTER_SILENCE: Duration = Duration::from_secs(1);
+/// A heartbeat that has not woken the listener this long after it was sent
+/// means the listener's connection is gone: the tailer listens on a new one
+/// and reads the log. Reads go on meanwhile, every `poll_interval`.
+const HEARTBEAT_WITHIN: Duration = Duration::from_secs(1);
+/// Waits between attempts to set a listener up, doubling from the first to
+/// the last while they fail (the log is read every [`UNNOTIFIED_POLL`]
+/// meanwhile): a database that refuses `LISTEN` (a standby during a
+/// failover) or has no connection to spare is not asked 20 times a second.
+const LISTEN_RETRY_FIRST: Duration = Duration::from_millis(100);
+const LISTEN_RETRY_LAST: Duration = Duration::from_secs(5);
 
 /// Tuning of a feed.
 #[derive(Debug, Clone)]
@@ -576,24 +582,39 @@ async fn tail(shared: Arc<Shared>, poll: Duration) {
         );
         let read_again = tokio::time::Instant::now() + wait;
         loop {
-            let probe_at = notifications.heard + PROBE_SILENT_AFTER;
+            let beat_at = notifications.heard + HEARTBEAT_AFTER_SILENCE;
+            let dead_at = notifications.awaiting;
             tokio::select! {
                 _ = shutdown.changed() => {}
                 _ = tokio::time::sleep_until(read_again) => {}
                 woken = wait_for(&mut notifications.listener) => {
-                    if woken.is_ok() {
-                        notifications.heard = tokio::time::Instant::now();
-                    } else {
+                    match woken {
+                        Ok(wake) => {
+                            notifications.alive();
+                            if wake == Wake::Heartbeat {
+                                // Nothing changed: wait on until the read is due.
+                                continue;
+                            }
+                        }
                         // Listen again, then read: what was committed
                         // meanwhile is in that read.
-                        notifications.listener = None;
+                        Err(_) => notifications.listener = None,
                     }
                 }
-                _ = tokio::time::sleep_until(probe_at), if notifications.listener.is_some() => {
-                    if notifications.probe().await {
-                        // Alive: wait on until the read is due.
-                        continue;
-                    }
+                _ = tokio::time::sleep_until(beat_at),
+                    if notifications.listener.is_some() && dead_at.is_none() =>
+                {
+                    notifications.send_heartbeat();
+                    continue;
+                }
+                _ = tokio::time::sleep_until(dead_at.unwrap_or(read_again)), if dead_at.is_some() => {
+                    tracing::warn!(
+                        within_ms = HEARTBEAT_WITHIN.as_millis() as u64,
+                        "change feed: the connection that is notified of changes did not \
+                         answer a heartbeat; listening on a new one"
+                    );
+                    notifications.listener = None;
+                    notifications.awaiting = None;
                 }
             }
             break;
@@ -618,65 +639,75 @@ fn next_wait(poll: Duration, failing: bool, notified: bool) -> Duration {
 /// tailer has said it has none (said once per outage, not every round).
 struct Notifications {
     listener: Option<Box<dyn ChangeListener>>,
-    /// When the listener last showed it is alive (set up, woken, or
-    /// answered a probe).
+    /// When the listener last showed it is alive (set up, or woken).
     heard: tokio::time::Instant,
+    /// A heartbeat is out: the listener is dead if not woken by then.
+    awaiting: Option<tokio::time::Instant>,
     said_missing: bool,
+    /// No new listener before this (after failed attempts), and the wait
+    /// before the next attempt after that one fails.
+    listen_after: tokio::time::Instant,
+    listen_backoff: Duration,
 }
 
 impl Default for Notifications {
     fn default() -> Self {
+        let now = tokio::time::Instant::now();
         Notifications {
             listener: None,
-            heard: tokio::time::Instant::now(),
+            heard: now,
+            awaiting: None,
             said_missing: false,
+            listen_after: now,
+            listen_backoff: LISTEN_RETRY_FIRST,
         }
     }
 }
 
 impl Notifications {
-    /// Probes the listener ([`PROBE_SILENT_AFTER`]); one that does not
-    /// answer within [`PROBE_ANSWER_WITHIN`] is dropped. Whether it answered.
-    async fn probe(&mut self) -> bool {
-        let Some(listener) = self.listener.as_mut() else {
-            return false;
-        };
-        let answer = tokio::time::timeout(PROBE_ANSWER_WITHIN, listener.probe()).await;
-        match answer {
-            Ok(Ok(())) => {
-                self.heard = tokio::time::Instant::now();
-                true
-            }
-            failed => {
-                let error = match failed {
-                    Ok(Err(e)) => e.to_string(),
-                    _ => format!("no answer within {PROBE_ANSWER_WITHIN:?}"),
-                };
-                tracing::warn!(
-                    %error,
-                    "change feed: the connection that is notified of changes stopped answering; \
-                     listening on a new one"
-                );
-                self.listener = None;
-                false
-            }
-        }
+    /// The listener woke: it is alive.
+    fn alive(&mut self) {
+        self.heard = tokio::time::Instant::now();
+        self.awaiting = None;
     }
 
-    /// Sets the listener up if there is none.
+    /// Sends the listener a heartbeat, on a task of its own (a store that
+    /// is slow to take it must not hold the tailer's reads up); it must
+    /// wake the listener within [`HEARTBEAT_WITHIN`].
+    fn send_heartbeat(&mut self) {
+        let now = tokio::time::Instant::now();
+        let Some(beat) = self.listener.as_ref().and_then(|l| l.heartbeat()) else {
+            // A listener that cannot go silent needs none.
+            self.heard = now;
+            return;
+        };
+        tokio::spawn(async move {
+            if let Ok(Err(e)) = tokio::time::timeout(HEARTBEAT_WITHIN, beat).await {
+                tracing::debug!(error = %e, "change feed: cannot send a heartbeat");
+            }
+        });
+        self.awaiting = Some(now + HEARTBEAT_WITHIN);
+    }
+
+    /// Sets the listener up if there is none (and the last failed attempt
+    /// was long enough ago).
     async fn listen(&mut self, store: &dyn Store) {
-        if self.listener.is_some() {
+        if self.listener.is_some() || tokio::time::Instant::now() < self.listen_after {
             return;
         }
+        self.awaiting = None;
         match store.listen().await {
             Ok(l) => {
                 self.heard = tokio::time::Instant::now();
+                self.listen_backoff = LISTEN_RETRY_FIRST;
                 if std::mem::take(&mut self.said_missing) {
                     tracing::info!("change feed: notified of changes again");
                 }
                 self.listener = Some(l);
             }
             Err(e) => {
+                self.listen_after = tokio::time::Instant::now() + self.listen_backoff;
+                self.listen_backoff = (self.listen_backoff * 2).min(LISTEN_RETRY_LAST);
                 if !std::mem::replace(&mut self.said_missing, true) {
                     tracing::warn!(
                         error = %e,
@@ -690,7 +721,7 @@ impl Notifications {
     }
 }
 
-async fn wait_for(listener: &mut Option<Box<dyn ChangeListener>>) -> Result<(), StoreError> {
+async fn wait_for(listener: &mut Option<Box<dyn ChangeListener>>) -> Result<Wake, StoreError> {
     match listener {
         Some(l) => l.wait().await,
         None => std::future::pending().await,

@@ -180,6 +180,8 @@ struct Shared {
     as_of_micros: AtomicI64,
     max_staleness: Duration,
     current: watch::Sender<bool>,
+    /// Counts the tables: [`SpendSnapshot::replace`] adds one.
+    generation: AtomicU64,
 }
 
 /// A handle on this replica's spend snapshot; cheap to clone.
@@ -206,6 +208,7 @@ impl SpendSnapshot {
                 as_of_micros: AtomicI64::new(i64::MIN),
                 max_staleness,
                 current: watch::Sender::new(false),
+                generation: AtomicU64::new(0),
             }),
         }
     }
@@ -297,7 +300,9 @@ impl SpendSnapshot {
 
     /// Replaces the whole table with one loaded at `position`.
     pub fn replace(&self, table: Table, position: u64) {
-        *self.shared.table.write().expect("spend snapshot lock") = table;
+        let mut held = self.shared.table.write().expect("spend snapshot lock");
+        *held = table;
+        self.shared.generation.fetch_add(1, Ordering::AcqRel);
         self.shared.position.store(position, Ordering::Release);
     }
 
@@ -339,6 +344,24 @@ const CONFIRM_EVERY: Duration = Duration::from_millis(50);
 const PUBLISH_EVERY: Duration = Duration::from_millis(100);
 /// Pause before loading again after the feed or the store failed.
 const RELOAD_AFTER: Duration = Duration::from_millis(250);
+/// Records of a recheck looked at again once the table has caught up, at
+/// most (32 bytes each); a pass that finds more is followed by another
+/// after [`RECHECK_AGAIN_AFTER`].
+const RECHECK_MOST_PENDING: usize = 100_000;
+const RECHECK_AGAIN_AFTER: Duration = Duration::from_secs(1);
+/// Repairs of one recheck named in the log one by one; the pass's total
+/// is logged too.
+const RECHECK_LOGGED: u64 = 20;
+
+/// What one recheck did.
+struct Recheck {
+    /// The table it compares with ([`Shared::generation`]).
+    generation: u64,
+    repaired: u64,
+    /// Whether every record was looked at (not: too many to look at again
+    /// at once, the table not caught up in time, or replaced meanwhile).
+    complete: bool,
+}
 
 impl SpendSnapshot {
     /// Starts keeping a snapshot current: loads every workspace's decision
@@ -487,23 +510,33 @@ impl SpendSnapshot {
     }
 
     async fn recheck_every(self, feed: Feed, registry: Arc<Registry>, every: Duration) {
+        let mut pause = every;
         loop {
             tokio::select! {
                 () = feed.stopped() => return,
-                () = tokio::time::sleep(every) => {}
+                () = tokio::time::sleep(pause) => {}
             }
+            pause = every;
             if !self.is_current() {
                 // Loading or failing: the next load reads every record anyway.
                 continue;
             }
             match self.recheck(&feed, &registry).await {
-                Ok(0) => {}
-                Ok(repaired) => tracing::error!(
-                    repaired,
-                    "spend snapshot: records changed outside the service (no change-log entry); \
-                     CheckSpend answers from the records now. Change records only through the \
-                     service: its write logs the change every replica follows"
-                ),
+                Ok(done) => {
+                    if done.repaired > 0 {
+                        tracing::error!(
+                            repaired = done.repaired,
+                            "spend snapshot: records changed outside the service (no change-log \
+                             entry); CheckSpend answers from the records now. Change records only \
+                             through the service: its write logs the change every replica follows"
+                        );
+                    }
+                    if !done.complete {
+                        // More to look at than one pass holds, or a reload
+                        // came in between: again soon.
+                        pause = RECHECK_AGAIN_AFTER.min(every);
+                    }
+                }
                 Err(e) => tracing::warn!(error = %e, "spend snapshot: cannot recheck the records"),
             }
         }
@@ -511,7 +544,7 @@ impl SpendSnapshot {
 
     /// Reads every record at one position P and compares it with the table;
     /// repairs, and names in the log, each entry that differs because its
-    /// record was changed without a change-log entry. Returns how many.
+    /// record was changed without a change-log entry.
     ///
     /// - Same revision, another decision: only an edit that bypassed the
     ///   service does that (the registry never changes in a running server).
@@ -520,12 +553,17 @@ impl SpendSnapshot {
     ///   up to P, still lacks it; so these are looked at again once it has.
     /// - An earlier revision than the table's: changed since P; left alone.
     ///
-    /// A workspace deleted by hand stays in the table (not looked for).
-    async fn recheck(&self, feed: &Feed, registry: &Registry) -> Result<u64, FeedError> {
-        /// Later revisions kept to look at again; more are looked at in the
-        /// next recheck.
-        const MOST_PENDING: usize = 10_000;
-        let mut repaired = 0u64;
+    /// An entry is repaired only if it is still what was compared, and only
+    /// while the table is the one the pass began with: a reload meanwhile
+    /// (which reads the records afresh, perhaps after a later hand edit than
+    /// this pass saw) ends the pass. A workspace deleted by hand stays in the
+    /// table (not looked for).
+    async fn recheck(&self, feed: &Feed, registry: &Registry) -> Result<Recheck, FeedError> {
+        let mut pass = Recheck {
+            generation: self.shared.generation.load(Ordering::Acquire),
+            repaired: 0,
+            complete: true,
+        };
         let mut pending: Vec<(WorkspaceId, Mode, u64)> = Vec::new();
         let position = feed
             .snapshot(&mut |record| {
@@ -539,22 +577,25 @@ impl SpendSnapshot {
                     .get(&id);
                 match held {
                     Some(Some((m, r))) if r == record.revision && m != mode => {
-                        repaired += u64::from(self.repair(&id, Some(m), mode, record.revision));
+                        self.repair(&mut pass, &id, held, mode, record.revision);
                     }
                     Some(Some((_, r))) if r >= record.revision => {}
-                    _ if pending.len() < MOST_PENDING => pending.push((id, mode, record.revision)),
-                    _ => {}
+                    _ if pending.len() < RECHECK_MOST_PENDING => {
+                        pending.push((id, mode, record.revision))
+                    }
+                    _ => pass.complete = false,
                 }
             })
             .await?;
         if pending.is_empty() {
-            return Ok(repaired);
+            return Ok(pass);
         }
         // Until the table has applied every change up to P.
         let deadline = tokio::time::Instant::now() + self.shared.max_staleness;
         while self.position() < position {
             if tokio::time::Instant::now() >= deadline {
-                return Ok(repaired);
+                pass.complete = false;
+                return Ok(pass);
             }
             tokio::time::sleep(CONFIRM_EVERY).await;
         }
@@ -565,36 +606,47 @@ impl SpendSnapshot {
                 .read()
                 .expect("spend snapshot lock")
                 .get(&id);
-            let before = match held {
-                None => None,
-                Some(Some((_, r))) if r >= revision => continue,
-                Some(Some((m, _))) => Some(m),
-                Some(None) => continue,
-            };
-            repaired += u64::from(self.repair(&id, before, mode, revision));
+            match held {
+                Some(Some((_, r))) if r >= revision => {}
+                Some(None) => {}
+                _ => self.repair(&mut pass, &id, held, mode, revision),
+            }
         }
-        Ok(repaired)
+        Ok(pass)
     }
 
-    /// Sets `workspace` to the record's `mode` at `revision`, unless a later
-    /// change got there first; whether it did.
-    fn repair(&self, id: &WorkspaceId, before: Option<Mode>, mode: Mode, revision: u64) -> bool {
+    /// Sets `id` to the record's `mode` at `revision`, if its entry is still
+    /// `seen` and the table is still the pass's (see [`SpendSnapshot::recheck`]).
+    fn repair(
+        &self,
+        pass: &mut Recheck,
+        id: &WorkspaceId,
+        seen: Option<Option<(Mode, u64)>>,
+        mode: Mode,
+        revision: u64,
+    ) {
         {
             let mut table = self.shared.table.write().expect("spend snapshot lock");
-            if matches!(table.get(id), Some(Some((_, r))) if r > revision) {
-                return false;
+            if self.shared.generation.load(Ordering::Acquire) != pass.generation {
+                pass.complete = false;
+                return;
+            }
+            if table.get(id) != seen {
+                return;
             }
             table.apply(id, mode, revision);
         }
         crate::metrics::global().spend_snapshot_repairs.inc();
-        tracing::error!(
-            workspace_id = %id,
-            revision,
-            was = before.map_or("absent", |m| m.as_str()),
-            now = mode.as_str(),
-            "spend snapshot: the record differs from what its change log said; repaired"
-        );
-        true
+        pass.repaired += 1;
+        if pass.repaired <= RECHECK_LOGGED {
+            tracing::error!(
+                workspace_id = %id,
+                revision,
+                was = seen.flatten().map_or("absent", |(m, _)| m.as_str()),
+                now = mode.as_str(),
+                "spend snapshot: the record differs from what its change log said; repaired"
+            );
+        }
     }
 
     async fn publish_every(self, feed: Feed) {
@@ -655,6 +707,52 @@ mod tests {
         t.apply(&a, Mode::PlatformManaged, 3);
         s.replace(t, 10);
         (s, a)
+    }
+
+    fn entry(s: &SpendSnapshot, a: &WorkspaceId) -> Option<Option<(Mode, u64)>> {
+        s.shared.table.read().unwrap().get(a)
+    }
+
+    #[test]
+    fn a_repair_applies_only_to_the_entry_and_the_table_it_compared() {
+        let (s, a) = loaded_unconfirmed();
+        let seen = entry(&s, &a);
+        let pass = || Recheck {
+            generation: s.shared.generation.load(Ordering::Acquire),
+            repaired: 0,
+            complete: true,
+        };
+        // The entry moved on since it was compared: left alone.
+        let mut p = pass();
+        s.apply(11, &a, Mode::Byok, 4);
+        s.repair(&mut p, &a, seen, Mode::Disabled, 3);
+        assert_eq!(entry(&s, &a), Some(Some((Mode::Byok, 4))));
+        assert_eq!((p.repaired, p.complete), (0, true));
+        // The table was reloaded since the pass began (perhaps after a later
+        // hand edit than the pass read): nothing repaired, the pass ends
+        // incomplete.
+        let mut p = pass();
+        let mut t = Table::default();
+        t.apply(&a, Mode::Byok, 4);
+        s.replace(t, 12);
+        s.repair(
+            &mut p,
+            &a,
+            Some(Some((Mode::Byok, 4))),
+            Mode::PlatformManaged,
+            4,
+        );
+        assert_eq!(entry(&s, &a), Some(Some((Mode::Byok, 4))));
+        assert_eq!((p.repaired, p.complete), (0, false));
+        // Still what was compared, same table: repaired.
+        let mut p = pass();
+        s.repair(&mut p, &a, Some(Some((Mode::Byok, 4))), Mode::Disabled, 4);
+        assert_eq!(entry(&s, &a), Some(Some((Mode::Disabled, 4))));
+        assert_eq!((p.repaired, p.complete), (1, true));
+        // Absent when compared, absent now: added.
+        let b = WorkspaceId::new_random();
+        s.repair(&mut p, &b, None, Mode::Byok, 1);
+        assert_eq!(entry(&s, &b), Some(Some((Mode::Byok, 1))));
     }
 
     #[test]

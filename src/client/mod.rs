@@ -372,12 +372,16 @@ pub fn print_error(json_out: bool, e: &anyhow::Error, extra: Map<String, Value>)
                 && std::iter::successors(std::error::Error::source(s), |c| c.source())
                     .any(|c| c.is::<tonic::TimeoutExpired>() || c.to_string() == "Timeout expired");
             // The connection ended without a gRPC answer (this server answers
-            // every refusal with a reason): tonic says "transport error" or
-            // "operation was canceled", which names no cause. The usual ones
+            // every refusal with a reason): tonic says "transport error",
+            // "operation was canceled" or "h2 protocol error", which name no
+            // cause. The usual ones
             // at this end are the connection's security.
             let cut = !timed_out
                 && reason.is_empty()
-                && matches!(s.code(), tonic::Code::Unknown | tonic::Code::Cancelled);
+                && matches!(
+                    s.code(),
+                    tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::Internal
+                );
             let (code, message) = if timed_out {
                 (
                     tonic::Code::DeadlineExceeded,

@@ -320,21 +320,36 @@ pub struct LogState {
 /// Receives the records of [`Store::snapshot`], one at a time.
 pub type Visit<'a> = &'a mut (dyn FnMut(Record) + Send);
 
+/// What woke a [`ChangeListener`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// A change may have committed.
+    Change,
+    /// The answer to this listener's own [`ChangeListener::heartbeat`].
+    Heartbeat,
+}
+
+/// A heartbeat on its way ([`ChangeListener::heartbeat`]).
+pub type Heartbeat =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send>>;
+
 /// Wakes the change feed when a change may have been committed.
 #[async_trait]
 pub trait ChangeListener: Send {
-    /// Completes when a change may have committed since the last call. A
-    /// hint only: it may wake spuriously, and after a lost connection a
-    /// change may pass unannounced (the feed also polls).
-    async fn wait(&mut self) -> Result<(), StoreError>;
+    /// Completes when a change may have committed since the last call, or
+    /// with this listener's heartbeat. A hint only: it may wake spuriously,
+    /// and after a lost connection a change may pass unannounced (the feed
+    /// also polls).
+    async fn wait(&mut self) -> Result<Wake, StoreError>;
 
-    /// Checks that the listener can still be woken: a round trip on its own
-    /// connection. A connection that stopped carrying anything without
-    /// being closed (a NAT or load balancer that forgot an idle
-    /// connection, a network partition) never ends `wait`, so only an
-    /// answer shows it alive. The caller bounds the wait for it.
-    async fn probe(&mut self) -> Result<(), StoreError> {
-        Ok(())
+    /// Asks the store, over another connection, to wake this listener with
+    /// [`Wake::Heartbeat`]. A connection that stopped carrying anything
+    /// without being closed (a NAT or a load balancer that forgot an idle
+    /// connection, a partition) never ends `wait`, so only a heartbeat that
+    /// does not come back shows it dead. `None` where a listener cannot go
+    /// silent so (SQLite's, in process).
+    fn heartbeat(&self) -> Option<Heartbeat> {
+        None
     }
 }
 

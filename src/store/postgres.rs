@@ -41,7 +41,7 @@ use super::dialect::{AuditRow, Dialect, Queries, WriteLock};
 use super::pg_batch::Batcher;
 use super::pg_reads::ReadPool;
 use super::row::{listed_from_row, revision_to_db, Fields};
-use super::{ChangeListener, PoolSize, StoreError};
+use super::{ChangeListener, Heartbeat, PoolSize, StoreError, Wake};
 use crate::domain::Record;
 
 /// Postgres's ways: casts to `uuid` and `jsonb`, the row lock, many rows
@@ -126,16 +126,17 @@ impl Dialect for PgDialect {
         Ok((pool, PgDialect { reads, batches }))
     }
 
-    /// `LISTEN` on its own connection, on the channel that names the store.
+    /// `LISTEN` on its own connection, on the channel that names the store
+    /// and on a heartbeat channel of this listener's own.
     async fn listen<'a>(&'a self, pool: &'a PgPool) -> Result<Box<dyn ChangeListener>, StoreError> {
         let store_id: String = sqlx::query_scalar("SELECT store_id FROM billing_change_log")
             .fetch_one(pool)
             .await?;
         // A pool of its own, of the one connection: a listener dropped
-        // because its connection stopped answering (see
-        // `ChangeListener::probe`) sends `UNLISTEN` on it as it goes, which
-        // waits as long as the dead connection does; it must not hold one of
-        // the store's connections meanwhile.
+        // because its connection went silent (see `ChangeListener::heartbeat`)
+        // sends `UNLISTEN` on it as it goes, which waits as long as the dead
+        // connection does (until the kernel gives the connection up); it
+        // must not hold one of the store's connections meanwhile.
         let own = PgPoolOptions::new()
             .max_connections(1)
             .acquire_timeout(std::time::Duration::from_secs(5))
@@ -146,10 +147,15 @@ impl Dialect for PgDialect {
         // A lost connection is reported, not made again inside a wait the
         // feed may cancel (see `PgChangeListener`).
         listener.eager_reconnect(false);
+        let heartbeat = format!("billing_heartbeat_{}", uuid::Uuid::new_v4().simple());
         listener
-            .listen(&format!("billing_changes_{store_id}"))
+            .listen_all([heartbeat.as_str(), &format!("billing_changes_{store_id}")])
             .await?;
-        Ok(Box::new(PgChangeListener(listener)))
+        Ok(Box::new(PgChangeListener {
+            listener,
+            heartbeat,
+            pool: pool.clone(),
+        }))
     }
 
     fn other_connections(&self) -> (u32, usize) {
@@ -309,13 +315,20 @@ impl Queries for PgDialect {
 /// (`a_change_committed_while_the_listening_connection_is_lost_…`) commits a
 /// change while the listening connection is lost and the server cannot know
 /// yet; with `recv` the change waits for the next poll.
-struct PgChangeListener(PgListener);
+struct PgChangeListener {
+    listener: PgListener,
+    /// This listener's own channel ([`ChangeListener::heartbeat`]).
+    heartbeat: String,
+    /// The store's pool, which sends the heartbeat.
+    pool: PgPool,
+}
 
 #[async_trait]
 impl ChangeListener for PgChangeListener {
-    async fn wait(&mut self) -> Result<(), StoreError> {
-        match self.0.try_recv().await? {
-            Some(_) => Ok(()),
+    async fn wait(&mut self) -> Result<Wake, StoreError> {
+        match self.listener.try_recv().await? {
+            Some(n) if n.channel() == self.heartbeat => Ok(Wake::Heartbeat),
+            Some(_) => Ok(Wake::Change),
             None => Err(StoreError::Unavailable(sqlx::Error::Io(
                 std::io::Error::new(
                     std::io::ErrorKind::ConnectionAborted,
@@ -325,9 +338,14 @@ impl ChangeListener for PgChangeListener {
         }
     }
 
-    async fn probe(&mut self) -> Result<(), StoreError> {
-        // Notifications that arrive meanwhile are kept for `try_recv`.
-        sqlx::query("SELECT 1").execute(&mut self.0).await?;
-        Ok(())
+    fn heartbeat(&self) -> Option<Heartbeat> {
+        let (pool, channel) = (self.pool.clone(), self.heartbeat.clone());
+        Some(Box::pin(async move {
+            sqlx::query("SELECT pg_notify($1, '')")
+                .bind(channel)
+                .execute(&pool)
+                .await?;
+            Ok(())
+        }))
     }
 }

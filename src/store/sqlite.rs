@@ -26,7 +26,7 @@ use sqlx::{
 
 use super::dialect::{Dialect, WriteLock};
 use super::sql::PlainSql;
-use super::{ChangeListener, PoolSize, StoreError};
+use super::{ChangeListener, PoolSize, StoreError, Wake};
 
 /// SQLite's ways: plain SQL (no casts: ids and JSON are text; one row per
 /// statement; `load` on the pool), the database's write lock taken up front,
@@ -97,11 +97,11 @@ struct SqliteChangeListener(tokio::sync::watch::Receiver<u64>);
 
 #[async_trait]
 impl ChangeListener for SqliteChangeListener {
-    async fn wait(&mut self) -> Result<(), StoreError> {
+    async fn wait(&mut self) -> Result<Wake, StoreError> {
         if self.0.changed().await.is_err() {
             // The store is gone: nothing will ever be committed through it.
             std::future::pending::<()>().await;
         }
-        Ok(())
+        Ok(Wake::Change)
     }
 }

@@ -740,6 +740,10 @@ pub(crate) struct StallingProxy {
     connections: std::sync::Arc<
         std::sync::Mutex<std::collections::HashMap<u16, tokio::sync::watch::Sender<bool>>>,
     >,
+    /// New connections are closed at once while set.
+    refusing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Connections accepted so far.
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     accept: JoinHandle<()>,
 }
 
@@ -760,11 +764,19 @@ impl StallingProxy {
             u16,
             tokio::sync::watch::Sender<bool>,
         >::new()));
+        let refusing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let accept = {
             let open = open.clone();
             let connections = connections.clone();
+            let (refusing, accepted) = (refusing.clone(), accepted.clone());
             tokio::spawn(async move {
                 while let Ok((client, _)) = listener.accept().await {
+                    accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    if refusing.load(std::sync::atomic::Ordering::SeqCst) {
+                        drop(client);
+                        continue;
+                    }
                     let open = open.clone();
                     let connections = connections.clone();
                     let upstream = upstream.clone();
@@ -794,8 +806,22 @@ impl StallingProxy {
             url,
             open,
             connections,
+            refusing,
+            accepted,
             accept,
         }
+    }
+
+    /// While `refuse`, new connections are closed as soon as they come
+    /// (a database at its connection limit, say); those open go on.
+    pub(crate) fn refuse_new(&self, refuse: bool) {
+        self.refusing
+            .store(refuse, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Connections accepted so far, refused ones included.
+    pub(crate) fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Nothing is forwarded from now on.

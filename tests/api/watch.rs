@@ -761,6 +761,69 @@ async fn a_listening_connection_the_network_silently_dropped_is_found_and_replac
     proxy.release_connection(port);
 }
 
+/// How many connections of `app_name` listen.
+async fn listening(admin: &mut sqlx::PgConnection, app_name: &str) -> i64 {
+    let (n,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM pg_stat_activity \
+         WHERE application_name = $1 AND query ILIKE 'LISTEN%'",
+    )
+    .bind(app_name)
+    .fetch_one(admin)
+    .await
+    .unwrap();
+    n
+}
+
+backends!(postgres: a_database_that_refuses_new_connections_is_not_asked_for_a_listener_again_and_again, flavor = "multi_thread", worker_threads = 4);
+/// The listening connection is lost while the database takes no new
+/// connection (at its connection limit, or failing over): the server reads
+/// the log often meanwhile, but asks for a new listener with growing waits,
+/// not 20 times a second for as long as it lasts; and listens again after.
+async fn a_database_that_refuses_new_connections_is_not_asked_for_a_listener_again_and_again(
+    db: TestDb,
+) {
+    let proxy = StallingProxy::start(&db).await;
+    let app_name = format!("refused_{}", uuid::Uuid::new_v4().simple());
+    let _watched = TestApp::spawn_with(Config {
+        database_url: format!("{}&application_name={app_name}", proxy.url).into(),
+        ..config(&db)
+    })
+    .await;
+    let mut admin = {
+        use sqlx::Connection;
+        sqlx::PgConnection::connect(&db.url).await.unwrap()
+    };
+    assert_eq!(listening(&mut admin, &app_name).await, 1);
+    proxy.refuse_new(true);
+    let before = proxy.accepted();
+    let (cut,): (i64,) = sqlx::query_as(
+        "SELECT count(pg_terminate_backend(pid, 10000)) FROM pg_stat_activity \
+         WHERE application_name = $1 AND query ILIKE 'LISTEN%'",
+    )
+    .bind(&app_name)
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!(cut, 1);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let asked = proxy.accepted() - before;
+    // Growing waits from 100 ms: about five attempts in three seconds;
+    // every 50 ms would be about sixty.
+    assert!(
+        (1..=12).contains(&asked),
+        "{asked} connections asked for in 3 s"
+    );
+    proxy.refuse_new(false);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while listening(&mut admin, &app_name).await != 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the server listens again once it can"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Snapshot, filter, progress
 // ---------------------------------------------------------------------------
