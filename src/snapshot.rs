@@ -569,12 +569,7 @@ impl SpendSnapshot {
             .snapshot(&mut |record| {
                 let mode = resolve(&record, registry).mode;
                 let id = record.workspace_id;
-                let held = self
-                    .shared
-                    .table
-                    .read()
-                    .expect("spend snapshot lock")
-                    .get(&id);
+                let held = self.entry(&id);
                 match held {
                     Some(Some((m, r))) if r == record.revision && m != mode => {
                         self.repair(&mut pass, &id, held, mode, record.revision);
@@ -600,12 +595,7 @@ impl SpendSnapshot {
             tokio::time::sleep(CONFIRM_EVERY).await;
         }
         for (id, mode, revision) in pending {
-            let held = self
-                .shared
-                .table
-                .read()
-                .expect("spend snapshot lock")
-                .get(&id);
+            let held = self.entry(&id);
             match held {
                 Some(Some((_, r))) if r >= revision => {}
                 Some(None) => {}
@@ -613,6 +603,15 @@ impl SpendSnapshot {
             }
         }
         Ok(pass)
+    }
+
+    /// The table's entry for `id` now ([`Table::get`]).
+    fn entry(&self, id: &WorkspaceId) -> Option<Option<(Mode, u64)>> {
+        self.shared
+            .table
+            .read()
+            .expect("spend snapshot lock")
+            .get(id)
     }
 
     /// Sets `id` to the record's `mode` at `revision`, if its entry is still
@@ -709,14 +708,10 @@ mod tests {
         (s, a)
     }
 
-    fn entry(s: &SpendSnapshot, a: &WorkspaceId) -> Option<Option<(Mode, u64)>> {
-        s.shared.table.read().unwrap().get(a)
-    }
-
     #[test]
     fn a_repair_applies_only_to_the_entry_and_the_table_it_compared() {
         let (s, a) = loaded_unconfirmed();
-        let seen = entry(&s, &a);
+        let seen = s.entry(&a);
         let pass = || Recheck {
             generation: s.shared.generation.load(Ordering::Acquire),
             repaired: 0,
@@ -726,7 +721,7 @@ mod tests {
         let mut p = pass();
         s.apply(11, &a, Mode::Byok, 4);
         s.repair(&mut p, &a, seen, Mode::Disabled, 3);
-        assert_eq!(entry(&s, &a), Some(Some((Mode::Byok, 4))));
+        assert_eq!(s.entry(&a), Some(Some((Mode::Byok, 4))));
         assert_eq!((p.repaired, p.complete), (0, true));
         // The table was reloaded since the pass began (perhaps after a later
         // hand edit than the pass read): nothing repaired, the pass ends
@@ -742,17 +737,17 @@ mod tests {
             Mode::PlatformManaged,
             4,
         );
-        assert_eq!(entry(&s, &a), Some(Some((Mode::Byok, 4))));
+        assert_eq!(s.entry(&a), Some(Some((Mode::Byok, 4))));
         assert_eq!((p.repaired, p.complete), (0, false));
         // Still what was compared, same table: repaired.
         let mut p = pass();
         s.repair(&mut p, &a, Some(Some((Mode::Byok, 4))), Mode::Disabled, 4);
-        assert_eq!(entry(&s, &a), Some(Some((Mode::Disabled, 4))));
+        assert_eq!(s.entry(&a), Some(Some((Mode::Disabled, 4))));
         assert_eq!((p.repaired, p.complete), (1, true));
         // Absent when compared, absent now: added.
         let b = WorkspaceId::new_random();
         s.repair(&mut p, &b, None, Mode::Byok, 1);
-        assert_eq!(entry(&s, &b), Some(Some((Mode::Byok, 1))));
+        assert_eq!(s.entry(&b), Some(Some((Mode::Byok, 1))));
     }
 
     #[test]

@@ -639,37 +639,81 @@ async fn a_killed_store_connection_under_a_live_stream_loses_and_repeats_nothing
     assert_exactly_once(&got, &want, &BTreeMap::new());
 }
 
+/// A server whose store connections go through a [`StallingProxy`], named
+/// `app_name`, that reads the change log without a wake-up only every two
+/// minutes, with a Watch stream open on it from now; a second server on the
+/// same store writes. The first change written is checked to arrive: the
+/// watched server is notified.
+struct Watched {
+    proxy: StallingProxy,
+    app_name: String,
+    _watched: TestApp,
+    _writer: TestApp,
+    writer: Client,
+    stream: Streaming<WatchResponse>,
+    ws: String,
+}
+
+/// Far under the watched server's poll interval: an event this soon is one
+/// the server was notified of, or read after it listened again.
+const PROMPT: Duration = Duration::from_secs(10);
+
+impl Watched {
+    async fn start(db: &TestDb, name: &str) -> Watched {
+        let proxy = StallingProxy::start(db).await;
+        let app_name = format!("{name}_{}", uuid::Uuid::new_v4().simple());
+        let watched = TestApp::spawn_with(Config {
+            database_url: format!("{}&application_name={app_name}", proxy.url).into(),
+            feed_poll_interval: Duration::from_secs(120),
+            max_staleness: Duration::from_secs(240),
+            ..config(db)
+        })
+        .await;
+        let writer_app = TestApp::spawn(db).await;
+        let mut writer = writer_app.client().await;
+        let mut r = watched.client().await;
+        let (stream, _) = watch_from_now(&mut r, &[]).await;
+        let mut w = Watched {
+            proxy,
+            app_name,
+            _watched: watched,
+            _writer: writer_app,
+            writer: writer.clone(),
+            stream,
+            ws: new_workspace(),
+        };
+        set(&mut writer, set_model_req(&w.ws, "opus", false)).await;
+        assert_eq!(
+            w.change_within_prompt("a change on the other replica is notified")
+                .await,
+            1
+        );
+        w
+    }
+
+    /// Writes the workspace's model through the writer.
+    async fn write(&mut self, model: &str) {
+        set(&mut self.writer, set_model_req(&self.ws, model, false)).await;
+    }
+
+    /// The revision of the next change on the stream, within [`PROMPT`].
+    async fn change_within_prompt(&mut self, what: &str) -> u64 {
+        let (_, r) = tokio::time::timeout(PROMPT, next_change(&mut self.stream))
+            .await
+            .unwrap_or_else(|_| panic!("{what}: nothing within {PROMPT:?}"));
+        r.revision
+    }
+}
+
 backends!(postgres: a_change_committed_while_the_listening_connection_is_lost_arrives_without_waiting_for_a_poll, flavor = "multi_thread", worker_threads = 4);
 async fn a_change_committed_while_the_listening_connection_is_lost_arrives_without_waiting_for_a_poll(
     db: TestDb,
 ) {
-    // Far under the watched server's poll interval: an event this soon is
-    // one the server was notified of, or read after it listened again.
-    const PROMPT: Duration = Duration::from_secs(10);
-    let proxy = StallingProxy::start(&db).await;
-    let app_name = format!("listen_{}", uuid::Uuid::new_v4().simple());
-    let watched = TestApp::spawn_with(Config {
-        database_url: format!("{}&application_name={app_name}", proxy.url).into(),
-        feed_poll_interval: Duration::from_secs(120),
-        max_staleness: Duration::from_secs(240),
-        ..config(&db)
-    })
-    .await;
-    let writer = TestApp::spawn(&db).await;
-    let mut w = writer.client().await;
-    let mut r = watched.client().await;
-    let ws = new_workspace();
-    let (mut stream, _) = watch_from_now(&mut r, &[]).await;
-    set(&mut w, set_model_req(&ws, "opus", false)).await;
-    let (_, first) = tokio::time::timeout(PROMPT, next_change(&mut stream))
-        .await
-        .expect("a change on the other replica is notified");
-    assert_eq!(first.revision, 1);
-
+    let mut w = Watched::start(&db, "listen").await;
     // The connection that listens is lost while the network between the
     // watched server and Postgres stalls: the server cannot know yet, and a
     // change committed meanwhile is notified to nobody.
-    proxy.hold();
+    w.proxy.hold();
     let mut admin = {
         use sqlx::Connection;
         sqlx::PgConnection::connect(&db.url).await.unwrap()
@@ -678,7 +722,7 @@ async fn a_change_committed_while_the_listening_connection_is_lost_arrives_witho
         "SELECT count(pg_terminate_backend(pid, 10000)) FROM pg_stat_activity \
          WHERE application_name = $1 AND query ILIKE 'LISTEN%'",
     )
-    .bind(&app_name)
+    .bind(&w.app_name)
     .fetch_one(&mut admin)
     .await
     .unwrap();
@@ -686,12 +730,15 @@ async fn a_change_committed_while_the_listening_connection_is_lost_arrives_witho
         cut, 1,
         "the watched server's listening connection was found"
     );
-    set(&mut w, set_model_req(&ws, "sonnet", false)).await;
-    proxy.release();
-    let (_, second) = tokio::time::timeout(PROMPT, next_change(&mut stream))
-        .await
-        .expect("the change committed while nobody listened arrives without waiting for a poll");
-    assert_eq!(second.revision, 2);
+    w.write("sonnet").await;
+    w.proxy.release();
+    assert_eq!(
+        w.change_within_prompt(
+            "the change committed while nobody listened arrives without waiting for a poll"
+        )
+        .await,
+        2
+    );
 }
 
 backends!(postgres: a_listening_connection_the_network_silently_dropped_is_found_and_replaced, flavor = "multi_thread", worker_threads = 4);
@@ -701,28 +748,7 @@ backends!(postgres: a_listening_connection_the_network_silently_dropped_is_found
 /// would reach this replica (its Watch streams, its CheckSpend answers) only
 /// at its next poll, for as long as the server runs, with nothing said.
 async fn a_listening_connection_the_network_silently_dropped_is_found_and_replaced(db: TestDb) {
-    // Far under the watched server's poll interval (see the test above).
-    const PROMPT: Duration = Duration::from_secs(10);
-    let proxy = StallingProxy::start(&db).await;
-    let app_name = format!("stall_{}", uuid::Uuid::new_v4().simple());
-    let watched = TestApp::spawn_with(Config {
-        database_url: format!("{}&application_name={app_name}", proxy.url).into(),
-        feed_poll_interval: Duration::from_secs(120),
-        max_staleness: Duration::from_secs(240),
-        ..config(&db)
-    })
-    .await;
-    let writer = TestApp::spawn(&db).await;
-    let mut w = writer.client().await;
-    let mut r = watched.client().await;
-    let ws = new_workspace();
-    let (mut stream, _) = watch_from_now(&mut r, &[]).await;
-    set(&mut w, set_model_req(&ws, "opus", false)).await;
-    let (_, first) = tokio::time::timeout(PROMPT, next_change(&mut stream))
-        .await
-        .expect("a change on the other replica is notified");
-    assert_eq!(first.revision, 1);
-
+    let mut w = Watched::start(&db, "stall").await;
     let mut admin = {
         use sqlx::Connection;
         sqlx::PgConnection::connect(&db.url).await.unwrap()
@@ -731,34 +757,38 @@ async fn a_listening_connection_the_network_silently_dropped_is_found_and_replac
         "SELECT client_port FROM pg_stat_activity \
          WHERE application_name = $1 AND query ILIKE 'LISTEN%'",
     )
-    .bind(&app_name)
+    .bind(&w.app_name)
     .fetch_one(&mut admin)
     .await
     .expect("the watched server's listening connection");
     let port = u16::try_from(port).unwrap();
-    proxy.hold_connection(port);
-    set(&mut w, set_model_req(&ws, "sonnet", false)).await;
-    let (_, second) = tokio::time::timeout(PROMPT, next_change(&mut stream))
-        .await
-        .expect("the change arrives though the listening connection carries nothing");
-    assert_eq!(second.revision, 2);
+    w.proxy.hold_connection(port);
+    w.write("sonnet").await;
+    assert_eq!(
+        w.change_within_prompt(
+            "the change arrives though the listening connection carries nothing"
+        )
+        .await,
+        2
+    );
     // Listening again, on another connection: notified, not polled.
-    set(&mut w, set_model_req(&ws, "haiku", false)).await;
-    let (_, third) = tokio::time::timeout(PROMPT, next_change(&mut stream))
-        .await
-        .expect("the next change is notified again");
-    assert_eq!(third.revision, 3);
+    w.write("haiku").await;
+    assert_eq!(
+        w.change_within_prompt("the next change is notified again")
+            .await,
+        3
+    );
     let (listening,): (i64,) = sqlx::query_as(
         "SELECT count(*) FROM pg_stat_activity \
          WHERE application_name = $1 AND query ILIKE 'LISTEN%' AND client_port <> $2",
     )
-    .bind(&app_name)
+    .bind(&w.app_name)
     .bind(i32::from(port))
     .fetch_one(&mut admin)
     .await
     .unwrap();
     assert_eq!(listening, 1, "the server listens on a new connection");
-    proxy.release_connection(port);
+    w.proxy.release_connection(port);
 }
 
 /// How many connections of `app_name` listen.
