@@ -430,6 +430,9 @@ pub struct Report {
     pub done: usize,
     /// Stopped early (cancelled, or a call that every other would fail too).
     pub interrupted: bool,
+    /// Stopped early by a refusal every other call would meet too (a token
+    /// that may not write, say), not by a signal: named in `failures`.
+    pub stopped_by_refusal: bool,
     pub created: usize,
     pub existing: usize,
     pub updated: usize,
@@ -854,6 +857,7 @@ pub async fn run(
     }
     while tasks.join_next().await.is_some() {}
     report.interrupted = report.done < total;
+    report.stopped_by_refusal = stopped && report.interrupted;
     report.finish();
     report
 }
@@ -889,7 +893,13 @@ pub fn report_text(report: &Report, invalid: &[LineError], lines: usize) -> Stri
     if report.dry_run {
         out += "dry run: nothing was written\n";
     }
-    if report.interrupted {
+    if report.stopped_by_refusal {
+        out += &format!(
+            "STOPPED after {} of {} workspaces by a refusal every other line would meet too \
+             (below); the rest were not sent\n",
+            report.done, report.total
+        );
+    } else if report.interrupted {
         out += &format!(
             "INTERRUPTED after {} of {} workspaces; the rest were not sent\n",
             report.done, report.total

@@ -226,7 +226,7 @@ pub async fn import(a: ImportArgs) -> ExitCode {
     let on_interrupt = {
         let cancel = cancel.clone();
         tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
+            if interrupt_or_terminate().await {
                 eprintln!("interrupted: finishing the calls in flight");
                 cancel.store(true, Ordering::SeqCst);
             }
@@ -274,5 +274,27 @@ pub async fn import(a: ImportArgs) -> ExitCode {
         ExitCode::from(130)
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+/// Completes on Ctrl-C (SIGINT) or, on Unix, SIGTERM (`timeout`, a
+/// Kubernetes Job, systemd stopping the run): either way the run finishes
+/// the calls in flight and reports what it did. `false` if no handler could
+/// be installed.
+async fn interrupt_or_terminate() -> bool {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut term) = signal(SignalKind::terminate()) else {
+            return tokio::signal::ctrl_c().await.is_ok();
+        };
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r.is_ok(),
+            r = term.recv() => r.is_some(),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c().await.is_ok()
     }
 }

@@ -15,6 +15,7 @@ use std::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc, Mutex,
     },
+    time::Duration,
 };
 
 use crate::helpers::*;
@@ -799,6 +800,72 @@ async fn a_cancelled_import_stops_after_the_calls_in_flight_and_reports_what_it_
         "what was done is what is reported"
     );
     assert!(import::report_text(&report, &[], 400).contains("INTERRUPTED"));
+}
+
+backends!(
+    sqlite: a_sigterm_stops_an_import_as_ctrl_c_does_and_it_reports_what_it_did,
+    flavor = "multi_thread",
+    worker_threads = 2
+);
+/// `timeout`, a Kubernetes Job or systemd stop a run with SIGTERM: the run
+/// finishes the calls in flight and says what it did, as on Ctrl-C, rather
+/// than dying with nothing said (a write in flight then unreported).
+async fn a_sigterm_stops_an_import_as_ctrl_c_does_and_it_reports_what_it_did(db: TestDb) {
+    let app = TestApp::spawn(&db).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (text, _) = generate(3000);
+    let path = dir.path().join("workspaces.jsonl");
+    std::fs::write(&path, &text).unwrap();
+    let mut child = bin(&[
+        "import",
+        &path.display().to_string(),
+        "--server",
+        &app.endpoint(),
+        "--reason",
+        "adopt",
+        "--concurrency",
+        "1",
+        "--batch-size",
+        "10",
+        "--json",
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let started = std::time::Instant::now();
+    while raw_record_rows(&db).await.len() < 50 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the import makes progress"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let o = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(o.status.code(), Some(130), "{}", describe(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("interrupted: finishing the calls in flight"),
+        "{}",
+        describe(&o)
+    );
+    let r: Value = serde_json::from_slice(&o.stdout).expect("the report");
+    assert_eq!(r["interrupted"], true, "{r}");
+    assert_eq!(r["stopped_by_refusal"], false, "{r}");
+    let created = r["created"].as_u64().unwrap() as usize;
+    assert!(created < 3000, "{r}");
+    assert_eq!(
+        raw_record_rows(&db).await.len(),
+        created,
+        "what was done is what is reported"
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -1693,8 +1760,28 @@ async fn a_writers_import_fails_only_the_lines_with_an_override(db: TestDb) {
         assert!(!o.status.success(), "{}", describe(&o));
         let r = report_of(&o);
         assert_eq!(r["interrupted"], true, "{}", describe(&o));
+        assert_eq!(r["stopped_by_refusal"], true, "{}", describe(&o));
         assert!(r["done"].as_u64().unwrap() < 300, "{}", describe(&o));
     }
+    // Said as a stop on that refusal, not as an interruption.
+    let o = run_bin(bin(&[
+        "import",
+        &path,
+        "--server",
+        &server,
+        "--token",
+        &reader,
+        "--dry-run",
+        "--concurrency",
+        "1",
+    ]))
+    .await;
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("STOPPED after") && !out.contains("INTERRUPTED"),
+        "{}",
+        describe(&o)
+    );
     assert_eq!(raw_record_rows(&db).await.len(), 300 - overrides.len());
 }
 
