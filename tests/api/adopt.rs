@@ -816,7 +816,7 @@ async fn a_sigterm_stops_an_import_as_ctrl_c_does_and_it_reports_what_it_did(db:
     let (text, _) = generate(3000);
     let path = dir.path().join("workspaces.jsonl");
     std::fs::write(&path, &text).unwrap();
-    let mut child = bin(&[
+    let child = bin(&[
         "import",
         &path.display().to_string(),
         "--server",
