@@ -729,6 +729,12 @@ fn serve_child(database_url: String, token_line: String) -> anyhow::Result<()> {
                 Ok(n) if !n.is_empty() => Some(n.parse().context("LANES_READS_IN_FLIGHT")?),
                 _ => None,
             },
+            // The spend snapshot's recheck reads every stored record (here
+            // 100,000) once a minute: a cost per minute, not per request,
+            // which would land in the CPU figures of whichever lane ran then
+            // (the server's Postgres backends are counted for lane D and
+            // Resolve alike). Off for the run; its cost is not a lane's.
+            spend_recheck_interval: Duration::from_secs(24 * 3600),
             ..Config::default()
         };
         let app = Application::build(config)
