@@ -413,6 +413,12 @@ pub fn print_error(json_out: bool, e: &anyhow::Error, extra: Map<String, Value>)
         }
         None => {
             let mut fields = Map::new();
+            // The server could not be reached: a caller's script retries
+            // this as it would an UNAVAILABLE answer.
+            if e.chain().any(|c| c.is::<tonic::transport::Error>()) {
+                fields.insert("code".into(), "Unavailable".into());
+                fields.insert("reason".into(), "".into());
+            }
             let text = crate::service::error::anyhow_text(e);
             fields.insert("message".into(), text.clone().into());
             (fields, format!("error: {text}"))

@@ -1700,6 +1700,13 @@ fn an_unreachable_server_is_an_error() {
     cmd.args(["resolve", WS, "--server"])
         .arg(format!("http://{nobody}"));
     fails_with(&run(cmd), "connecting to http://127.0.0.1:");
+    // With --json, as an UNAVAILABLE answer would be.
+    let mut cmd = bin();
+    cmd.args(["resolve", WS, "--json", "--server"])
+        .arg(format!("http://{nobody}"));
+    let out = run(cmd);
+    let v: Value = serde_json::from_str(stdout(&out).trim()).expect("a JSON error");
+    assert_eq!(v["error"]["code"], "Unavailable", "{v}");
     let mut cmd = bin();
     cmd.args(["resolve", WS, "--server", "not a url"]);
     fails_with(&run(cmd), "--server");
