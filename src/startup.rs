@@ -501,6 +501,10 @@ fn tls_config(files: &crate::config::TlsFiles) -> anyhow::Result<ServerTlsConfig
 /// action kills too, is taken over as well: one sent while the server starts
 /// is not a stop (from the start of [`Application::build`] it is a reload,
 /// done once the server runs: `reload::Hangups`).
+///
+/// A second SIGINT or SIGTERM while the graceful stop waits for calls in
+/// flight (an operator pressing Ctrl-C again) exits at once, with status 1,
+/// the log written out first.
 pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ()> + Send> {
     #[cfg(unix)]
     {
@@ -515,6 +519,17 @@ pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ()> + Send> {
                 _ = term.recv() => {},
                 _ = interrupt.recv() => {},
             }
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = term.recv() => {},
+                    _ = interrupt.recv() => {},
+                }
+                tracing::warn!(
+                    "a second stop signal: exiting now, without waiting for the calls in flight"
+                );
+                crate::telemetry::lines::flush_all();
+                std::process::exit(1);
+            });
         })
     }
     #[cfg(not(unix))]

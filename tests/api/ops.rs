@@ -1089,6 +1089,65 @@ async fn a_sigterm_the_moment_after_the_ready_line_is_a_graceful_stop(db: TestDb
     }
 }
 
+backends!(postgres: a_second_stop_signal_exits_at_once_though_a_call_is_in_flight);
+/// The graceful stop waits for the calls in flight; an operator who cannot
+/// wait (Ctrl-C again) gets the process back at once, told so in the log.
+async fn a_second_stop_signal_exits_at_once_though_a_call_is_in_flight(db: TestDb) {
+    let mut server = ServerProcess::start(&db.url, &["--request-timeout-ms", "120000"], &[]);
+    let mut c = BillingModeClient::new(
+        tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    let ws = new_workspace();
+    set_override(&mut c, &ws, Mode::Disabled, "start").await;
+    let (release, holder) = lock_record(&db, &ws).await;
+    let in_flight = tokio::spawn(async move {
+        c.set(billing_mode::proto::SetRequest {
+            workspace_id: ws,
+            model: Some("sonnet".into()),
+            reason: "in flight".into(),
+            ..Default::default()
+        })
+        .await
+    });
+    let wait_for = |server: &ServerProcess, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !server.log().contains(what) {
+            assert!(Instant::now() < deadline, "no {what:?}:\n{}", server.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    // The write waits for the row lock; the stop waits for the write.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    server.signal("TERM");
+    wait_for(&server, "shutting down");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(server.exited().is_none(), "the stop waits for the call");
+    server.signal("INT");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = server.exited() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still running after a second signal"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(1), "{}", server.log());
+    wait_for(&server, "a second stop signal: exiting now");
+    let _ = release.send(());
+    holder.await.unwrap();
+    assert!(
+        in_flight.await.unwrap().is_err(),
+        "the call in flight was cut"
+    );
+}
+
 #[test]
 fn while_start_up_waits_for_the_store_a_sighup_is_ignored_and_a_sigterm_stops_it_at_once() {
     let (_reserved, nobody) = refusing_addr();

@@ -137,6 +137,20 @@ impl ServerProcess {
         .expect("wait for the server to stop")
     }
 
+    /// Sends it `signal` (`TERM`, `INT`, `HUP`) and returns at once.
+    pub(crate) fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Its exit status, if it has exited.
+    pub(crate) fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().unwrap()
+    }
+
     /// The log so far.
     pub(crate) fn log(&self) -> String {
         self.log.lock().unwrap().clone()
