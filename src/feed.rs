@@ -74,6 +74,8 @@ const HEARTBEAT_WITHIN: Duration = Duration::from_secs(1);
 /// meanwhile): a database that refuses `LISTEN` (a standby during a
 /// failover) or has no connection to spare is not asked 20 times a second.
 const LISTEN_RETRY_FIRST: Duration = Duration::from_millis(100);
+/// Setting a listener up takes at most this long, or counts as failed.
+const LISTEN_WITHIN: Duration = Duration::from_secs(2);
 const LISTEN_RETRY_LAST: Duration = Duration::from_secs(5);
 
 /// Tuning of a feed.
@@ -584,9 +586,11 @@ async fn tail(shared: Arc<Shared>, poll: Duration) {
         loop {
             let beat_at = notifications.heard + HEARTBEAT_AFTER_SILENCE;
             let dead_at = notifications.awaiting;
+            let sending = notifications.sending.is_some();
             tokio::select! {
-                _ = shutdown.changed() => {}
-                _ = tokio::time::sleep_until(read_again) => {}
+                // A wake-up first: a heartbeat already come back never loses
+                // to its own deadline.
+                biased;
                 woken = wait_for(&mut notifications.listener) => {
                     match woken {
                         Ok(wake) => {
@@ -601,8 +605,23 @@ async fn tail(shared: Arc<Shared>, poll: Duration) {
                         Err(_) => notifications.listener = None,
                     }
                 }
+                _ = shutdown.changed() => {}
+                _ = tokio::time::sleep_until(read_again) => {}
+                sent = async { notifications.sending.as_mut().expect("sending").await }, if sending => {
+                    notifications.sending = None;
+                    if sent.unwrap_or(false) {
+                        // Committed: it must wake the listener soon.
+                        notifications.awaiting =
+                            Some(tokio::time::Instant::now() + HEARTBEAT_WITHIN);
+                    } else {
+                        // Not sent (the store busy or failing): no verdict
+                        // on the listener; another heartbeat later.
+                        notifications.heard = tokio::time::Instant::now();
+                    }
+                    continue;
+                }
                 _ = tokio::time::sleep_until(beat_at),
-                    if notifications.listener.is_some() && dead_at.is_none() =>
+                    if notifications.listener.is_some() && dead_at.is_none() && !sending =>
                 {
                     notifications.send_heartbeat();
                     continue;
@@ -641,6 +660,8 @@ struct Notifications {
     listener: Option<Box<dyn ChangeListener>>,
     /// When the listener last showed it is alive (set up, or woken).
     heard: tokio::time::Instant,
+    /// A heartbeat on its way: whether the store took it.
+    sending: Option<tokio::sync::oneshot::Receiver<bool>>,
     /// A heartbeat is out: the listener is dead if not woken by then.
     awaiting: Option<tokio::time::Instant>,
     said_missing: bool,
@@ -656,6 +677,7 @@ impl Default for Notifications {
         Notifications {
             listener: None,
             heard: now,
+            sending: None,
             awaiting: None,
             said_missing: false,
             listen_after: now,
@@ -668,25 +690,34 @@ impl Notifications {
     /// The listener woke: it is alive.
     fn alive(&mut self) {
         self.heard = tokio::time::Instant::now();
+        self.sending = None;
         self.awaiting = None;
     }
 
     /// Sends the listener a heartbeat, on a task of its own (a store that
-    /// is slow to take it must not hold the tailer's reads up); it must
-    /// wake the listener within [`HEARTBEAT_WITHIN`].
+    /// is slow to take it must not hold the tailer's reads up). Only once
+    /// the store has taken it must it wake the listener within
+    /// [`HEARTBEAT_WITHIN`]: one the store did not take (every connection
+    /// busy, say) says nothing about the listener.
     fn send_heartbeat(&mut self) {
-        let now = tokio::time::Instant::now();
         let Some(beat) = self.listener.as_ref().and_then(|l| l.heartbeat()) else {
             // A listener that cannot go silent needs none.
-            self.heard = now;
+            self.heard = tokio::time::Instant::now();
             return;
         };
+        let (sent, sending) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
-            if let Ok(Err(e)) = tokio::time::timeout(HEARTBEAT_WITHIN, beat).await {
-                tracing::debug!(error = %e, "change feed: cannot send a heartbeat");
-            }
+            let taken = match tokio::time::timeout(HEARTBEAT_WITHIN, beat).await {
+                Ok(Ok(())) => true,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "change feed: cannot send a heartbeat");
+                    false
+                }
+                Err(_) => false,
+            };
+            let _ = sent.send(taken);
         });
-        self.awaiting = Some(now + HEARTBEAT_WITHIN);
+        self.sending = Some(sending);
     }
 
     /// Sets the listener up if there is none (and the last failed attempt
@@ -695,8 +726,20 @@ impl Notifications {
         if self.listener.is_some() || tokio::time::Instant::now() < self.listen_after {
             return;
         }
+        self.sending = None;
         self.awaiting = None;
-        match store.listen().await {
+        // Bounded: a connection that goes silent while it is set up must not
+        // hold the tailer's reads up either.
+        let listened = match tokio::time::timeout(LISTEN_WITHIN, store.listen()).await {
+            Ok(l) => l,
+            Err(_) => Err(StoreError::Unavailable(sqlx::Error::Io(
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("setting the listener up took over {LISTEN_WITHIN:?}"),
+                ),
+            ))),
+        };
+        match listened {
             Ok(l) => {
                 self.heard = tokio::time::Instant::now();
                 self.listen_backoff = LISTEN_RETRY_FIRST;

@@ -845,10 +845,13 @@ pub async fn run(
         ..Report::default()
     };
     let mut stopped = false;
+    // Whether the refusal stopped the run (rather than a cancellation, a
+    // signal, that came first).
+    let mut by_refusal = false;
     while let Some((done, fatal)) = rx.recv().await {
         if fatal && !stopped {
             stopped = true;
-            cancel.store(true, Ordering::SeqCst);
+            by_refusal = !cancel.swap(true, Ordering::SeqCst);
         }
         for d in done {
             report.add(d);
@@ -857,7 +860,7 @@ pub async fn run(
     }
     while tasks.join_next().await.is_some() {}
     report.interrupted = report.done < total;
-    report.stopped_by_refusal = stopped && report.interrupted;
+    report.stopped_by_refusal = by_refusal && report.interrupted;
     report.finish();
     report
 }

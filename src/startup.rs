@@ -494,6 +494,10 @@ fn tls_config(files: &crate::config::TlsFiles) -> anyhow::Result<ServerTlsConfig
     Ok(cfg)
 }
 
+/// A stop signal this long after the first is a second one (see
+/// [`shutdown_signal`]).
+const SECOND_SIGNAL_AFTER: Duration = Duration::from_secs(1);
+
 /// Completes on SIGINT or SIGTERM. The handlers are installed by this call,
 /// not when the future is first polled: call it before anything announces the
 /// process (the ready line), so that a SIGTERM sent the moment after is a
@@ -502,9 +506,9 @@ fn tls_config(files: &crate::config::TlsFiles) -> anyhow::Result<ServerTlsConfig
 /// is not a stop (from the start of [`Application::build`] it is a reload,
 /// done once the server runs: `reload::Hangups`).
 ///
-/// A second SIGINT or SIGTERM while the graceful stop waits for calls in
-/// flight (an operator pressing Ctrl-C again) exits at once, with status 1,
-/// the log written out first.
+/// A second SIGINT or SIGTERM a second or more after the first (an operator
+/// pressing Ctrl-C again while the graceful stop waits for calls in flight)
+/// exits at once, with status 1, the log written out first.
 pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ()> + Send> {
     #[cfg(unix)]
     {
@@ -519,10 +523,19 @@ pub fn shutdown_signal() -> std::io::Result<impl Future<Output = ()> + Send> {
                 _ = term.recv() => {},
                 _ = interrupt.recv() => {},
             }
+            let first = tokio::time::Instant::now();
             tokio::spawn(async move {
-                tokio::select! {
-                    _ = term.recv() => {},
-                    _ = interrupt.recv() => {},
+                // One stop sent twice at once (a wrapper forwarding Ctrl-C
+                // as SIGTERM too) is one stop: only a signal a second or
+                // more after the first is a second one.
+                loop {
+                    tokio::select! {
+                        _ = term.recv() => {},
+                        _ = interrupt.recv() => {},
+                    }
+                    if first.elapsed() >= SECOND_SIGNAL_AFTER {
+                        break;
+                    }
                 }
                 tracing::warn!(
                     "a second stop signal: exiting now, without waiting for the calls in flight"

@@ -223,12 +223,28 @@ pub async fn import(a: ImportArgs) -> ExitCode {
         reason: a.reason.clone(),
     };
     let cancel = Arc::new(AtomicBool::new(false));
+    // The exit status of the signal that stopped the run (130 for SIGINT,
+    // 143 for SIGTERM); 0 while none has.
+    let signalled = Arc::new(std::sync::atomic::AtomicU8::new(0));
     let on_interrupt = {
-        let cancel = cancel.clone();
+        let (cancel, signalled) = (cancel.clone(), signalled.clone());
         tokio::spawn(async move {
-            if interrupt_or_terminate().await {
-                eprintln!("interrupted: finishing the calls in flight");
-                cancel.store(true, Ordering::SeqCst);
+            let Some(status) = interrupt_or_terminate().await else {
+                return;
+            };
+            eprintln!("interrupted: finishing the calls in flight (again to stop at once)");
+            signalled.store(status, Ordering::SeqCst);
+            cancel.store(true, Ordering::SeqCst);
+            // A second signal a second or more later: the calls in flight
+            // are not waited for.
+            let first = std::time::Instant::now();
+            while let Some(status) = interrupt_or_terminate().await {
+                if first.elapsed() >= std::time::Duration::from_secs(1) {
+                    eprintln!(
+                        "interrupted again: stopping without waiting for the calls in flight"
+                    );
+                    std::process::exit(i32::from(status));
+                }
             }
         })
     };
@@ -271,30 +287,33 @@ pub async fn import(a: ImportArgs) -> ExitCode {
     if !report.failures.is_empty() || !report.conflicts.is_empty() {
         ExitCode::FAILURE
     } else if report.interrupted {
-        ExitCode::from(130)
+        match signalled.load(Ordering::SeqCst) {
+            0 => ExitCode::FAILURE,
+            status => ExitCode::from(status),
+        }
     } else {
         ExitCode::SUCCESS
     }
 }
 
 /// Completes on Ctrl-C (SIGINT) or, on Unix, SIGTERM (`timeout`, a
-/// Kubernetes Job, systemd stopping the run): either way the run finishes
-/// the calls in flight and reports what it did. `false` if no handler could
-/// be installed.
-async fn interrupt_or_terminate() -> bool {
+/// Kubernetes Job, systemd stopping the run), with the exit status that
+/// signal's stop gives (130, 143): either way the run finishes the calls in
+/// flight and reports what it did. `None` if no handler could be installed.
+async fn interrupt_or_terminate() -> Option<u8> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
         let Ok(mut term) = signal(SignalKind::terminate()) else {
-            return tokio::signal::ctrl_c().await.is_ok();
+            return tokio::signal::ctrl_c().await.ok().map(|()| 130);
         };
         tokio::select! {
-            r = tokio::signal::ctrl_c() => r.is_ok(),
-            r = term.recv() => r.is_some(),
+            r = tokio::signal::ctrl_c() => r.ok().map(|()| 130),
+            r = term.recv() => r.map(|()| 143),
         }
     }
     #[cfg(not(unix))]
     {
-        tokio::signal::ctrl_c().await.is_ok()
+        tokio::signal::ctrl_c().await.ok().map(|()| 130)
     }
 }

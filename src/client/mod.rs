@@ -324,11 +324,19 @@ pub async fn channel(args: &ClientArgs) -> anyhow::Result<(Channel, Bearer)> {
         }
         endpoint = endpoint.tls_config(tls)?;
     }
-    let channel = endpoint
-        .connect()
-        .await
-        .with_context(|| format!("connecting to {server}"))?;
+    let channel = endpoint.connect().await.context(Unreachable(server))?;
     Ok((channel, Bearer::new(args.token.as_deref())?))
+}
+
+/// The server at this address could not be reached (an error's context,
+/// which [`print_error`] gives the code `Unavailable`).
+#[derive(Debug)]
+struct Unreachable(String);
+
+impl std::fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "connecting to {}", self.0)
+    }
 }
 
 pub async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
@@ -378,10 +386,9 @@ pub fn print_error(json_out: bool, e: &anyhow::Error, extra: Map<String, Value>)
             // at this end are the connection's security.
             let cut = !timed_out
                 && reason.is_empty()
-                && matches!(
-                    s.code(),
-                    tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::Internal
-                );
+                && (matches!(s.code(), tonic::Code::Unknown | tonic::Code::Cancelled)
+                    || (s.code() == tonic::Code::Internal
+                        && s.message().contains("h2 protocol error")));
             let (code, message) = if timed_out {
                 (
                     tonic::Code::DeadlineExceeded,
@@ -414,8 +421,9 @@ pub fn print_error(json_out: bool, e: &anyhow::Error, extra: Map<String, Value>)
         None => {
             let mut fields = Map::new();
             // The server could not be reached: a caller's script retries
-            // this as it would an UNAVAILABLE answer.
-            if e.chain().any(|c| c.is::<tonic::transport::Error>()) {
+            // this as it would an UNAVAILABLE answer (a TLS option that
+            // cannot be read is not this).
+            if e.downcast_ref::<Unreachable>().is_some() {
                 fields.insert("code".into(), "Unavailable".into());
                 fields.insert("reason".into(), "".into());
             }
