@@ -541,6 +541,37 @@ async fn lock_record(
     (release, holder)
 }
 
+/// A plaintext client of the server at `addr`, connected.
+async fn plain_client(
+    addr: impl std::fmt::Display,
+) -> BillingModeClient<tonic::transport::Channel> {
+    BillingModeClient::new(
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    )
+}
+
+/// A Set of `ws`'s model, sent on a task of its own (to wait on a row lock).
+fn set_in_flight(
+    mut c: BillingModeClient<tonic::transport::Channel>,
+    ws: &str,
+) -> tokio::task::JoinHandle<Result<tonic::Response<billing_mode::proto::SetResponse>, tonic::Status>>
+{
+    let ws = ws.to_owned();
+    tokio::spawn(async move {
+        c.set(billing_mode::proto::SetRequest {
+            workspace_id: ws,
+            model: Some("sonnet".into()),
+            reason: "in flight".into(),
+            ..Default::default()
+        })
+        .await
+    })
+}
+
 backends!(postgres: a_stop_lets_the_call_in_flight_finish_and_refuses_new_connections);
 /// A graceful stop: a call already running when the stop comes (a write
 /// waiting for a row lock) is answered, new connections are refused at
@@ -554,18 +585,7 @@ async fn a_stop_lets_the_call_in_flight_finish_and_refuses_new_connections(db: T
     set_override(&mut c, &ws, Mode::Disabled, "start").await;
 
     let (release, holder) = lock_record(&db, &ws).await;
-    let in_flight = {
-        let (mut c, ws) = (c.clone(), ws.clone());
-        tokio::spawn(async move {
-            c.set(billing_mode::proto::SetRequest {
-                workspace_id: ws,
-                model: Some("sonnet".into()),
-                reason: "in flight".into(),
-                ..Default::default()
-            })
-            .await
-        })
-    };
+    let in_flight = set_in_flight(c.clone(), &ws);
     // In flight: the server's write waits for the row lock.
     let monitor = {
         use sqlx::Connection;
@@ -806,13 +826,7 @@ async fn health_says_not_serving_while_the_store_is_down_and_serving_once_it_is_
     let server = tokio::spawn(app.run_until(async {
         let _ = stopped.await;
     }));
-    let mut c = BillingModeClient::new(
-        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap(),
-    );
+    let mut c = plain_client(addr).await;
     let ws = new_workspace();
     set_override(&mut c, &ws, Mode::Byok, "before the outage").await;
     wait_for_health(addr, ServingStatus::Serving).await;
@@ -1094,25 +1108,11 @@ backends!(postgres: a_second_stop_signal_exits_at_once_though_a_call_is_in_fligh
 /// wait (Ctrl-C again) gets the process back at once, told so in the log.
 async fn a_second_stop_signal_exits_at_once_though_a_call_is_in_flight(db: TestDb) {
     let mut server = ServerProcess::start(&db.url, &["--request-timeout-ms", "120000"], &[]);
-    let mut c = BillingModeClient::new(
-        tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap(),
-    );
+    let mut c = plain_client(&server.addr).await;
     let ws = new_workspace();
     set_override(&mut c, &ws, Mode::Disabled, "start").await;
     let (release, holder) = lock_record(&db, &ws).await;
-    let in_flight = tokio::spawn(async move {
-        c.set(billing_mode::proto::SetRequest {
-            workspace_id: ws,
-            model: Some("sonnet".into()),
-            reason: "in flight".into(),
-            ..Default::default()
-        })
-        .await
-    });
+    let in_flight = set_in_flight(c, &ws);
     let wait_for = |server: &ServerProcess, what: &str| {
         let deadline = Instant::now() + Duration::from_secs(30);
         while !server.log().contains(what) {
@@ -1506,13 +1506,7 @@ async fn sighup_never_swaps_the_registry_a_change_needs_a_rolling_restart() {
         &[],
     );
     let addr = field_addr(&server.wait_for(&["ready:"]), "addr");
-    let mut c = BillingModeClient::new(
-        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap(),
-    );
+    let mut c = plain_client(addr).await;
     let ws = new_workspace();
     set(
         &mut c,
